@@ -1,0 +1,464 @@
+//! The dbtask wire protocol, shared by the worker and the Python client.
+//!
+//! Everything that crosses a process boundary is defined here and nowhere else: the JSON task
+//! message published to JetStream, the JSON result record stored in Redis, the subject, stream,
+//! consumer, header and key names. No tokio, no pyo3: plain data and names.
+//!
+//! Arguments and results stay raw JSON ([`RawValue`]) on both sides so that they are decoded
+//! once, straight into Python objects, never into an intermediate `serde_json::Value`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// Version of the message format; a worker rejects messages with a newer major version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The JetStream stream that holds every queued task (WorkQueue retention).
+pub const TASK_STREAM: &str = "DBTASK_TASKS";
+/// Subjects of [`TASK_STREAM`]: `dbtask.tasks.<queue>`.
+pub const TASK_SUBJECT_PREFIX: &str = "dbtask.tasks";
+/// Wildcard covering every task subject, used when the stream is created.
+pub const TASK_SUBJECT_WILDCARD: &str = "dbtask.tasks.>";
+
+/// Header carrying the task id: JetStream drops a second publish of the same id inside the
+/// stream's duplicate window, so a client that retries a publish never enqueues a task twice.
+pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+/// Header carrying the task name, so that a worker can name the task in its logs and its
+/// FAILURE record even when the body does not decode.
+pub const HEADER_TASK: &str = "Dbtask-Task";
+/// Header carrying the task id (duplicate of the body's `id`, for the same reason).
+pub const HEADER_TASK_ID: &str = "Dbtask-Id";
+
+/// Redis key prefix of result records: `dbtask:result:<task id>` holds a JSON [`ResultRecord`].
+pub const RESULT_KEY_PREFIX: &str = "dbtask:result:";
+/// Redis pub/sub channel prefix: the worker publishes the record JSON to
+/// `dbtask:done:<task id>` right after storing a final (ready) state.
+pub const DONE_CHANNEL_PREFIX: &str = "dbtask:done:";
+
+/// Longest accepted queue name.
+pub const MAX_QUEUE_NAME_LEN: usize = 64;
+/// Longest accepted task name.
+pub const MAX_TASK_NAME_LEN: usize = 200;
+/// Longest accepted task id.
+pub const MAX_TASK_ID_LEN: usize = 128;
+
+/// The JetStream subject a queue's tasks are published to.
+pub fn task_subject(queue: &str) -> String {
+    format!("{TASK_SUBJECT_PREFIX}.{queue}")
+}
+
+/// The durable pull consumer every worker of a queue shares.
+pub fn consumer_name(queue: &str) -> String {
+    format!("dbtask-{queue}")
+}
+
+/// Redis key of a task's result record.
+pub fn result_key(task_id: &str) -> String {
+    format!("{RESULT_KEY_PREFIX}{task_id}")
+}
+
+/// Redis pub/sub channel announcing that a task reached a ready state.
+pub fn done_channel(task_id: &str) -> String {
+    format!("{DONE_CHANNEL_PREFIX}{task_id}")
+}
+
+/// Why a name, id or message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("invalid queue name {0:?}: use 1 to 64 characters among A-Z a-z 0-9 _ -")]
+    InvalidQueue(String),
+    #[error("invalid task name {0:?}: use 1 to 200 printable characters without spaces")]
+    InvalidTaskName(String),
+    #[error("invalid task id {0:?}: use 1 to 128 characters among A-Z a-z 0-9 _ - . :")]
+    InvalidTaskId(String),
+    #[error("message is not a dbtask task message: {0}")]
+    Malformed(String),
+    #[error("message has protocol version {0}, this worker understands up to {PROTOCOL_VERSION}: upgrade the worker")]
+    UnsupportedVersion(u32),
+}
+
+/// Queue names become NATS subject tokens and consumer names, so only a safe alphabet passes.
+pub fn validate_queue(queue: &str) -> Result<(), ProtocolError> {
+    let ok = !queue.is_empty()
+        && queue.len() <= MAX_QUEUE_NAME_LEN
+        && queue.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::InvalidQueue(queue.to_owned()))
+    }
+}
+
+/// Task names are Python-style dotted names; anything printable without white space passes.
+pub fn validate_task_name(name: &str) -> Result<(), ProtocolError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_TASK_NAME_LEN
+        && name.chars().all(|c| !c.is_whitespace() && !c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::InvalidTaskName(name.to_owned()))
+    }
+}
+
+/// Task ids are Redis key and NATS header material: a safe alphabet only.
+pub fn validate_task_id(id: &str) -> Result<(), ProtocolError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_TASK_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ProtocolError::InvalidTaskId(id.to_owned()))
+    }
+}
+
+fn empty_args() -> Box<RawValue> {
+    RawValue::from_string("[]".to_owned()).expect("literal JSON")
+}
+
+fn empty_kwargs() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).expect("literal JSON")
+}
+
+fn default_version() -> u32 {
+    PROTOCOL_VERSION
+}
+
+/// A present `result` is `Some` even when it is JSON `null` (a task that returned `None`);
+/// only an absent field is `None`.
+fn some_raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// One task to run: the body of a JetStream message on `dbtask.tasks.<queue>`.
+///
+/// Times are Unix seconds (UTC) as floats. Unknown fields are ignored, so a newer client can add
+/// optional fields without breaking older workers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskMessage {
+    /// Format version ([`PROTOCOL_VERSION`]).
+    #[serde(default = "default_version")]
+    pub v: u32,
+    /// Task id (a UUID unless the caller chose one); also the result key and `Nats-Msg-Id`.
+    pub id: String,
+    /// Registered task name.
+    pub task: String,
+    /// Positional arguments: a JSON array.
+    #[serde(default = "empty_args")]
+    pub args: Box<RawValue>,
+    /// Keyword arguments: a JSON object.
+    #[serde(default = "empty_kwargs")]
+    pub kwargs: Box<RawValue>,
+    /// Queue the message was published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Run no earlier than this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<f64>,
+    /// Do not run after this time (the task becomes REVOKED).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<f64>,
+    /// How many times this task was retried before this message (0 on the first publish).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    /// When the client published the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<f64>,
+}
+
+impl TaskMessage {
+    /// Decodes and validates a message body. The error says what is wrong in words a person
+    /// reading the FAILURE record can act on.
+    pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
+        let msg: TaskMessage =
+            serde_json::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        if msg.v > PROTOCOL_VERSION {
+            return Err(ProtocolError::UnsupportedVersion(msg.v));
+        }
+        validate_task_id(&msg.id)?;
+        validate_task_name(&msg.task)?;
+        if !msg.args.get().trim_start().starts_with('[') {
+            return Err(ProtocolError::Malformed("`args` must be a JSON array".into()));
+        }
+        if !msg.kwargs.get().trim_start().starts_with('{') {
+            return Err(ProtocolError::Malformed("`kwargs` must be a JSON object".into()));
+        }
+        Ok(msg)
+    }
+
+    /// Encodes the message as its wire JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a TaskMessage always serializes")
+    }
+}
+
+/// The states a task goes through, as Celery users know them. PENDING is never stored: it is
+/// what a task id without a record reads as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskState {
+    Pending,
+    Received,
+    Started,
+    Retry,
+    Success,
+    Failure,
+    Revoked,
+}
+
+impl TaskState {
+    /// A ready state is final: `get()` returns or raises, nothing will overwrite it.
+    pub fn is_ready(self) -> bool {
+        matches!(self, TaskState::Success | TaskState::Failure | TaskState::Revoked)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "PENDING",
+            TaskState::Received => "RECEIVED",
+            TaskState::Started => "STARTED",
+            TaskState::Retry => "RETRY",
+            TaskState::Success => "SUCCESS",
+            TaskState::Failure => "FAILURE",
+            TaskState::Revoked => "REVOKED",
+        }
+    }
+}
+
+impl fmt::Display for TaskState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An exception as it crosses processes: the Python type's qualified name (`ValueError`,
+/// `myapp.errors.PaymentDeclined`), its message (`str(exc)`) and the formatted traceback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskError {
+    #[serde(rename = "type")]
+    pub exc_type: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
+}
+
+impl TaskError {
+    pub fn new(exc_type: impl Into<String>, message: impl Into<String>) -> Self {
+        TaskError { exc_type: exc_type.into(), message: message.into(), traceback: None }
+    }
+}
+
+/// Exception type names the worker itself records when it refuses a message (no Python ran).
+pub mod error_types {
+    /// The message body is not a valid task message.
+    pub const MALFORMED: &str = "dbtask.MalformedMessage";
+    /// No imported module registered the task name.
+    pub const UNKNOWN_TASK: &str = "dbtask.UnknownTask";
+    /// The arguments do not fit the function's signature.
+    pub const BAD_ARGUMENTS: &str = "dbtask.InvalidArguments";
+    /// The task's return value is not JSON-serializable.
+    pub const UNSERIALIZABLE_RESULT: &str = "dbtask.UnserializableResult";
+    /// The message or the result exceeds the configured size limit.
+    pub const TOO_LARGE: &str = "dbtask.TooLarge";
+}
+
+/// What Redis holds for a task at `dbtask:result:<id>`, and what the worker publishes on
+/// `dbtask:done:<id>`. `result` is set on SUCCESS (JSON `null` for a task returning `None`),
+/// `error` on FAILURE (and RETRY: the last error).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ResultRecord {
+    pub id: String,
+    pub state: TaskState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_raw")]
+    pub result: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskError>,
+    /// Deliveries of this task so far (1 on the first run).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub attempts: u32,
+    /// Retries so far (the message's `retries`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    /// `hostname:pid` of the worker that wrote the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_received: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_started: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub date_done: Option<f64>,
+}
+
+impl ResultRecord {
+    /// A record with only the id and state set.
+    pub fn new(id: impl Into<String>, state: TaskState) -> Self {
+        ResultRecord {
+            id: id.into(),
+            state,
+            task: None,
+            result: None,
+            error: None,
+            attempts: 0,
+            retries: 0,
+            worker: None,
+            queue: None,
+            date_received: None,
+            date_started: None,
+            date_done: None,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a ResultRecord always serializes")
+    }
+
+    pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
+        serde_json::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))
+    }
+}
+
+/// Current time as Unix seconds.
+pub fn now_unix() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn task_message_round_trips_with_raw_arguments_untouched() {
+        let msg = TaskMessage {
+            v: PROTOCOL_VERSION,
+            id: "0b1c-42".into(),
+            task: "myapp.tasks.add".into(),
+            args: raw(r#"[1, 2.5, "x", null, [1, {"a": 1}]]"#),
+            kwargs: raw(r#"{"flag": true}"#),
+            queue: Some("math".into()),
+            eta: Some(1_700_000_000.25),
+            expires: None,
+            retries: 2,
+            sent_at: Some(1_700_000_000.0),
+        };
+        let back = TaskMessage::decode(&msg.encode()).unwrap();
+        assert_eq!(back.id, "0b1c-42");
+        assert_eq!(back.task, "myapp.tasks.add");
+        assert_eq!(back.args.get(), r#"[1, 2.5, "x", null, [1, {"a": 1}]]"#);
+        assert_eq!(back.kwargs.get(), r#"{"flag": true}"#);
+        assert_eq!(back.queue.as_deref(), Some("math"));
+        assert_eq!(back.eta, Some(1_700_000_000.25));
+        assert_eq!(back.expires, None);
+        assert_eq!(back.retries, 2);
+    }
+
+    #[test]
+    fn minimal_message_gets_defaults() {
+        let msg = TaskMessage::decode(br#"{"id": "a1", "task": "add"}"#).unwrap();
+        assert_eq!(msg.v, PROTOCOL_VERSION);
+        assert_eq!(msg.args.get(), "[]");
+        assert_eq!(msg.kwargs.get(), "{}");
+        assert_eq!(msg.retries, 0);
+        // Optional fields are left out on the wire rather than sent as nulls.
+        let wire = String::from_utf8(msg.encode()).unwrap();
+        assert!(!wire.contains("eta"), "{wire}");
+        assert!(!wire.contains("retries"), "{wire}");
+    }
+
+    #[test]
+    fn malformed_messages_are_refused_with_a_reason() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "not a dbtask task message"),
+            (br#"{"task": "add"}"#, "missing field `id`"),
+            (br#"{"id": "a", "task": "add", "args": {"x": 1}}"#, "must be a JSON array"),
+            (br#"{"id": "a", "task": "add", "kwargs": [1]}"#, "must be a JSON object"),
+            (br#"{"id": "a b", "task": "add"}"#, "invalid task id"),
+            (br#"{"id": "a", "task": ""}"#, "invalid task name"),
+            (br#"{"v": 99, "id": "a", "task": "add"}"#, "protocol version 99"),
+        ];
+        for (body, expected) in cases {
+            let err = TaskMessage::decode(body).unwrap_err().to_string();
+            assert!(err.contains(expected), "{:?}: {err}", String::from_utf8_lossy(body));
+        }
+    }
+
+    #[test]
+    fn result_record_round_trips() {
+        let mut rec = ResultRecord::new("id-1", TaskState::Failure);
+        rec.task = Some("boom".into());
+        rec.error = Some(TaskError {
+            exc_type: "ValueError".into(),
+            message: "bad".into(),
+            traceback: Some("Traceback (most recent call last):\n...".into()),
+        });
+        rec.attempts = 1;
+        rec.date_done = Some(5.5);
+        let wire = rec.encode();
+        let text = std::str::from_utf8(&wire).unwrap();
+        assert!(text.contains(r#""state":"FAILURE""#), "{text}");
+        assert!(text.contains(r#""type":"ValueError""#), "{text}");
+        let back = ResultRecord::decode(&wire).unwrap();
+        assert_eq!(back.state, TaskState::Failure);
+        assert_eq!(back.error, rec.error);
+        assert_eq!(back.attempts, 1);
+
+        let mut ok = ResultRecord::new("id-2", TaskState::Success);
+        ok.result = Some(raw("null"));
+        let back = ResultRecord::decode(&ok.encode()).unwrap();
+        assert_eq!(back.result.unwrap().get(), "null", "a None result stays distinguishable");
+    }
+
+    #[test]
+    fn states_serialize_as_celery_names() {
+        for (state, name) in [
+            (TaskState::Pending, "PENDING"),
+            (TaskState::Received, "RECEIVED"),
+            (TaskState::Started, "STARTED"),
+            (TaskState::Retry, "RETRY"),
+            (TaskState::Success, "SUCCESS"),
+            (TaskState::Failure, "FAILURE"),
+            (TaskState::Revoked, "REVOKED"),
+        ] {
+            assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{name}\""));
+            assert_eq!(state.to_string(), name);
+        }
+        assert!(TaskState::Success.is_ready() && TaskState::Revoked.is_ready());
+        assert!(!TaskState::Started.is_ready() && !TaskState::Retry.is_ready());
+    }
+
+    #[test]
+    fn names_and_validation() {
+        assert_eq!(task_subject("math"), "dbtask.tasks.math");
+        assert_eq!(consumer_name("math"), "dbtask-math");
+        assert_eq!(result_key("x"), "dbtask:result:x");
+        assert_eq!(done_channel("x"), "dbtask:done:x");
+        assert!(validate_queue("default").is_ok());
+        assert!(validate_queue("high_prio-2").is_ok());
+        for bad in ["", "a.b", "a*", "a>", "a b", &"q".repeat(65)] {
+            assert!(validate_queue(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_task_name("myapp.tasks.add").is_ok());
+        assert!(validate_task_name("add me").is_err());
+        assert!(validate_task_id("3f2a-11:x.y_z").is_ok());
+        assert!(validate_task_id("a/b").is_err());
+    }
+}
