@@ -82,7 +82,9 @@ pub enum ProtocolError {
 pub fn validate_queue(queue: &str) -> Result<(), ProtocolError> {
     let ok = !queue.is_empty()
         && queue.len() <= MAX_QUEUE_NAME_LEN
-        && queue.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && queue
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -186,10 +188,14 @@ impl TaskMessage {
         validate_task_id(&msg.id)?;
         validate_task_name(&msg.task)?;
         if !msg.args.get().trim_start().starts_with('[') {
-            return Err(ProtocolError::Malformed("`args` must be a JSON array".into()));
+            return Err(ProtocolError::Malformed(
+                "`args` must be a JSON array".into(),
+            ));
         }
         if !msg.kwargs.get().trim_start().starts_with('{') {
-            return Err(ProtocolError::Malformed("`kwargs` must be a JSON object".into()));
+            return Err(ProtocolError::Malformed(
+                "`kwargs` must be a JSON object".into(),
+            ));
         }
         Ok(msg)
     }
@@ -217,7 +223,10 @@ pub enum TaskState {
 impl TaskState {
     /// A ready state is final: `get()` returns or raises, nothing will overwrite it.
     pub fn is_ready(self) -> bool {
-        matches!(self, TaskState::Success | TaskState::Failure | TaskState::Revoked)
+        matches!(
+            self,
+            TaskState::Success | TaskState::Failure | TaskState::Revoked
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -252,7 +261,11 @@ pub struct TaskError {
 
 impl TaskError {
     pub fn new(exc_type: impl Into<String>, message: impl Into<String>) -> Self {
-        TaskError { exc_type: exc_type.into(), message: message.into(), traceback: None }
+        TaskError {
+            exc_type: exc_type.into(),
+            message: message.into(),
+            traceback: None,
+        }
     }
 }
 
@@ -279,7 +292,11 @@ pub struct ResultRecord {
     pub state: TaskState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "some_raw")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "some_raw"
+    )]
     pub result: Option<Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<TaskError>,
@@ -389,15 +406,28 @@ mod tests {
         let cases: &[(&[u8], &str)] = &[
             (b"not json", "not a dbtask task message"),
             (br#"{"task": "add"}"#, "missing field `id`"),
-            (br#"{"id": "a", "task": "add", "args": {"x": 1}}"#, "must be a JSON array"),
-            (br#"{"id": "a", "task": "add", "kwargs": [1]}"#, "must be a JSON object"),
+            (
+                br#"{"id": "a", "task": "add", "args": {"x": 1}}"#,
+                "must be a JSON array",
+            ),
+            (
+                br#"{"id": "a", "task": "add", "kwargs": [1]}"#,
+                "must be a JSON object",
+            ),
             (br#"{"id": "a b", "task": "add"}"#, "invalid task id"),
             (br#"{"id": "a", "task": ""}"#, "invalid task name"),
-            (br#"{"v": 99, "id": "a", "task": "add"}"#, "protocol version 99"),
+            (
+                br#"{"v": 99, "id": "a", "task": "add"}"#,
+                "protocol version 99",
+            ),
         ];
         for (body, expected) in cases {
             let err = TaskMessage::decode(body).unwrap_err().to_string();
-            assert!(err.contains(expected), "{:?}: {err}", String::from_utf8_lossy(body));
+            assert!(
+                err.contains(expected),
+                "{:?}: {err}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 
@@ -424,7 +454,11 @@ mod tests {
         let mut ok = ResultRecord::new("id-2", TaskState::Success);
         ok.result = Some(raw("null"));
         let back = ResultRecord::decode(&ok.encode()).unwrap();
-        assert_eq!(back.result.unwrap().get(), "null", "a None result stays distinguishable");
+        assert_eq!(
+            back.result.unwrap().get(),
+            "null",
+            "a None result stays distinguishable"
+        );
     }
 
     #[test]
@@ -438,7 +472,10 @@ mod tests {
             (TaskState::Failure, "FAILURE"),
             (TaskState::Revoked, "REVOKED"),
         ] {
-            assert_eq!(serde_json::to_string(&state).unwrap(), format!("\"{name}\""));
+            assert_eq!(
+                serde_json::to_string(&state).unwrap(),
+                format!("\"{name}\"")
+            );
             assert_eq!(state.to_string(), name);
         }
         assert!(TaskState::Success.is_ready() && TaskState::Revoked.is_ready());
