@@ -4,18 +4,42 @@
 //! by the python-module work. Sync `def` tasks run on a pool of Python threads, `async def`
 //! tasks on one asyncio loop on its own thread. Tokio threads never hold the GIL: `call`
 //! sends the job to a Python thread and awaits a oneshot reply.
+//!
+//! Layout: `interpreter` (PEP 587 start-up, `sys.path`), `registry` (the tasks read from
+//! `dbtask._registry.TASKS`, with their cached function and signature), `invoke` (arguments,
+//! the call itself), `convert` (exceptions and return values into owned Rust values),
+//! `queue` (the hand-over queue), `pool` (sync threads), `asyncio` (the event loop thread),
+//! and `support.py` (the few helpers written in Python).
+//!
+//! The interpreter is never finalized: it lives until the process exits.
+
+mod asyncio;
+mod convert;
+mod interpreter;
+mod invoke;
+mod pool;
+mod queue;
+mod registry;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use dbtask_protocol::TaskError;
 use serde_json::value::RawValue;
+use tokio::sync::oneshot;
+
+use self::asyncio::AsyncLoop;
+use self::pool::{Pool, ThreadCount};
+use self::registry::{Entry, Registry};
 
 /// How to start the interpreter.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PythonConfig {
     /// The interpreter executable whose environment (venv) to use. `None`: `$VIRTUAL_ENV/bin/python`
-    /// when set, else the interpreter this binary was built against.
+    /// when set, else CPython's own search (`python3` on `PATH`, then the prefix libpython was
+    /// built with).
     pub python: Option<PathBuf>,
     /// Modules to import (`-A`); their `@task` decorators fill the registry.
     pub apps: Vec<String>,
@@ -69,39 +93,139 @@ pub enum PythonError {
     Registry(String),
 }
 
+/// Error type recorded when the runtime could not run a job at all: `call` after `shutdown`,
+/// or a Rust panic while handling the job (a bug, or a pyo3 extension panicking in the task).
+pub const INTERNAL_ERROR: &str = "dbtask.InternalError";
+
 /// Handle to the running interpreter and its threads. Cheap to clone.
 #[derive(Clone)]
 pub struct PythonRuntime {
-    _private: (),
+    inner: Arc<Inner>,
 }
+
+struct Inner {
+    registry: Registry,
+    version: String,
+    pool: Pool,
+    aio: AsyncLoop,
+    threads: Arc<ThreadCount>,
+}
+
+/// One job handed to a Python thread, with where its outcome goes.
+struct WorkItem {
+    job: Job,
+    entry: Arc<Entry>,
+    reply: oneshot::Sender<CallOutcome>,
+}
+
+/// Serializes `start` calls: the interpreter is process-wide.
+static START: Mutex<()> = Mutex::new(());
 
 impl PythonRuntime {
     /// Initializes CPython (PEP 587 config: the venv's executable, no signal handlers), puts
     /// the current directory on `sys.path`, imports `dbtask` and the apps, reads the registry,
     /// and starts the sync thread pool and the asyncio thread. Call it on the main thread
     /// before the tokio runtime exists. Returns with the GIL released.
-    pub fn start(_cfg: &PythonConfig) -> Result<Self, PythonError> {
-        todo!()
+    ///
+    /// CPython can be initialized once per process: a second `start` (tests) reuses the
+    /// interpreter (its `cfg.python` is then ignored), imports its apps and starts new threads.
+    pub fn start(cfg: &PythonConfig) -> Result<Self, PythonError> {
+        Self::start_with_sys_path(cfg, &[])
+    }
+
+    /// [`start`](Self::start), with `extra_sys_path` inserted at the front of `sys.path`
+    /// (right after the current directory), e.g. a source tree of `dbtask` in tests.
+    pub fn start_with_sys_path(
+        cfg: &PythonConfig,
+        extra_sys_path: &[PathBuf],
+    ) -> Result<Self, PythonError> {
+        let _serial = START.lock().unwrap_or_else(|e| e.into_inner());
+        interpreter::initialize(cfg.python.as_deref())?;
+        let version = interpreter::prepare(extra_sys_path)?;
+        let registry = Registry::load(&cfg.apps)?;
+        let threads = Arc::new(ThreadCount::default());
+        let pool = Pool::start(cfg.threads.max(1), &threads)?;
+        let aio = AsyncLoop::start(&threads)?;
+        Ok(PythonRuntime {
+            inner: Arc::new(Inner {
+                registry,
+                version,
+                pool,
+                aio,
+                threads,
+            }),
+        })
     }
 
     /// The registered tasks, by name.
     pub fn tasks(&self) -> &HashMap<String, TaskInfo> {
-        todo!()
+        self.inner.registry.infos()
     }
 
     /// `sys.version` of the embedded interpreter, for the start-up log.
     pub fn version(&self) -> &str {
-        todo!()
+        &self.inner.version
     }
 
     /// Runs one task to its outcome. Never panics on user input: an unknown name gives
     /// `Failure` with type `dbtask.UnknownTask`.
-    pub async fn call(&self, _job: Job) -> CallOutcome {
-        todo!()
+    ///
+    /// After [`shutdown`](Self::shutdown) the job is not run and the outcome is a `Failure`
+    /// of type [`INTERNAL_ERROR`]: callers should stop calling before they shut down.
+    pub async fn call(&self, job: Job) -> CallOutcome {
+        let Some(entry) = self.inner.registry.get(&job.task) else {
+            return CallOutcome::Failure(self.inner.registry.unknown_task(&job.task));
+        };
+        let (reply, outcome) = oneshot::channel();
+        let item = WorkItem {
+            job,
+            entry: Arc::clone(entry),
+            reply,
+        };
+        let accepted = if entry.is_async {
+            self.inner.aio.submit(item)
+        } else {
+            self.inner.pool.submit(item)
+        };
+        if accepted.is_err() {
+            return internal_failure(
+                "the worker's Python runtime is shut down: the task did not run",
+            );
+        }
+        match outcome.await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                internal_failure("the Python thread running the task stopped without an outcome")
+            }
+        }
     }
 
     /// Stops the thread pool and the asyncio loop once the jobs already handed over are done.
+    ///
+    /// Returns at once: new calls are refused from now on, jobs already handed over still run
+    /// to their end, then the threads exit. A task that never ends keeps its thread (and, for
+    /// `async def`, the loop) alive; nothing is cancelled, the process exit ends them. Use
+    /// [`wait_stopped`](Self::wait_stopped) to wait for the threads with a limit.
     pub fn shutdown(&self) {
-        todo!()
+        self.inner.pool.close();
+        self.inner.aio.close();
     }
+
+    /// Blocks until every thread of this runtime has exited, at most `timeout`; true if they
+    /// all did. Meant to follow [`shutdown`](Self::shutdown); blocking, so not on a tokio thread.
+    pub fn wait_stopped(&self, timeout: Duration) -> bool {
+        self.inner.threads.wait_zero(timeout)
+    }
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: nobody can hand over jobs any more, let the threads end.
+    fn drop(&mut self) {
+        self.pool.close();
+        self.aio.close();
+    }
+}
+
+fn internal_failure(message: &str) -> CallOutcome {
+    CallOutcome::Failure(TaskError::new(INTERNAL_ERROR, message))
 }

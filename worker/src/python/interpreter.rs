@@ -1,0 +1,158 @@
+//! Start-up of CPython: a PEP 587 configuration, then `sys.path`.
+
+use std::ffi::{c_char, CStr, CString};
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::PyList;
+
+use super::PythonError;
+
+/// Initializes the interpreter unless this process already did, and releases the GIL.
+///
+/// The executable is `python` (the `--python` flag), else `$VIRTUAL_ENV/bin/python`, else
+/// CPython's default search. An embedded CPython ignores `VIRTUAL_ENV`: naming the venv's
+/// interpreter as the executable is what makes `site` find its `pyvenv.cfg`, hence its
+/// site-packages. Python installs no signal handlers (the worker owns SIGINT/SIGTERM), and
+/// stdout/stderr are unbuffered so that a task's `print` shows up at once in the logs.
+pub(crate) fn initialize(python: Option<&Path>) -> Result<(), PythonError> {
+    // SAFETY: Py_IsInitialized may be called at any time.
+    if unsafe { ffi::Py_IsInitialized() } != 0 {
+        return Ok(());
+    }
+    let executable = executable(python)?;
+    let executable = match &executable {
+        Some(path) => Some(CString::new(path.as_os_str().as_bytes()).map_err(|_| {
+            PythonError::Init(format!(
+                "the interpreter path {} contains a NUL byte",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
+    // SAFETY: called once (guarded by `Py_IsInitialized` and the caller's start lock), before
+    // any other use of the C API; the config is initialized by PyConfig_InitPythonConfig and
+    // cleared on every path.
+    unsafe { init_from_config(executable.as_deref()) }?;
+    // The calling (main) thread holds the GIL after initialization: release it, so that the
+    // Python threads can run. Its thread state is kept (pyo3 restores it on `attach`).
+    // SAFETY: this thread holds the GIL, just acquired by Py_InitializeFromConfig.
+    unsafe { ffi::PyEval_SaveThread() };
+    Ok(())
+}
+
+/// The interpreter whose environment to use, made absolute (symlinks kept: a venv's
+/// `bin/python` is a symlink, and resolving it would lose the venv).
+fn executable(python: Option<&Path>) -> Result<Option<PathBuf>, PythonError> {
+    let (path, origin) = match python {
+        Some(path) => (path.to_path_buf(), "--python"),
+        None => match std::env::var_os("VIRTUAL_ENV").filter(|v| !v.is_empty()) {
+            Some(venv) => (
+                PathBuf::from(venv).join("bin").join("python"),
+                "$VIRTUAL_ENV",
+            ),
+            None => return Ok(None),
+        },
+    };
+    let path = std::path::absolute(&path).unwrap_or(path);
+    if !path.is_file() {
+        return Err(PythonError::Init(format!(
+            "the Python interpreter {} (from {origin}) does not exist: pass --python with the \
+             venv's python, or activate the venv",
+            path.display()
+        )));
+    }
+    Ok(Some(path))
+}
+
+/// # Safety
+/// Must be called once, before the interpreter exists.
+unsafe fn init_from_config(executable: Option<&CStr>) -> Result<(), PythonError> {
+    let mut config = MaybeUninit::<ffi::PyConfig>::uninit();
+    let config = config.as_mut_ptr();
+    // SAFETY: PyConfig_InitPythonConfig fully initializes the struct it is given.
+    unsafe { ffi::PyConfig_InitPythonConfig(config) };
+    let result = unsafe { configure_and_start(config, executable) };
+    // SAFETY: the config was initialized above; clearing frees its strings.
+    unsafe { ffi::PyConfig_Clear(config) };
+    result
+}
+
+/// # Safety
+/// `config` points to an initialized `PyConfig`.
+unsafe fn configure_and_start(
+    config: *mut ffi::PyConfig,
+    executable: Option<&CStr>,
+) -> Result<(), PythonError> {
+    // SAFETY: `config` is valid; the setters copy the strings they are given.
+    unsafe {
+        (*config).install_signal_handlers = 0;
+        (*config).parse_argv = 0;
+        (*config).buffered_stdio = 0;
+        if let Some(exe) = executable {
+            check(
+                ffi::PyConfig_SetBytesString(config, &raw mut (*config).program_name, exe.as_ptr()),
+                "program_name",
+            )?;
+            check(
+                ffi::PyConfig_SetBytesString(config, &raw mut (*config).executable, exe.as_ptr()),
+                "executable",
+            )?;
+        }
+        check(
+            ffi::Py_InitializeFromConfig(config),
+            "Py_InitializeFromConfig",
+        )
+    }
+}
+
+/// # Safety
+/// `status` comes from a PEP 587 call.
+unsafe fn check(status: ffi::PyStatus, what: &str) -> Result<(), PythonError> {
+    // SAFETY: PyStatus_Exception only reads the status.
+    if unsafe { ffi::PyStatus_Exception(status) } == 0 {
+        return Ok(());
+    }
+    let text = |p: *const c_char| {
+        // SAFETY: non-null err_msg/func are static C strings set by CPython.
+        (!p.is_null()).then(|| unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
+    };
+    let message = match (text(status.func), text(status.err_msg)) {
+        (Some(func), Some(msg)) => format!("{func}: {msg}"),
+        (None, Some(msg)) => msg,
+        _ if unsafe { ffi::PyStatus_IsExit(status) } != 0 => {
+            format!("Python asked to exit with code {}", status.exitcode)
+        }
+        _ => "unknown error".to_owned(),
+    };
+    Err(PythonError::Init(format!(
+        "{what} failed: {message} (is --python or $VIRTUAL_ENV a working Python environment?)"
+    )))
+}
+
+/// Puts the current directory, then `extra`, at the front of `sys.path`, and returns
+/// `sys.version`.
+pub(crate) fn prepare(extra: &[PathBuf]) -> Result<String, PythonError> {
+    let cwd = std::env::current_dir()
+        .map_err(|e| PythonError::Init(format!("cannot read the current directory: {e}")))?;
+    Python::attach(|py| -> PyResult<String> {
+        let sys = py.import("sys")?;
+        let path = sys.getattr("path")?.cast_into::<PyList>()?;
+        let wanted: Vec<&Path> = std::iter::once(cwd.as_path())
+            .chain(extra.iter().map(PathBuf::as_path))
+            .collect();
+        for (index, dir) in wanted.iter().enumerate() {
+            let dir = dir.to_string_lossy();
+            // Move it to its place if it is there already (a second start, in tests).
+            while let Ok(at) = path.index(&*dir) {
+                path.del_item(at)?;
+            }
+            path.insert(index, &*dir)?;
+        }
+        sys.getattr("version")?.extract()
+    })
+    .map_err(|e| PythonError::Init(format!("cannot set up sys.path: {e}")))
+}

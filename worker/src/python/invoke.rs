@@ -1,0 +1,67 @@
+//! Calling a task function: decode the arguments, check they fit, call.
+
+use dbtask_protocol::{error_types, TaskError};
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyTuple};
+
+use super::convert::{decode_arguments, error_from};
+use super::registry::Entry;
+use super::{CallOutcome, Job};
+
+/// Calls the task's function with the job's arguments: its return value (a coroutine for an
+/// `async def`), or the outcome that ends the job here (bad arguments, or what it raised).
+pub(crate) fn invoke<'py>(
+    py: Python<'py>,
+    entry: &Entry,
+    job: &Job,
+) -> Result<Bound<'py, PyAny>, CallOutcome> {
+    let (args, kwargs) =
+        decode_arguments(py, &job.args, &job.kwargs).map_err(|why| bad_arguments(entry, &why))?;
+    if !entry.precise {
+        if let Some(why) = misfit(py, entry, &args, kwargs.as_ref()) {
+            return Err(bad_arguments(entry, &why));
+        }
+    }
+    match entry.func.bind(py).call(&args, kwargs.as_ref()) {
+        Ok(value) => Ok(value),
+        Err(err) => {
+            // For a plain function a TypeError either comes from the call itself (the arguments
+            // do not fit, nothing ran) or from its body (a normal task failure): bind says which.
+            if entry.precise && err.is_instance_of::<PyTypeError>(py) {
+                if let Some(why) = misfit(py, entry, &args, kwargs.as_ref()) {
+                    return Err(bad_arguments(entry, &why));
+                }
+            }
+            Err(CallOutcome::Failure(error_from(py, err)))
+        }
+    }
+}
+
+/// Why the arguments do not fit the task's signature (`signature.bind`'s message), if they don't.
+fn misfit(
+    py: Python<'_>,
+    entry: &Entry,
+    args: &Bound<'_, PyTuple>,
+    kwargs: Option<&Bound<'_, PyDict>>,
+) -> Option<String> {
+    let signature = entry.signature.as_ref()?.bind(py);
+    match signature
+        .getattr("bind")
+        .and_then(|bind| bind.call(args, kwargs))
+    {
+        Ok(_) => None,
+        Err(err) if err.is_instance_of::<PyTypeError>(py) => Some(err.value(py).str().map_or_else(
+            |_| "(no message)".to_owned(),
+            |s| s.to_string_lossy().into_owned(),
+        )),
+        Err(_) => None,
+    }
+}
+
+fn bad_arguments(entry: &Entry, why: &str) -> CallOutcome {
+    CallOutcome::Failure(TaskError::new(
+        error_types::BAD_ARGUMENTS,
+        format!("arguments do not fit {}: {why}", entry.display),
+    ))
+}

@@ -1,0 +1,184 @@
+//! The registered tasks: imported once at start-up from `dbtask._registry.TASKS`, with the
+//! Python objects each call needs (function, signature) kept ready.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dbtask_protocol::{error_types, TaskError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::convert::{error_from, support};
+use super::{PythonError, TaskInfo};
+
+/// How many names the "unknown task" message lists.
+const LISTED_NAMES: usize = 20;
+/// How much of an unknown name the message shows (the name comes from the message).
+const MAX_SHOWN_NAME: usize = 200;
+
+/// One registered task, as the Python threads use it.
+pub(crate) struct Entry {
+    pub name: String,
+    pub func: Py<PyAny>,
+    pub is_async: bool,
+    /// `inspect.signature(func)`, when it has one.
+    pub signature: Option<Py<PyAny>>,
+    /// Calling `func` checks the arguments exactly as `signature.bind` does, before running
+    /// any of its code: call first, and bind only to explain a `TypeError`.
+    pub precise: bool,
+    /// `name(x, y)`, for messages.
+    pub display: String,
+}
+
+pub(crate) struct Registry {
+    infos: HashMap<String, TaskInfo>,
+    entries: HashMap<String, Arc<Entry>>,
+    /// "3 registered: a, b, c", for the unknown-task message.
+    registered: String,
+}
+
+impl Registry {
+    /// Imports `dbtask`, then each app module (whose `@task`s register), and reads the registry.
+    pub fn load(apps: &[String]) -> Result<Registry, PythonError> {
+        Python::attach(|py| {
+            let registry = py.import("dbtask._registry").map_err(|e| {
+                PythonError::Registry(format!(
+                    "importing dbtask failed:\n{}",
+                    error_from(py, e).traceback.unwrap_or_default()
+                ))
+            })?;
+            for module in apps {
+                py.import(module.as_str())
+                    .map_err(|e| PythonError::Import {
+                        module: module.clone(),
+                        traceback: error_from(py, e).traceback.unwrap_or_default(),
+                    })?;
+            }
+            read(py, &registry).map_err(|e| PythonError::Registry(e.to_string()))
+        })
+    }
+
+    pub fn infos(&self) -> &HashMap<String, TaskInfo> {
+        &self.infos
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Entry>> {
+        self.entries.get(name)
+    }
+
+    /// The failure of a call naming no registered task.
+    pub fn unknown_task(&self, name: &str) -> TaskError {
+        let name = match name.char_indices().nth(MAX_SHOWN_NAME) {
+            Some((cut, _)) => format!("{}...", &name[..cut]),
+            None => name.to_owned(),
+        };
+        TaskError::new(
+            error_types::UNKNOWN_TASK,
+            format!(
+                "task {name:?} is not registered in this worker ({})",
+                self.registered
+            ),
+        )
+    }
+}
+
+fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
+    let support = support(py)?;
+    let tasks = registry.getattr("TASKS")?.cast_into::<PyDict>()?;
+    let mut infos = HashMap::new();
+    let mut entries = HashMap::new();
+    for (key, task) in tasks.iter() {
+        let name: String = key.extract()?;
+        let with_name = |e: PyErr| {
+            pyo3::exceptions::PyValueError::new_err(format!("task {name:?}: {}", describe(py, &e)))
+        };
+        let func = task.getattr("fn").map_err(with_name)?;
+        let is_async = task
+            .getattr("is_async")
+            .and_then(|v| v.is_truthy())
+            .map_err(with_name)?;
+        let queue: String = task
+            .getattr("queue")
+            .and_then(|q| q.extract())
+            .map_err(with_name)?;
+        let track_started = match task.getattr("options") {
+            Ok(options) if !options.is_none() => {
+                match options.cast::<PyDict>()?.get_item("track_started")? {
+                    Some(v) if !v.is_none() => Some(v.is_truthy()?),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let (signature, precise, display): (Bound<'_, PyAny>, bool, String) =
+            support.describe.bind(py).call1((&name, &func))?.extract()?;
+        let signature = (!signature.is_none()).then(|| signature.unbind());
+        infos.insert(
+            name.clone(),
+            TaskInfo {
+                name: name.clone(),
+                is_async,
+                queue,
+                track_started,
+            },
+        );
+        entries.insert(
+            name.clone(),
+            Arc::new(Entry {
+                name,
+                func: func.unbind(),
+                is_async,
+                signature,
+                precise,
+                display,
+            }),
+        );
+    }
+    let registered = registered_list(infos.keys().map(String::as_str));
+    Ok(Registry {
+        infos,
+        entries,
+        registered,
+    })
+}
+
+fn describe(py: Python<'_>, e: &PyErr) -> String {
+    let t = error_from(py, e.clone_ref(py));
+    format!("{}: {}", t.exc_type, t.message)
+}
+
+/// "3 registered: a, b, c", sorted, listing at most `LISTED_NAMES` names.
+fn registered_list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let mut names: Vec<&str> = names.collect();
+    names.sort_unstable();
+    match names.len() {
+        0 => "no task is registered: check the -A modules".to_owned(),
+        n if n <= LISTED_NAMES => format!("{n} registered: {}", names.join(", ")),
+        n => format!(
+            "{n} registered: {}, and {} more",
+            names[..LISTED_NAMES].join(", "),
+            n - LISTED_NAMES
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::registered_list;
+
+    #[test]
+    fn lists_registered_names_sorted_and_truncated() {
+        assert_eq!(
+            registered_list([].into_iter()),
+            "no task is registered: check the -A modules"
+        );
+        assert_eq!(
+            registered_list(["b", "a"].into_iter()),
+            "2 registered: a, b"
+        );
+        let many: Vec<String> = (0..25).map(|i| format!("t{i:02}")).collect();
+        let text = registered_list(many.iter().map(String::as_str));
+        assert!(text.starts_with("25 registered: t00, t01,"), "{text}");
+        assert!(text.ends_with("t19, and 5 more"), "{text}");
+    }
+}
