@@ -1,4 +1,17 @@
 //! dbtask worker: fetches task messages from NATS JetStream, runs them in embedded CPython,
 //! stores outcomes in Redis, then acks.
+//!
+//! `main.rs` only parses the command line and calls [`run`]; everything else lives here so that
+//! tests can drive it with their own servers and their own shutdown future.
 
+pub mod broker;
+pub mod cli;
+pub mod config;
 pub mod python;
+pub mod runner;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+
+pub use config::Config;
+pub use runner::{run, WorkerError};

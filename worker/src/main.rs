@@ -1,1 +1,62 @@
-fn main() {}
+//! `dbtask-worker`: parse the command line, load the config, start Python, run the worker.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use dbtask_worker::cli::Cli;
+use dbtask_worker::python::PythonRuntime;
+use dbtask_worker::{run, shutdown, telemetry, Config};
+
+/// Exit code for settings that cannot be used (as sysexits' EX_USAGE... close enough: 2 is
+/// what clap uses for a bad command line).
+const EXIT_CONFIG: u8 = 2;
+/// Exit code for anything else that stops the worker: Python, NATS or Redis at start-up.
+const EXIT_FAILURE: u8 = 1;
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("dbtask-worker: error: {message}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli) {
+        Ok(config) => config,
+        Err(e) => return fail(EXIT_CONFIG, e),
+    };
+    if cli.print_config {
+        print!("{}", config.to_redacted_toml());
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(&config);
+
+    // The interpreter starts on this thread, before any tokio thread exists.
+    let python = match PythonRuntime::start(&config.python_config()) {
+        Ok(python) => python,
+        Err(e) => return fail(EXIT_FAILURE, e),
+    };
+    // One thread moves messages; Python runs on its own threads. On a few cores this measured
+    // faster than the multi-thread runtime.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(EXIT_FAILURE, format!("cannot start the async runtime: {e}")),
+    };
+    let outcome = runtime.block_on(async {
+        let shutdown =
+            shutdown::signals().map_err(|e| format!("cannot listen for SIGTERM/SIGINT: {e}"))?;
+        run(config, python, shutdown)
+            .await
+            .map_err(|e| e.to_string())
+    });
+    let code = match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail(EXIT_FAILURE, message),
+    };
+    // Python threads still busy with abandoned tasks must not hold the exit: NATS redelivers
+    // those tasks. Do not wait for them (nor for the runtime's blocking pool).
+    runtime.shutdown_background();
+    code
+}

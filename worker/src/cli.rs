@@ -1,0 +1,202 @@
+//! Command-line flags of `dbtask-worker`.
+//!
+//! Every flag also reads a `DBTASK_*` environment variable (clap merges the two into one layer:
+//! a flag wins over its variable). Every value is optional here so that [`Config::load`] can
+//! tell "not given" from "given", and apply them over the config file.
+//!
+//! [`Config::load`]: crate::config::Config::load
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{Config, LogFormat};
+
+/// Runs Python tasks from NATS JetStream and stores their results in Redis.
+///
+/// Settings come from built-in defaults, then the `--config` TOML file, then `DBTASK_*`
+/// environment variables, then these flags (each one overrides the previous).
+#[derive(Debug, Default, Parser)]
+#[command(name = "dbtask-worker", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML config file (every option below has the same name there, with `_` for `-`)
+    #[arg(long, env = "DBTASK_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Queues to consume, comma-separated [default: default]
+    #[arg(
+        short = 'Q',
+        long,
+        env = "DBTASK_QUEUES",
+        value_name = "QUEUES",
+        value_delimiter = ','
+    )]
+    pub queues: Vec<String>,
+
+    /// Python module to import for its tasks (repeatable; the current directory is on sys.path)
+    #[arg(
+        short = 'A',
+        long = "app",
+        env = "DBTASK_APPS",
+        value_name = "MODULE",
+        value_delimiter = ','
+    )]
+    pub apps: Vec<String>,
+
+    /// Tasks run at the same time (Python threads for sync tasks, asyncio slots for async ones) [default: 16]
+    #[arg(short = 'c', long, env = "DBTASK_CONCURRENCY", value_name = "N")]
+    pub concurrency: Option<usize>,
+
+    /// NATS server URL; credentials as nats://user:password@host:port [default: nats://127.0.0.1:4222]
+    #[arg(
+        long,
+        env = "DBTASK_NATS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub nats_url: Option<String>,
+
+    /// Redis URL, e.g. redis://:password@host:6379/0 [default: redis://127.0.0.1:6379]
+    #[arg(
+        long,
+        env = "DBTASK_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+
+    /// Python interpreter of the virtualenv to use [default: $VIRTUAL_ENV/bin/python]
+    #[arg(long, env = "DBTASK_PYTHON", value_name = "PATH")]
+    pub python: Option<PathBuf>,
+
+    /// Log level (error, warn, info, debug, trace) or a tracing filter directive [default: info]
+    #[arg(long, env = "DBTASK_LOG_LEVEL", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log format on stderr: text (for people) or json (one object per line) [default: text]
+    #[arg(long, env = "DBTASK_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// Seconds running tasks get to finish after SIGTERM/SIGINT before they are handed back [default: 30]
+    #[arg(long, env = "DBTASK_SHUTDOWN_TIMEOUT", value_name = "SECS")]
+    pub shutdown_timeout: Option<f64>,
+
+    /// Seconds without an ack (or in-progress ack) before NATS redelivers a task [default: 30]
+    #[arg(long, env = "DBTASK_ACK_WAIT", value_name = "SECS")]
+    pub ack_wait: Option<f64>,
+
+    /// Seconds a result stays in Redis [default: 86400]
+    #[arg(long, env = "DBTASK_RESULT_TTL", value_name = "SECS")]
+    pub result_ttl: Option<u64>,
+
+    /// Store a STARTED state before a task runs (tasks can also ask for it themselves) [default: false]
+    #[arg(long, env = "DBTASK_TRACK_STARTED", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub track_started: Option<bool>,
+
+    /// Deliveries of one message before NATS gives up on it [default: 10]
+    #[arg(long, env = "DBTASK_MAX_DELIVER", value_name = "N")]
+    pub max_deliver: Option<i64>,
+
+    /// Unacked messages per queue across all its workers before NATS stops delivering [default: 10000]
+    #[arg(long, env = "DBTASK_MAX_ACK_PENDING", value_name = "N")]
+    pub max_ack_pending: Option<i64>,
+
+    /// Most messages asked from NATS in one pull request [default: 256]
+    #[arg(long, env = "DBTASK_FETCH_BATCH", value_name = "N")]
+    pub fetch_batch: Option<usize>,
+
+    /// Seconds during which NATS drops a second publish of the same task id [default: 120]
+    #[arg(long, env = "DBTASK_DUPLICATE_WINDOW", value_name = "SECS")]
+    pub duplicate_window: Option<f64>,
+
+    /// Largest task message accepted, in bytes [default: 1048576]
+    #[arg(long, env = "DBTASK_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<usize>,
+
+    /// Largest task result stored, in bytes; a bigger one fails as dbtask.TooLarge [default: 8388608]
+    #[arg(long, env = "DBTASK_MAX_RESULT_BYTES", value_name = "BYTES")]
+    pub max_result_bytes: Option<usize>,
+
+    /// Print the effective configuration as TOML (passwords hidden) and exit
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+impl Cli {
+    /// Applies the values given as flags or environment variables over `config`.
+    pub fn apply_to(&self, config: &mut Config) {
+        fn set<T: Clone>(target: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *target = v.clone();
+            }
+        }
+        if !self.queues.is_empty() {
+            config.queues = self.queues.clone();
+        }
+        if !self.apps.is_empty() {
+            config.apps = self.apps.clone();
+        }
+        set(&mut config.concurrency, &self.concurrency);
+        set(&mut config.nats_url, &self.nats_url);
+        set(&mut config.redis_url, &self.redis_url);
+        if let Some(p) = &self.python {
+            config.python = Some(p.clone());
+        }
+        set(&mut config.log_level, &self.log_level);
+        set(&mut config.log_format, &self.log_format);
+        set(&mut config.shutdown_timeout, &self.shutdown_timeout);
+        set(&mut config.ack_wait, &self.ack_wait);
+        set(&mut config.result_ttl, &self.result_ttl);
+        set(&mut config.track_started, &self.track_started);
+        set(&mut config.max_deliver, &self.max_deliver);
+        set(&mut config.max_ack_pending, &self.max_ack_pending);
+        set(&mut config.fetch_batch, &self.fetch_batch);
+        set(&mut config.duplicate_window, &self.duplicate_window);
+        set(&mut config.max_message_bytes, &self.max_message_bytes);
+        set(&mut config.max_result_bytes, &self.max_result_bytes);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_flag_has_help_and_an_env_var() {
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if matches!(id, "help" | "version" | "print_config") {
+                continue;
+            }
+            assert!(arg.get_help().is_some(), "--{id} has no help");
+            let env = arg
+                .get_env()
+                .unwrap_or_else(|| panic!("--{id} has no env var"));
+            assert!(
+                env.to_string_lossy().starts_with("DBTASK_"),
+                "--{id}: {env:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn lists_split_on_commas_and_repeat() {
+        let cli =
+            Cli::try_parse_from(["w", "--queues", "math,default", "-A", "a.b", "-A", "c"]).unwrap();
+        assert_eq!(cli.queues, ["math", "default"]);
+        assert_eq!(cli.apps, ["a.b", "c"]);
+    }
+
+    #[test]
+    fn track_started_is_a_flag_with_an_optional_value() {
+        let on = Cli::try_parse_from(["w", "--track-started"]).unwrap();
+        assert_eq!(on.track_started, Some(true));
+        let off = Cli::try_parse_from(["w", "--track-started=false"]).unwrap();
+        assert_eq!(off.track_started, Some(false));
+        let unset = Cli::try_parse_from(["w"]).unwrap();
+        assert_eq!(unset.track_started, None);
+    }
+}

@@ -1,0 +1,555 @@
+//! The worker's settings: defaults, then a TOML file, then `DBTASK_*` env vars and flags.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cli::Cli;
+use crate::python::PythonConfig;
+
+/// How logs are written on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    // One human-readable line per event. (Plain comments: doc comments would turn clap's
+    // --help into its long multi-paragraph form.)
+    #[default]
+    Text,
+    // One JSON object per event.
+    Json,
+}
+
+/// Everything the worker can be told. Field names are the TOML keys and, upper-cased with a
+/// `DBTASK_` prefix, the environment variables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Queues to consume; each is the JetStream subject `dbtask.tasks.<queue>`.
+    pub queues: Vec<String>,
+    /// Python modules to import; their `@task` functions are the tasks this worker runs.
+    pub apps: Vec<String>,
+    /// Tasks in flight at once.
+    pub concurrency: usize,
+    pub nats_url: String,
+    pub redis_url: String,
+    /// Interpreter of the virtualenv to embed; `None`: `$VIRTUAL_ENV`, else the build's python.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub python: Option<PathBuf>,
+    /// A level (`info`) or a tracing filter directive (`info,dbtask_worker=debug`).
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// Seconds running tasks get to finish after the first SIGTERM/SIGINT.
+    pub shutdown_timeout: f64,
+    /// Seconds NATS waits for an ack before redelivering; in-progress acks extend it.
+    pub ack_wait: f64,
+    /// Seconds a result record lives in Redis.
+    pub result_ttl: u64,
+    /// Store STARTED before running each task (a task's own option wins).
+    pub track_started: bool,
+    /// Deliveries of one message before NATS stops redelivering it.
+    pub max_deliver: i64,
+    /// Unacked messages a queue's consumer allows in flight, across all its workers.
+    pub max_ack_pending: i64,
+    /// Most messages asked for in one pull request (never more than free concurrency slots).
+    pub fetch_batch: usize,
+    /// Seconds JetStream remembers task ids to drop duplicate publishes.
+    pub duplicate_window: f64,
+    /// Largest task message accepted, in bytes (also the stream's max message size).
+    pub max_message_bytes: usize,
+    /// Largest result stored, in bytes; a bigger one becomes a `dbtask.TooLarge` failure.
+    pub max_result_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            queues: vec!["default".to_owned()],
+            apps: Vec::new(),
+            concurrency: 16,
+            nats_url: "nats://127.0.0.1:4222".to_owned(),
+            redis_url: "redis://127.0.0.1:6379".to_owned(),
+            python: None,
+            log_level: "info".to_owned(),
+            log_format: LogFormat::Text,
+            shutdown_timeout: 30.0,
+            ack_wait: 30.0,
+            result_ttl: 86_400,
+            track_started: false,
+            max_deliver: 10,
+            max_ack_pending: 10_000,
+            fetch_batch: 256,
+            duplicate_window: 120.0,
+            max_message_bytes: 1024 * 1024,
+            max_result_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why the settings cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting `{field}`: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Defaults, overridden by the `--config` file, overridden by env vars and flags; validated.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let mut config = match &cli.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        cli.apply_to(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Defaults overridden by the keys present in a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Defaults overridden by the keys present in TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Checks every value, naming the setting and what would be accepted.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.queues.is_empty() {
+            return Err(invalid(
+                "queues",
+                "give at least one queue, e.g. --queues default",
+            ));
+        }
+        for (i, q) in self.queues.iter().enumerate() {
+            dbtask_protocol::validate_queue(q).map_err(|e| invalid("queues", e.to_string()))?;
+            if self.queues[..i].contains(q) {
+                return Err(invalid("queues", format!("queue {q:?} is listed twice")));
+            }
+        }
+        if self.apps.is_empty() {
+            return Err(invalid(
+                "apps",
+                "no task module to import: pass -A MODULE (or `apps = [\"myapp.tasks\"]` in the config file)",
+            ));
+        }
+        if let Some(app) = self.apps.iter().find(|a| !is_module_name(a)) {
+            return Err(invalid(
+                "apps",
+                format!("{app:?} is not a Python module name like myapp.tasks"),
+            ));
+        }
+        if self.concurrency == 0 {
+            return Err(invalid("concurrency", "must be at least 1"));
+        }
+        check_url(&self.nats_url, "nats_url", &["nats", "tls", "ws", "wss"])?;
+        check_url(
+            &self.redis_url,
+            "redis_url",
+            &["redis", "rediss", "redis+unix", "unix"],
+        )?;
+        crate::telemetry::filter_for(&self.log_level).map_err(|e| invalid("log_level", e))?;
+        positive_secs(self.shutdown_timeout, "shutdown_timeout", 0.0)?;
+        // JetStream counts ack_wait in whole nanoseconds; in-progress acks need some room.
+        positive_secs(self.ack_wait, "ack_wait", 1.0)?;
+        positive_secs(self.duplicate_window, "duplicate_window", 0.0)?;
+        if self.result_ttl == 0 {
+            return Err(invalid("result_ttl", "must be at least 1 second"));
+        }
+        if self.max_deliver == 0 || self.max_deliver < -1 {
+            return Err(invalid(
+                "max_deliver",
+                "must be at least 1 (or -1 for no limit)",
+            ));
+        }
+        if self.max_ack_pending == 0 || self.max_ack_pending < -1 {
+            return Err(invalid(
+                "max_ack_pending",
+                "must be at least 1 (or -1 for no limit)",
+            ));
+        }
+        if self.fetch_batch == 0 {
+            return Err(invalid("fetch_batch", "must be at least 1"));
+        }
+        if self.max_message_bytes < 1024 || self.max_message_bytes > i32::MAX as usize {
+            return Err(invalid(
+                "max_message_bytes",
+                "must be between 1024 and 2147483647",
+            ));
+        }
+        if self.max_result_bytes < 16 {
+            return Err(invalid("max_result_bytes", "must be at least 16"));
+        }
+        Ok(())
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_timeout)
+    }
+
+    pub fn ack_wait(&self) -> Duration {
+        Duration::from_secs_f64(self.ack_wait)
+    }
+
+    pub fn duplicate_window(&self) -> Duration {
+        Duration::from_secs_f64(self.duplicate_window)
+    }
+
+    /// How to start the embedded interpreter.
+    pub fn python_config(&self) -> PythonConfig {
+        PythonConfig {
+            python: self.python.clone(),
+            apps: self.apps.clone(),
+            threads: self.concurrency,
+        }
+    }
+
+    /// The configuration as TOML, with URL passwords replaced by `***`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.nats_url = redact_url(&self.nats_url);
+        shown.redis_url = redact_url(&self.redis_url);
+        toml::to_string(&shown).expect("a Config always serializes")
+    }
+}
+
+fn is_module_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.split('.').all(|part| {
+            let mut chars = part.chars();
+            matches!(chars.next(), Some(c) if c == '_' || c.is_alphabetic())
+                && chars.all(|c| c == '_' || c.is_alphanumeric())
+        })
+}
+
+fn positive_secs(value: f64, field: &'static str, min: f64) -> Result<(), ConfigError> {
+    // Durations past a century are a typo, and would overflow a Duration in nanoseconds.
+    if !value.is_finite() || value <= 0.0 || value < min || value > 3.2e9 {
+        let floor = if min > 0.0 {
+            format!("at least {min}")
+        } else {
+            "more than 0".to_owned()
+        };
+        return Err(invalid(field, format!("{value} seconds: must be {floor}")));
+    }
+    Ok(())
+}
+
+fn check_url(value: &str, field: &'static str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let url = url::Url::parse(value)
+        .map_err(|e| invalid(field, format!("{} is not a URL ({e})", redact_url(value))))?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(invalid(
+            field,
+            format!(
+                "{}: the scheme must be one of {}",
+                redact_url(value),
+                schemes.join(", ")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A URL fit for logs and error messages: a password (or a lone user name, which NATS treats
+/// as a token) becomes `***`. Every log line and error that names a server goes through here.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            } else if !url.username().is_empty() {
+                let _ = url.set_username("***");
+            }
+            url.to_string()
+        }
+        // Not a URL: still hide whatever sits between the scheme and the last `@`.
+        Err(_) => match (raw.find("://"), raw.rfind('@')) {
+            (Some(start), Some(at)) if at > start + 3 => {
+                format!("{}***{}", &raw[..start + 3], &raw[at..])
+            }
+            (None, Some(at)) => format!("***{}", &raw[at..]),
+            _ => raw.to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::io::Write;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut argv = vec!["dbtask-worker"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!(c.queues, ["default"]);
+        assert_eq!(c.concurrency, 16);
+        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(c.shutdown_timeout(), Duration::from_secs(30));
+        assert_eq!(c.ack_wait(), Duration::from_secs(30));
+        assert_eq!(c.result_ttl, 86_400);
+        assert!(!c.track_started);
+        assert_eq!(c.max_deliver, 10);
+        assert_eq!(c.max_ack_pending, 10_000);
+        assert_eq!(c.fetch_batch, 256);
+        assert_eq!(c.duplicate_window(), Duration::from_secs(120));
+        assert_eq!(c.max_result_bytes, 8 * 1024 * 1024);
+        assert_eq!(c.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_flags_override_file() {
+        let f = file(
+            r#"
+            queues = ["math", "io"]
+            apps = ["from_file"]
+            concurrency = 4
+            redis_url = "redis://file:6379"
+            ack_wait = 12.5
+            log_format = "json"
+            track_started = true
+            "#,
+        );
+        let path = f.path().to_str().unwrap();
+
+        // The file alone: its keys win over defaults, the rest keep their defaults.
+        let c = Config::load(&cli(&["--config", path])).unwrap();
+        assert_eq!(c.queues, ["math", "io"]);
+        assert_eq!(c.apps, ["from_file"]);
+        assert_eq!(c.concurrency, 4);
+        assert_eq!(c.redis_url, "redis://file:6379");
+        assert_eq!(c.ack_wait, 12.5);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.track_started);
+        assert_eq!(c.nats_url, Config::default().nats_url);
+        assert_eq!(c.result_ttl, 86_400);
+
+        // Flags win over the file, field by field.
+        let c = Config::load(&cli(&[
+            "--config",
+            path,
+            "--concurrency",
+            "9",
+            "-Q",
+            "only",
+            "-A",
+            "from_flag",
+            "--log-format",
+            "text",
+            "--track-started=false",
+        ]))
+        .unwrap();
+        assert_eq!(c.concurrency, 9);
+        assert_eq!(c.queues, ["only"]);
+        assert_eq!(c.apps, ["from_flag"]);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(!c.track_started);
+        assert_eq!(
+            c.redis_url, "redis://file:6379",
+            "not given as a flag: the file's value stays"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_the_setting_named() {
+        let ok = || Config {
+            apps: vec!["tasks".into()],
+            ..Config::default()
+        };
+        ok().validate().unwrap();
+        let cases: Vec<(Config, &str)> = vec![
+            (
+                Config {
+                    queues: vec!["a.b".into()],
+                    ..ok()
+                },
+                "queues",
+            ),
+            (
+                Config {
+                    queues: vec![],
+                    ..ok()
+                },
+                "queues",
+            ),
+            (
+                Config {
+                    queues: vec!["a".into(), "a".into()],
+                    ..ok()
+                },
+                "listed twice",
+            ),
+            (
+                Config {
+                    apps: vec![],
+                    ..ok()
+                },
+                "-A MODULE",
+            ),
+            (
+                Config {
+                    apps: vec!["my-app".into()],
+                    ..ok()
+                },
+                "apps",
+            ),
+            (
+                Config {
+                    concurrency: 0,
+                    ..ok()
+                },
+                "concurrency",
+            ),
+            (
+                Config {
+                    nats_url: "http://x".into(),
+                    ..ok()
+                },
+                "nats_url",
+            ),
+            (
+                Config {
+                    redis_url: "nope".into(),
+                    ..ok()
+                },
+                "redis_url",
+            ),
+            (
+                Config {
+                    log_level: "loud".into(),
+                    ..ok()
+                },
+                "log_level",
+            ),
+            (
+                Config {
+                    ack_wait: 0.5,
+                    ..ok()
+                },
+                "ack_wait",
+            ),
+            (
+                Config {
+                    shutdown_timeout: f64::NAN,
+                    ..ok()
+                },
+                "shutdown_timeout",
+            ),
+            (
+                Config {
+                    result_ttl: 0,
+                    ..ok()
+                },
+                "result_ttl",
+            ),
+            (
+                Config {
+                    max_deliver: 0,
+                    ..ok()
+                },
+                "max_deliver",
+            ),
+            (
+                Config {
+                    fetch_batch: 0,
+                    ..ok()
+                },
+                "fetch_batch",
+            ),
+        ];
+        for (config, expected) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_in_the_file_are_errors() {
+        let err = Config::from_toml("concurency = 3").unwrap_err();
+        assert!(err.contains("concurency"), "{err}");
+        let err = Config::from_toml("concurrency = \"many\"").unwrap_err();
+        assert!(err.contains("concurrency"), "{err}");
+        // Whole seconds are accepted where fractions are.
+        assert_eq!(Config::from_toml("ack_wait = 5").unwrap().ack_wait, 5.0);
+    }
+
+    #[test]
+    fn missing_config_file_names_the_path() {
+        let err = Config::load(&cli(&["--config", "/nonexistent/w.toml"])).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/w.toml"), "{err}");
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+        assert_eq!(
+            redact_url("redis://:s3cret@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(
+            redact_url("nats://bob:s3cret@h:4222"),
+            "nats://bob:***@h:4222"
+        );
+        assert_eq!(redact_url("nats://tok3n@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("not a url://a:b@c"), "not a url://***@c");
+        let shown = Config {
+            redis_url: "redis://u:pw@h".into(),
+            ..Config::default()
+        };
+        let text = shown.to_redacted_toml();
+        assert!(!text.contains("pw"), "{text}");
+        assert!(
+            Config::from_toml(&text).is_ok(),
+            "printed config reads back: {text}"
+        );
+    }
+
+    #[test]
+    fn module_names() {
+        assert!(is_module_name("tasks"));
+        assert!(is_module_name("my_app.tasks2"));
+        for bad in ["", "my-app", "a..b", ".a", "2x", "a b"] {
+            assert!(!is_module_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! One message, from delivery to ack: wait for a slot, decode, skip what already succeeded,
+//! refuse what cannot run (with a FAILURE record), run the task, store the outcome, then ack.
+//!
+//! Every path ends in exactly one [`Disposition`]; the message is acked only once its outcome
+//! is in Redis, and in-progress acks keep NATS from redelivering it while it is held here.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use async_nats::jetstream::{AckKind, Message};
+use dbtask_protocol::{
+    error_types, now_unix, validate_task_id, ResultRecord, TaskError, TaskMessage, TaskState,
+    HEADER_TASK, HEADER_TASK_ID,
+};
+use serde::Deserialize;
+use tracing::{debug, error, info, warn};
+
+use super::{reached, Phase, Shared};
+use crate::python::{CallOutcome, Job};
+
+/// How a message leaves this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Disposition {
+    /// The outcome is stored: done.
+    Ack,
+    /// Not run (or not finished) here: NATS delivers it again, to this worker or another.
+    HandBack,
+    /// Cannot ever run and cannot be recorded (no task id): drop it.
+    Term,
+}
+
+/// A handler's claim on the worker: counts it in flight (and waiting for a slot) until dropped.
+pub(super) struct Ticket {
+    shared: Rc<Shared>,
+    waiting: bool,
+}
+
+impl Ticket {
+    pub(super) fn new(shared: Rc<Shared>) -> Ticket {
+        shared.in_flight.set(shared.in_flight.get() + 1);
+        shared.waiting.set(shared.waiting.get() + 1);
+        Ticket {
+            shared,
+            waiting: true,
+        }
+    }
+
+    fn stop_waiting(&mut self) {
+        if self.waiting {
+            self.waiting = false;
+            self.shared.waiting.set(self.shared.waiting.get() - 1);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.stop_waiting();
+        let left = self.shared.in_flight.get() - 1;
+        self.shared.in_flight.set(left);
+        if left == 0 {
+            self.shared.idle.notify_waiters();
+        }
+    }
+}
+
+/// A running task's slot; releasing it wakes the pull loops.
+struct Slot<'a> {
+    shared: &'a Shared,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        // `_permit` is released right after this body; the woken loops run later, on this
+        // same thread, and see it free.
+        self.shared.freed.notify_waiters();
+    }
+}
+
+/// Handles one message to its end, sending in-progress acks meanwhile.
+pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
+    let shared = ticket.shared.clone();
+    let mut phase = shared.phase.subscribe();
+    // A third of ack_wait leaves two chances for a progress ack to arrive in time.
+    let every = shared.config.ack_wait() / 3;
+    let disposition = tokio::select! {
+        biased;
+        _ = reached(&mut phase, Phase::Abandon) => Disposition::HandBack,
+        d = process(&shared, &mut ticket, &queue, &msg) => d,
+        _ = keep_alive(&msg, every) => unreachable!("keep_alive never returns"),
+    };
+    if disposition == Disposition::HandBack {
+        warn_if_last_delivery(&msg, shared.config.max_deliver, &queue);
+    }
+    finish(&msg, disposition, &queue).await;
+    drop(ticket);
+}
+
+/// Gives a message back to NATS for immediate redelivery.
+pub(super) async fn hand_back(msg: &Message, queue: &str) {
+    finish(msg, Disposition::HandBack, queue).await;
+}
+
+/// A message handed back on its last allowed delivery is never delivered again: say so loudly,
+/// with its stream sequence so that an operator can find it (`nats stream get`).
+fn warn_if_last_delivery(msg: &Message, max_deliver: i64, queue: &str) {
+    let Ok(info) = msg.info() else { return };
+    if max_deliver > 0 && info.delivered >= max_deliver {
+        error!(
+            queue,
+            stream_sequence = info.stream_sequence,
+            attempt = info.delivered,
+            max_deliver,
+            "handing back a task on its last delivery: NATS will not deliver it again (raise max_deliver?)"
+        );
+    }
+}
+
+async fn finish(msg: &Message, disposition: Disposition, queue: &str) {
+    let kind = match disposition {
+        Disposition::Ack => AckKind::Ack,
+        Disposition::HandBack => AckKind::Nak(None),
+        Disposition::Term => AckKind::Term,
+    };
+    // Fire-and-forget on the connection: a lost ack only means a redelivery, which finds the
+    // stored outcome and is acked without running again.
+    if let Err(e) = msg.ack_with(kind).await {
+        warn!(queue, subject = %msg.subject, ack = ?kind, error = %e, "cannot ack a message; NATS will redeliver it");
+    }
+}
+
+async fn keep_alive(msg: &Message, every: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = msg.ack_with(AckKind::Progress).await {
+            debug!(subject = %msg.subject, error = %e, "cannot send an in-progress ack");
+        }
+    }
+}
+
+/// Common fields of every record this worker writes for a message.
+struct Context<'a> {
+    shared: &'a Shared,
+    queue: &'a str,
+    attempt: u32,
+    received: f64,
+}
+
+impl Context<'_> {
+    fn record(&self, id: &str, task: Option<&str>, state: TaskState, retries: u32) -> ResultRecord {
+        let mut record = ResultRecord::new(id, state);
+        record.task = task.map(str::to_owned);
+        record.attempts = self.attempt;
+        record.retries = retries;
+        record.worker = Some(self.shared.worker.clone());
+        record.queue = Some(self.queue.to_owned());
+        record.date_received = Some(self.received);
+        record
+    }
+
+    /// Stores `record`; `HandBack` if the worker stops before Redis has it.
+    async fn store(&self, record: &ResultRecord) -> Disposition {
+        match self.shared.writer.write(record).await {
+            Ok(()) => Disposition::Ack,
+            Err(_) => Disposition::HandBack,
+        }
+    }
+
+    /// A FAILURE record for a message the worker refuses to run.
+    async fn refuse(
+        &self,
+        id: &str,
+        task: Option<&str>,
+        exc_type: &str,
+        message: String,
+        retries: u32,
+    ) -> Disposition {
+        warn!(task_id = id, task = task.unwrap_or("?"), attempt = self.attempt, queue = self.queue, error_type = exc_type, error = %message, "task refused");
+        let mut record = self.record(id, task, TaskState::Failure, retries);
+        record.date_done = Some(now_unix());
+        record.error = Some(TaskError::new(exc_type, message));
+        self.store(&record).await
+    }
+}
+
+async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Message) -> Disposition {
+    let mut phase = shared.phase.subscribe();
+    // Wait for a slot; at shutdown, a message that has not started goes back at once.
+    let permit = tokio::select! {
+        biased;
+        _ = reached(&mut phase, Phase::Draining) => return Disposition::HandBack,
+        permit = shared.slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+    };
+    let _slot = Slot {
+        shared,
+        _permit: permit,
+    };
+    ticket.stop_waiting();
+
+    let ctx = Context {
+        shared,
+        queue,
+        attempt: msg
+            .info()
+            .map(|i| i.delivered.clamp(1, u32::MAX as i64) as u32)
+            .unwrap_or(1),
+        received: now_unix(),
+    };
+    let payload: &[u8] = &msg.message.payload;
+    let header = |name: &str| {
+        msg.message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+
+    if payload.len() > shared.config.max_message_bytes {
+        let why = format!(
+            "the task message is {} bytes, more than max_message_bytes ({}): pass large data by reference",
+            payload.len(),
+            shared.config.max_message_bytes
+        );
+        return refuse_unreadable(
+            &ctx,
+            msg,
+            error_types::TOO_LARGE,
+            why,
+            header(HEADER_TASK_ID),
+            header(HEADER_TASK),
+        )
+        .await;
+    }
+    let task = match TaskMessage::decode(payload) {
+        Ok(task) => task,
+        Err(e) => {
+            return refuse_unreadable(
+                &ctx,
+                msg,
+                error_types::MALFORMED,
+                e.to_string(),
+                header(HEADER_TASK_ID),
+                header(HEADER_TASK),
+            )
+            .await;
+        }
+    };
+    let id = task.id.as_str();
+    let name = task.task.as_str();
+    debug!(
+        task_id = id,
+        task = name,
+        attempt = ctx.attempt,
+        queue,
+        "task received"
+    );
+
+    // A redelivery may follow a crash between storing the outcome and acking it.
+    if ctx.attempt > 1 {
+        let store = &shared.store;
+        let existing = store
+            .retrying("read a task's record", || store.get(id))
+            .await;
+        if let Some(done) = existing.filter(|r| r.state.is_ready()) {
+            info!(task_id = id, task = name, attempt = ctx.attempt, queue, state = %done.state, "task already finished: acking the redelivery without running it");
+            return Disposition::Ack;
+        }
+    }
+
+    let Some(track_started) = shared.python.tasks().get(name).map(|t| t.track_started) else {
+        let why = format!(
+            "no task named {name:?} is registered in this worker (modules imported: {}); is its module passed with -A?",
+            shared.config.apps.join(", ")
+        );
+        return ctx
+            .refuse(id, Some(name), error_types::UNKNOWN_TASK, why, task.retries)
+            .await;
+    };
+    if shared.phase() != Phase::Running {
+        return Disposition::HandBack;
+    }
+    execute(
+        &ctx,
+        task,
+        track_started.unwrap_or(shared.config.track_started),
+    )
+    .await
+}
+
+/// Runs a decoded, registered task and stores its outcome.
+async fn execute(ctx: &Context<'_>, task: TaskMessage, track_started: bool) -> Disposition {
+    let (shared, queue) = (ctx.shared, ctx.queue);
+    let id = task.id.as_str();
+    let name = task.task.as_str();
+    let started = now_unix();
+    if track_started {
+        let mut record = ctx.record(id, Some(name), TaskState::Started, task.retries);
+        record.date_started = Some(started);
+        if ctx.store(&record).await != Disposition::Ack {
+            return Disposition::HandBack;
+        }
+    }
+
+    let job = Job {
+        task_id: task.id.clone(),
+        task: task.task.clone(),
+        args: task.args,
+        kwargs: task.kwargs,
+        attempt: ctx.attempt,
+        retries: task.retries,
+    };
+    let outcome = shared.python.call(job).await;
+    let done = now_unix();
+    let mut record = ctx.record(id, Some(name), TaskState::Success, task.retries);
+    record.date_started = Some(started);
+    record.date_done = Some(done);
+    let runtime_ms = ((done - started) * 1000.0).max(0.0);
+    match outcome {
+        CallOutcome::Success(result) if result.get().len() > shared.config.max_result_bytes => {
+            let why = format!(
+                "the result is {} bytes of JSON, more than max_result_bytes ({}): return a smaller value, or store it elsewhere and return a reference",
+                result.get().len(),
+                shared.config.max_result_bytes
+            );
+            warn!(task_id = id, task = name, attempt = ctx.attempt, queue, error_type = error_types::TOO_LARGE, error = %why, "task failed");
+            record.state = TaskState::Failure;
+            record.error = Some(TaskError::new(error_types::TOO_LARGE, why));
+        }
+        CallOutcome::Success(result) => {
+            debug!(
+                task_id = id,
+                task = name,
+                attempt = ctx.attempt,
+                queue,
+                runtime_ms,
+                "task succeeded"
+            );
+            record.result = Some(result);
+        }
+        CallOutcome::Failure(err) => {
+            warn!(task_id = id, task = name, attempt = ctx.attempt, queue, runtime_ms, error_type = %err.exc_type, error = %err.message, "task failed");
+            record.state = TaskState::Failure;
+            record.error = Some(err);
+        }
+    }
+    ctx.store(&record).await
+}
+
+/// A message that cannot be decoded (or is too large): a FAILURE record if any valid task id
+/// can be found for it, else it is logged and terminated.
+async fn refuse_unreadable(
+    ctx: &Context<'_>,
+    msg: &Message,
+    exc_type: &str,
+    why: String,
+    header_id: Option<String>,
+    header_task: Option<String>,
+) -> Disposition {
+    let (id, task) = identify(&msg.message.payload, header_id, header_task);
+    match id {
+        Some(id) => ctx.refuse(&id, task.as_deref(), exc_type, why, 0).await,
+        None => {
+            let head = &msg.message.payload[..msg.message.payload.len().min(120)];
+            error!(
+                subject = %msg.subject,
+                queue = ctx.queue,
+                attempt = ctx.attempt,
+                error_type = exc_type,
+                error = %why,
+                body_start = %String::from_utf8_lossy(head),
+                "dropping a message without a task id: nothing to record its failure under"
+            );
+            Disposition::Term
+        }
+    }
+}
+
+/// The task id and name of a message that did not decode: the `Dbtask-Id` / `Dbtask-Task`
+/// headers, else the body's `id` / `task` fields if the body is JSON at all. Ids that are not
+/// valid task ids are ignored (they would make bad Redis keys).
+pub(super) fn identify(
+    body: &[u8],
+    header_id: Option<String>,
+    header_task: Option<String>,
+) -> (Option<String>, Option<String>) {
+    #[derive(Deserialize)]
+    struct Loose {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+        #[serde(default)]
+        task: Option<serde_json::Value>,
+    }
+    let loose = serde_json::from_slice::<Loose>(body).ok();
+    let from_body = |pick: fn(&Loose) -> &Option<serde_json::Value>| {
+        loose
+            .as_ref()
+            .and_then(|l| pick(l).as_ref())
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    let id = header_id
+        .filter(|id| validate_task_id(id).is_ok())
+        .or_else(|| from_body(|l| &l.id).filter(|id| validate_task_id(id).is_ok()));
+    let task = header_task.or_else(|| from_body(|l| &l.task));
+    (id, task)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identify;
+
+    #[test]
+    fn ids_of_unreadable_messages() {
+        let s = |v: &str| Some(v.to_owned());
+        // Headers first.
+        assert_eq!(identify(b"garbage", s("h1"), s("t")), (s("h1"), s("t")));
+        // Then the body, even when it is not a valid task message.
+        assert_eq!(
+            identify(br#"{"id": "b1", "args": 5}"#, None, None),
+            (s("b1"), None)
+        );
+        assert_eq!(
+            identify(br#"{"id": "b1", "task": "x"}"#, None, None),
+            (s("b1"), s("x"))
+        );
+        // Invalid ids are no keys.
+        assert_eq!(
+            identify(br#"{"id": "a b"}"#, s("bad/id"), None),
+            (None, None)
+        );
+        assert_eq!(identify(br#"{"id": 5}"#, None, None), (None, None));
+        assert_eq!(identify(b"\xff\xfe", None, None), (None, None));
+    }
+}

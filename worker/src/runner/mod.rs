@@ -1,0 +1,356 @@
+//! The serving loop: connect, set up JetStream, pull messages per queue within the concurrency
+//! limit, hand each to [`handler`], and shut down gracefully.
+//!
+//! Everything runs on one thread (a current-thread runtime and a `LocalSet`): Python runs on its
+//! own threads, so this thread only moves bytes, and shared state needs no locks.
+
+mod handler;
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{watch, Notify, Semaphore};
+use tokio::task::LocalSet;
+use tracing::{debug, info, warn};
+
+use crate::broker::{Broker, BrokerError, QueueConsumer};
+use crate::config::Config;
+use crate::python::PythonRuntime;
+use crate::store::{Store, StoreError, Writer};
+
+/// How long one pull request waits on the server for messages. Short, so that a request lost in
+/// a reconnect is replaced quickly; an idle queue costs one tiny request per period.
+const PULL_EXPIRES: Duration = Duration::from_secs(5);
+
+/// Why the worker could not start (once serving, errors are logged and retried instead).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Where the worker is in its life: each step only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Phase {
+    /// Pulling and running tasks.
+    Running,
+    /// Shutdown requested: no more pulls, tasks not started yet go back to NATS, running ones
+    /// may finish.
+    Draining,
+    /// Shutdown timeout passed: everything still held goes back to NATS now.
+    Abandon,
+}
+
+/// State shared by the pull loops and the message handlers of this worker.
+struct Shared {
+    config: Config,
+    python: PythonRuntime,
+    store: Store,
+    writer: Writer,
+    broker: Broker,
+    /// `hostname:pid`, recorded in every result.
+    worker: String,
+    /// One permit per task allowed to run.
+    slots: Arc<Semaphore>,
+    /// Messages received but still waiting for a slot.
+    waiting: Cell<usize>,
+    /// Signalled whenever a slot is released.
+    freed: Notify,
+    /// Handlers alive (received and not yet acked or handed back).
+    in_flight: Cell<usize>,
+    /// Signalled when `in_flight` drops to zero.
+    idle: Notify,
+    phase: watch::Sender<Phase>,
+}
+
+impl Shared {
+    fn phase(&self) -> Phase {
+        *self.phase.borrow()
+    }
+
+    /// Free slots not already promised to received messages.
+    fn free_slots(&self) -> usize {
+        self.slots
+            .available_permits()
+            .saturating_sub(self.waiting.get())
+    }
+
+    async fn until_idle(&self) {
+        loop {
+            let mut idle = pin!(self.idle.notified());
+            idle.as_mut().enable();
+            if self.in_flight.get() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+/// Completes once the phase reaches `at_least`.
+async fn reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
+    // The sender lives as long as `Shared`, which outlives every receiver's user.
+    let _ = rx.wait_for(|p| *p >= at_least).await;
+}
+
+/// Connects to NATS and Redis, creates or updates the stream and the consumers, logs
+/// `worker ready`, and serves until `shutdown` completes; then lets running tasks finish within
+/// `shutdown_timeout` and hands the rest back to NATS. Returns `Ok` after a graceful shutdown.
+pub async fn run(
+    config: Config,
+    python: PythonRuntime,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    let worker = worker_identity();
+    let broker = Broker::connect(&config.nats_url, &worker).await?;
+    let store = Store::connect(&config.redis_url, config.result_ttl).await?;
+    // Informational only: a managed Redis may refuse INFO.
+    let redis_version = store.server_version().await.unwrap_or_else(|e| {
+        warn!(error = %e, "cannot read the Redis version");
+        "unknown".to_owned()
+    });
+    broker.ensure_stream(&config).await?;
+    let mut consumers = Vec::with_capacity(config.queues.len());
+    for queue in &config.queues {
+        consumers.push(broker.ensure_consumer(queue, &config).await?);
+    }
+    let max_payload = broker.client().server_info().max_payload;
+    if max_payload > 0 && config.max_message_bytes > max_payload {
+        warn!(
+            max_message_bytes = config.max_message_bytes,
+            server_max_payload = max_payload,
+            "max_message_bytes is above the NATS server's max_payload: the server refuses bigger messages anyway"
+        );
+    }
+
+    let mut tasks: Vec<&str> = python.tasks().keys().map(String::as_str).collect();
+    tasks.sort_unstable();
+    info!(
+        queues = %config.queues.join(","),
+        concurrency = config.concurrency,
+        tasks = %tasks.join(","),
+        worker = %worker,
+        nats_url = broker.url(),
+        redis_url = store.url(),
+        nats_version = broker.server_version(),
+        redis_version = %redis_version,
+        python_version = python.version().split_whitespace().next().unwrap_or("?"),
+        dbtask_version = env!("CARGO_PKG_VERSION"),
+        "worker ready"
+    );
+    if tasks.is_empty() {
+        warn!(apps = %config.apps.join(","), "the imported modules registered no task: every message will fail as dbtask.UnknownTask");
+    }
+
+    let local = LocalSet::new();
+    local
+        .run_until(serve(
+            config, python, broker, store, consumers, worker, shutdown,
+        ))
+        .await;
+    Ok(())
+}
+
+async fn serve(
+    config: Config,
+    python: PythonRuntime,
+    broker: Broker,
+    store: Store,
+    consumers: Vec<QueueConsumer>,
+    worker: String,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (writer, writer_loop) = Writer::new(store.clone());
+    let writer_done = tokio::spawn(writer_loop);
+    let (phase, _) = watch::channel(Phase::Running);
+    let shared = Rc::new(Shared {
+        slots: Arc::new(Semaphore::new(config.concurrency)),
+        config,
+        python,
+        store,
+        writer,
+        broker,
+        worker,
+        waiting: Cell::new(0),
+        freed: Notify::new(),
+        in_flight: Cell::new(0),
+        idle: Notify::new(),
+        phase,
+    });
+
+    let pullers: Vec<_> = consumers
+        .into_iter()
+        .map(|consumer| tokio::task::spawn_local(pull_loop(shared.clone(), consumer)))
+        .collect();
+
+    shutdown.await;
+    let timeout = shared.config.shutdown_timeout();
+    info!(
+        running = shared.in_flight.get(),
+        timeout_secs = timeout.as_secs_f64(),
+        "draining: waiting for running tasks"
+    );
+    shared.phase.send_replace(Phase::Draining);
+    for puller in pullers {
+        let _ = puller.await;
+    }
+    let finished = tokio::time::timeout(timeout, shared.until_idle())
+        .await
+        .is_ok();
+    if !finished {
+        warn!(
+            running = shared.in_flight.get(),
+            "shutdown timeout: handing running tasks back to NATS for another worker"
+        );
+        shared.phase.send_replace(Phase::Abandon);
+        shared.until_idle().await;
+    }
+
+    let python = shared.python.clone();
+    // The writer ends once every handle is gone and what it holds is stored; give it a moment.
+    drop(shared);
+    if tokio::time::timeout(Duration::from_secs(5), writer_done)
+        .await
+        .is_err()
+    {
+        warn!("results still unstored at exit: their messages were handed back and will rerun");
+    }
+    if finished {
+        // Joins the Python threads, which are idle by now; off this thread all the same.
+        let stop = tokio::task::spawn_blocking(move || python.shutdown());
+        if tokio::time::timeout(Duration::from_secs(5), stop)
+            .await
+            .is_err()
+        {
+            warn!("the Python threads did not stop within 5 s; exiting anyway");
+        }
+    }
+    info!("worker stopped");
+}
+
+/// Pulls messages of one queue while the worker runs, never asking for more than the free
+/// slots, and spawns a handler per message.
+async fn pull_loop(shared: Rc<Shared>, mut consumer: QueueConsumer) {
+    let queue: Rc<str> = Rc::from(consumer.queue());
+    let mut phase = shared.phase.subscribe();
+    let mut failures = 0u32;
+    'pull: while shared.phase() == Phase::Running {
+        // Wait for a free slot.
+        let free = loop {
+            let mut freed = pin!(shared.freed.notified());
+            freed.as_mut().enable();
+            let free = shared.free_slots();
+            if free > 0 {
+                break free;
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = reached(&mut phase, Phase::Draining) => break 'pull,
+            }
+        };
+        let want = free.min(shared.config.fetch_batch);
+        let pulled = tokio::select! {
+            pulled = consumer.pull(want, PULL_EXPIRES) => pulled,
+            _ = reached(&mut phase, Phase::Draining) => break 'pull,
+        };
+        let mut batch = match pulled {
+            Ok(batch) => batch,
+            Err(e) => {
+                failures += 1;
+                warn!(queue = %queue, error = %e, failures, "cannot pull messages; retrying");
+                if !backoff(&shared, &mut phase, &mut consumer, failures).await {
+                    break 'pull;
+                }
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                biased;
+                _ = reached(&mut phase, Phase::Draining) => {
+                    // Messages already delivered to this process but not handled: back at once.
+                    while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
+                        handler::hand_back(&msg, &queue).await;
+                    }
+                    break 'pull;
+                }
+                item = batch.next() => match item {
+                    Some(Ok(msg)) => {
+                        failures = 0;
+                        let ticket = handler::Ticket::new(shared.clone());
+                        tokio::task::spawn_local(handler::handle(ticket, queue.clone(), msg));
+                    }
+                    Some(Err(e)) => {
+                        failures += 1;
+                        warn!(queue = %queue, error = %e, failures, "pull request failed; pulling again");
+                        if !backoff(&shared, &mut phase, &mut consumer, failures).await {
+                            break 'pull;
+                        }
+                        break;
+                    }
+                    None => break,
+                },
+            }
+        }
+    }
+    debug!(queue = %queue, "stopped pulling");
+}
+
+/// Waits before the next pull after a failure (longer each time, up to 5 s); after a few
+/// failures in a row, sets the stream and consumer up again in case they were deleted.
+/// `false`: shutting down.
+async fn backoff(
+    shared: &Shared,
+    phase: &mut watch::Receiver<Phase>,
+    consumer: &mut QueueConsumer,
+    failures: u32,
+) -> bool {
+    let delay = Duration::from_millis(200 * 2u64.pow(failures.min(5))).min(Duration::from_secs(5));
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => {}
+        _ = reached(phase, Phase::Draining) => return false,
+    }
+    if failures % 3 == 0 {
+        // The stream or the consumer may have been deleted under us: set them up again.
+        let fresh = match shared.broker.ensure_stream(&shared.config).await {
+            Ok(_) => {
+                shared
+                    .broker
+                    .ensure_consumer(consumer.queue(), &shared.config)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match fresh {
+            Ok(fresh) => {
+                info!(
+                    queue = consumer.queue(),
+                    "set up the queue's stream and consumer again"
+                );
+                *consumer = fresh;
+            }
+            Err(e) => {
+                warn!(queue = consumer.queue(), error = %e, "cannot set up the queue's consumer")
+            }
+        }
+    }
+    true
+}
+
+/// `hostname:pid`, as recorded in result records and NATS connection names.
+pub fn worker_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}:{}", std::process::id())
+}

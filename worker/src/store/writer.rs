@@ -1,0 +1,68 @@
+//! Batches record writes from many tasks into one Redis pipeline.
+//!
+//! Every finished task hands its record to the writer and waits; the writer takes whatever is
+//! queued at that moment (up to [`MAX_BATCH`]), stores it in one round trip, and wakes the
+//! waiters, who then ack their messages. Under load this turns N round trips into one; when
+//! idle, a lone record goes out at once.
+
+use std::future::Future;
+
+use dbtask_protocol::ResultRecord;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{RecordWrite, Store};
+
+/// Most records in one pipeline.
+pub const MAX_BATCH: usize = 256;
+
+struct Pending {
+    write: RecordWrite,
+    stored: oneshot::Sender<()>,
+}
+
+/// The writer stopped before storing the record (the process is shutting down).
+#[derive(Debug, thiserror::Error)]
+#[error("the result writer has stopped")]
+pub struct WriterClosed;
+
+/// Handle to the batching writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::UnboundedSender<Pending>,
+}
+
+impl Writer {
+    /// The handle and the writer loop; spawn the loop. It ends when every handle is dropped
+    /// and the queued records are stored.
+    pub fn new(store: Store) -> (Writer, impl Future<Output = ()> + Send + 'static) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (Writer { tx }, run(store, rx))
+    }
+
+    /// Stores a record (and publishes it when its state is ready); returns once Redis has it.
+    /// Redis outages are retried inside the writer, so this only fails at shutdown.
+    pub async fn write(&self, record: &ResultRecord) -> Result<(), WriterClosed> {
+        let (stored, done) = oneshot::channel();
+        self.tx
+            .send(Pending {
+                write: RecordWrite::new(record),
+                stored,
+            })
+            .map_err(|_| WriterClosed)?;
+        done.await.map_err(|_| WriterClosed)
+    }
+}
+
+async fn run(store: Store, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Records whose waiter gave up (its message was handed back at shutdown) are still
+        // written: they are correct, and a redelivery then finds the outcome instead of rerunning.
+        let writes: Vec<&RecordWrite> = batch.iter().map(|p| &p.write).collect();
+        store.retrying("store results", || store.put(&writes)).await;
+        tracing::trace!(records = batch.len(), "stored a batch of records");
+        for pending in batch.drain(..) {
+            let _ = pending.stored.send(());
+        }
+    }
+}

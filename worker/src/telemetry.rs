@@ -1,0 +1,73 @@
+//! Logs: tracing events on stderr, as text for people or JSON for machines.
+//!
+//! Events are a static message plus fields (`task_id`, `task`, `attempt`, `queue`, ...), so
+//! that the JSON form can be filtered without parsing prose.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Config, LogFormat};
+
+const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+/// The filter for a `log_level` setting. A bare level applies to the worker's own events while
+/// libraries stay at `warn` (async-nats logs every reconnect at info; the worker logs those
+/// itself); anything with `=` or `,` is taken as a full tracing filter directive.
+pub fn filter_for(level: &str) -> Result<EnvFilter, String> {
+    let level = level.trim();
+    let directives = if level.contains('=') || level.contains(',') {
+        level.to_owned()
+    } else {
+        let lower = level.to_ascii_lowercase();
+        match lower.as_str() {
+            "off" | "error" | "warn" => lower,
+            "info" | "debug" | "trace" => format!("warn,dbtask_worker={lower}"),
+            _ => {
+                return Err(format!(
+                    "unknown log level {level:?}: use one of {} or a filter such as info,dbtask_worker=debug",
+                    LEVELS.join(", ")
+                ))
+            }
+        }
+    };
+    EnvFilter::try_new(&directives).map_err(|e| format!("invalid log filter {directives:?}: {e}"))
+}
+
+/// Installs the global subscriber. Call once, before anything logs.
+pub fn init(config: &Config) {
+    let filter = filter_for(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    // A second init (tests) keeps the first subscriber; that is fine.
+    let _ = match config.log_format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn levels_and_directives() {
+        for level in LEVELS {
+            filter_for(level).unwrap();
+        }
+        filter_for("INFO").unwrap();
+        filter_for("info,async_nats=debug").unwrap();
+        assert!(filter_for("loud")
+            .unwrap_err()
+            .contains("unknown log level"));
+        assert!(filter_for("a=notalevel").is_err());
+    }
+}
