@@ -1,1 +1,32 @@
-//! placeholder, replaced by the client helper
+//! `dbtask._dbtask`: the compiled half of the dbtask Python client.
+//!
+//! It publishes task messages to NATS JetStream and reads results from Redis, on its own tokio
+//! runtime (one I/O thread per process). Python sees one class, [`client::Client`], whose
+//! methods come in pairs: an awaitable one for asyncio and a blocking `*_sync` twin that
+//! releases the GIL while it waits. The public API lives in the pure-Python package `dbtask`.
+
+use pyo3::prelude::*;
+
+mod bridge;
+mod client;
+mod error;
+mod json;
+mod notify;
+mod runtime;
+
+/// Resets process-wide state in a forked child (called from `os.register_at_fork`): the
+/// parent's I/O thread does not exist here, and its connections belong to the parent.
+#[pyfunction]
+fn _after_fork_in_child() {
+    runtime::after_fork_in_child();
+    bridge::after_fork_in_child();
+}
+
+#[pymodule]
+fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<client::Client>()?;
+    m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("PROTOCOL_VERSION", dbtask_protocol::PROTOCOL_VERSION)?;
+    Ok(())
+}

@@ -16,15 +16,15 @@ Each value in `TASKS` is a `dbtask.Task` with at least these attributes, read by
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._task import Task
 
-TASKS: dict[str, "Task"] = {}
+TASKS: dict[str, "Task[Any, Any]"] = {}
 
 
-def register(task: "Task") -> None:
+def register(task: "Task[Any, Any]") -> None:
     """Adds a task; a second, different function under the same name is an error."""
     existing = TASKS.get(task.name)
     if existing is not None and existing.fn is not task.fn:

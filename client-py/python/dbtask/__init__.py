@@ -1,0 +1,53 @@
+"""dbtask: a distributed task queue for Python with a Rust engine (NATS JetStream + Redis).
+
+Async first; every coroutine method has a blocking twin with the suffix ``_sync`` for code
+without an event loop (scripts, Django or Flask views)::
+
+    import dbtask
+
+    @dbtask.task(queue="math")
+    async def add(x: int, y: int) -> int:
+        return x + y
+
+    await dbtask.init(nats_url="nats://127.0.0.1:4222", redis_url="redis://127.0.0.1:6379")
+    result = await add.delay(1, 2)
+    assert await result.get(timeout=10) == 3
+
+    dbtask.init_sync()                       # the same, without asyncio
+    add.delay_sync(1, 2).get_sync(timeout=10)
+
+``import dbtask`` and ``@task`` do not load the compiled module; it is loaded by ``init``.
+"""
+
+from ._client import close, close_sync, init, init_sync
+from ._errors import (
+    InvalidArguments,
+    MalformedMessage,
+    RemoteTraceback,
+    TaskError,
+    TaskRevoked,
+    TooLarge,
+    UnknownTask,
+    UnserializableResult,
+)
+from ._result import AsyncResult
+from ._task import AsyncTask, Task, task
+
+__all__ = [
+    "task",
+    "Task",
+    "AsyncTask",
+    "AsyncResult",
+    "init",
+    "init_sync",
+    "close",
+    "close_sync",
+    "TaskError",
+    "UnknownTask",
+    "InvalidArguments",
+    "MalformedMessage",
+    "UnserializableResult",
+    "TooLarge",
+    "TaskRevoked",
+    "RemoteTraceback",
+]

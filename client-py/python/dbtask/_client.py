@@ -1,0 +1,169 @@
+"""The process-wide client: one connection to NATS and one to Redis, shared by every task.
+
+`init` / `init_sync` connect it; everything else finds it here. The compiled module
+(`dbtask._dbtask`) is imported on first use only, so that `import dbtask` and `@task` work in
+the worker's embedded interpreter and in code that only declares tasks.
+
+Calling `init` again with the same URLs keeps the existing connections (so calling it at
+every start-up hook is cheap); with other URLs it connects anew, swaps the new client in, and
+closes the old one once its in-flight calls are done. If the new connection fails, the old
+client stays in place and the error is raised.
+
+After `os.fork()` the child does not inherit the connection (sockets and the I/O thread do not
+survive a fork): call `init` again in the child (e.g. gunicorn's `post_fork`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from types import ModuleType
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ._dbtask import Client
+
+__all__ = ["init", "init_sync", "close", "close_sync", "current"]
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379"
+DEFAULT_TIMEOUT = 5.0
+
+NOT_INITIALIZED = "dbtask is not initialized: call dbtask.init(...) or dbtask.init_sync(...) first"
+
+_lock = threading.Lock()
+_client: Optional["Client"] = None
+_forked = False
+# Clients inherited through fork(): kept alive, never closed or dropped, because their
+# connections and tasks belong to the parent's I/O thread.
+_orphans: list["Client"] = []
+
+
+def _native() -> ModuleType:
+    from . import _dbtask
+
+    return _dbtask
+
+
+def current() -> "Client":
+    """The connected client, or RuntimeError."""
+    client = _client
+    if client is None:
+        if _forked:
+            raise RuntimeError(
+                NOT_INITIALIZED + " (this process was forked from one that called init: "
+                "connections do not survive os.fork(), call init again in the child)"
+            )
+        raise RuntimeError(NOT_INITIALIZED)
+    return client
+
+
+def _resolve(nats_url: str | None, redis_url: str | None, timeout: float) -> tuple[str, str, float]:
+    nats = nats_url if nats_url is not None else os.environ.get("DBTASK_NATS_URL", DEFAULT_NATS_URL)
+    redis = redis_url if redis_url is not None else os.environ.get("DBTASK_REDIS_URL", DEFAULT_REDIS_URL)
+    if not isinstance(nats, str) or not isinstance(redis, str):
+        raise TypeError("nats_url and redis_url must be strings")
+    timeout = float(timeout)
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
+    return nats, redis, timeout
+
+
+def _keep(nats: str, redis: str) -> bool:
+    client = _client
+    return client is not None and client.connected_to(nats, redis)
+
+
+def _install(new: "Client") -> Optional["Client"]:
+    """Makes `new` the current client; returns the one it replaces."""
+    global _client, _forked
+    with _lock:
+        old, _client = _client, new
+        _forked = False
+    return old if old is not new else None
+
+
+async def init(
+    nats_url: str | None = None,
+    redis_url: str | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """Connects to NATS and Redis (awaitable form of :func:`init_sync`).
+
+    URLs default to ``$DBTASK_NATS_URL`` / ``$DBTASK_REDIS_URL``, then
+    ``nats://127.0.0.1:4222`` / ``redis://127.0.0.1:6379``. ``timeout`` bounds the connection
+    attempt. Creates the task stream when it is missing. Raises ConnectionError (the URL with
+    its password hidden) when a server cannot be reached.
+
+    One client serves the whole process, every thread and event loop, async and sync API
+    alike. Calling ``init`` again with the same URLs keeps it; other URLs replace it (the old
+    one is closed after the new one connected).
+    """
+    nats, redis, timeout = _resolve(nats_url, redis_url, timeout)
+    if _keep(nats, redis):
+        return
+    new = await _native().Client.connect(nats, redis, timeout)
+    old = _install(new)
+    if old is not None:
+        await old.close()
+
+
+def init_sync(
+    nats_url: str | None = None,
+    redis_url: str | None = None,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> None:
+    """Connects to NATS and Redis, blocking; see :func:`init`. Usable with or without asyncio:
+    the client made here serves the async API too, from any thread and event loop."""
+    nats, redis, timeout = _resolve(nats_url, redis_url, timeout)
+    if _keep(nats, redis):
+        return
+    new = _native().Client.connect_sync(nats, redis, timeout)
+    old = _install(new)
+    if old is not None:
+        old.close_sync()
+
+
+def _take() -> Optional["Client"]:
+    global _client
+    with _lock:
+        client, _client = _client, None
+    return client
+
+
+async def close() -> None:
+    """Waits for pending publishes and closes the connections. Does nothing when not
+    initialized; `init` may be called again afterwards."""
+    client = _take()
+    if client is not None:
+        await client.close()
+
+
+def close_sync() -> None:
+    """Blocking form of :func:`close`."""
+    client = _take()
+    if client is not None:
+        client.close_sync()
+
+
+def _after_fork_in_child() -> None:
+    global _client, _forked, _lock
+    _lock = threading.Lock()
+    if _client is not None:
+        _orphans.append(_client)
+        _client = None
+        _forked = True
+    native = _native_if_loaded()
+    if native is not None:
+        native._after_fork_in_child()
+
+
+def _native_if_loaded() -> ModuleType | None:
+    return sys.modules.get(__name__.rpartition(".")[0] + "._dbtask")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

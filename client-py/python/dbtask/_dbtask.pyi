@@ -1,0 +1,69 @@
+"""Stub of the compiled module `dbtask._dbtask` (Rust, PyO3). Private: use the `dbtask` API."""
+
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
+from typing import Any, final
+
+__all__ = ["Client", "_after_fork_in_child", "__version__", "PROTOCOL_VERSION"]
+
+__version__: str
+PROTOCOL_VERSION: int
+
+@final
+class Client:
+    """A connection to NATS (JetStream) and Redis, shared by the whole process."""
+
+    @staticmethod
+    def connect(nats_url: str, redis_url: str, timeout: float) -> Awaitable[Client]: ...
+    @staticmethod
+    def connect_sync(nats_url: str, redis_url: str, timeout: float) -> Client: ...
+    def publish(
+        self,
+        queue: str,
+        task: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        eta: float | None = None,
+        expires: float | None = None,
+    ) -> Awaitable[str]: ...
+    def publish_sync(
+        self,
+        queue: str,
+        task: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None = None,
+        task_id: str | None = None,
+        eta: float | None = None,
+        expires: float | None = None,
+    ) -> str: ...
+    def publish_many(
+        self,
+        queue: str,
+        task: str,
+        calls: Iterable[tuple[Sequence[Any], Mapping[str, Any] | None]],
+        eta: float | None = None,
+        expires: float | None = None,
+    ) -> Awaitable[list[str]]: ...
+    def publish_many_sync(
+        self,
+        queue: str,
+        task: str,
+        calls: Iterable[tuple[Sequence[Any], Mapping[str, Any] | None]],
+        eta: float | None = None,
+        expires: float | None = None,
+    ) -> list[str]: ...
+    def get_record(self, task_id: str) -> Awaitable[dict[str, Any] | None]: ...
+    def get_record_sync(self, task_id: str) -> dict[str, Any] | None: ...
+    def wait(self, task_id: str, timeout: float | None = None) -> Awaitable[dict[str, Any]]: ...
+    def wait_sync(self, task_id: str, timeout: float | None = None) -> dict[str, Any]: ...
+    def close(self) -> Awaitable[None]: ...
+    def close_sync(self) -> None: ...
+    def connected_to(self, nats_url: str, redis_url: str) -> bool: ...
+    @property
+    def closed(self) -> bool: ...
+    @property
+    def nats_url(self) -> str: ...
+    @property
+    def redis_url(self) -> str: ...
+
+def _after_fork_in_child() -> None: ...

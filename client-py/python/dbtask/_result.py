@@ -1,0 +1,91 @@
+"""AsyncResult: a handle on a task's outcome, made from its id in any process."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, TypeVar
+
+from . import _client
+from ._errors import error_from_record
+
+__all__ = ["AsyncResult", "STATES", "READY_STATES"]
+
+T = TypeVar("T")
+
+STATES = ("PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED")
+READY_STATES = frozenset({"SUCCESS", "FAILURE", "REVOKED"})
+
+
+def _outcome(record: dict[str, Any]) -> Any:
+    if record.get("state") == "SUCCESS":
+        return record.get("result")
+    raise error_from_record(record)
+
+
+def _info(task_id: str, record: dict[str, Any] | None) -> dict[str, Any]:
+    return record if record is not None else {"id": task_id, "state": "PENDING"}
+
+
+class AsyncResult(Generic[T]):
+    """The outcome of one task, by id. ``AsyncResult(id)`` works in any process.
+
+    Async methods have a blocking twin with the suffix ``_sync`` (for scripts and sync web
+    views; it releases the GIL while it waits and needs no event loop).
+    """
+
+    __slots__ = ("id",)
+
+    def __init__(self, id: str) -> None:
+        if not isinstance(id, str) or not id:
+            raise ValueError(f"task id must be a non-empty string, not {id!r}")
+        self.id = id
+
+    def __repr__(self) -> str:
+        return f"<AsyncResult: {self.id}>"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AsyncResult) and other.id == self.id
+
+    def __hash__(self) -> int:
+        return hash(self.id)
+
+    async def get(self, timeout: float | None = None) -> T:
+        """Waits until the task is ready and returns its result, or raises its error.
+
+        A builtin exception raised by the task (``ValueError``...) is re-raised as itself with
+        the remote traceback as ``__cause__``; anything else raises :class:`dbtask.TaskError`.
+        Raises ``TimeoutError`` when ``timeout`` seconds pass first (``None``: wait forever).
+        """
+        record = await _client.current().wait(self.id, timeout)
+        return _outcome(record)  # type: ignore[no-any-return]
+
+    def get_sync(self, timeout: float | None = None) -> T:
+        """Blocking form of :meth:`get`."""
+        record = _client.current().wait_sync(self.id, timeout)
+        return _outcome(record)  # type: ignore[no-any-return]
+
+    async def state(self) -> str:
+        """One of PENDING, RECEIVED, STARTED, RETRY, SUCCESS, FAILURE, REVOKED."""
+        record = await _client.current().get_record(self.id)
+        return "PENDING" if record is None else str(record["state"])
+
+    def state_sync(self) -> str:
+        """Blocking form of :meth:`state`."""
+        record = _client.current().get_record_sync(self.id)
+        return "PENDING" if record is None else str(record["state"])
+
+    async def ready(self) -> bool:
+        """True once the task succeeded, failed or was revoked."""
+        return (await self.state()) in READY_STATES
+
+    def ready_sync(self) -> bool:
+        """Blocking form of :meth:`ready`."""
+        return self.state_sync() in READY_STATES
+
+    async def info(self) -> dict[str, Any]:
+        """The stored record (id, state, task, result, error{type, message, traceback},
+        attempts, worker, date_*), or ``{"id": ..., "state": "PENDING"}`` when there is none."""
+        return _info(self.id, await _client.current().get_record(self.id))
+
+    def info_sync(self) -> dict[str, Any]:
+        """Blocking form of :meth:`info`."""
+        return _info(self.id, _client.current().get_record_sync(self.id))

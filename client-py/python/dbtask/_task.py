@@ -1,0 +1,341 @@
+"""The `@task` decorator and the `Task` it makes.
+
+Pure Python, importable without the compiled extension: the worker imports user modules, whose
+`@task` registers each function in `_registry.TASKS`. Publishing goes through the process-wide
+client (`dbtask.init`), whose compiled module is imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import re
+import time
+from datetime import datetime, timezone
+from typing import (
+    Any,
+    Callable,
+    Coroutine,
+    Generic,
+    Iterable,
+    Mapping,
+    ParamSpec,
+    Protocol,
+    Sequence,
+    TypeVar,
+    overload,
+)
+
+from . import _client, _registry
+from ._result import AsyncResult
+
+__all__ = ["Task", "AsyncTask", "task"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+DEFAULT_QUEUE = "default"
+
+# Same rules as the protocol crate (validate_queue / validate_task_name), checked at
+# decoration time so that a typo fails at import, not at the first publish.
+_QUEUE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MAX_TASK_NAME_LEN = 200
+
+
+def _check_queue(queue: object) -> str:
+    if not isinstance(queue, str) or not _QUEUE_RE.fullmatch(queue):
+        raise ValueError(f"invalid queue name {queue!r}: use 1 to 64 characters among A-Z a-z 0-9 _ -")
+    return queue
+
+
+def _check_name(name: object) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or len(name) > _MAX_TASK_NAME_LEN
+        or any(c.isspace() or not c.isprintable() for c in name)
+    ):
+        raise ValueError(f"invalid task name {name!r}: use 1 to 200 printable characters without spaces")
+    return name
+
+
+def _seconds(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
+    return seconds
+
+
+def _timestamp(value: datetime) -> float:
+    # As in Celery, a naive datetime is UTC.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=timezone.utc)
+    return value.timestamp()
+
+
+def _schedule(
+    countdown: float | None, eta: datetime | None, expires: float | datetime | None
+) -> tuple[float | None, float | None]:
+    """(eta, expires) as Unix seconds."""
+    now = time.time()
+    eta_ts: float | None = None
+    if countdown is not None and eta is not None:
+        raise ValueError("give countdown or eta, not both")
+    if countdown is not None:
+        eta_ts = now + _seconds(countdown, "countdown")
+    elif eta is not None:
+        if not isinstance(eta, datetime):
+            raise TypeError(f"eta must be a datetime, not {type(eta).__name__}")
+        eta_ts = _timestamp(eta)
+    expires_ts: float | None = None
+    if expires is not None:
+        if isinstance(expires, datetime):
+            expires_ts = _timestamp(expires)
+        else:
+            expires_ts = now + _seconds(expires, "expires")
+    return eta_ts, expires_ts
+
+
+def _call_args(
+    pos: tuple[Any, ...], args: Sequence[Any] | None, kwargs: Mapping[str, Any] | None
+) -> tuple[Sequence[Any], dict[str, Any] | None]:
+    call_args: Sequence[Any] = pos
+    if args is not None:
+        if pos:
+            raise ValueError(
+                "apply_async got positional task arguments and args=...: "
+                "use apply_async(1, 2) or apply_async(args=(1, 2)), not both"
+            )
+        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+            raise TypeError(f"args must be a tuple or a list, not {type(args).__name__}")
+        call_args = args if isinstance(args, (tuple, list)) else tuple(args)
+    if kwargs is None or isinstance(kwargs, dict):
+        return call_args, kwargs
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
+    return call_args, dict(kwargs)
+
+
+class Task(Generic[P, R]):
+    """A function registered as a task. ``R`` is what the task returns (what ``get()`` gives).
+
+    Calling the task runs the function here, in this process (as in Celery); ``delay`` and
+    ``apply_async`` send it to a worker. Async methods have a blocking twin with the suffix
+    ``_sync``.
+
+    The worker reads ``name``, ``fn``, ``is_async``, ``queue`` and ``options``.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    is_async: bool
+    queue: str
+    options: dict[str, Any]
+
+    def __init__(
+        self,
+        fn: Callable[P, Any],
+        *,
+        name: str | None = None,
+        queue: str = DEFAULT_QUEUE,
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"@task needs a function, not {type(fn).__name__}")
+        # First, so that the function's own attributes cannot shadow the task's.
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.name = _check_name(name if name is not None else f"{fn.__module__}.{fn.__qualname__}")
+        self.queue = _check_queue(queue)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.options = dict(options or {})
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} queue={self.queue!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Runs the function locally."""
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+    # -- one task -------------------------------------------------------------------------
+
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Sends the task to a worker; returns once JetStream has stored the message."""
+        task_id = await _client.current().publish(self.queue, self.name, args, kwargs, None, None, None)
+        return AsyncResult(task_id)
+
+    def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
+        """Blocking form of :meth:`delay`."""
+        return AsyncResult(_client.current().publish_sync(self.queue, self.name, args, kwargs, None, None, None))
+
+    async def apply_async(
+        self,
+        *task_args: Any,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+    ) -> AsyncResult[R]:
+        """Sends the task with options. Positional arguments are the task's arguments
+        (``apply_async(1, 2, countdown=10)``), or pass them as in Celery
+        (``apply_async(args=(1, 2), kwargs={...})``), not both.
+
+        ``countdown``: run no earlier than this many seconds from now; ``eta``: run no earlier
+        than this datetime (naive means UTC); ``expires``: seconds from now or a datetime after
+        which the task is revoked instead of run; ``queue``: another queue than the task's;
+        ``task_id``: your own id (a second publish of the same id within the stream's
+        duplicate window, 2 minutes by default, is dropped by JetStream).
+        """
+        pos, kw = _call_args(task_args, args, kwargs)
+        eta_ts, expires_ts = _schedule(countdown, eta, expires)
+        tid = await _client.current().publish(
+            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts
+        )
+        return AsyncResult(tid)
+
+    def apply_async_sync(
+        self,
+        *task_args: Any,
+        args: Sequence[Any] | None = None,
+        kwargs: Mapping[str, Any] | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+        task_id: str | None = None,
+    ) -> AsyncResult[R]:
+        """Blocking form of :meth:`apply_async`."""
+        pos, kw = _call_args(task_args, args, kwargs)
+        eta_ts, expires_ts = _schedule(countdown, eta, expires)
+        tid = _client.current().publish_sync(
+            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts
+        )
+        return AsyncResult(tid)
+
+    # -- many tasks -----------------------------------------------------------------------
+
+    async def apply_many(
+        self,
+        args_list: Iterable[Sequence[Any]],
+        kwargs_list: Iterable[Mapping[str, Any]] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+    ) -> list[AsyncResult[R]]:
+        """Sends one task per item of ``args_list`` (with the matching item of
+        ``kwargs_list``): all messages are written first, then every confirmation is awaited,
+        which is much faster than awaiting ``delay()`` in a loop. Results keep the order."""
+        calls = _calls(args_list, kwargs_list)
+        eta_ts, expires_ts = _schedule(countdown, eta, expires)
+        ids = await _client.current().publish_many(
+            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts
+        )
+        return [AsyncResult(i) for i in ids]
+
+    def apply_many_sync(
+        self,
+        args_list: Iterable[Sequence[Any]],
+        kwargs_list: Iterable[Mapping[str, Any]] | None = None,
+        *,
+        countdown: float | None = None,
+        eta: datetime | None = None,
+        expires: float | datetime | None = None,
+        queue: str | None = None,
+    ) -> list[AsyncResult[R]]:
+        """Blocking form of :meth:`apply_many`."""
+        calls = _calls(args_list, kwargs_list)
+        eta_ts, expires_ts = _schedule(countdown, eta, expires)
+        ids = _client.current().publish_many_sync(
+            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts
+        )
+        return [AsyncResult(i) for i in ids]
+
+
+def _calls(
+    args_list: Iterable[Sequence[Any]], kwargs_list: Iterable[Mapping[str, Any]] | None
+) -> list[tuple[Sequence[Any], Mapping[str, Any] | None]]:
+    all_args = [a if isinstance(a, (tuple, list)) else tuple(a) for a in args_list]
+    if kwargs_list is None:
+        return [(a, None) for a in all_args]
+    all_kwargs = [k if k is None or isinstance(k, dict) else dict(k) for k in kwargs_list]
+    if len(all_kwargs) != len(all_args):
+        raise ValueError(f"args_list has {len(all_args)} items but kwargs_list has {len(all_kwargs)}")
+    return list(zip(all_args, all_kwargs))
+
+
+class AsyncTask(Task[P, R]):
+    """A task whose function is ``async def``: calling it locally gives a coroutine."""
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:  # type: ignore[override]
+        """Runs the function locally: await the result."""
+        return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
+
+
+class _TaskDecorator(Protocol):
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R_co]], /) -> AsyncTask[P, R_co]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R_co], /) -> Task[P, R_co]: ...
+
+
+@overload
+def task(fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+@overload
+def task(fn: Callable[P, R], /) -> Task[P, R]: ...
+@overload
+def task(
+    *,
+    name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
+    max_retries: int | None = None,
+    retry_delay: float | None = None,
+    track_started: bool | None = None,
+    **options: Any,
+) -> _TaskDecorator: ...
+
+
+def task(
+    fn: Callable[..., Any] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    queue: str = DEFAULT_QUEUE,
+    max_retries: int | None = None,
+    retry_delay: float | None = None,
+    track_started: bool | None = None,
+    **options: Any,
+) -> Any:
+    """Registers a function as a task: ``@task`` or ``@task(name=..., queue=..., ...)``.
+
+    The name defaults to ``f"{fn.__module__}.{fn.__qualname__}"``, the queue to ``"default"``.
+    ``max_retries``, ``retry_delay``, ``track_started`` and any other keyword go to
+    ``Task.options`` for the worker (options left unset are not stored).
+    """
+    opts: dict[str, Any] = {}
+    if max_retries is not None:
+        opts["max_retries"] = max_retries
+    if retry_delay is not None:
+        opts["retry_delay"] = retry_delay
+    if track_started is not None:
+        opts["track_started"] = track_started
+    opts.update(options)
+    _check_queue(queue)
+
+    def decorate(f: Callable[..., Any]) -> Task[Any, Any]:
+        cls = AsyncTask if inspect.iscoroutinefunction(f) else Task
+        t: Task[Any, Any] = cls(f, name=name, queue=queue, options=opts)
+        _registry.register(t)
+        return t
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

@@ -1,0 +1,928 @@
+//! The connected client: one NATS connection (with its JetStream context), one multiplexed
+//! Redis connection for commands and one Redis pub/sub connection for notifications, shared by
+//! every call of the process. Each operation exists as an awaitable (`publish`) and as a
+//! blocking twin (`publish_sync`) that runs the same Rust future with the GIL released.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{
+    ContextBuilder, CreateStreamErrorKind, PublishAckFuture, PublishErrorKind,
+};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
+use async_nats::jetstream::ErrorCode;
+use async_nats::{ConnectErrorKind, ConnectOptions, HeaderMap, ServerAddr};
+use bytes::Bytes;
+use dbtask_protocol as protocol;
+use futures::stream::{FuturesOrdered, StreamExt};
+use protocol::{TaskMessage, TaskState};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyList, PyString, PyTuple};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::bridge;
+use crate::error::{percent_decode, redact_url, ClientError};
+use crate::json;
+use crate::notify::{Event, Notifier};
+use crate::runtime;
+
+/// How long JetStream may take to confirm a publish (and to answer API requests).
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Publishes awaiting their confirmation at once, per client; more wait for a slot.
+const MAX_ACK_INFLIGHT: usize = 32_768;
+/// `publish_many` keeps at most this many of its own confirmations pending.
+const BULK_WINDOW: usize = 4_096;
+/// Redis answers slower than this are an error (redis-rs's default of 500 ms is too short
+/// for a large record on a busy server).
+const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `wait()` always gets this long to subscribe and read the record once, even with a zero
+/// timeout: `get(timeout=0)` means "check once", not "fail at once".
+const FIRST_CHECK_BUDGET: Duration = Duration::from_secs(2);
+
+pub struct Inner {
+    nats: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    redis: ConnectionManager,
+    notifier: Notifier,
+    /// The URLs as given (with secrets), only compared, never shown.
+    nats_given: String,
+    redis_given: String,
+    nats_safe: String,
+    redis_safe: String,
+    closed: AtomicBool,
+    /// Publishes in progress, and a wake-up for `close` when the last one ends.
+    publishing: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts one publish in progress for as long as it lives. Taken on the caller's thread,
+/// before the work is handed to tokio, so that `close` cannot slip in between.
+struct Publishing(Arc<Inner>);
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        if self.0.publishing.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connecting
+
+fn nats_options(
+    url: &str,
+    safe: &str,
+    timeout: Duration,
+) -> Result<(ConnectOptions, Vec<ServerAddr>), ClientError> {
+    let invalid = |why: String| ClientError::Value(format!("invalid NATS URL {safe}: {why}"));
+    let mut servers = Vec::new();
+    let mut credentials: Option<(String, Option<String>)> = None;
+    for part in url.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let text = if part.contains("://") {
+            part.to_owned()
+        } else {
+            format!("nats://{part}")
+        };
+        let mut parsed = url::Url::parse(&text).map_err(|e| invalid(e.to_string()))?;
+        if !parsed.username().is_empty() {
+            let user = percent_decode(parsed.username());
+            let password = parsed.password().map(percent_decode);
+            credentials = Some((user, password));
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+        }
+        servers.push(
+            parsed
+                .as_str()
+                .parse::<ServerAddr>()
+                .map_err(|e| invalid(e.to_string()))?,
+        );
+    }
+    if servers.is_empty() {
+        return Err(invalid("no server".into()));
+    }
+    let options = match credentials {
+        Some((user, Some(password))) => ConnectOptions::with_user_and_password(user, password),
+        Some((token, None)) => ConnectOptions::with_token(token),
+        None => ConnectOptions::new(),
+    };
+    let options = options
+        .name("dbtask-client")
+        .connection_timeout(timeout)
+        .client_capacity(16_384);
+    Ok((options, servers))
+}
+
+async fn connect_nats(
+    url: &str,
+    safe: &str,
+    timeout: Duration,
+) -> Result<async_nats::Client, ClientError> {
+    let (options, servers) = nats_options(url, safe, timeout)?;
+    // No retry_on_initial_connect: a closed port fails at once. Later disconnections are
+    // retried forever in the background (publishes then wait up to PUBLISH_TIMEOUT).
+    options.connect(servers).await.map_err(|e| match e.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => ClientError::Connection(format!(
+            "NATS at {safe} refused the connection ({e}): check the user, password or token in the URL"
+        )),
+        ConnectErrorKind::TimedOut => ClientError::Connection(format!(
+            "cannot reach NATS at {safe} (no answer within {:.1} s): is nats-server running?",
+            timeout.as_secs_f64()
+        )),
+        ConnectErrorKind::ServerParse => ClientError::Value(format!("invalid NATS URL {safe}: {e}")),
+        _ => ClientError::Connection(format!("cannot reach NATS at {safe} ({e}): is nats-server running?")),
+    })
+}
+
+fn stream_config() -> StreamConfig {
+    StreamConfig {
+        name: protocol::TASK_STREAM.to_owned(),
+        subjects: vec![protocol::TASK_SUBJECT_WILDCARD.to_owned()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    }
+}
+
+/// Creates the task stream when it is missing; an existing one is left as it is (the worker
+/// owns its settings).
+async fn ensure_stream(js: &async_nats::jetstream::Context, safe: &str) -> Result<(), ClientError> {
+    let no_js = || {
+        ClientError::Connection(format!(
+            "NATS at {safe} has no JetStream: start nats-server with -js (version 2.12 or later)"
+        ))
+    };
+    match js.get_or_create_stream(stream_config()).await {
+        Ok(_) => Ok(()),
+        Err(e) => match e.kind() {
+            // Created by a worker or another client between our lookup and our create.
+            CreateStreamErrorKind::JetStream(err)
+                if err.error_code() == ErrorCode::STREAM_NAME_EXIST =>
+            {
+                Ok(())
+            }
+            CreateStreamErrorKind::JetStream(err)
+                if err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED
+                    || err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT =>
+            {
+                Err(no_js())
+            }
+            CreateStreamErrorKind::JetStreamUnavailable => Err(no_js()),
+            _ => Err(ClientError::Connection(format!(
+                "cannot create the JetStream stream {} on NATS at {safe}: {e}",
+                protocol::TASK_STREAM
+            ))),
+        },
+    }
+}
+
+fn redis_error(e: &redis::RedisError, safe: &str) -> ClientError {
+    if e.is_timeout() {
+        ClientError::Connection(format!("Redis at {safe} did not answer in time ({e})"))
+    } else {
+        ClientError::Connection(format!("Redis at {safe} failed: {e}"))
+    }
+}
+
+async fn connect_redis(
+    url: &str,
+    safe: &str,
+    timeout: Duration,
+) -> Result<(redis::Client, ConnectionManager, redis::aio::PubSub), ClientError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| ClientError::Value(format!("invalid Redis URL {safe}: {e}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+        // Reconnection attempts after a failure (the first connection is tried once more
+        // with these too, which keeps a closed port's error under a second).
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    let unreachable = |e: String| {
+        ClientError::Connection(format!(
+            "cannot reach Redis at {safe} ({e}): is redis-server running?"
+        ))
+    };
+    let budget = timeout + Duration::from_secs(1);
+    let commands = async {
+        tokio::time::timeout(
+            budget,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))
+    };
+    let pubsub = async {
+        tokio::time::timeout(budget, client.get_async_pubsub())
+            .await
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))
+    };
+    let (commands, pubsub) = tokio::try_join!(commands, pubsub)?;
+    Ok((client, commands, pubsub))
+}
+
+impl Inner {
+    async fn connect(
+        nats_url: String,
+        redis_url: String,
+        timeout: Duration,
+    ) -> Result<Inner, ClientError> {
+        let nats_safe = redact_url(&nats_url);
+        let redis_safe = redact_url(&redis_url);
+        let (nats, (redis_client, redis, pubsub)) = tokio::try_join!(
+            connect_nats(&nats_url, &nats_safe, timeout),
+            connect_redis(&redis_url, &redis_safe, timeout)
+        )?;
+        let js = ContextBuilder::new()
+            .timeout(PUBLISH_TIMEOUT)
+            .max_ack_inflight(MAX_ACK_INFLIGHT)
+            .backpressure_on_inflight(true)
+            .build(nats.clone());
+        ensure_stream(&js, &nats_safe).await?;
+        let notifier = Notifier::start(redis_client, pubsub, timeout, redis_safe.clone());
+        Ok(Inner {
+            nats,
+            js,
+            redis,
+            notifier,
+            nats_given: nats_url,
+            redis_given: redis_url,
+            nats_safe,
+            redis_safe,
+            closed: AtomicBool::new(false),
+            publishing: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn check_open(&self) -> Result<(), ClientError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(ClientError::Runtime(
+                "this dbtask client is closed: call dbtask.init(...) again".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers a publish; refused once the client is closed.
+    fn start_publishing(self: &Arc<Self>) -> Result<Publishing, ClientError> {
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        let guard = Publishing(self.clone());
+        self.check_open()?;
+        Ok(guard)
+    }
+
+    async fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Publishes in progress get their confirmation (or their error) first.
+        let deadline = Instant::now() + PUBLISH_TIMEOUT;
+        loop {
+            let idle = self.idle.notified();
+            if self.publishing.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(PUBLISH_TIMEOUT, self.nats.flush()).await;
+        let _ = self.nats.drain().await;
+        self.notifier.close();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Publishing
+
+/// A task message ready to go: encoded on the Python thread (with the GIL), sent from tokio.
+struct Outgoing {
+    id: String,
+    subject: String,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    queue: &str,
+    task: &str,
+    args: &Bound<'_, PyAny>,
+    kwargs: Option<&Bound<'_, PyAny>>,
+    task_id: Option<String>,
+    eta: Option<f64>,
+    expires: Option<f64>,
+    sent_at: f64,
+) -> Result<Outgoing, ClientError> {
+    protocol::validate_queue(queue)?;
+    protocol::validate_task_name(task)?;
+    let id = match task_id {
+        Some(id) => {
+            protocol::validate_task_id(&id)?;
+            id
+        }
+        None => uuid::Uuid::new_v4().to_string(),
+    };
+    if !(args.is_instance_of::<PyTuple>() || args.is_instance_of::<PyList>()) {
+        return Err(ClientError::Value(format!(
+            "task arguments must be a tuple or a list, not {}",
+            args.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        )));
+    }
+    let args = json::to_raw_json(args, "args")?;
+    let kwargs = match kwargs {
+        None => empty_object(),
+        Some(k) if k.is_none() => empty_object(),
+        Some(k) => {
+            let dict = k.cast::<PyDict>().map_err(|_| {
+                ClientError::Value(format!(
+                    "task keyword arguments must be a dict, not {}",
+                    k.get_type()
+                        .name()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default()
+                ))
+            })?;
+            if dict.is_empty() {
+                empty_object()
+            } else {
+                if let Some(key) = dict.keys().iter().find(|k| !k.is_instance_of::<PyString>()) {
+                    return Err(ClientError::Value(format!(
+                        "keyword argument names must be str, not {}",
+                        key.repr().map(|r| r.to_string()).unwrap_or_default()
+                    )));
+                }
+                json::to_raw_json(k, "kwargs")?
+            }
+        }
+    };
+    let check_time = |name: &str, t: Option<f64>| match t {
+        Some(v) if !v.is_finite() => Err(ClientError::Value(format!(
+            "{name} must be a finite time, not {v}"
+        ))),
+        _ => Ok(()),
+    };
+    check_time("eta", eta)?;
+    check_time("expires", expires)?;
+    let message = TaskMessage {
+        v: protocol::PROTOCOL_VERSION,
+        id,
+        task: task.to_owned(),
+        args,
+        kwargs,
+        queue: Some(queue.to_owned()),
+        eta,
+        expires,
+        retries: 0,
+        sent_at: Some(sent_at),
+    };
+    let body = Bytes::from(message.encode());
+    let mut headers = HeaderMap::new();
+    headers.insert(protocol::HEADER_MSG_ID, message.id.as_str());
+    headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
+    headers.insert(protocol::HEADER_TASK, message.task.as_str());
+    Ok(Outgoing {
+        id: message.id,
+        subject: protocol::task_subject(queue),
+        headers,
+        body,
+    })
+}
+
+fn empty_object() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).expect("literal JSON")
+}
+
+fn publish_error(
+    inner: &Inner,
+    id: &str,
+    e: async_nats::jetstream::context::PublishError,
+) -> ClientError {
+    let safe = &inner.nats_safe;
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => ClientError::Value(format!(
+            "task {id} is too large to send: {e} (NATS at {safe} accepts at most {} bytes per \
+             message, its max_payload): pass large data by reference, e.g. a URL or a key",
+            inner.nats.server_info().max_payload
+        )),
+        PublishErrorKind::TimedOut => ClientError::Connection(format!(
+            "JetStream at {safe} did not confirm task {id} within {} s (is NATS reachable?); \
+             publishing again with the same task_id is safe: JetStream drops a duplicate id \
+             within the stream's duplicate window",
+            PUBLISH_TIMEOUT.as_secs()
+        )),
+        PublishErrorKind::StreamNotFound => ClientError::Connection(format!(
+            "no JetStream stream on NATS at {safe} takes task subjects ({}): the stream {} is missing",
+            protocol::TASK_SUBJECT_WILDCARD,
+            protocol::TASK_STREAM
+        )),
+        _ => ClientError::Connection(format!("cannot publish task {id} to NATS at {safe}: {e}")),
+    }
+}
+
+async fn start_publish(
+    inner: &Inner,
+    out: &Outgoing,
+) -> Result<PublishAckFuture, async_nats::jetstream::context::PublishError> {
+    inner
+        .js
+        .send_publish(
+            out.subject.clone(),
+            PublishMessage::build()
+                .payload(out.body.clone())
+                .headers(out.headers.clone()),
+        )
+        .await
+}
+
+async fn publish_one(publishing: Publishing, out: Outgoing) -> Result<String, ClientError> {
+    let inner = &publishing.0;
+    let mut recreated = false;
+    loop {
+        let result = match start_publish(inner, &out).await {
+            Ok(ack) => ack.await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(_ack) => return Ok(out.id),
+            // The stream was deleted after init: create it again, once.
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound && !recreated => {
+                recreated = true;
+                ensure_stream(&inner.js, &inner.nats_safe).await?;
+            }
+            Err(e) => return Err(publish_error(inner, &out.id, e)),
+        }
+    }
+}
+
+/// Writes every message, keeping up to [`BULK_WINDOW`] confirmations pending, then awaits the
+/// rest: one round trip's latency for the whole batch instead of one per task.
+async fn publish_all(
+    publishing: Publishing,
+    outs: Vec<Outgoing>,
+) -> Result<Vec<String>, ClientError> {
+    let inner = &publishing.0;
+    let total = outs.len();
+    let mut pending = FuturesOrdered::new();
+    let mut confirmed = 0usize;
+    let fail = |confirmed: usize, err: ClientError| {
+        let msg = err.to_string();
+        let text = format!(
+            "{msg} (publish_many: {confirmed} of {total} tasks were confirmed before this error)"
+        );
+        match err {
+            ClientError::Value(_) => ClientError::Value(text),
+            _ => ClientError::Connection(text),
+        }
+    };
+    for out in &outs {
+        if pending.len() >= BULK_WINDOW {
+            if let Some(item) = pending.next().await {
+                let (id, result): (String, _) = item;
+                finish(inner, &id, result).map_err(|e| fail(confirmed, e))?;
+                confirmed += 1;
+            }
+        }
+        let ack = start_publish(inner, out)
+            .await
+            .map_err(|e| fail(confirmed, publish_error(inner, &out.id, e)))?;
+        let id = out.id.clone();
+        pending.push_back(async move { (id, ack.await) });
+    }
+    while let Some(item) = pending.next().await {
+        let (id, result): (String, _) = item;
+        finish(inner, &id, result).map_err(|e| fail(confirmed, e))?;
+        confirmed += 1;
+    }
+    Ok(outs.into_iter().map(|o| o.id).collect())
+}
+
+fn finish(
+    inner: &Inner,
+    id: &str,
+    result: Result<
+        async_nats::jetstream::publish::PublishAck,
+        async_nats::jetstream::context::PublishError,
+    >,
+) -> Result<(), ClientError> {
+    result.map(|_| ()).map_err(|e| publish_error(inner, id, e))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results
+
+#[derive(serde::Deserialize)]
+struct StateOnly {
+    state: TaskState,
+}
+
+fn record_state(id: &str, body: &[u8]) -> Result<TaskState, ClientError> {
+    serde_json::from_slice::<StateOnly>(body)
+        .map(|s| s.state)
+        .map_err(|e| {
+            ClientError::Runtime(format!(
+                "the record of task {id} in Redis is not a dbtask record: {e}"
+            ))
+        })
+}
+
+async fn get_record(inner: &Inner, id: &str) -> Result<Option<Bytes>, ClientError> {
+    inner.check_open()?;
+    let key = protocol::result_key(id);
+    let mut conn = inner.redis.clone();
+    let mut retried = false;
+    loop {
+        match redis::cmd("GET")
+            .arg(&key)
+            .query_async::<Option<Vec<u8>>>(&mut conn)
+            .await
+        {
+            Ok(value) => return Ok(value.map(Bytes::from)),
+            // The first command after a lost connection fails while the connection manager
+            // reconnects; a GET can simply be sent again.
+            Err(e) if !retried && (e.is_connection_dropped() || e.is_io_error()) => retried = true,
+            Err(e) => return Err(redis_error(&e, &inner.redis_safe)),
+        }
+    }
+}
+
+async fn wait(
+    inner: Arc<Inner>,
+    id: String,
+    timeout: Option<Duration>,
+) -> Result<Bytes, ClientError> {
+    inner.check_open()?;
+    let start = Instant::now();
+    let deadline = timeout.map(|t| start + t);
+    let first_deadline = timeout.map(|t| start + t.max(FIRST_CHECK_BUDGET));
+    // Subscribe first, then read, then wait: a result stored in between is not missed.
+    let (_registration, mut events) = inner.notifier.register(&id).map_err(ClientError::Runtime)?;
+    let mut checked = false;
+    let mut last_state = TaskState::Pending;
+    loop {
+        let limit = if checked { deadline } else { first_deadline };
+        let event = match limit {
+            Some(limit) => match tokio::time::timeout_at(limit, events.recv()).await {
+                Ok(event) => event,
+                Err(_) => {
+                    return Err(ClientError::Timeout(format!(
+                        "task {id} is not ready after {:.3} s (state {last_state})",
+                        timeout.unwrap_or_default().as_secs_f64()
+                    )))
+                }
+            },
+            None => events.recv().await,
+        };
+        match event {
+            Some(Event::Subscribed) => {
+                if let Some(record) = get_record(&inner, &id).await? {
+                    last_state = record_state(&id, &record)?;
+                    if last_state.is_ready() {
+                        return Ok(record);
+                    }
+                }
+                checked = true;
+            }
+            Some(Event::Done(record)) => {
+                last_state = record_state(&id, &record)?;
+                if last_state.is_ready() {
+                    return Ok(record);
+                }
+            }
+            Some(Event::Down(why)) => return Err(ClientError::Connection(why)),
+            None => return Err(ClientError::Runtime("this dbtask client is closed".into())),
+        }
+    }
+}
+
+/// `json.loads(record)`: the one decoding of a record, straight into Python objects.
+fn record_to_py(py: Python<'_>, record: Option<Bytes>) -> PyResult<Py<PyAny>> {
+    static LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+    match record {
+        None => Ok(py.None()),
+        Some(body) => {
+            let loads = LOADS.get_or_try_init(py, || -> PyResult<_> {
+                Ok(py.import("json")?.getattr("loads")?.unbind())
+            })?;
+            Ok(loads
+                .bind(py)
+                .call1((pyo3::types::PyBytes::new(py, &body),))?
+                .unbind())
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Python class
+
+fn seconds(name: &str, value: f64) -> PyResult<Duration> {
+    if value.is_nan() || value < 0.0 {
+        return Err(ClientError::Value(format!(
+            "{name} must be a non-negative number of seconds, not {value}"
+        ))
+        .into());
+    }
+    Ok(Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX))
+}
+
+fn optional_seconds(name: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
+    match value {
+        None => Ok(None),
+        Some(v) if v == f64::INFINITY => Ok(None),
+        Some(v) => seconds(name, v).map(Some),
+    }
+}
+
+fn check_id(task_id: &str) -> PyResult<()> {
+    protocol::validate_task_id(task_id).map_err(|e| ClientError::from(e).into())
+}
+
+/// A connection to NATS and Redis. Made by `Client.connect` / `Client.connect_sync`; the
+/// `dbtask` package keeps one per process (see `dbtask.init`).
+#[pyclass(frozen, module = "dbtask._dbtask")]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+#[pymethods]
+impl Client {
+    /// Connects to NATS and Redis and creates the task stream if it is missing.
+    #[staticmethod]
+    fn connect(
+        py: Python<'_>,
+        nats_url: String,
+        redis_url: String,
+        timeout: f64,
+    ) -> PyResult<Bound<'_, PyAny>> {
+        let timeout = seconds("timeout", timeout)?;
+        bridge::awaitable(
+            py,
+            Inner::connect(nats_url, redis_url, timeout),
+            |py, inner| {
+                Ok(Py::new(
+                    py,
+                    Client {
+                        inner: Arc::new(inner),
+                    },
+                )?
+                .into_any())
+            },
+        )
+    }
+
+    /// Blocking form of `connect`.
+    #[staticmethod]
+    fn connect_sync(
+        py: Python<'_>,
+        nats_url: String,
+        redis_url: String,
+        timeout: f64,
+    ) -> PyResult<Client> {
+        let timeout = seconds("timeout", timeout)?;
+        let inner = runtime::block_on(py, Inner::connect(nats_url, redis_url, timeout))?;
+        Ok(Client {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Publishes one task and resolves to its id once JetStream confirmed it.
+    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn publish<'py>(
+        &self,
+        py: Python<'py>,
+        queue: &str,
+        task: &str,
+        args: &Bound<'py, PyAny>,
+        kwargs: Option<&Bound<'py, PyAny>>,
+        task_id: Option<String>,
+        eta: Option<f64>,
+        expires: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let out = prepare(
+            queue,
+            task,
+            args,
+            kwargs,
+            task_id,
+            eta,
+            expires,
+            protocol::now_unix(),
+        )?;
+        bridge::awaitable(
+            py,
+            publish_one(self.inner.start_publishing()?, out),
+            bridge::into_py,
+        )
+    }
+
+    /// Blocking form of `publish`.
+    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn publish_sync(
+        &self,
+        py: Python<'_>,
+        queue: &str,
+        task: &str,
+        args: &Bound<'_, PyAny>,
+        kwargs: Option<&Bound<'_, PyAny>>,
+        task_id: Option<String>,
+        eta: Option<f64>,
+        expires: Option<f64>,
+    ) -> PyResult<String> {
+        let out = prepare(
+            queue,
+            task,
+            args,
+            kwargs,
+            task_id,
+            eta,
+            expires,
+            protocol::now_unix(),
+        )?;
+        runtime::block_on(py, publish_one(self.inner.start_publishing()?, out))
+    }
+
+    /// Publishes one task per `(args, kwargs)` item of `calls`; resolves to their ids, in order.
+    #[pyo3(signature = (queue, task, calls, eta=None, expires=None))]
+    fn publish_many<'py>(
+        &self,
+        py: Python<'py>,
+        queue: &str,
+        task: &str,
+        calls: &Bound<'py, PyAny>,
+        eta: Option<f64>,
+        expires: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let outs = prepare_many(queue, task, calls, eta, expires)?;
+        bridge::awaitable(
+            py,
+            publish_all(self.inner.start_publishing()?, outs),
+            bridge::into_py,
+        )
+    }
+
+    /// Blocking form of `publish_many`.
+    #[pyo3(signature = (queue, task, calls, eta=None, expires=None))]
+    fn publish_many_sync(
+        &self,
+        py: Python<'_>,
+        queue: &str,
+        task: &str,
+        calls: &Bound<'_, PyAny>,
+        eta: Option<f64>,
+        expires: Option<f64>,
+    ) -> PyResult<Vec<String>> {
+        let outs = prepare_many(queue, task, calls, eta, expires)?;
+        runtime::block_on(py, publish_all(self.inner.start_publishing()?, outs))
+    }
+
+    /// The stored record of a task as a dict, or None when there is none (PENDING).
+    fn get_record<'py>(&self, py: Python<'py>, task_id: String) -> PyResult<Bound<'py, PyAny>> {
+        check_id(&task_id)?;
+        let inner = self.inner.clone();
+        bridge::awaitable(
+            py,
+            async move { get_record(&inner, &task_id).await },
+            record_to_py,
+        )
+    }
+
+    /// Blocking form of `get_record`.
+    fn get_record_sync(&self, py: Python<'_>, task_id: String) -> PyResult<Py<PyAny>> {
+        check_id(&task_id)?;
+        let inner = self.inner.clone();
+        let record = runtime::block_on(py, async move { get_record(&inner, &task_id).await })?;
+        record_to_py(py, record)
+    }
+
+    /// Waits until the task's record is in a ready state (SUCCESS, FAILURE, REVOKED) and
+    /// returns it as a dict. `timeout` in seconds (None: no limit) -> TimeoutError.
+    #[pyo3(signature = (task_id, timeout=None))]
+    fn wait<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: String,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        check_id(&task_id)?;
+        let timeout = optional_seconds("timeout", timeout)?;
+        bridge::cancellable(py, wait(self.inner.clone(), task_id, timeout), |py, r| {
+            record_to_py(py, Some(r))
+        })
+    }
+
+    /// Blocking form of `wait`.
+    #[pyo3(signature = (task_id, timeout=None))]
+    fn wait_sync(
+        &self,
+        py: Python<'_>,
+        task_id: String,
+        timeout: Option<f64>,
+    ) -> PyResult<Py<PyAny>> {
+        check_id(&task_id)?;
+        let timeout = optional_seconds("timeout", timeout)?;
+        let record = runtime::block_on(py, wait(self.inner.clone(), task_id, timeout))?;
+        record_to_py(py, Some(record))
+    }
+
+    /// Flushes pending publishes and closes the connections.
+    fn close<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let inner = self.inner.clone();
+        bridge::awaitable(
+            py,
+            async move {
+                inner.close().await;
+                Ok(())
+            },
+            |py, ()| Ok(py.None()),
+        )
+    }
+
+    /// Blocking form of `close`.
+    fn close_sync(&self, py: Python<'_>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        runtime::block_on(py, async move {
+            inner.close().await;
+            Ok(())
+        })
+    }
+
+    /// True when this client is open and was connected with exactly these URLs.
+    fn connected_to(&self, nats_url: &str, redis_url: &str) -> bool {
+        !self.inner.closed.load(Ordering::Acquire)
+            && self.inner.nats_given == nats_url
+            && self.inner.redis_given == redis_url
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// The NATS URL, password hidden.
+    #[getter(nats_url)]
+    fn safe_nats_url(&self) -> &str {
+        &self.inner.nats_safe
+    }
+
+    /// The Redis URL, password hidden.
+    #[getter(redis_url)]
+    fn safe_redis_url(&self) -> &str {
+        &self.inner.redis_safe
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<dbtask Client nats={} redis={}{}>",
+            self.inner.nats_safe,
+            self.inner.redis_safe,
+            if self.closed() { " closed" } else { "" }
+        )
+    }
+}
+
+fn prepare_many(
+    queue: &str,
+    task: &str,
+    calls: &Bound<'_, PyAny>,
+    eta: Option<f64>,
+    expires: Option<f64>,
+) -> PyResult<Vec<Outgoing>> {
+    let sent_at = protocol::now_unix();
+    let mut outs = Vec::with_capacity(calls.len().unwrap_or(0));
+    for (i, call) in calls.try_iter()?.enumerate() {
+        let call = call?;
+        let (args, kwargs): (Bound<'_, PyAny>, Option<Bound<'_, PyAny>>) =
+            call.extract().map_err(|_| {
+                ClientError::Value(format!(
+                    "publish_many: item {i} must be an (args, kwargs) pair"
+                ))
+            })?;
+        outs.push(prepare(
+            queue,
+            task,
+            &args,
+            kwargs.as_ref(),
+            None,
+            eta,
+            expires,
+            sent_at,
+        )?);
+    }
+    Ok(outs)
+}

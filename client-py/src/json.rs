@@ -1,0 +1,261 @@
+//! Python arguments to JSON, written straight from the Python objects into the message buffer
+//! (no intermediate `json.dumps` string or `serde_json::Value`).
+//!
+//! Accepted, as by `json.dumps`: None, bool, int, float, str, list, tuple, dict (and their
+//! subclasses: IntEnum, StrEnum, namedtuple, OrderedDict...); dict keys may be str, int,
+//! float, bool or None and become strings. Refused with a ValueError that names the type and
+//! where it sits (`args[1]['when']`): everything else, NaN and infinities (not JSON), and
+//! nesting deeper than [`MAX_DEPTH`] (which also catches circular references).
+
+use std::cell::RefCell;
+use std::fmt::Write as _;
+
+use pyo3::prelude::*;
+use pyo3::type_object::PyTypeInfo;
+use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
+use serde::ser::{SerializeMap, SerializeSeq};
+use serde::{Serialize, Serializer};
+use serde_json::value::RawValue;
+
+use crate::error::ClientError;
+
+/// Deepest accepted nesting of lists and dicts. The worker decodes messages with serde_json,
+/// whose recursion limit is 128 levels including the message itself.
+pub const MAX_DEPTH: usize = 100;
+
+enum Step {
+    Index(usize),
+    Key(String),
+}
+
+#[derive(Default)]
+struct Failure {
+    /// Path from the failing value up to the root (pushed while unwinding).
+    path: Vec<Step>,
+    problem: Option<String>,
+}
+
+struct Value<'a, 'py> {
+    obj: &'a Bound<'py, PyAny>,
+    depth: usize,
+    failure: &'a RefCell<Failure>,
+}
+
+impl<'py> Value<'_, 'py> {
+    fn fail<E: serde::ser::Error>(&self, problem: String) -> E {
+        self.failure.borrow_mut().problem = Some(problem);
+        E::custom("not JSON-serializable")
+    }
+
+    fn child<'b>(&'b self, obj: &'b Bound<'py, PyAny>) -> Value<'b, 'py> {
+        Value {
+            obj,
+            depth: self.depth + 1,
+            failure: self.failure,
+        }
+    }
+}
+
+fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    let ty = obj.get_type();
+    match (ty.module(), ty.qualname()) {
+        (Ok(m), Ok(q)) if m.to_str().map(|m| m != "builtins").unwrap_or(false) => {
+            format!("{m}.{q}")
+        }
+        (_, Ok(q)) => q.to_string(),
+        _ => "<unknown type>".to_owned(),
+    }
+}
+
+fn int_json(obj: &Bound<'_, PyAny>) -> Result<IntJson, String> {
+    if let Ok(v) = obj.extract::<i64>() {
+        return Ok(IntJson::I(v));
+    }
+    if let Ok(v) = obj.extract::<u64>() {
+        return Ok(IntJson::U(v));
+    }
+    // Beyond 64 bits: JSON numbers have no size limit and Python's json reads them back as
+    // int, so write the decimal digits as they are.
+    let digits = PyInt::type_object(obj.py())
+        .call1((obj,))
+        .and_then(|i| i.str())
+        .map_err(|e| format!("cannot convert int: {e}"))?;
+    let raw = RawValue::from_string(digits.to_string()).map_err(|e| e.to_string())?;
+    Ok(IntJson::Big(raw))
+}
+
+enum IntJson {
+    I(i64),
+    U(u64),
+    Big(Box<RawValue>),
+}
+
+fn float_json(v: f64) -> Result<f64, String> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(format!(
+            "float {v} is not valid JSON (NaN and infinities have no JSON form)"
+        ))
+    }
+}
+
+fn key_string(key: &Bound<'_, PyAny>) -> Result<String, String> {
+    if let Ok(s) = key.cast::<PyString>() {
+        return s.to_str().map(str::to_owned).map_err(|e| e.to_string());
+    }
+    if key.is_none() {
+        return Ok("null".into());
+    }
+    if let Ok(b) = key.cast::<PyBool>() {
+        return Ok(if b.is_true() { "true" } else { "false" }.into());
+    }
+    if key.is_instance_of::<PyInt>() {
+        return match int_json(key)? {
+            IntJson::I(v) => Ok(v.to_string()),
+            IntJson::U(v) => Ok(v.to_string()),
+            IntJson::Big(raw) => Ok(raw.get().to_owned()),
+        };
+    }
+    if let Ok(f) = key.cast::<PyFloat>() {
+        let v = float_json(f.value())?;
+        return Ok(serde_json::Number::from_f64(v)
+            .map(|n| n.to_string())
+            .unwrap_or_default());
+    }
+    Err(format!(
+        "dict keys must be str, int, float, bool or None, not {}",
+        type_name(key)
+    ))
+}
+
+impl Serialize for Value<'_, '_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let obj = self.obj;
+        // Exact types first: the common case costs one pointer comparison each.
+        if let Ok(s) = obj.cast_exact::<PyString>() {
+            return match s.to_str() {
+                Ok(s) => serializer.serialize_str(s),
+                Err(e) => Err(self.fail(format!("str is not valid UTF-8 ({e})"))),
+            };
+        }
+        if obj.is_none() {
+            return serializer.serialize_unit();
+        }
+        if let Ok(b) = obj.cast_exact::<PyBool>() {
+            return serializer.serialize_bool(b.is_true());
+        }
+        if obj.is_exact_instance_of::<PyInt>()
+            || (obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>())
+        {
+            return match int_json(obj) {
+                Ok(IntJson::I(v)) => serializer.serialize_i64(v),
+                Ok(IntJson::U(v)) => serializer.serialize_u64(v),
+                Ok(IntJson::Big(raw)) => raw.serialize(serializer),
+                Err(p) => Err(self.fail(p)),
+            };
+        }
+        if let Ok(f) = obj.cast::<PyFloat>() {
+            return match float_json(f.value()) {
+                Ok(v) => serializer.serialize_f64(v),
+                Err(p) => Err(self.fail(p)),
+            };
+        }
+        if let Ok(list) = obj.cast::<PyList>() {
+            self.check_depth()?;
+            let mut seq = serializer.serialize_seq(Some(list.len()))?;
+            for (i, item) in list.iter().enumerate() {
+                if let Err(e) = seq.serialize_element(&self.child(&item)) {
+                    self.failure.borrow_mut().path.push(Step::Index(i));
+                    return Err(e);
+                }
+            }
+            return seq.end();
+        }
+        if let Ok(tuple) = obj.cast::<PyTuple>() {
+            self.check_depth()?;
+            let mut seq = serializer.serialize_seq(Some(tuple.len()))?;
+            for (i, item) in tuple.iter().enumerate() {
+                if let Err(e) = seq.serialize_element(&self.child(&item)) {
+                    self.failure.borrow_mut().path.push(Step::Index(i));
+                    return Err(e);
+                }
+            }
+            return seq.end();
+        }
+        if let Ok(dict) = obj.cast::<PyDict>() {
+            self.check_depth()?;
+            let mut map = serializer.serialize_map(Some(dict.len()))?;
+            for (key, value) in dict.iter() {
+                let key = match key_string(&key) {
+                    Ok(k) => k,
+                    Err(p) => return Err(self.fail(p)),
+                };
+                if let Err(e) = map.serialize_entry(&key, &self.child(&value)) {
+                    self.failure.borrow_mut().path.push(Step::Key(key));
+                    return Err(e);
+                }
+            }
+            return map.end();
+        }
+        if obj.is_instance_of::<PyString>() {
+            // A str subclass (StrEnum...): its str value.
+            return match obj
+                .cast::<PyString>()
+                .map(|s| s.to_str().map(str::to_owned))
+            {
+                Ok(Ok(s)) => serializer.serialize_str(&s),
+                _ => Err(self.fail("str is not valid UTF-8".into())),
+            };
+        }
+        Err(self.fail(format!(
+            "object of type {} is not JSON-serializable",
+            type_name(obj)
+        )))
+    }
+}
+
+impl Value<'_, '_> {
+    fn check_depth<E: serde::ser::Error>(&self) -> Result<(), E> {
+        if self.depth >= MAX_DEPTH {
+            Err(self.fail(format!(
+                "nested deeper than {MAX_DEPTH} levels (a circular reference?)"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn describe(root: &str, failure: Failure) -> String {
+    let mut at = root.to_owned();
+    for step in failure.path.iter().rev() {
+        match step {
+            Step::Index(i) => {
+                let _ = write!(at, "[{i}]");
+            }
+            Step::Key(k) => {
+                // As Python shows a str key: ['when'].
+                let quoted = k.replace('\\', "\\\\").replace('\'', "\\'");
+                let _ = write!(at, "['{quoted}']");
+            }
+        }
+    }
+    let problem = failure
+        .problem
+        .unwrap_or_else(|| "cannot be written as JSON".into());
+    format!("task argument {at} cannot be sent: {problem}; arguments must be JSON-serializable (str, int, float, bool, None, list, tuple, dict)")
+}
+
+/// Serializes `obj` (the task's positional arguments, `root` = "args", or keyword arguments,
+/// `root` = "kwargs") into a JSON value.
+pub fn to_raw_json(obj: &Bound<'_, PyAny>, root: &str) -> Result<Box<RawValue>, ClientError> {
+    let failure = RefCell::new(Failure::default());
+    let value = Value {
+        obj,
+        depth: 0,
+        failure: &failure,
+    };
+    serde_json::value::to_raw_value(&value)
+        .map_err(|_| ClientError::Value(describe(root, failure.into_inner())))
+}
