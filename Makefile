@@ -1,0 +1,56 @@
+# dbtask: `make demo` shows it working, `make test` proves it. `make help` lists every target.
+
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+VENV := $(ROOT)/.venv
+# cargo usually lives in ~/.cargo/bin, which a non-login shell (CI) may not have on PATH.
+export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
+CARGO ?= cargo
+WORKER_BIN := $(ROOT)/target/release/dbtask-worker
+# The client's wheel is built with the abi3 feature: its own target dir keeps those pyo3
+# builds apart from the worker's (features would otherwise unify and rebuild each time).
+MATURIN_TARGET := $(ROOT)/target/maturin
+
+.DEFAULT_GOAL := help
+.PHONY: help setup venv build build-worker build-client demo test test-rust test-py lint clean distclean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: ## Install what is missing: redis-server (apt), .venv with pinned tools and nats-server
+	@bash $(ROOT)/scripts/setup.sh
+
+venv: setup ## Same as setup: the .venv/ with maturin, pytest and nats-server (pinned)
+
+build: build-worker build-client ## Build the worker (release) and install the client into .venv
+
+build-worker: setup ## Build target/release/dbtask-worker
+	cd $(ROOT) && $(CARGO) build --release -p dbtask-worker
+
+build-client: setup ## Build the Python client (release) and install it into .venv
+	cd $(ROOT)/client-py && VIRTUAL_ENV=$(VENV) CARGO_TARGET_DIR=$(MATURIN_TARGET) \
+		$(VENV)/bin/maturin develop --release --quiet
+
+demo: build ## Start private NATS + Redis + a worker on examples/, run the example clients
+	@bash $(ROOT)/scripts/demo.sh
+
+test: build ## Set up, build, then run cargo test and every pytest suite; non-zero on any failure
+	@bash $(ROOT)/scripts/test.sh
+
+test-rust: setup ## Only cargo test --workspace
+	cd $(ROOT) && $(CARGO) test --workspace
+
+test-py: build ## Only the pytest suites (end-to-end tests/ and client-py/tests/)
+	@bash $(ROOT)/scripts/test.sh --python-only
+
+lint: setup ## cargo fmt --check and cargo clippy -D warnings
+	cd $(ROOT) && $(CARGO) fmt --all -- --check
+	cd $(ROOT) && $(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean: ## Remove build outputs and caches (keeps .venv)
+	cd $(ROOT) && $(CARGO) clean
+	find $(ROOT) -path $(VENV) -prune -o \( -name __pycache__ -o -name .pytest_cache \) -type d -print0 \
+		| xargs -0 rm -rf
+	rm -f $(ROOT)/client-py/python/dbtask/_dbtask*.so
+
+distclean: clean ## clean, and remove .venv too
+	rm -rf $(VENV)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs every test suite and fails if any of them fails. Called by `make test` after set-up and
+# the release builds (the end-to-end tests start target/release/dbtask-worker).
+#   1. cargo test --workspace           (protocol, worker, client crates; real servers)
+#   2. pytest tests/                     (end to end: real nats-server, redis-server, worker)
+#   3. pytest client-py/tests/           (the Python client's own tests, when the folder exists)
+# Every suite runs even when an earlier one failed, so one run reports all failures.
+#
+# Options: --python-only (skip cargo test). Extra pytest arguments: PYTEST_ARGS="-x -k sigterm".
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+export PATH="$VENV/bin:$HOME/.cargo/bin:$PATH"
+cd "$ROOT"
+
+rust=1
+[ "${1:-}" = "--python-only" ] && rust=0
+
+failed=()
+step() { printf '\n==> %s\n' "$*"; }
+
+if [ "$rust" = 1 ]; then
+    step "cargo test --workspace"
+    cargo test --workspace || failed+=("cargo test --workspace")
+fi
+
+# Each suite runs on its own so that it finds its own pytest configuration (tests/pytest.ini,
+# client-py/pyproject.toml). The per-test timeout turns a hang into a failure.
+# shellcheck disable=SC2206
+extra=(${PYTEST_ARGS:-})
+run_pytest() {
+    local dir="$1" required="$2"
+    shift 2
+    step "pytest $dir"
+    local rc=0
+    "$VENV/bin/pytest" "$dir" -q -p no:cacheprovider "$@" "${extra[@]}" || rc=$?
+    if [ "$rc" = 5 ] && [ "$required" = optional ]; then
+        echo "(no tests collected in $dir)"
+    elif [ "$rc" != 0 ]; then
+        failed+=("pytest $dir (exit $rc)")
+    fi
+}
+run_pytest tests required   # per-test timeout: tests/pytest.ini
+if [ -d client-py/tests ]; then
+    # A generous ceiling in case that suite sets none: a hang must fail, not stall CI.
+    run_pytest client-py/tests optional --timeout=600
+fi
+
+echo
+if [ "${#failed[@]}" -gt 0 ]; then
+    printf 'FAILED: %s\n' "${failed[@]}"
+    exit 1
+fi
+echo "all test suites passed"
