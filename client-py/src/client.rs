@@ -143,10 +143,14 @@ async fn connect_nats(
 fn stream_config() -> StreamConfig {
     StreamConfig {
         name: protocol::TASK_STREAM.to_owned(),
-        subjects: vec![protocol::TASK_SUBJECT_WILDCARD.to_owned()],
+        subjects: vec![
+            protocol::TASK_SUBJECT_WILDCARD.to_owned(),
+            protocol::SCHEDULE_SUBJECT_WILDCARD.to_owned(),
+        ],
         retention: RetentionPolicy::WorkQueue,
         storage: StorageType::File,
         duplicate_window: Duration::from_secs(120),
+        allow_message_schedules: true,
         ..Default::default()
     }
 }
@@ -395,9 +399,25 @@ fn prepare(
     headers.insert(protocol::HEADER_MSG_ID, message.id.as_str());
     headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
     headers.insert(protocol::HEADER_TASK, message.task.as_str());
+    // A future eta waits in JetStream as a message schedule that the server publishes to the
+    // queue's subject at that time; an eta in the past goes to the queue at once.
+    let subject = match eta {
+        Some(at) if at > sent_at => {
+            headers.insert(
+                protocol::HEADER_SCHEDULE,
+                protocol::schedule_at(at).as_str(),
+            );
+            headers.insert(
+                protocol::HEADER_SCHEDULE_TARGET,
+                protocol::task_subject(queue).as_str(),
+            );
+            protocol::schedule_subject(queue, &message.id)
+        }
+        _ => protocol::task_subject(queue),
+    };
     Ok(Outgoing {
         id: message.id,
-        subject: protocol::task_subject(queue),
+        subject,
         headers,
         body,
     })

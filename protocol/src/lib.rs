@@ -21,6 +21,17 @@ pub const TASK_SUBJECT_PREFIX: &str = "dbtask.tasks";
 /// Wildcard covering every task subject, used when the stream is created.
 pub const TASK_SUBJECT_WILDCARD: &str = "dbtask.tasks.>";
 
+/// Subjects holding tasks that wait for their `eta` (countdown, retries):
+/// `dbtask.sched.<queue>.<task id>`, one NATS message schedule each (`Nats-Schedule: @at ...`),
+/// in the same stream; at the time, the server publishes the body to `dbtask.tasks.<queue>`.
+pub const SCHEDULE_SUBJECT_PREFIX: &str = "dbtask.sched";
+/// Wildcard covering every schedule subject, added to the task stream.
+pub const SCHEDULE_SUBJECT_WILDCARD: &str = "dbtask.sched.>";
+/// Header of a message schedule (ADR-51): `@at <RFC 3339 UTC time>`.
+pub const HEADER_SCHEDULE: &str = "Nats-Schedule";
+/// Header naming the subject a message schedule publishes to.
+pub const HEADER_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+
 /// Header carrying the task id: JetStream drops a second publish of the same id inside the
 /// stream's duplicate window, so a client that retries a publish never enqueues a task twice.
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
@@ -46,6 +57,35 @@ pub const MAX_TASK_ID_LEN: usize = 128;
 /// The JetStream subject a queue's tasks are published to.
 pub fn task_subject(queue: &str) -> String {
     format!("{TASK_SUBJECT_PREFIX}.{queue}")
+}
+
+/// The subject holding a task that waits for its `eta` (a message schedule).
+pub fn schedule_subject(queue: &str, task_id: &str) -> String {
+    format!("{SCHEDULE_SUBJECT_PREFIX}.{queue}.{task_id}")
+}
+
+/// The `Nats-Schedule` header value running a message at Unix time `eta`:
+/// `@at 2026-01-02T03:04:05.678Z` (RFC 3339, UTC, millisecond precision).
+pub fn schedule_at(eta: f64) -> String {
+    let ms = (eta.max(0.0) * 1000.0).round() as i64;
+    let (secs, ms) = (ms.div_euclid(1000), ms.rem_euclid(1000));
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "@at {year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 /// The durable pull consumer every worker of a queue shares.
@@ -281,6 +321,10 @@ pub mod error_types {
     pub const UNSERIALIZABLE_RESULT: &str = "dbtask.UnserializableResult";
     /// The message or the result exceeds the configured size limit.
     pub const TOO_LARGE: &str = "dbtask.TooLarge";
+    /// The task was delivered after its `expires` time: not run (state REVOKED).
+    pub const EXPIRED: &str = "dbtask.Expired";
+    /// An explicit `Retry` found no retry left and carried no exception of its own.
+    pub const MAX_RETRIES_EXCEEDED: &str = "dbtask.MaxRetriesExceeded";
 }
 
 /// What Redis holds for a task at `dbtask:result:<id>`, and what the worker publishes on
@@ -317,6 +361,14 @@ pub struct ResultRecord {
     pub date_started: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub date_done: Option<f64>,
+    /// The task's arguments, kept when the worker runs with `result_extended`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Box<RawValue>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kwargs: Option<Box<RawValue>>,
+    /// When a RETRY record's next attempt is due (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<f64>,
 }
 
 impl ResultRecord {
@@ -335,6 +387,9 @@ impl ResultRecord {
             date_received: None,
             date_started: None,
             date_done: None,
+            args: None,
+            kwargs: None,
+            eta: None,
         }
     }
 
@@ -480,6 +535,17 @@ mod tests {
         }
         assert!(TaskState::Success.is_ready() && TaskState::Revoked.is_ready());
         assert!(!TaskState::Started.is_ready() && !TaskState::Retry.is_ready());
+    }
+
+    #[test]
+    fn schedule_header_is_rfc3339_utc() {
+        assert_eq!(schedule_at(0.0), "@at 1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            schedule_at(1_700_000_000.25),
+            "@at 2023-11-14T22:13:20.250Z"
+        );
+        assert_eq!(schedule_at(951_825_600.0), "@at 2000-02-29T12:00:00.000Z");
+        assert_eq!(schedule_subject("q", "a.b"), "dbtask.sched.q.a.b");
     }
 
     #[test]

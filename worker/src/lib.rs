@@ -8,6 +8,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod python;
+pub mod retry;
 pub mod runner;
 pub mod shutdown;
 pub mod store;

@@ -212,7 +212,7 @@ fn call(task: &str, args: Value) -> CallOutcome {
 fn success(outcome: CallOutcome) -> Value {
     match outcome {
         CallOutcome::Success(raw) => serde_json::from_str(raw.get()).unwrap(),
-        CallOutcome::Failure(e) => panic!("expected a success, got {e:?}"),
+        other => panic!("expected a success, got {other:?}"),
     }
 }
 
@@ -221,6 +221,7 @@ fn failure(outcome: CallOutcome) -> TaskError {
     match outcome {
         CallOutcome::Failure(e) => e,
         CallOutcome::Success(raw) => panic!("expected a failure, got {}", raw.get()),
+        other => panic!("expected a failure, got {other:?}"),
     }
 }
 

@@ -31,6 +31,7 @@ from ._errors import (
     UnserializableResult,
 )
 from ._result import AsyncResult
+from ._retry import Retry
 from ._task import AsyncTask, Task, task
 
 __all__ = [
@@ -50,4 +51,5 @@ __all__ = [
     "TooLarge",
     "TaskRevoked",
     "RemoteTraceback",
+    "Retry",
 ]

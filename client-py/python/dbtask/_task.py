@@ -159,6 +159,8 @@ class Task(Generic[P, R]):
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs the function locally."""
+        if self.options.get("bind"):
+            return self.fn(_bound_locally(self), *args, **kwargs)  # type: ignore[no-any-return]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
     # -- one task -------------------------------------------------------------------------
@@ -260,6 +262,28 @@ class Task(Generic[P, R]):
         return [AsyncResult(i) for i in ids]
 
 
+def _check_retry_options(max_retries: object, retry_delay: object, options: Mapping[str, Any]) -> None:
+    """Retry options are checked at decoration time, so that a typo fails at import."""
+    if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0):
+        raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
+    for key, value in (
+        ("retry_delay", retry_delay),
+        ("retry_backoff_max", options.get("retry_backoff_max")),
+    ):
+        if value is not None and _seconds(value, key) < 0:
+            raise ValueError(f"{key} must be >= 0, not {value!r}")
+    backoff = options.get("retry_backoff")
+    if backoff is not None and not isinstance(backoff, bool):
+        if _seconds(backoff, "retry_backoff") < 0:
+            raise ValueError(f"retry_backoff must be True, False or a factor in seconds >= 0, not {backoff!r}")
+    autoretry = options.get("autoretry_for")
+    if autoretry is not None:
+        types = autoretry if isinstance(autoretry, (tuple, list)) else (autoretry,)
+        for t in types:
+            if not (isinstance(t, type) and issubclass(t, BaseException)):
+                raise TypeError(f"autoretry_for must hold exception types, not {t!r}")
+
+
 def _calls(
     args_list: Iterable[Sequence[Any]], kwargs_list: Iterable[Mapping[str, Any]] | None
 ) -> list[tuple[Sequence[Any], Mapping[str, Any] | None]]:
@@ -272,11 +296,19 @@ def _calls(
     return list(zip(all_args, all_kwargs))
 
 
+def _bound_locally(t: Task[Any, Any]) -> Any:
+    from ._retry import BoundTask, Request
+
+    return BoundTask(t, Request(task=t.name))
+
+
 class AsyncTask(Task[P, R]):
     """A task whose function is ``async def``: calling it locally gives a coroutine."""
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:  # type: ignore[override]
         """Runs the function locally: await the result."""
+        if self.options.get("bind"):
+            return self.fn(_bound_locally(self), *args, **kwargs)  # type: ignore[no-any-return]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
 
@@ -319,7 +351,14 @@ def task(
     The name defaults to ``f"{fn.__module__}.{fn.__qualname__}"``, the queue to ``"default"``.
     ``max_retries``, ``retry_delay``, ``track_started`` and any other keyword go to
     ``Task.options`` for the worker (options left unset are not stored).
+
+    Retries (see ``dbtask._retry``): ``max_retries`` (default 3), ``retry_delay`` (seconds,
+    default 1), ``retry_backoff`` (True or a factor in seconds: delay = factor * 2**retries),
+    ``retry_backoff_max`` (default 600), ``retry_jitter`` (default True: a random delay between
+    0 and the backoff delay), ``autoretry_for`` (exception types retried automatically), and
+    ``bind=True`` (the function gets ``self`` with ``self.request`` and ``self.retry()``).
     """
+    _check_retry_options(max_retries, retry_delay, options)
     opts: dict[str, Any] = {}
     if max_retries is not None:
         opts["max_retries"] = max_retries

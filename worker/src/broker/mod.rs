@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{ConnectErrorKind, ConnectOptions};
-use dbtask_protocol::{consumer_name, task_subject, TASK_STREAM, TASK_SUBJECT_WILDCARD};
+use dbtask_protocol::{
+    consumer_name, task_subject, SCHEDULE_SUBJECT_WILDCARD, TASK_STREAM, TASK_SUBJECT_WILDCARD,
+};
 use tracing::{debug, info, warn};
 
 use crate::config::{redact_url, Config};
@@ -177,11 +179,15 @@ impl Broker {
             let desired = stream::Config {
                 name: TASK_STREAM.to_owned(),
                 description: Some("dbtask: queued task messages".to_owned()),
-                subjects: vec![TASK_SUBJECT_WILDCARD.to_owned()],
+                subjects: vec![
+                    TASK_SUBJECT_WILDCARD.to_owned(),
+                    SCHEDULE_SUBJECT_WILDCARD.to_owned(),
+                ],
                 retention: stream::RetentionPolicy::WorkQueue,
                 storage: stream::StorageType::File,
                 duplicate_window: wanted_window,
                 max_message_size: wanted_size,
+                allow_message_schedules: true,
                 ..Default::default()
             };
             match self.js.create_stream(desired).await {
@@ -208,6 +214,15 @@ impl Broker {
         if !wanted.subjects.iter().any(|s| s == TASK_SUBJECT_WILDCARD) {
             wanted.subjects.push(TASK_SUBJECT_WILDCARD.to_owned());
         }
+        // Countdowns and retries wait as message schedules on `dbtask.sched.>` (nats-server 2.12+).
+        if !wanted
+            .subjects
+            .iter()
+            .any(|s| s == SCHEDULE_SUBJECT_WILDCARD)
+        {
+            wanted.subjects.push(SCHEDULE_SUBJECT_WILDCARD.to_owned());
+        }
+        wanted.allow_message_schedules = true;
         wanted.duplicate_window = wanted_window;
         wanted.max_message_size = wanted_size;
         if wanted == info.config {
@@ -225,6 +240,12 @@ impl Broker {
             "updated the task stream from the config"
         );
         self.check_stream(&updated.config)?;
+        if !updated.config.allow_message_schedules {
+            return Err(BrokerError::IncompatibleStream {
+                url: self.url.clone(),
+                reason: "the server did not enable message schedules (allow_msg_schedules), which countdown, eta and retries need: use nats-server 2.12 or newer".into(),
+            });
+        }
         if updated.config.duplicate_window != wanted_window
             || updated.config.max_message_size != wanted_size
         {

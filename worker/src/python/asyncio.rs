@@ -17,7 +17,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyCFunction;
 use tokio::sync::oneshot;
 
-use super::convert::{encode_result, error_from, panic_outcome, support, task_error};
+use super::convert::{encode_result, error_from, panic_outcome, support};
 use super::invoke::invoke;
 use super::pool::ThreadCount;
 use super::queue::JobQueue;
@@ -250,7 +250,7 @@ impl TaskReply {
     /// The task raised `exc` (any BaseException).
     fn fail(&self, py: Python<'_>, exc: &Bound<'_, PyAny>) {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            CallOutcome::Failure(task_error(py, exc))
+            super::retry::outcome_of(py, &self.entry, exc)
         }))
         .unwrap_or_else(panic_outcome);
         self.send(outcome);

@@ -16,8 +16,22 @@ pub(crate) fn invoke<'py>(
     entry: &Entry,
     job: &Job,
 ) -> Result<Bound<'py, PyAny>, CallOutcome> {
-    let (args, kwargs) =
+    let (mut args, kwargs) =
         decode_arguments(py, &job.args, &job.kwargs).map_err(|why| bad_arguments(entry, &why))?;
+    if let Some(task) = &entry.bind {
+        // A bound task gets `self` (its request and `retry()`) before its arguments.
+        let me = super::retry::bound_self(
+            py,
+            task,
+            &job.task_id,
+            job.retries,
+            job.attempt.saturating_add(job.retries),
+        )
+        .map_err(|e| CallOutcome::Failure(error_from(py, e)))?;
+        let mut all = vec![me];
+        all.extend(args.iter());
+        args = PyTuple::new(py, all).map_err(|e| CallOutcome::Failure(error_from(py, e)))?;
+    }
     if !entry.precise {
         if let Some(why) = misfit(py, entry, &args, kwargs.as_ref()) {
             return Err(bad_arguments(entry, &why));
@@ -33,7 +47,8 @@ pub(crate) fn invoke<'py>(
                     return Err(bad_arguments(entry, &why));
                 }
             }
-            Err(CallOutcome::Failure(error_from(py, err)))
+            let exc = err.into_value(py);
+            Err(super::retry::outcome_of(py, entry, exc.bind(py).as_any()))
         }
     }
 }

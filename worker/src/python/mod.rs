@@ -20,6 +20,7 @@ mod invoke;
 mod pool;
 mod queue;
 mod registry;
+mod retry;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ pub struct TaskInfo {
     pub queue: String,
     /// `track_started` from the task's options, if it set one.
     pub track_started: Option<bool>,
+    /// `max_retries`, `retry_delay`, `retry_backoff`... from the task's options.
+    pub retry: crate::retry::RetryPolicy,
 }
 
 /// One call of a task.
@@ -81,6 +84,18 @@ pub enum CallOutcome {
     /// The task raised, its arguments did not fit its signature, its name is unknown, or its
     /// return value is not JSON-serializable. The error says which.
     Failure(TaskError),
+    /// The task asked for a retry (`raise dbtask.Retry(...)`, `self.retry()`) or raised an
+    /// exception of its `autoretry_for`: run it again later if the policy leaves a retry.
+    Retry {
+        /// Seconds until the next attempt; `None`: the task's policy decides.
+        countdown: Option<f64>,
+        /// Overrides the task's `max_retries` for this decision.
+        max_retries: Option<u32>,
+        /// The error recorded (RETRY now, FAILURE when no retry is left).
+        error: TaskError,
+        /// A bare `Retry` without `exc`: its error is only a request, not a task failure.
+        explicit: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

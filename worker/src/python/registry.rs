@@ -28,6 +28,10 @@ pub(crate) struct Entry {
     pub precise: bool,
     /// `name(x, y)`, for messages.
     pub display: String,
+    /// `bind=True`: the `Task` object, whose bound form is passed as `self`.
+    pub bind: Option<Py<PyAny>>,
+    /// `autoretry_for`, as a tuple of exception types.
+    pub autoretry_for: Option<Py<PyAny>>,
 }
 
 pub(crate) struct Registry {
@@ -110,6 +114,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
             }
             _ => None,
         };
+        let retry_options = super::retry::read_options(py, &task).map_err(with_name)?;
         let (signature, precise, display): (Bound<'_, PyAny>, bool, String) =
             support.describe.bind(py).call1((&name, &func))?.extract()?;
         let signature = (!signature.is_none()).then(|| signature.unbind());
@@ -120,6 +125,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
                 is_async,
                 queue,
                 track_started,
+                retry: retry_options.policy,
             },
         );
         entries.insert(
@@ -131,6 +137,8 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
                 signature,
                 precise,
                 display,
+                bind: retry_options.bind.then(|| task.clone().unbind()),
+                autoretry_for: retry_options.autoretry_for,
             }),
         );
     }

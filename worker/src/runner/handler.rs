@@ -153,7 +153,8 @@ impl Context<'_> {
     fn record(&self, id: &str, task: Option<&str>, state: TaskState, retries: u32) -> ResultRecord {
         let mut record = ResultRecord::new(id, state);
         record.task = task.map(str::to_owned);
-        record.attempts = self.attempt;
+        // Deliveries of this task id: earlier retries each ran once (at least), plus this one.
+        record.attempts = self.attempt.saturating_add(retries);
         record.retries = retries;
         record.worker = Some(self.shared.worker.clone());
         record.queue = Some(self.queue.to_owned());
@@ -270,6 +271,29 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
         }
     }
 
+    // Not its time yet (a publish straight to the queue, or a clock ahead of the server's):
+    // back into a message schedule, never run early.
+    if let Some(eta) = task.eta.filter(|eta| *eta > now_unix()) {
+        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+        return reschedule(&ctx, &task, eta, &format!("{id}:eta:{seq}")).await;
+    }
+    if let Some(expires) = task.expires.filter(|at| *at < now_unix()) {
+        info!(
+            task_id = id,
+            task = name,
+            queue,
+            expires,
+            "task expired before it ran: recording REVOKED"
+        );
+        let mut record = ctx.record(id, Some(name), TaskState::Revoked, task.retries);
+        record.date_done = Some(now_unix());
+        record.error = Some(TaskError::new(
+            error_types::EXPIRED,
+            "expired: the task was delivered after its expires time and did not run",
+        ));
+        return ctx.store(&record).await;
+    }
+
     let Some(track_started) = shared.python.tasks().get(name).map(|t| t.track_started) else {
         let why = format!(
             "no task named {name:?} is registered in this worker (modules imported: {}); is its module passed with -A?",
@@ -286,12 +310,94 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
         &ctx,
         task,
         track_started.unwrap_or(shared.config.track_started),
+        payload,
     )
     .await
 }
 
+/// Publishes the task again as a message schedule for `eta`, then acks this delivery.
+async fn reschedule(ctx: &Context<'_>, task: &TaskMessage, eta: f64, msg_id: &str) -> Disposition {
+    let js = ctx.shared.broker.jetstream();
+    match crate::retry::publish_at(js, ctx.queue, task, msg_id).await {
+        Ok(()) => {
+            debug!(task_id = %task.id, task = %task.task, queue = ctx.queue, eta, "task delivered before its eta: scheduled again");
+            Disposition::Ack
+        }
+        Err(e) => {
+            warn!(task_id = %task.id, task = %task.task, queue = ctx.queue, error = %e, "cannot schedule a task delivered before its eta; NATS will deliver it again");
+            Disposition::HandBack
+        }
+    }
+}
+
+/// A task asked for a retry: schedule the next attempt (a new message for the same id, stored
+/// by JetStream first), then record RETRY; with no retry left, FAILURE with the last error.
+async fn retry(
+    ctx: &Context<'_>,
+    record: &mut ResultRecord,
+    payload: &[u8],
+    countdown: Option<f64>,
+    max_retries: Option<u32>,
+    error: TaskError,
+    explicit: bool,
+) -> Result<(), Disposition> {
+    let (id, name) = (record.id.clone(), record.task.clone().unwrap_or_default());
+    let policy = ctx
+        .shared
+        .python
+        .tasks()
+        .get(&name)
+        .map(|t| t.retry.clone())
+        .unwrap_or_default();
+    let retries = record.retries;
+    let max = max_retries.unwrap_or(policy.max_retries);
+    if retries >= max {
+        warn!(task_id = %id, task = %name, retries, max_retries = max, error_type = %error.exc_type, error = %error.message, "task failed: no retry left");
+        record.state = TaskState::Failure;
+        record.error = Some(if explicit {
+            TaskError::new(
+                error_types::MAX_RETRIES_EXCEEDED,
+                format!(
+                    "the task asked for a retry after {retries} retries, its max_retries is {max}"
+                ),
+            )
+        } else {
+            error
+        });
+        return Ok(());
+    }
+    let delay = countdown.unwrap_or_else(|| policy.delay(retries)).max(0.0);
+    let Ok(mut next) = TaskMessage::decode(payload) else {
+        // It decoded a moment ago: cannot happen, but never panic on input.
+        record.state = TaskState::Failure;
+        record.error = Some(error);
+        return Ok(());
+    };
+    let eta = now_unix() + delay;
+    next.retries = retries + 1;
+    next.eta = (delay > 0.0).then_some(eta);
+    let msg_id = format!("{id}:retry:{}", next.retries);
+    if let Err(e) =
+        crate::retry::publish_at(ctx.shared.broker.jetstream(), ctx.queue, &next, &msg_id).await
+    {
+        warn!(task_id = %id, task = %name, error = %e, "cannot publish the retry of a task; NATS will deliver the failed attempt again");
+        return Err(Disposition::HandBack);
+    }
+    info!(task_id = %id, task = %name, retry = next.retries, max_retries = max, delay_secs = delay, error_type = %error.exc_type, error = %error.message, "task will be retried");
+    record.state = TaskState::Retry;
+    record.error = Some(error);
+    record.eta = Some(eta);
+    record.date_done = None;
+    Ok(())
+}
+
 /// Runs a decoded, registered task and stores its outcome.
-async fn execute(ctx: &Context<'_>, task: TaskMessage, track_started: bool) -> Disposition {
+async fn execute(
+    ctx: &Context<'_>,
+    task: TaskMessage,
+    track_started: bool,
+    payload: &[u8],
+) -> Disposition {
     let (shared, queue) = (ctx.shared, ctx.queue);
     let id = task.id.as_str();
     let name = task.task.as_str();
@@ -344,6 +450,26 @@ async fn execute(ctx: &Context<'_>, task: TaskMessage, track_started: bool) -> D
             warn!(task_id = id, task = name, attempt = ctx.attempt, queue, runtime_ms, error_type = %err.exc_type, error = %err.message, "task failed");
             record.state = TaskState::Failure;
             record.error = Some(err);
+        }
+        CallOutcome::Retry {
+            countdown,
+            max_retries,
+            error,
+            explicit,
+        } => {
+            if let Err(d) = retry(
+                ctx,
+                &mut record,
+                payload,
+                countdown,
+                max_retries,
+                error,
+                explicit,
+            )
+            .await
+            {
+                return d;
+            }
         }
     }
     ctx.store(&record).await
