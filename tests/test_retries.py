@@ -19,6 +19,7 @@ from retry_tasks import (
     explicit,
     flaky,
     jittered,
+    noop,
     retry_without_exc,
     slow_retry,
     wrong_error,
@@ -157,3 +158,28 @@ async def test_a_worker_killed_between_failure_and_retry_still_retries(worker_fa
     rows = runs(log)
     assert rows[0][2] == doomed.pid and rows[-1][2] == rescuer.pid
     assert sorted({r[0] for r in rows}) == [0, 1, 2]
+
+
+async def test_info_returns_the_whole_record(worker_factory, client, tmp_path):
+    w = worker_factory(APP, args=["--result-extended"])
+    log = tmp_path / "runs.txt"
+    sent = time.time()
+    result = await flaky.apply_async(str(log), 1, queue="default")
+    assert await result.get(timeout=20) == 1
+    info = await result.info()
+    assert info["id"] == result.id
+    assert info["state"] == "SUCCESS" and info["result"] == 1
+    assert info["task"] == flaky.name and info["queue"] == "default"
+    assert info["args"] == [str(log), 1] and info["kwargs"] == {}
+    assert info["attempts"] == 2 and info["retries"] == 1
+    assert info["worker"].endswith(f":{w.pid}")
+    assert sent <= info["date_received"] <= info["date_started"] <= info["date_done"] <= time.time()
+    assert "error" not in info, "the error of the retried run is not kept once it succeeded"
+
+
+async def test_arguments_are_not_kept_by_default(worker_factory, client):
+    worker_factory(APP)
+    result = await noop.delay(5)
+    assert await result.get(timeout=20) == 5
+    info = await result.info()
+    assert "args" not in info and "kwargs" not in info

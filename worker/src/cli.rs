@@ -93,6 +93,10 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_TRACK_STARTED", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub track_started: Option<bool>,
 
+    /// Keep each task's args and kwargs in its result record [default: false]
+    #[arg(long, env = "DBTASK_RESULT_EXTENDED", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub result_extended: Option<bool>,
+
     /// Deliveries of one message before NATS gives up on it [default: 10]
     #[arg(long, env = "DBTASK_MAX_DELIVER", value_name = "N")]
     pub max_deliver: Option<i64>,
@@ -148,6 +152,7 @@ impl Cli {
         set(&mut config.ack_wait, &self.ack_wait);
         set(&mut config.result_ttl, &self.result_ttl);
         set(&mut config.track_started, &self.track_started);
+        set(&mut config.result_extended, &self.result_extended);
         set(&mut config.max_deliver, &self.max_deliver);
         set(&mut config.max_ack_pending, &self.max_ack_pending);
         set(&mut config.fetch_batch, &self.fetch_batch);

@@ -59,6 +59,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Largest result stored, in bytes; a bigger one becomes a `dbtask.TooLarge` failure.
     pub max_result_bytes: usize,
+    /// Keep each task's args and kwargs in its result record (`info()` shows them).
+    pub result_extended: bool,
 }
 
 impl Default for Config {
@@ -82,6 +84,7 @@ impl Default for Config {
             duplicate_window: 120.0,
             max_message_bytes: 1024 * 1024,
             max_result_bytes: 8 * 1024 * 1024,
+            result_extended: false,
         }
     }
 }

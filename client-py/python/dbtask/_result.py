@@ -82,8 +82,11 @@ class AsyncResult(Generic[T]):
         return self.state_sync() in READY_STATES
 
     async def info(self) -> dict[str, Any]:
-        """The stored record (id, state, task, result, error{type, message, traceback},
-        attempts, worker, date_*), or ``{"id": ..., "state": "PENDING"}`` when there is none."""
+        """The whole stored record, or ``{"id": ..., "state": "PENDING"}`` when there is none:
+        id, state, task, queue, result (SUCCESS) or error {type, message, traceback} (FAILURE,
+        RETRY: the last error, REVOKED), attempts, retries (when > 0), worker, date_received,
+        date_started, date_done, eta (RETRY: when the next attempt is due), and args / kwargs
+        when the worker runs with ``result_extended``."""
         return _info(self.id, await _client.current().get_record(self.id))
 
     def info_sync(self) -> dict[str, Any]:

@@ -410,6 +410,11 @@ async fn execute(
         }
     }
 
+    // `result_extended`: the record keeps the arguments (copied only when asked for).
+    let extended = shared
+        .config
+        .result_extended
+        .then(|| (task.args.clone(), task.kwargs.clone()));
     let job = Job {
         task_id: task.id.clone(),
         task: task.task.clone(),
@@ -423,6 +428,10 @@ async fn execute(
     let mut record = ctx.record(id, Some(name), TaskState::Success, task.retries);
     record.date_started = Some(started);
     record.date_done = Some(done);
+    if let Some((args, kwargs)) = extended {
+        record.args = Some(args);
+        record.kwargs = Some(kwargs);
+    }
     let runtime_ms = ((done - started) * 1000.0).max(0.0);
     match outcome {
         CallOutcome::Success(result) if result.get().len() > shared.config.max_result_bytes => {
