@@ -160,7 +160,11 @@ def test_delay_publishes_the_protocol_message(client, nats):
 async def test_apply_async_both_forms_and_options(client, nats):
     now = time.time()
     r = await add.apply_async(1, 2, countdown=10)
-    body = json.loads((await last_message(nats.url, "dbtask.tasks.math")).data)
+    # A future eta waits as a NATS message schedule that targets the queue's subject.
+    msg = await last_message(nats.url, f"dbtask.sched.math.{r.id}")
+    assert msg.headers["Nats-Schedule"].startswith("@at 20") and msg.headers["Nats-Schedule"].endswith("Z")
+    assert msg.headers["Nats-Schedule-Target"] == "dbtask.tasks.math"
+    body = json.loads(msg.data)
     assert body["id"] == r.id and body["args"] == [1, 2] and abs(body["eta"] - (now + 10)) < 2
 
     eta = datetime(2030, 1, 2, 3, 4, 5)  # naive = UTC
@@ -168,7 +172,7 @@ async def test_apply_async_both_forms_and_options(client, nats):
         args=(3,), kwargs={"y": 4}, eta=eta, expires=60, queue="other", task_id="my-id-1"
     )
     assert r.id == "my-id-1"
-    body = json.loads((await last_message(nats.url, "dbtask.tasks.other")).data)
+    body = json.loads((await last_message(nats.url, "dbtask.sched.other.my-id-1")).data)
     assert body["args"] == [3] and body["kwargs"] == {"y": 4} and body["queue"] == "other"
     assert body["eta"] == eta.replace(tzinfo=timezone.utc).timestamp()
     assert abs(body["expires"] - (time.time() + 60)) < 2

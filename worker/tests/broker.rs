@@ -88,7 +88,14 @@ async fn stream_and_consumers_are_set_up_idempotently_by_several_workers() {
     let info = task_stream.info().await.unwrap().clone();
     assert_eq!(info.config.retention, stream::RetentionPolicy::WorkQueue);
     assert_eq!(info.config.storage, stream::StorageType::File);
-    assert_eq!(info.config.subjects, [TASK_SUBJECT_WILDCARD]);
+    assert_eq!(
+        info.config.subjects,
+        [TASK_SUBJECT_WILDCARD, dbtask_protocol::SCHEDULE_SUBJECT_WILDCARD]
+    );
+    assert!(
+        info.config.allow_message_schedules,
+        "countdowns and retries wait as message schedules"
+    );
     assert_eq!(info.config.duplicate_window, Duration::from_secs(120));
     assert_eq!(info.config.max_message_size, 1024 * 1024);
     assert_eq!(
