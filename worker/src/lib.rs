@@ -7,7 +7,9 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod limits;
 pub mod python;
+pub mod revoke;
 pub mod runner;
 pub mod shutdown;
 pub mod store;

@@ -30,7 +30,9 @@ from ._errors import (
     UnknownTask,
     UnserializableResult,
 )
+from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from ._result import AsyncResult
+from ._revoke import revoke, revoke_sync
 from ._task import AsyncTask, Task, task
 
 __all__ = [
@@ -50,4 +52,9 @@ __all__ = [
     "TooLarge",
     "TaskRevoked",
     "RemoteTraceback",
+    "revoke",
+    "revoke_sync",
+    "SoftTimeLimitExceeded",
+    "TimeLimitExceeded",
+    "Terminated",
 ]

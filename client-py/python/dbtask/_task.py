@@ -70,6 +70,14 @@ def _seconds(value: object, what: str) -> float:
     return seconds
 
 
+def _check_limits(opts: Mapping[str, Any]) -> None:
+    # time_limit / soft_time_limit: positive seconds (None: the worker's default).
+    for key in ("time_limit", "soft_time_limit"):
+        value = opts.get(key)
+        if value is not None and not _seconds(value, key) > 0:
+            raise ValueError(f"{key} must be a positive number of seconds, not {value!r}")
+
+
 def _timestamp(value: datetime) -> float:
     # As in Celery, a naive datetime is UTC.
     if value.tzinfo is None:
@@ -329,6 +337,7 @@ def task(
         opts["track_started"] = track_started
     opts.update(options)
     _check_queue(queue)
+    _check_limits(opts)
 
     def decorate(f: Callable[..., Any]) -> Task[Any, Any]:
         cls = AsyncTask if inspect.iscoroutinefunction(f) else Task
