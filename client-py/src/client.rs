@@ -858,10 +858,19 @@ impl Client {
     }
 
     /// Blocking form of `revoke`.
-    fn revoke_sync(&self, py: Python<'_>, task_id: String, terminate: bool, ttl: f64) -> PyResult<()> {
+    fn revoke_sync(
+        &self,
+        py: Python<'_>,
+        task_id: String,
+        terminate: bool,
+        ttl: f64,
+    ) -> PyResult<()> {
         check_id(&task_id)?;
         let ttl = seconds("ttl", ttl)?;
-        runtime::block_on(py, revoke::revoke(self.inner.clone(), task_id, terminate, ttl))
+        runtime::block_on(
+            py,
+            revoke::revoke(self.inner.clone(), task_id, terminate, ttl),
+        )
     }
 
     /// Flushes pending publishes and closes the connections.

@@ -217,7 +217,10 @@ impl Config {
             ("soft_time_limit", self.soft_time_limit),
         ] {
             if !(secs.is_finite() && secs >= 0.0) {
-                return Err(invalid(field, "must be a number of seconds, 0 for no limit"));
+                return Err(invalid(
+                    field,
+                    "must be a number of seconds, 0 for no limit",
+                ));
             }
         }
         Ok(())

@@ -135,10 +135,10 @@ fn run_loop(py: Python<'_>, shared: Arc<Shared>, ready: mpsc::Sender<Started>) {
             Bound<'_, PyAny>,
             Bound<'_, PyAny>,
         ) = support(py)?
-                .start_loop
-                .bind(py)
-                .call1((&event_loop,))?
-                .extract()?;
+            .start_loop
+            .bind(py)
+            .call1((&event_loop,))?
+            .extract()?;
         let drainer = Drainer {
             shared: Arc::clone(&shared),
             submit: submit.unbind(),
@@ -228,7 +228,11 @@ impl Drainer {
                     Ok(handle) => handle,
                     Err(e) => return send_err(py, &mut reply, e),
                 };
-                if let Err(e) = self.submit.bind(py).call1((coroutine, &handle, &job.task_id)) {
+                if let Err(e) = self
+                    .submit
+                    .bind(py)
+                    .call1((coroutine, &handle, &job.task_id))
+                {
                     handle.get().send(CallOutcome::Failure(error_from(py, e)));
                 }
             }

@@ -284,10 +284,7 @@ impl Inner {
             self.aio.interrupt(py, task_id, aio_kind, message);
             return;
         }
-        let exc = match py
-            .import("dbtask._limits")
-            .and_then(|m| m.getattr(class))
-        {
+        let exc = match py.import("dbtask._limits").and_then(|m| m.getattr(class)) {
             Ok(exc) => exc,
             Err(e) => {
                 let error = convert::error_from(py, e);

@@ -10,8 +10,8 @@
 //! its outcome discarded. At most `size` retired threads may be alive at once; beyond that
 //! no replacement is started (logged), so stuck threads cannot grow the process without bound.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::os::raw::c_ulong;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};

@@ -59,7 +59,13 @@ impl Running {
 
     /// Raises `exc` (an exception class) in the thread running `task_id`, if one is. With
     /// `abandon`, the thread is also retired; true when it was retired by this call.
-    pub fn raise(&self, _py: Python<'_>, task_id: &str, exc: &Bound<'_, PyAny>, abandon: bool) -> bool {
+    pub fn raise(
+        &self,
+        _py: Python<'_>,
+        task_id: &str,
+        exc: &Bound<'_, PyAny>,
+        abandon: bool,
+    ) -> bool {
         let jobs = self.lock();
         let Some(job) = jobs.get(task_id) else {
             return false;

@@ -76,13 +76,14 @@ impl Revocations {
         let revocations = Revocations {
             state: Arc::new(Mutex::new(State::default())),
         };
-        let pubsub = revocations
-            .subscribe_and_load(&client)
-            .await
-            .map_err(|e| StoreError::Unreachable {
-                url: safe.clone(),
-                reason: format!("loading the revoked task ids: {e}"),
-            })?;
+        let pubsub =
+            revocations
+                .subscribe_and_load(&client)
+                .await
+                .map_err(|e| StoreError::Unreachable {
+                    url: safe.clone(),
+                    reason: format!("loading the revoked task ids: {e}"),
+                })?;
         info!(
             revoked = revocations.lock().revoked.len(),
             "loaded the revoked task ids"

@@ -188,7 +188,14 @@ impl Context<'_> {
 
     /// A REVOKED record: the task was revoked before it started, or terminated.
     async fn revoked(&self, id: &str, task: &str, retries: u32, why: &str) -> Disposition {
-        info!(task_id = id, task, attempt = self.attempt, queue = self.queue, reason = why, "task revoked");
+        info!(
+            task_id = id,
+            task,
+            attempt = self.attempt,
+            queue = self.queue,
+            reason = why,
+            "task revoked"
+        );
         let mut record = self.record(id, Some(task), TaskState::Revoked, retries);
         record.date_done = Some(now_unix());
         record.error = Some(TaskError::new(error_types::REVOKED, why));
