@@ -135,4 +135,17 @@ mod tests {
         assert_eq!(own.hard, Some(Duration::from_secs(3)));
         assert_eq!(Limits::of(None, &Config::default()), Limits::default());
     }
+
+    #[test]
+    fn negative_or_infinite_worker_limits_are_refused() {
+        for bad in [-1.0, f64::INFINITY, f64::NAN] {
+            let config = Config {
+                apps: vec!["tasks".into()],
+                soft_time_limit: bad,
+                ..Config::default()
+            };
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("soft_time_limit"), "{err}");
+        }
+    }
 }

@@ -213,6 +213,10 @@ impl Drainer {
     /// (unknown arguments, or it raised before returning a coroutine).
     fn start(&self, py: Python<'_>, item: WorkItem) {
         let WorkItem { job, entry, reply } = item;
+        if reply.is_closed() {
+            // The caller gave up before the job started: it must not run.
+            return;
+        }
         let mut reply = Some(reply);
         let started = catch_unwind(AssertUnwindSafe(|| match invoke(py, &entry, &job) {
             Err(outcome) => send(&mut reply, outcome),

@@ -136,6 +136,11 @@ fn serve(py: Python<'_>, ctx: &ThreadCtx) {
 /// Runs a sync task to its outcome and sends it.
 fn run(py: Python<'_>, item: WorkItem, ctx: &ThreadCtx, ident: c_ulong) {
     let WorkItem { job, entry, reply } = item;
+    if reply.is_closed() {
+        // The caller gave up before the job started (revoked with terminate while queued
+        // here): it must not run.
+        return;
+    }
     ctx.running.enter(&job.task_id, ident, &ctx.retired);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         let called = invoke(py, &entry, &job);

@@ -202,3 +202,60 @@ impl Revocations {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn empty() -> Revocations {
+        Revocations {
+            state: Arc::new(Mutex::new(State::default())),
+        }
+    }
+
+    fn notice(id: &str, terminate: bool, expires: f64) -> Vec<u8> {
+        serde_json::to_vec(&RevokeNotice {
+            id: id.into(),
+            terminate,
+            expires,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_notice_revokes_until_it_expires() {
+        let r = empty();
+        assert!(!r.is_revoked("a"));
+        r.notice(&notice("a", false, now_unix() + 60.0));
+        r.notice(&notice("old", false, now_unix() - 1.0));
+        r.notice(b"not json");
+        assert!(r.is_revoked("a"));
+        assert!(
+            !r.is_revoked("old"),
+            "an expired revocation no longer applies"
+        );
+        r.prune();
+        assert_eq!(r.lock().revoked.len(), 1);
+        // A shorter second revocation never shortens the first.
+        r.notice(&notice("a", false, now_unix() - 1.0));
+        assert!(r.is_revoked("a"));
+    }
+
+    #[test]
+    fn terminate_fires_the_watch_of_a_running_task_only() {
+        let r = empty();
+        let mut running = r.watch("run");
+        let mut other = r.watch("other");
+        r.notice(&notice("run", false, now_unix() + 60.0));
+        assert!(
+            running.terminated().now_or_never().is_none(),
+            "no terminate asked"
+        );
+        r.notice(&notice("run", true, now_unix() + 60.0));
+        assert!(running.terminated().now_or_never().is_some());
+        assert!(other.terminated().now_or_never().is_none());
+        drop(other);
+        assert!(r.lock().watchers.is_empty(), "watches unregister on drop");
+    }
+}
