@@ -327,6 +327,8 @@ def task(
     The name defaults to ``f"{fn.__module__}.{fn.__qualname__}"``, the queue to ``"default"``.
     ``max_retries``, ``retry_delay``, ``track_started`` and any other keyword go to
     ``Task.options`` for the worker (options left unset are not stored).
+    ``time_limit`` / ``soft_time_limit`` (seconds) bound the task's run time: see the
+    README's "Time limits".
     """
     opts: dict[str, Any] = {}
     if max_retries is not None:
