@@ -15,7 +15,9 @@ from limit_tasks import (
     async_soft,
     async_soft_nested,
     quick,
+    sync_blocked_in_c,
     sync_hard_no_soft,
+    sync_long,
     sync_soft,
     sync_soft_by_default,
     sync_stubborn,
@@ -100,6 +102,24 @@ async def test_async_task_past_its_hard_limit_is_cancelled(worker_factory, clien
     assert info["state"] == "FAILURE"
     assert info["error"]["type"] == "dbtask.TimeLimitExceeded"
     assert await (await quick.delay(2)).get(timeout=15) == 2
+
+
+async def test_a_thread_blocked_in_c_gets_the_soft_limit_when_the_call_returns(worker_factory, client):
+    worker_factory(APP, concurrency=1)
+    result = await sync_blocked_in_c.delay(1.5)
+    caught_after = await result.get(timeout=15)
+    assert caught_after is not None, "the soft limit must still be delivered"
+    assert caught_after >= 1.5, "not before the C call (time.sleep) returned"
+
+
+async def test_worker_default_hard_limit_applies_to_tasks_without_one(worker_factory, client, tmp_path):
+    worker_factory(APP, concurrency=1, args=["--time-limit", "0.5"])
+    marker = tmp_path / "m.txt"
+    result = await sync_long.delay(30, marker=str(marker))
+    with pytest.raises(dbtask.TimeLimitExceeded, match="0.5 s"):
+        await result.get(timeout=15)
+    assert await (await quick.delay(3)).get(timeout=15) == 3
+    assert "finished" not in marker.read_text()
 
 
 def test_limits_must_be_positive_seconds():

@@ -113,6 +113,18 @@ async def async_hard(marker=None):
     return "not interrupted"
 
 
+@task(soft_time_limit=0.3, time_limit=20)
+def sync_blocked_in_c(seconds, marker=None):
+    """One long C call: the soft limit is delivered when it returns."""
+    start = time.monotonic()
+    try:
+        time.sleep(seconds)
+        _busy(10)
+    except dbtask.SoftTimeLimitExceeded:
+        return time.monotonic() - start
+    return None
+
+
 @task
 def sync_long(seconds, marker=None):
     _mark(marker, f"start {os.getpid()}")
