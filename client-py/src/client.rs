@@ -31,6 +31,8 @@ use crate::json;
 use crate::notify::{Event, Notifier};
 use crate::runtime;
 
+mod revoke;
+
 /// How long JetStream may take to confirm a publish (and to answer API requests).
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Publishes awaiting their confirmation at once, per client; more wait for a slot.
@@ -858,6 +860,37 @@ impl Client {
         let timeout = optional_seconds("timeout", timeout)?;
         let record = runtime::block_on(py, wait(self.inner.clone(), task_id, timeout))?;
         record_to_py(py, Some(record))
+    }
+
+    /// Revokes a task on every worker for `ttl` seconds: it never starts; with `terminate`
+    /// a running one is stopped.
+    fn revoke<'py>(
+        &self,
+        py: Python<'py>,
+        task_id: String,
+        terminate: bool,
+        ttl: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        check_id(&task_id)?;
+        let ttl = seconds("ttl", ttl)?;
+        let fut = revoke::revoke(self.inner.clone(), task_id, terminate, ttl);
+        bridge::awaitable(py, fut, |py, ()| Ok(py.None()))
+    }
+
+    /// Blocking form of `revoke`.
+    fn revoke_sync(
+        &self,
+        py: Python<'_>,
+        task_id: String,
+        terminate: bool,
+        ttl: f64,
+    ) -> PyResult<()> {
+        check_id(&task_id)?;
+        let ttl = seconds("ttl", ttl)?;
+        runtime::block_on(
+            py,
+            revoke::revoke(self.inner.clone(), task_id, terminate, ttl),
+        )
     }
 
     /// Flushes pending publishes and closes the connections.

@@ -47,6 +47,23 @@ pub const RESULT_KEY_PREFIX: &str = "dbtask:result:";
 /// `dbtask:done:<task id>` right after storing a final (ready) state.
 pub const DONE_CHANNEL_PREFIX: &str = "dbtask:done:";
 
+/// Redis sorted set of revoked task ids, each scored by the Unix time its revocation expires.
+/// Clients add to it (pruning expired members); workers load it at start.
+pub const REVOKED_SET_KEY: &str = "dbtask:revoked";
+/// Redis pub/sub channel announcing each revocation live, as a JSON [`RevokeNotice`].
+pub const REVOKE_CHANNEL: &str = "dbtask:revoke";
+
+/// What a client publishes on [`REVOKE_CHANNEL`] after adding the id to [`REVOKED_SET_KEY`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokeNotice {
+    pub id: String,
+    /// Stop the task if it is running (cancel an `async def`, raise in a sync one).
+    #[serde(default)]
+    pub terminate: bool,
+    /// Unix time after which the revocation is forgotten.
+    pub expires: f64,
+}
+
 /// Longest accepted queue name.
 pub const MAX_QUEUE_NAME_LEN: usize = 64;
 /// Longest accepted task name.
@@ -325,6 +342,10 @@ pub mod error_types {
     pub const EXPIRED: &str = "dbtask.Expired";
     /// An explicit `Retry` found no retry left and carried no exception of its own.
     pub const MAX_RETRIES_EXCEEDED: &str = "dbtask.MaxRetriesExceeded";
+    /// The task ran past its hard time limit (`time_limit`) and was abandoned.
+    pub const TIME_LIMIT: &str = "dbtask.TimeLimitExceeded";
+    /// The task was revoked (`dbtask.revoke`) before or while it ran.
+    pub const REVOKED: &str = "dbtask.TaskRevoked";
 }
 
 /// What Redis holds for a task at `dbtask:result:<id>`, and what the worker publishes on

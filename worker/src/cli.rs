@@ -121,6 +121,14 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_MAX_RESULT_BYTES", value_name = "BYTES")]
     pub max_result_bytes: Option<usize>,
 
+    /// Default hard time limit of a task in seconds, 0 for none (a task's time_limit wins) [default: 0]
+    #[arg(long, env = "DBTASK_TIME_LIMIT", value_name = "SECS")]
+    pub time_limit: Option<f64>,
+
+    /// Default soft time limit of a task in seconds, 0 for none (a task's soft_time_limit wins) [default: 0]
+    #[arg(long, env = "DBTASK_SOFT_TIME_LIMIT", value_name = "SECS")]
+    pub soft_time_limit: Option<f64>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -159,6 +167,8 @@ impl Cli {
         set(&mut config.duplicate_window, &self.duplicate_window);
         set(&mut config.max_message_bytes, &self.max_message_bytes);
         set(&mut config.max_result_bytes, &self.max_result_bytes);
+        set(&mut config.time_limit, &self.time_limit);
+        set(&mut config.soft_time_limit, &self.soft_time_limit);
     }
 }
 

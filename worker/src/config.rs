@@ -61,6 +61,10 @@ pub struct Config {
     pub max_result_bytes: usize,
     /// Keep each task's args and kwargs in its result record (`info()` shows them).
     pub result_extended: bool,
+    /// Default hard time limit of a task, in seconds (0: none); a task's `time_limit` wins.
+    pub time_limit: f64,
+    /// Default soft time limit of a task, in seconds (0: none); a task's `soft_time_limit` wins.
+    pub soft_time_limit: f64,
 }
 
 impl Default for Config {
@@ -85,6 +89,8 @@ impl Default for Config {
             max_message_bytes: 1024 * 1024,
             max_result_bytes: 8 * 1024 * 1024,
             result_extended: false,
+            time_limit: 0.0,
+            soft_time_limit: 0.0,
         }
     }
 }
@@ -208,6 +214,17 @@ impl Config {
         }
         if self.max_result_bytes < 16 {
             return Err(invalid("max_result_bytes", "must be at least 16"));
+        }
+        for (field, secs) in [
+            ("time_limit", self.time_limit),
+            ("soft_time_limit", self.soft_time_limit),
+        ] {
+            if !(secs.is_finite() && secs >= 0.0) {
+                return Err(invalid(
+                    field,
+                    "must be a number of seconds, 0 for no limit",
+                ));
+            }
         }
         Ok(())
     }

@@ -7,8 +7,10 @@
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod limits;
 pub mod python;
 pub mod retry;
+pub mod revoke;
 pub mod runner;
 pub mod shutdown;
 pub mod store;

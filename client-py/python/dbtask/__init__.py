@@ -30,8 +30,10 @@ from ._errors import (
     UnknownTask,
     UnserializableResult,
 )
+from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from ._result import AsyncResult
 from ._retry import Retry
+from ._revoke import revoke, revoke_sync
 from ._task import AsyncTask, Task, task
 
 __all__ = [
@@ -52,4 +54,9 @@ __all__ = [
     "TaskRevoked",
     "RemoteTraceback",
     "Retry",
+    "revoke",
+    "revoke_sync",
+    "SoftTimeLimitExceeded",
+    "TimeLimitExceeded",
+    "Terminated",
 ]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
-from . import _client
+from . import _client, _revoke
+from ._revoke import DEFAULT_REVOKE_TTL
 from ._errors import error_from_record
 
 __all__ = ["AsyncResult", "STATES", "READY_STATES"]
@@ -92,3 +93,11 @@ class AsyncResult(Generic[T]):
     def info_sync(self) -> dict[str, Any]:
         """Blocking form of :meth:`info`."""
         return _info(self.id, _client.current().get_record_sync(self.id))
+
+    async def revoke(self, terminate: bool = False, *, ttl: float = DEFAULT_REVOKE_TTL) -> None:
+        """Revokes this task on every worker (see :func:`dbtask.revoke`)."""
+        await _revoke.revoke(self.id, terminate, ttl=ttl)
+
+    def revoke_sync(self, terminate: bool = False, *, ttl: float = DEFAULT_REVOKE_TTL) -> None:
+        """Blocking form of :meth:`revoke`."""
+        _revoke.revoke_sync(self.id, terminate, ttl=ttl)

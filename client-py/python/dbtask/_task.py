@@ -70,6 +70,14 @@ def _seconds(value: object, what: str) -> float:
     return seconds
 
 
+def _check_limits(opts: Mapping[str, Any]) -> None:
+    # time_limit / soft_time_limit: positive seconds (None: the worker's default).
+    for key in ("time_limit", "soft_time_limit"):
+        value = opts.get(key)
+        if value is not None and not _seconds(value, key) > 0:
+            raise ValueError(f"{key} must be a positive number of seconds, not {value!r}")
+
+
 def _timestamp(value: datetime) -> float:
     # As in Celery, a naive datetime is UTC.
     if value.tzinfo is None:
@@ -357,6 +365,8 @@ def task(
     ``retry_backoff_max`` (default 600), ``retry_jitter`` (default True: a random delay between
     0 and the backoff delay), ``autoretry_for`` (exception types retried automatically), and
     ``bind=True`` (the function gets ``self`` with ``self.request`` and ``self.retry()``).
+    ``time_limit`` / ``soft_time_limit`` (seconds) bound the task's run time: see the
+    README's "Time limits".
     """
     _check_retry_options(max_retries, retry_delay, options)
     opts: dict[str, Any] = {}
@@ -368,6 +378,7 @@ def task(
         opts["track_started"] = track_started
     opts.update(options)
     _check_queue(queue)
+    _check_limits(opts)
 
     def decorate(f: Callable[..., Any]) -> Task[Any, Any]:
         cls = AsyncTask if inspect.iscoroutinefunction(f) else Task

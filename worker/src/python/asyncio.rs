@@ -26,6 +26,9 @@ use super::{CallOutcome, PythonError, WorkItem};
 
 pub(crate) struct AsyncLoop {
     shared: Arc<Shared>,
+    /// The event loop and support.py's `interrupt`, to reach a running task from outside.
+    event_loop: Py<PyAny>,
+    interrupt: Py<PyAny>,
 }
 
 struct Shared {
@@ -65,7 +68,11 @@ impl AsyncLoop {
             })
             .map_err(init)?;
         match ready_rx.recv() {
-            Ok(Ok(())) => Ok(AsyncLoop { shared }),
+            Ok(Ok((event_loop, interrupt))) => Ok(AsyncLoop {
+                shared,
+                event_loop,
+                interrupt,
+            }),
             Ok(Err(message)) => Err(PythonError::Init(format!(
                 "cannot start the asyncio loop: {message}"
             ))),
@@ -80,6 +87,19 @@ impl AsyncLoop {
         self.shared.queue.push(item)?;
         self.shared.wake();
         Ok(())
+    }
+
+    /// Asks the loop to interrupt the running task `task_id` (support.py's `interrupt`):
+    /// `kind` is "soft", "hard" or "terminate". Does nothing if it is not running.
+    pub fn interrupt(&self, py: Python<'_>, task_id: &str, kind: &str, message: &str) {
+        let called = self.event_loop.bind(py).call_method1(
+            "call_soon_threadsafe",
+            (self.interrupt.bind(py), task_id, kind, message),
+        );
+        if let Err(e) = called {
+            let error = error_from(py, e);
+            tracing::debug!(task_id, error = %error.message, "cannot interrupt an async task");
+        }
     }
 
     /// Refuses new jobs; the loop stops once the tasks it holds are done.
@@ -98,18 +118,27 @@ impl Shared {
     }
 }
 
-fn run_loop(py: Python<'_>, shared: Arc<Shared>, ready: mpsc::Sender<Result<(), String>>) {
+/// What the loop thread hands back once started: the event loop and `interrupt`.
+type Started = Result<(Py<PyAny>, Py<PyAny>), String>;
+
+fn run_loop(py: Python<'_>, shared: Arc<Shared>, ready: mpsc::Sender<Started>) {
     let fd = shared.wakee.as_raw_fd();
-    let setup = || -> PyResult<(Bound<'_, PyAny>, Bound<'_, PyAny>)> {
+    #[allow(clippy::type_complexity)]
+    let setup = || -> PyResult<(Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>)> {
         let asyncio = py.import("asyncio")?;
         let event_loop = asyncio.call_method0("new_event_loop")?;
         asyncio.call_method1("set_event_loop", (&event_loop,))?;
-        let (submit, stop, pending): (Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>) =
-            support(py)?
-                .start_loop
-                .bind(py)
-                .call1((&event_loop,))?
-                .extract()?;
+        #[allow(clippy::type_complexity)]
+        let (submit, stop, pending, interrupt): (
+            Bound<'_, PyAny>,
+            Bound<'_, PyAny>,
+            Bound<'_, PyAny>,
+            Bound<'_, PyAny>,
+        ) = support(py)?
+            .start_loop
+            .bind(py)
+            .call1((&event_loop,))?
+            .extract()?;
         let drainer = Drainer {
             shared: Arc::clone(&shared),
             submit: submit.unbind(),
@@ -120,12 +149,12 @@ fn run_loop(py: Python<'_>, shared: Arc<Shared>, ready: mpsc::Sender<Result<(), 
                 drainer.drain(args.py());
             })?;
         event_loop.call_method1("add_reader", (fd, on_wake))?;
-        Ok((event_loop, pending))
+        Ok((event_loop, pending, interrupt))
     };
     let (event_loop, pending) = match setup() {
-        Ok(set) => {
-            let _ = ready.send(Ok(()));
-            set
+        Ok((event_loop, pending, interrupt)) => {
+            let _ = ready.send(Ok((event_loop.clone().unbind(), interrupt.unbind())));
+            (event_loop, pending)
         }
         Err(e) => {
             let _ = ready.send(Err(error_from(py, e).message));
@@ -184,6 +213,10 @@ impl Drainer {
     /// (unknown arguments, or it raised before returning a coroutine).
     fn start(&self, py: Python<'_>, item: WorkItem) {
         let WorkItem { job, entry, reply } = item;
+        if reply.is_closed() {
+            // The caller gave up before the job started: it must not run.
+            return;
+        }
         let mut reply = Some(reply);
         let started = catch_unwind(AssertUnwindSafe(|| match invoke(py, &entry, &job) {
             Err(outcome) => send(&mut reply, outcome),
@@ -199,7 +232,11 @@ impl Drainer {
                     Ok(handle) => handle,
                     Err(e) => return send_err(py, &mut reply, e),
                 };
-                if let Err(e) = self.submit.bind(py).call1((coroutine, &handle)) {
+                if let Err(e) = self
+                    .submit
+                    .bind(py)
+                    .call1((coroutine, &handle, &job.task_id))
+                {
                     handle.get().send(CallOutcome::Failure(error_from(py, e)));
                 }
             }

@@ -21,6 +21,7 @@ mod pool;
 mod queue;
 mod registry;
 mod retry;
+mod running;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ use tokio::sync::oneshot;
 use self::asyncio::AsyncLoop;
 use self::pool::{Pool, ThreadCount};
 use self::registry::{Entry, Registry};
+use self::running::Running;
 
 /// How to start the interpreter.
 #[derive(Debug, Clone, Default)]
@@ -59,6 +61,23 @@ pub struct TaskInfo {
     pub track_started: Option<bool>,
     /// `max_retries`, `retry_delay`, `retry_backoff`... from the task's options.
     pub retry: crate::retry::RetryPolicy,
+    /// `time_limit` (hard) from the task's options, in seconds, if it set one.
+    pub time_limit: Option<f64>,
+    /// `soft_time_limit` from the task's options, in seconds, if it set one.
+    pub soft_time_limit: Option<f64>,
+}
+
+/// How to interrupt a running task (time limits, revocation with terminate).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// Raise `dbtask.SoftTimeLimitExceeded` in it; the task may catch it and go on.
+    Soft,
+    /// Hard time limit: cancel an `async def` task; raise `dbtask.TimeLimitExceeded` in a
+    /// sync one and abandon its thread (a new thread takes its place).
+    Hard,
+    /// Revoked with terminate: cancel an `async def` task; raise `dbtask.Terminated` in a
+    /// sync one and abandon its thread.
+    Terminate,
 }
 
 /// One call of a task.
@@ -124,6 +143,7 @@ struct Inner {
     pool: Pool,
     aio: AsyncLoop,
     threads: Arc<ThreadCount>,
+    running: Arc<Running>,
 }
 
 /// One job handed to a Python thread, with where its outcome goes.
@@ -159,7 +179,8 @@ impl PythonRuntime {
         let version = interpreter::prepare(extra_sys_path)?;
         let registry = Registry::load(&cfg.apps)?;
         let threads = Arc::new(ThreadCount::default());
-        let pool = Pool::start(cfg.threads.max(1), &threads)?;
+        let running = Arc::new(Running::default());
+        let pool = Pool::start(cfg.threads.max(1), &threads, &running)?;
         let aio = AsyncLoop::start(&threads)?;
         Ok(PythonRuntime {
             inner: Arc::new(Inner {
@@ -168,6 +189,7 @@ impl PythonRuntime {
                 pool,
                 aio,
                 threads,
+                running,
             }),
         })
     }
@@ -215,6 +237,26 @@ impl PythonRuntime {
         }
     }
 
+    /// Interrupts the running task `task_id` (of registered task `task`), if it is running
+    /// here; see [`Interrupt`]. Returns at once: the work needs the GIL, so it is done on a
+    /// blocking thread, never on the caller's tokio thread. The caller that gives up on a task
+    /// (hard limit, terminate) drops its `call` future: the task's eventual outcome is discarded.
+    pub fn interrupt(&self, task: &str, task_id: &str, kind: Interrupt) {
+        let Some(entry) = self.inner.registry.get(task).cloned() else {
+            return;
+        };
+        let inner = Arc::clone(&self.inner);
+        let task_id = task_id.to_owned();
+        let work = move || {
+            pyo3::Python::attach(|py| inner.interrupt(py, &entry, &task_id, kind));
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            drop(tokio::task::spawn_blocking(work));
+        } else {
+            work();
+        }
+    }
+
     /// Stops the thread pool and the asyncio loop once the jobs already handed over are done.
     ///
     /// Returns at once: new calls are refused from now on, jobs already handed over still run
@@ -230,6 +272,45 @@ impl PythonRuntime {
     /// all did. Meant to follow [`shutdown`](Self::shutdown); blocking, so not on a tokio thread.
     pub fn wait_stopped(&self, timeout: Duration) -> bool {
         self.inner.threads.wait_zero(timeout)
+    }
+}
+
+impl Inner {
+    fn interrupt(&self, py: pyo3::Python<'_>, entry: &Entry, task_id: &str, kind: Interrupt) {
+        use pyo3::types::PyAnyMethods;
+        let (class, aio_kind, message) = match kind {
+            Interrupt::Soft => (
+                "SoftTimeLimitExceeded",
+                "soft",
+                "the task ran past its soft time limit",
+            ),
+            Interrupt::Hard => (
+                "TimeLimitExceeded",
+                "hard",
+                "the task ran past its hard time limit",
+            ),
+            Interrupt::Terminate => (
+                "Terminated",
+                "terminate",
+                "the task was revoked with terminate=True",
+            ),
+        };
+        if entry.is_async {
+            self.aio.interrupt(py, task_id, aio_kind, message);
+            return;
+        }
+        let exc = match py.import("dbtask._limits").and_then(|m| m.getattr(class)) {
+            Ok(exc) => exc,
+            Err(e) => {
+                let error = convert::error_from(py, e);
+                tracing::error!(task_id, error = %error.message, "cannot interrupt a task: dbtask._limits is missing (is the dbtask package up to date?)");
+                return;
+            }
+        };
+        let abandon = kind != Interrupt::Soft;
+        if self.running.raise(py, task_id, &exc, abandon) {
+            self.pool.replace_retired();
+        }
     }
 }
 

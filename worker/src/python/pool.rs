@@ -4,8 +4,15 @@
 //! the GIL) only while it waits for work: when jobs are queued it runs them one after the
 //! other without giving the GIL back in between. A job is taken from the queue only when a
 //! thread is about to run it, so a slow task never holds back jobs another thread could run.
+//!
+//! A thread whose job is abandoned (hard time limit, or revoked with terminate) is retired: a
+//! new thread takes its place at once, and the old one exits when its job finally returns,
+//! its outcome discarded. At most `size` retired threads may be alive at once; beyond that
+//! no replacement is started (logged), so stuck threads cannot grow the process without bound.
 
+use std::os::raw::c_ulong;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,32 +21,87 @@ use pyo3::prelude::*;
 use super::convert::{encode_result, panic_outcome};
 use super::invoke::invoke;
 use super::queue::JobQueue;
+use super::running::Running;
 use super::{PythonError, WorkItem};
 
 pub(crate) struct Pool {
     queue: Arc<JobQueue<WorkItem>>,
+    running: Arc<Running>,
+    threads: Arc<ThreadCount>,
+    size: usize,
+    /// Retired threads still alive (stuck in an abandoned job).
+    retired_alive: Arc<AtomicUsize>,
+    next_index: AtomicUsize,
+}
+
+/// What one pool thread needs.
+struct ThreadCtx {
+    queue: Arc<JobQueue<WorkItem>>,
+    running: Arc<Running>,
+    retired: Arc<AtomicBool>,
+    retired_alive: Arc<AtomicUsize>,
 }
 
 impl Pool {
-    pub fn start(size: usize, threads: &Arc<ThreadCount>) -> Result<Pool, PythonError> {
-        let queue = Arc::new(JobQueue::default());
-        for index in 0..size {
-            let thread_queue = Arc::clone(&queue);
-            let alive = ThreadCount::enter(threads);
-            let spawned = std::thread::Builder::new()
-                .name(format!("dbtask-py-{index}"))
-                .spawn(move || {
-                    let _alive = alive;
-                    Python::attach(|py| serve(py, &thread_queue));
-                });
-            if let Err(e) = spawned {
-                queue.close();
+    pub fn start(
+        size: usize,
+        threads: &Arc<ThreadCount>,
+        running: &Arc<Running>,
+    ) -> Result<Pool, PythonError> {
+        let pool = Pool {
+            queue: Arc::new(JobQueue::default()),
+            running: Arc::clone(running),
+            threads: Arc::clone(threads),
+            size,
+            retired_alive: Arc::new(AtomicUsize::new(0)),
+            next_index: AtomicUsize::new(0),
+        };
+        for _ in 0..size {
+            if let Err(e) = pool.spawn_thread() {
+                pool.queue.close();
                 return Err(PythonError::Init(format!(
                     "cannot start a Python thread: {e}"
                 )));
             }
         }
-        Ok(Pool { queue })
+        Ok(pool)
+    }
+
+    fn spawn_thread(&self) -> std::io::Result<()> {
+        let index = self.next_index.fetch_add(1, Ordering::Relaxed);
+        let ctx = ThreadCtx {
+            queue: Arc::clone(&self.queue),
+            running: Arc::clone(&self.running),
+            retired: Arc::new(AtomicBool::new(false)),
+            retired_alive: Arc::clone(&self.retired_alive),
+        };
+        let alive = ThreadCount::enter(&self.threads);
+        std::thread::Builder::new()
+            .name(format!("dbtask-py-{index}"))
+            .spawn(move || {
+                let _alive = alive;
+                Python::attach(|py| serve(py, &ctx));
+                if ctx.retired.load(Ordering::Acquire) {
+                    ctx.retired_alive.fetch_sub(1, Ordering::AcqRel);
+                }
+            })
+            .map(|_| ())
+    }
+
+    /// A thread was just retired (its job abandoned): start another in its place, unless
+    /// `size` retired threads are already alive.
+    pub fn replace_retired(&self) {
+        let stuck = self.retired_alive.fetch_add(1, Ordering::AcqRel) + 1;
+        if stuck > self.size {
+            tracing::error!(
+                stuck_threads = stuck - 1,
+                "too many Python threads are stuck in abandoned tasks: not replacing this one, the worker runs fewer sync tasks at once until they return (restart it to recover)"
+            );
+            return;
+        }
+        if let Err(e) = self.spawn_thread() {
+            tracing::error!(error = %e, "cannot start a Python thread to replace an abandoned one");
+        }
     }
 
     /// Hands a job to the pool; gives it back once the pool is closed.
@@ -53,21 +115,40 @@ impl Pool {
     }
 }
 
-fn serve(py: Python<'_>, queue: &JobQueue<WorkItem>) {
-    while let Some(item) = py.detach(|| queue.pop_blocking()) {
-        run(py, item);
-        while let Some(item) = queue.try_pop() {
-            run(py, item);
+fn serve(py: Python<'_>, ctx: &ThreadCtx) {
+    // SAFETY: a plain query of the calling thread's id.
+    let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
+    let retired = || ctx.retired.load(Ordering::Acquire);
+    while let Some(item) = py.detach(|| ctx.queue.pop_blocking()) {
+        run(py, item, ctx, ident);
+        if retired() {
+            return;
+        }
+        while let Some(item) = ctx.queue.try_pop() {
+            run(py, item, ctx, ident);
+            if retired() {
+                return;
+            }
         }
     }
 }
 
 /// Runs a sync task to its outcome and sends it.
-fn run(py: Python<'_>, item: WorkItem) {
+fn run(py: Python<'_>, item: WorkItem, ctx: &ThreadCtx, ident: c_ulong) {
     let WorkItem { job, entry, reply } = item;
-    let outcome = catch_unwind(AssertUnwindSafe(|| match invoke(py, &entry, &job) {
-        Ok(value) => encode_result(py, &entry.name, &value),
-        Err(outcome) => outcome,
+    if reply.is_closed() {
+        // The caller gave up before the job started (revoked with terminate while queued
+        // here): it must not run.
+        return;
+    }
+    ctx.running.enter(&job.task_id, ident, &ctx.retired);
+    let outcome = catch_unwind(AssertUnwindSafe(|| {
+        let called = invoke(py, &entry, &job);
+        ctx.running.leave(py, &job.task_id, ident);
+        match called {
+            Ok(value) => encode_result(py, &entry.name, &value),
+            Err(outcome) => outcome,
+        }
     }))
     .unwrap_or_else(panic_outcome);
     // The caller may have given up waiting (its future dropped): nothing to do then.

@@ -115,6 +115,23 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
             _ => None,
         };
         let retry_options = super::retry::read_options(py, &task).map_err(with_name)?;
+        let seconds = |key: &str| -> PyResult<Option<f64>> {
+            let Ok(options) = task.getattr("options") else {
+                return Ok(None);
+            };
+            if options.is_none() {
+                return Ok(None);
+            }
+            match options.cast::<PyDict>()?.get_item(key)? {
+                Some(v) if !v.is_none() => {
+                    let secs: f64 = v.extract().map_err(with_name)?;
+                    Ok((secs > 0.0 && secs.is_finite()).then_some(secs))
+                }
+                _ => Ok(None),
+            }
+        };
+        let time_limit = seconds("time_limit")?;
+        let soft_time_limit = seconds("soft_time_limit")?;
         let (signature, precise, display): (Bound<'_, PyAny>, bool, String) =
             support.describe.bind(py).call1((&name, &func))?.extract()?;
         let signature = (!signature.is_none()).then(|| signature.unbind());
@@ -126,6 +143,8 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
                 queue,
                 track_started,
                 retry: retry_options.policy,
+                time_limit,
+                soft_time_limit,
             },
         );
         entries.insert(

@@ -41,15 +41,19 @@ def describe(name, fn):
 
 
 def start_loop(loop):
-    """Helpers bound to `loop`, the worker's one asyncio event loop: (submit, stop, pending)."""
+    """Helpers bound to `loop`, the worker's one asyncio event loop:
+    (submit, stop, pending, interrupt)."""
     running = set()
+    # Task id -> asyncio Task, so that a time limit or a revocation can reach a running task.
+    by_id = {}
     create_task = loop.create_task
     keep = running.add
     forget = running.discard
 
-    async def run(coro, reply):
+    async def run(coro, reply, task_id):
         # Catch everything, BaseException included: a task raising SystemExit or
         # KeyboardInterrupt must end as a failure, not propagate out of the loop.
+        by_id[task_id] = asyncio.current_task()
         try:
             result = await coro
         except BaseException as exc:
@@ -58,10 +62,13 @@ def start_loop(loop):
                 raise
         else:
             reply.succeed(result)
+        finally:
+            if by_id.get(task_id) is asyncio.current_task():
+                del by_id[task_id]
 
-    def submit(coro, reply):
+    def submit(coro, reply, task_id):
         # The loop keeps only weak references to its tasks: hold them until they are done.
-        t = create_task(run(coro, reply))
+        t = create_task(run(coro, reply, task_id))
         keep(t)
         t.add_done_callback(forget)
 
@@ -76,4 +83,33 @@ def start_loop(loop):
     def pending():
         return len(running)
 
-    return submit, stop, pending
+    def interrupt(task_id, kind, message):
+        """On the loop thread: "soft" raises SoftTimeLimitExceeded at the await the task is
+        suspended on; "hard" and "terminate" cancel it."""
+        t = by_id.get(task_id)
+        if t is None or t.done():
+            return
+        if kind == "soft":
+            from dbtask._limits import SoftTimeLimitExceeded
+
+            inject(t, SoftTimeLimitExceeded(message), 0)
+        else:
+            t.cancel(message)
+
+    def inject(t, exc, tries):
+        # An asyncio Task can only be cancelled from outside; to make the coroutine see
+        # another exception, fail the future it awaits (following awaited Tasks inward).
+        if t.done():
+            return
+        fut = getattr(t, "_fut_waiter", None)
+        while isinstance(fut, asyncio.Task):
+            fut = getattr(fut, "_fut_waiter", None)
+        if fut is not None and not fut.done():
+            fut.set_exception(exc)
+        elif tries < 100:
+            # Between two steps (e.g. after `await asyncio.sleep(0)`): try at the next one.
+            loop.call_soon(inject, t, exc, tries + 1)
+        else:
+            t.cancel(str(exc))
+
+    return submit, stop, pending, interrupt

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tracing::{debug, error, info, warn};
 
 use super::{reached, Phase, Shared};
+use crate::limits::{self, Ended, Limits};
 use crate::python::{CallOutcome, Job};
 
 /// How a message leaves this worker.
@@ -185,7 +186,25 @@ impl Context<'_> {
         record.error = Some(TaskError::new(exc_type, message));
         self.store(&record).await
     }
+
+    /// A REVOKED record: the task was revoked before it started, or terminated.
+    async fn revoked(&self, id: &str, task: &str, retries: u32, why: &str) -> Disposition {
+        info!(
+            task_id = id,
+            task,
+            attempt = self.attempt,
+            queue = self.queue,
+            reason = why,
+            "task revoked"
+        );
+        let mut record = self.record(id, Some(task), TaskState::Revoked, retries);
+        record.date_done = Some(now_unix());
+        record.error = Some(TaskError::new(error_types::REVOKED, why));
+        self.store(&record).await
+    }
 }
+
+const REVOKED_BEFORE_START: &str = "the task was revoked before it started";
 
 async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Message) -> Disposition {
     let mut phase = shared.phase.subscribe();
@@ -269,6 +288,12 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             info!(task_id = id, task = name, attempt = ctx.attempt, queue, state = %done.state, "task already finished: acking the redelivery without running it");
             return Disposition::Ack;
         }
+    }
+
+    if shared.revocations.is_revoked(id) {
+        return ctx
+            .revoked(id, name, task.retries, REVOKED_BEFORE_START)
+            .await;
     }
 
     // Not its time yet (a publish straight to the queue, or a clock ahead of the server's):
@@ -423,7 +448,19 @@ async fn execute(
         attempt: ctx.attempt,
         retries: task.retries,
     };
-    let outcome = shared.python.call(job).await;
+    let limits = Limits::of(shared.python.tasks().get(name), &shared.config);
+    let outcome = match limits::call(&shared.python, &shared.revocations, job, limits).await {
+        Ended::Done(outcome) => outcome,
+        Ended::TimedOut(err) => CallOutcome::Failure(err),
+        Ended::Revoked { started } => {
+            let why = if started {
+                "the task was revoked with terminate=True while it ran"
+            } else {
+                REVOKED_BEFORE_START
+            };
+            return ctx.revoked(id, name, task.retries, why).await;
+        }
+    };
     let done = now_unix();
     let mut record = ctx.record(id, Some(name), TaskState::Success, task.retries);
     record.date_started = Some(started);

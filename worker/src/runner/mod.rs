@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 use crate::broker::{Broker, BrokerError, QueueConsumer};
 use crate::config::Config;
 use crate::python::PythonRuntime;
+use crate::revoke::Revocations;
 use crate::store::{Store, StoreError, Writer};
 
 /// How long one pull request waits on the server for messages. Short, so that a request lost in
@@ -55,6 +56,8 @@ struct Shared {
     store: Store,
     writer: Writer,
     broker: Broker,
+    /// Revoked task ids, followed live from Redis.
+    revocations: Revocations,
     /// `hostname:pid`, recorded in every result.
     worker: String,
     /// One permit per task allowed to run.
@@ -116,6 +119,7 @@ pub async fn run(
         warn!(error = %e, "cannot read the Redis version");
         "unknown".to_owned()
     });
+    let revocations = Revocations::start(&config.redis_url).await?;
     broker.ensure_stream(&config).await?;
     let mut consumers = Vec::with_capacity(config.queues.len());
     for queue in &config.queues {
@@ -152,17 +156,26 @@ pub async fn run(
     let local = LocalSet::new();
     local
         .run_until(serve(
-            config, python, broker, store, consumers, worker, shutdown,
+            config,
+            python,
+            broker,
+            store,
+            revocations,
+            consumers,
+            worker,
+            shutdown,
         ))
         .await;
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: Config,
     python: PythonRuntime,
     broker: Broker,
     store: Store,
+    revocations: Revocations,
     consumers: Vec<QueueConsumer>,
     worker: String,
     shutdown: impl Future<Output = ()>,
@@ -177,6 +190,7 @@ async fn serve(
         store,
         writer,
         broker,
+        revocations,
         worker,
         waiting: Cell::new(0),
         freed: Notify::new(),

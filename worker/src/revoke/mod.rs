@@ -1,0 +1,261 @@
+//! Revocation: the revoked task ids, kept in this worker's memory and loaded from Redis.
+//!
+//! Clients add a revoked id to the sorted set `dbtask:revoked` (scored by the Unix time the
+//! revocation expires) and publish a [`RevokeNotice`] on `dbtask:revoke`. A worker subscribes
+//! to the channel first, then loads the set (so nothing published in between is missed), and
+//! follows the channel from then on; after a lost connection it subscribes and loads again.
+//! Checking a task is a lookup in memory: no Redis round trip per task.
+//!
+//! Running tasks that may be terminated register a [`Watch`]; a notice with `terminate`
+//! fires it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use dbtask_protocol::{now_unix, RevokeNotice, REVOKED_SET_KEY, REVOKE_CHANNEL};
+use futures::StreamExt;
+use tokio::sync::oneshot;
+use tracing::{debug, info, warn};
+
+use crate::config::redact_url;
+use crate::store::StoreError;
+
+/// How often expired revocations are dropped from memory.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Default)]
+struct State {
+    /// Revoked id -> Unix time its revocation expires.
+    revoked: HashMap<String, f64>,
+    /// Running task id -> who to tell when it is revoked with terminate.
+    watchers: HashMap<String, oneshot::Sender<()>>,
+}
+
+/// The revoked set of this worker. Cheap to clone.
+#[derive(Clone)]
+pub struct Revocations {
+    state: Arc<Mutex<State>>,
+}
+
+/// Fires when the task it watches is revoked with `terminate`; unregisters on drop.
+pub struct Watch {
+    revocations: Revocations,
+    task_id: String,
+    rx: oneshot::Receiver<()>,
+}
+
+impl Watch {
+    /// Completes when the task is revoked with terminate (never otherwise).
+    pub async fn terminated(&mut self) {
+        if (&mut self.rx).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.revocations.lock().watchers.remove(&self.task_id);
+    }
+}
+
+impl Revocations {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Subscribes to `dbtask:revoke`, loads `dbtask:revoked`, and keeps following the channel
+    /// on a background task (reconnecting with backoff) for as long as the runtime lives.
+    pub async fn start(redis_url: &str) -> Result<Revocations, StoreError> {
+        let safe = redact_url(redis_url);
+        let client = redis::Client::open(redis_url).map_err(|e| StoreError::BadUrl {
+            url: safe.clone(),
+            reason: e.to_string(),
+        })?;
+        let revocations = Revocations {
+            state: Arc::new(Mutex::new(State::default())),
+        };
+        let pubsub =
+            revocations
+                .subscribe_and_load(&client)
+                .await
+                .map_err(|e| StoreError::Unreachable {
+                    url: safe.clone(),
+                    reason: format!("loading the revoked task ids: {e}"),
+                })?;
+        info!(
+            revoked = revocations.lock().revoked.len(),
+            "loaded the revoked task ids"
+        );
+        tokio::spawn(revocations.clone().follow(client, pubsub, safe));
+        Ok(revocations)
+    }
+
+    async fn subscribe_and_load(
+        &self,
+        client: &redis::Client,
+    ) -> Result<redis::aio::PubSub, redis::RedisError> {
+        let connect = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(REVOKE_CHANNEL).await?;
+            let mut conn = client.get_multiplexed_async_connection().await?;
+            let members: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
+                .arg(REVOKED_SET_KEY)
+                .arg(now_unix())
+                .arg("+inf")
+                .arg("WITHSCORES")
+                .query_async(&mut conn)
+                .await?;
+            Ok::<_, redis::RedisError>((pubsub, members))
+        };
+        let (pubsub, members) = tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+        let mut state = self.lock();
+        for (id, expires) in members {
+            let at = state.revoked.entry(id).or_insert(expires);
+            *at = at.max(expires);
+        }
+        Ok(pubsub)
+    }
+
+    async fn follow(self, client: redis::Client, mut pubsub: redis::aio::PubSub, safe: String) {
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            {
+                let mut messages = pubsub.on_message();
+                loop {
+                    tokio::select! {
+                        message = messages.next() => match message {
+                            Some(message) => self.notice(message.get_payload_bytes()),
+                            None => break,
+                        },
+                        _ = prune.tick() => self.prune(),
+                    }
+                }
+            }
+            warn!(url = %safe, "lost the Redis subscription to revocations; reconnecting");
+            let mut delay = Duration::from_millis(100);
+            pubsub = loop {
+                tokio::time::sleep(delay).await;
+                match self.subscribe_and_load(&client).await {
+                    Ok(pubsub) => break pubsub,
+                    Err(e) => {
+                        warn!(url = %safe, error = %e, "cannot follow revocations yet; retrying");
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            info!(url = %safe, "following revocations again");
+        }
+    }
+
+    fn notice(&self, payload: &[u8]) {
+        let notice: RevokeNotice = match serde_json::from_slice(payload) {
+            Ok(notice) => notice,
+            Err(e) => {
+                warn!(error = %e, "ignoring an unreadable message on the revoke channel");
+                return;
+            }
+        };
+        debug!(task_id = %notice.id, terminate = notice.terminate, "task revoked");
+        let mut state = self.lock();
+        let at = state
+            .revoked
+            .entry(notice.id.clone())
+            .or_insert(notice.expires);
+        *at = at.max(notice.expires);
+        if notice.terminate {
+            if let Some(tx) = state.watchers.remove(&notice.id) {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    fn prune(&self) {
+        let now = now_unix();
+        self.lock().revoked.retain(|_, expires| *expires > now);
+    }
+
+    /// True if `task_id` is revoked (and the revocation has not expired).
+    pub fn is_revoked(&self, task_id: &str) -> bool {
+        let state = self.lock();
+        if state.revoked.is_empty() {
+            return false;
+        }
+        state
+            .revoked
+            .get(task_id)
+            .is_some_and(|expires| *expires > now_unix())
+    }
+
+    /// Watches the running task `task_id` for a revocation with terminate.
+    pub fn watch(&self, task_id: &str) -> Watch {
+        let (tx, rx) = oneshot::channel();
+        self.lock().watchers.insert(task_id.to_owned(), tx);
+        Watch {
+            revocations: self.clone(),
+            task_id: task_id.to_owned(),
+            rx,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn empty() -> Revocations {
+        Revocations {
+            state: Arc::new(Mutex::new(State::default())),
+        }
+    }
+
+    fn notice(id: &str, terminate: bool, expires: f64) -> Vec<u8> {
+        serde_json::to_vec(&RevokeNotice {
+            id: id.into(),
+            terminate,
+            expires,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_notice_revokes_until_it_expires() {
+        let r = empty();
+        assert!(!r.is_revoked("a"));
+        r.notice(&notice("a", false, now_unix() + 60.0));
+        r.notice(&notice("old", false, now_unix() - 1.0));
+        r.notice(b"not json");
+        assert!(r.is_revoked("a"));
+        assert!(
+            !r.is_revoked("old"),
+            "an expired revocation no longer applies"
+        );
+        r.prune();
+        assert_eq!(r.lock().revoked.len(), 1);
+        // A shorter second revocation never shortens the first.
+        r.notice(&notice("a", false, now_unix() - 1.0));
+        assert!(r.is_revoked("a"));
+    }
+
+    #[test]
+    fn terminate_fires_the_watch_of_a_running_task_only() {
+        let r = empty();
+        let mut running = r.watch("run");
+        let mut other = r.watch("other");
+        r.notice(&notice("run", false, now_unix() + 60.0));
+        assert!(
+            running.terminated().now_or_never().is_none(),
+            "no terminate asked"
+        );
+        r.notice(&notice("run", true, now_unix() + 60.0));
+        assert!(running.terminated().now_or_never().is_some());
+        assert!(other.terminated().now_or_never().is_none());
+        drop(other);
+        assert!(r.lock().watchers.is_empty(), "watches unregister on drop");
+    }
+}
