@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tracing::{debug, error, info, warn};
 
 use super::{reached, Phase, Shared};
+use crate::canvas::{Canvas, Flow};
 use crate::python::{CallOutcome, Job};
 
 /// How a message leaves this worker.
@@ -234,7 +235,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
         )
         .await;
     }
-    let task = match TaskMessage::decode(payload) {
+    let mut task = match TaskMessage::decode(payload) {
         Ok(task) => task,
         Err(e) => {
             return refuse_unreadable(
@@ -248,6 +249,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             .await;
         }
     };
+    let flow = Flow::take(&mut task);
     let id = task.id.as_str();
     let name = task.task.as_str();
     debug!(
@@ -266,7 +268,8 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             .await;
         if let Some(done) = existing.filter(|r| r.state.is_ready()) {
             info!(task_id = id, task = name, attempt = ctx.attempt, queue, state = %done.state, "task already finished: acking the redelivery without running it");
-            return Disposition::Ack;
+            // The crash may have come before the workflow's next steps were published.
+            return workflow(&ctx, flow, &done, Disposition::Ack).await;
         }
     }
 
@@ -275,23 +278,60 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             "no task named {name:?} is registered in this worker (modules imported: {}); is its module passed with -A?",
             shared.config.apps.join(", ")
         );
-        return ctx
+        let mut record = ctx.record(id, Some(name), TaskState::Failure, task.retries);
+        record.error = Some(TaskError::new(error_types::UNKNOWN_TASK, why.clone()));
+        let stored = ctx
             .refuse(id, Some(name), error_types::UNKNOWN_TASK, why, task.retries)
             .await;
+        return workflow(&ctx, flow, &record, stored).await;
     };
     if shared.phase() != Phase::Running {
         return Disposition::HandBack;
     }
-    execute(
+    let (stored, record) = execute(
         &ctx,
         task,
         track_started.unwrap_or(shared.config.track_started),
     )
-    .await
+    .await;
+    match record {
+        Some(record) => workflow(&ctx, flow, &record, stored).await,
+        None => stored,
+    }
 }
 
-/// Runs a decoded, registered task and stores its outcome.
-async fn execute(ctx: &Context<'_>, task: TaskMessage, track_started: bool) -> Disposition {
+/// After a final outcome is stored: the workflow's next steps (a no-op for a plain task).
+async fn workflow(
+    ctx: &Context<'_>,
+    flow: Option<Flow>,
+    record: &ResultRecord,
+    stored: Disposition,
+) -> Disposition {
+    let Some(flow) = flow.filter(|_| stored == Disposition::Ack) else {
+        return stored;
+    };
+    let shared = ctx.shared;
+    let canvas = Canvas {
+        broker: &shared.broker,
+        store: &shared.store,
+        writer: &shared.writer,
+        result_ttl: shared.config.result_ttl,
+    };
+    match canvas.after(&flow, record).await {
+        Ok(()) => Disposition::Ack,
+        Err(e) => {
+            warn!(task_id = %record.id, queue = ctx.queue, error = %e, "workflow step not done: handing the message back to redo it");
+            Disposition::HandBack
+        }
+    }
+}
+
+/// Runs a decoded, registered task and stores its outcome (returned once stored).
+async fn execute(
+    ctx: &Context<'_>,
+    task: TaskMessage,
+    track_started: bool,
+) -> (Disposition, Option<ResultRecord>) {
     let (shared, queue) = (ctx.shared, ctx.queue);
     let id = task.id.as_str();
     let name = task.task.as_str();
@@ -300,7 +340,7 @@ async fn execute(ctx: &Context<'_>, task: TaskMessage, track_started: bool) -> D
         let mut record = ctx.record(id, Some(name), TaskState::Started, task.retries);
         record.date_started = Some(started);
         if ctx.store(&record).await != Disposition::Ack {
-            return Disposition::HandBack;
+            return (Disposition::HandBack, None);
         }
     }
 
@@ -346,7 +386,7 @@ async fn execute(ctx: &Context<'_>, task: TaskMessage, track_started: bool) -> D
             record.error = Some(err);
         }
     }
-    ctx.store(&record).await
+    (ctx.store(&record).await, Some(record))
 }
 
 /// A message that cannot be decoded (or is too large): a FAILURE record if any valid task id
