@@ -12,7 +12,7 @@ import pytest
 import dbtask
 from dbtask import Chain, Chord, ChordError, Group, GroupResult, Signature
 from e2e_support import wait_for_lines
-from flow_tasks import add, counted_sum, fail, ident, mul, on_error, on_success, slow_add, tsum
+from flow_tasks import add, big, counted_sum, pid_ident, fail, ident, mul, on_error, on_success, slow_add, tsum
 
 
 def lines(path) -> list[str]:
@@ -79,17 +79,19 @@ async def test_group_of_1000_pipelined_with_result_api_and_restore(worker_factor
 
 
 async def test_chord_of_1000_over_two_workers_20_times_fires_each_callback_once(worker_factory, client, tmp_path):
-    worker_factory("flow_tasks", concurrency=8)
-    worker_factory("flow_tasks", concurrency=8)
+    first = worker_factory("flow_tasks", concurrency=8)
+    second = worker_factory("flow_tasks", concurrency=8)
     log = tmp_path / "callbacks.txt"
+    pids = tmp_path / "members.txt"
     expected = sum(range(1000))
     for run in range(20):
-        chord = Chord([ident.s(i) for i in range(1000)], counted_sum.s(str(log), f"run{run}"))
+        chord = Chord([pid_ident.s(i, str(pids)) for i in range(1000)], counted_sum.s(str(log), f"run{run}"))
         assert await (await chord.delay()).get(timeout=120) == expected
     await asyncio.sleep(0.5)  # a second (wrong) callback would have landed by now
     runs = collections.Counter(line.split()[0] for line in lines(log))
     assert runs == {f"run{i}": 1 for i in range(20)}, runs
     assert {tuple(line.split()[1:3]) for line in lines(log)} == {("1000", str(expected))}
+    assert set(lines(pids)) == {str(first.pid), str(second.pid)}, "both workers ran members"
 
 
 async def test_chord_member_killed_mid_run_is_redelivered_and_the_callback_runs_once(worker_factory, client, tmp_path):
@@ -120,6 +122,13 @@ async def test_chord_member_failure_gives_chord_error_and_no_callback(worker_fac
     assert "ValueError" in str(info.value)
     await asyncio.sleep(0.5)
     assert lines(log) == []
+
+
+async def test_chord_callback_too_large_to_publish_fails_clearly(worker_factory, client):
+    worker_factory("flow_tasks", args=["--max-message-bytes", "20000"])
+    result = await Chord([big.s(8000) for _ in range(3)], tsum.s()).delay()
+    with pytest.raises(dbtask.TooLarge, match="max_message_bytes"):
+        await result.get(timeout=30)
 
 
 async def test_empty_chord_runs_the_callback_with_an_empty_list(worker_factory, client):

@@ -67,3 +67,15 @@ def on_error(task_id, error, path):
 def on_success(result, path):
     _append(path, f"ok {result}")
     return result
+
+
+@task
+def big(n):
+    return "x" * n
+
+
+@task
+def pid_ident(x, path):
+    """Returns `x`; records which worker ran it."""
+    _append(path, str(os.getpid()))
+    return x

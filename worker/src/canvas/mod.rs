@@ -60,8 +60,9 @@ pub struct Flow {
 }
 
 impl Flow {
-    /// Moves the workflow fields out of `msg`; `None` for a plain task.
-    pub fn take(msg: &mut TaskMessage) -> Option<Flow> {
+    /// A copy of the workflow fields of `msg` (which keeps them, e.g. for a retry's
+    /// republish); `None` for a plain task.
+    pub fn of(msg: &TaskMessage) -> Option<Flow> {
         if msg.chain.is_empty()
             && msg.chord.is_none()
             && msg.link.is_empty()
@@ -70,10 +71,10 @@ impl Flow {
             return None;
         }
         Some(Flow {
-            chain: std::mem::take(&mut msg.chain),
-            chord: msg.chord.take(),
-            link: std::mem::take(&mut msg.link),
-            link_error: std::mem::take(&mut msg.link_error),
+            chain: msg.chain.clone(),
+            chord: msg.chord.clone(),
+            link: msg.link.clone(),
+            link_error: msg.link_error.clone(),
         })
     }
 }
@@ -93,6 +94,8 @@ pub struct Canvas<'a> {
     pub store: &'a Store,
     pub writer: &'a Writer,
     pub result_ttl: u64,
+    /// Largest message to publish (`max_message_bytes`).
+    pub max_message_bytes: usize,
 }
 
 impl Canvas<'_> {
@@ -170,6 +173,7 @@ impl Canvas<'_> {
             }
             _ => return Ok(()),
         }
+        self.refuse_oversized(&mut out, record, &mut failures);
         for failure in &failures {
             debug!(task_id = %failure.id, cause = %record.id, "recording a workflow failure");
             self.writer
@@ -242,6 +246,48 @@ impl Canvas<'_> {
             _ => {
                 error!(chord_id = %chord.id, "the stored chord results are not JSON: the callback cannot run");
                 None
+            }
+        }
+    }
+
+    /// A next step whose message would be larger than `max_message_bytes` (a chord's callback
+    /// with many large results, say) is not published: its result, and its chain's, records
+    /// `dbtask.TooLarge` instead of the message being refused forever.
+    fn refuse_oversized(
+        &self,
+        out: &mut Expanded,
+        record: &ResultRecord,
+        failures: &mut Vec<ResultRecord>,
+    ) {
+        let limit = self.max_message_bytes;
+        let (fits, too_big): (Vec<TaskMessage>, Vec<TaskMessage>) =
+            std::mem::take(&mut out.messages)
+                .into_iter()
+                .partition(|m| m.encode().len() <= limit);
+        out.messages = fits;
+        for m in too_big {
+            let why = format!(
+                "workflow step {} ({}) after task {} would be a message of more than max_message_bytes ({limit}): return smaller results, or store them elsewhere and return references",
+                m.id, m.task, record.id
+            );
+            warn!(task_id = %m.id, task = %m.task, cause = %record.id, "workflow step too large to publish");
+            let error = TaskError::new(error_types::TOO_LARGE, why);
+            let mut ids = vec![m.id.clone()];
+            if let Some(last) = m.chain.last() {
+                ids.extend(last.final_ids());
+            }
+            for id in ids {
+                let mut failed = ResultRecord::new(id, TaskState::Failure);
+                failed.task = Some(m.task.clone());
+                failed.error = Some(error.clone());
+                failed.worker = record.worker.clone();
+                failed.date_done = Some(now_unix());
+                failures.push(failed);
+            }
+            if let Some(chord) = &m.chord {
+                let mut member = ResultRecord::new(m.id.clone(), TaskState::Failure);
+                member.task = Some(m.task.clone());
+                fail_chord(chord, &member, &error, failures);
             }
         }
     }

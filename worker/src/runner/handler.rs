@@ -235,7 +235,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
         )
         .await;
     }
-    let mut task = match TaskMessage::decode(payload) {
+    let task = match TaskMessage::decode(payload) {
         Ok(task) => task,
         Err(e) => {
             return refuse_unreadable(
@@ -249,7 +249,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             .await;
         }
     };
-    let flow = Flow::take(&mut task);
+    let flow = Flow::of(&task);
     let id = task.id.as_str();
     let name = task.task.as_str();
     debug!(
@@ -316,6 +316,7 @@ async fn workflow(
         store: &shared.store,
         writer: &shared.writer,
         result_ttl: shared.config.result_ttl,
+        max_message_bytes: shared.config.max_message_bytes,
     };
     match canvas.after(&flow, record).await {
         Ok(()) => Disposition::Ack,
