@@ -176,6 +176,15 @@ async def test_link_and_link_error(worker_factory, client, tmp_path):
     r = await asyncio.to_thread(add.s(1, 1).apply_async_sync, link=[on_success.s(str(log))])
     assert await r.get(timeout=30) == 2
     await wait_for_lines(log, 3)
+    # On a chain: link goes to the last step, link_error to whichever step fails.
+    failing = Chain([add.s(1, 1), fail.s(), add.s(5)])
+    failing.freeze()
+    handle = await failing.apply_async(link_error=on_error.s(str(log)), link=on_success.s(str(log)))
+    with pytest.raises(ValueError):
+        await handle.get(timeout=30)
+    await wait_for_lines(log, 4)
+    await asyncio.sleep(0.3)
+    assert lines(log)[3:] == [f"{failing.steps[1].id} ValueError failing on purpose with [2]"]
 
 
 async def test_signatures_are_plain_data_and_restore(worker_factory, client):

@@ -380,6 +380,25 @@ class Chain(Signature):
             self.steps[-1].set(task_id=task_id)
         return self
 
+    def on_success(self, callback: Mapping[str, Any]) -> "Signature":
+        """Links ``callback`` to the chain's last step."""
+        self._last().on_success(callback)
+        return self
+
+    def on_error(self, callback: Mapping[str, Any]) -> "Signature":
+        """Links the error ``callback`` to every step (the one that fails calls it, once: the
+        chain stops there)."""
+        if any(s.kind != "task" for s in self.steps):
+            raise TypeError("link_error on a chain needs every step to be a task: link it to the steps themselves")
+        for s in self.steps:
+            s.on_error(callback)
+        return self
+
+    def _last(self) -> Signature:
+        if not self.steps:
+            raise ValueError("an empty chain has nothing to run")
+        return self.steps[-1]
+
 
 class Group(Signature):
     """Members run in parallel, all published at once. The result is a :class:`GroupResult`
@@ -442,6 +461,16 @@ class Chord(Group):
     @property
     def body(self) -> Signature:
         return self["body"]  # type: ignore[no-any-return]
+
+    def set(self, **options: Any) -> "Signature":  # type: ignore[override]
+        """``task_id`` names the chord's result (its callback's id); other options apply to
+        every member and to the callback."""
+        task_id = options.pop("task_id", None)
+        Group.set(self, **options)
+        self.body.set(**options)
+        if task_id is not None:
+            self.body.set(task_id=task_id)
+        return self
 
     def __repr__(self) -> str:
         return f"Chord([{', '.join(repr(m) for m in self.members)}], {self.body!r})"
