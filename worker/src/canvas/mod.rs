@@ -212,6 +212,11 @@ impl Canvas<'_> {
     /// Stores this member's result; the ordered results when the chord is complete and this
     /// member fires it.
     async fn count_member(&self, chord: &ChordRef, result: &RawValue) -> Option<Box<RawValue>> {
+        if chord.index >= chord.size {
+            // Only a hand-made message can say this; counting it would corrupt the chord.
+            error!(chord_id = %chord.id, index = chord.index, size = chord.size, "chord member index out of range: not counted");
+            return None;
+        }
         let store = self.store;
         let ttl = self.result_ttl.max(1);
         let reply: Option<Vec<Vec<u8>>> = store
