@@ -26,6 +26,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 
 use crate::bridge;
+use crate::canvas;
 use crate::error::{percent_decode, redact_url, ClientError};
 use crate::json;
 use crate::notify::{Event, Notifier};
@@ -49,13 +50,13 @@ const FIRST_CHECK_BUDGET: Duration = Duration::from_secs(2);
 pub struct Inner {
     nats: async_nats::Client,
     js: async_nats::jetstream::Context,
-    redis: ConnectionManager,
+    pub(crate) redis: ConnectionManager,
     notifier: Notifier,
     /// The URLs as given (with secrets), only compared, never shown.
     nats_given: String,
     redis_given: String,
     nats_safe: String,
-    redis_safe: String,
+    pub(crate) redis_safe: String,
     closed: AtomicBool,
     /// Publishes in progress, and a wake-up for `close` when the last one ends.
     publishing: AtomicUsize,
@@ -64,7 +65,13 @@ pub struct Inner {
 
 /// Counts one publish in progress for as long as it lives. Taken on the caller's thread,
 /// before the work is handed to tokio, so that `close` cannot slip in between.
-struct Publishing(Arc<Inner>);
+pub(crate) struct Publishing(Arc<Inner>);
+
+impl Publishing {
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.0
+    }
+}
 
 impl Drop for Publishing {
     fn drop(&mut self) {
@@ -189,7 +196,7 @@ async fn ensure_stream(js: &async_nats::jetstream::Context, safe: &str) -> Resul
     }
 }
 
-fn redis_error(e: &redis::RedisError, safe: &str) -> ClientError {
+pub(crate) fn redis_error(e: &redis::RedisError, safe: &str) -> ClientError {
     if e.is_timeout() {
         ClientError::Connection(format!("Redis at {safe} did not answer in time ({e})"))
     } else {
@@ -313,11 +320,11 @@ impl Inner {
 // Publishing
 
 /// A task message ready to go: encoded on the Python thread (with the GIL), sent from tokio.
-struct Outgoing {
-    id: String,
-    subject: String,
-    headers: HeaderMap,
-    body: Bytes,
+pub(crate) struct Outgoing {
+    pub(crate) id: String,
+    pub(crate) subject: String,
+    pub(crate) headers: HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -395,6 +402,10 @@ fn prepare(
         expires,
         retries: 0,
         sent_at: Some(sent_at),
+        chain: Vec::new(),
+        chord: None,
+        link: Vec::new(),
+        link_error: Vec::new(),
     };
     let body = Bytes::from(message.encode());
     let mut headers = HeaderMap::new();
@@ -493,7 +504,7 @@ async fn publish_one(publishing: Publishing, out: Outgoing) -> Result<String, Cl
 
 /// Writes every message, keeping up to [`BULK_WINDOW`] confirmations pending, then awaits the
 /// rest: one round trip's latency for the whole batch instead of one per task.
-async fn publish_all(
+pub(crate) async fn publish_all(
     publishing: Publishing,
     outs: Vec<Outgoing>,
 ) -> Result<Vec<String>, ClientError> {
@@ -811,6 +822,61 @@ impl Client {
     ) -> PyResult<Vec<String>> {
         let outs = prepare_many(queue, task, calls, eta, expires)?;
         runtime::block_on(py, publish_all(self.inner.start_publishing()?, outs))
+    }
+
+    /// Publishes a workflow: `signature` is the JSON of a signature tree whose ids are all
+    /// assigned; its groups are stored in Redis for `group_ttl` seconds first.
+    fn publish_workflow<'py>(
+        &self,
+        py: Python<'py>,
+        signature: &str,
+        group_ttl: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let prepared = canvas::prepare(signature)?;
+        let ttl = seconds("group_ttl", group_ttl)?;
+        bridge::awaitable(
+            py,
+            canvas::publish(self.inner.start_publishing()?, prepared, ttl),
+            |py, ()| Ok(py.None()),
+        )
+    }
+
+    /// Blocking form of `publish_workflow`.
+    fn publish_workflow_sync(
+        &self,
+        py: Python<'_>,
+        signature: &str,
+        group_ttl: f64,
+    ) -> PyResult<()> {
+        let prepared = canvas::prepare(signature)?;
+        let ttl = seconds("group_ttl", group_ttl)?;
+        runtime::block_on(
+            py,
+            canvas::publish(self.inner.start_publishing()?, prepared, ttl),
+        )
+    }
+
+    /// The JSON list of a group's member result ids, or None when the group is unknown.
+    fn get_group<'py>(&self, py: Python<'py>, group_id: String) -> PyResult<Bound<'py, PyAny>> {
+        check_id(&group_id)?;
+        self.inner.check_open()?;
+        let inner = self.inner.clone();
+        bridge::awaitable(
+            py,
+            async move { canvas::get_group(&inner, &group_id).await },
+            bridge::into_py,
+        )
+    }
+
+    /// Blocking form of `get_group`.
+    fn get_group_sync(&self, py: Python<'_>, group_id: String) -> PyResult<Option<String>> {
+        check_id(&group_id)?;
+        self.inner.check_open()?;
+        let inner = self.inner.clone();
+        runtime::block_on(
+            py,
+            async move { canvas::get_group(&inner, &group_id).await },
+        )
     }
 
     /// The stored record of a task as a dict, or None when there is none (PENDING).

@@ -8,6 +8,7 @@
 use pyo3::prelude::*;
 
 mod bridge;
+mod canvas;
 mod client;
 mod error;
 mod json;

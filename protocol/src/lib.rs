@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::fmt;
 
+pub mod canvas;
+pub use canvas::{ChordRef, Signature};
+
 /// Version of the message format; a worker rejects messages with a newer major version.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -231,6 +234,18 @@ pub struct TaskMessage {
     /// When the client published the message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<f64>,
+    /// Workflow: the chain steps still to run after this task ([`canvas`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<Signature>,
+    /// Workflow: the chord this task completes a member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chord: Option<ChordRef>,
+    /// Workflow: callbacks published with the result on success.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link: Vec<Signature>,
+    /// Workflow: callbacks published with `(task id, error)` on failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link_error: Vec<Signature>,
 }
 
 impl TaskMessage {
@@ -452,6 +467,10 @@ mod tests {
             expires: None,
             retries: 2,
             sent_at: Some(1_700_000_000.0),
+            chain: Vec::new(),
+            chord: None,
+            link: Vec::new(),
+            link_error: Vec::new(),
         };
         let back = TaskMessage::decode(&msg.encode()).unwrap();
         assert_eq!(back.id, "0b1c-42");

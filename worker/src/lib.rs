@@ -5,6 +5,7 @@
 //! tests can drive it with their own servers and their own shutdown future.
 
 pub mod broker;
+pub mod canvas;
 pub mod cli;
 pub mod config;
 pub mod limits;

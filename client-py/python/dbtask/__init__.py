@@ -19,8 +19,10 @@ without an event loop (scripts, Django or Flask views)::
 ``import dbtask`` and ``@task`` do not load the compiled module; it is loaded by ``init``.
 """
 
+from ._canvas import Chain, Chord, Group, GroupResult, Signature, signature
 from ._client import close, close_sync, init, init_sync
 from ._errors import (
+    ChordError,
     InvalidArguments,
     MalformedMessage,
     RemoteTraceback,
@@ -59,4 +61,11 @@ __all__ = [
     "SoftTimeLimitExceeded",
     "TimeLimitExceeded",
     "Terminated",
+    "Signature",
+    "signature",
+    "Chain",
+    "Group",
+    "Chord",
+    "GroupResult",
+    "ChordError",
 ]

@@ -14,6 +14,7 @@ __all__ = [
     "UnserializableResult",
     "TooLarge",
     "TaskRevoked",
+    "ChordError",
     "RemoteTraceback",
 ]
 
@@ -80,6 +81,10 @@ class TaskRevoked(TaskError):
     """The task was revoked (for example it arrived after its ``expires`` time)."""
 
 
+class ChordError(TaskError):
+    """A member of a chord failed, so its callback did not run; the message names the member."""
+
+
 class RemoteTraceback(Exception):
     """The traceback of an exception raised in a worker, set as ``__cause__`` of the re-raised
     exception so that it prints below the local traceback (as in ``concurrent.futures``)."""
@@ -107,6 +112,7 @@ _WORKER_ERRORS: dict[str, type[TaskError]] = {
     "dbtask.UnserializableResult": UnserializableResult,
     "dbtask.TooLarge": TooLarge,
     "dbtask.TaskRevoked": TaskRevoked,
+    "dbtask.ChordError": ChordError,
 }
 
 

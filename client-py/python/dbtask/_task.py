@@ -23,12 +23,16 @@ from typing import (
     ParamSpec,
     Protocol,
     Sequence,
+    TYPE_CHECKING,
     TypeVar,
     overload,
 )
 
 from . import _client, _registry
 from ._result import AsyncResult
+
+if TYPE_CHECKING:
+    from ._canvas import Group, Signature
 
 __all__ = ["Task", "AsyncTask", "task"]
 
@@ -192,6 +196,8 @@ class Task(Generic[P, R]):
         expires: float | datetime | None = None,
         queue: str | None = None,
         task_id: str | None = None,
+        link: Any = None,
+        link_error: Any = None,
     ) -> AsyncResult[R]:
         """Sends the task with options. Positional arguments are the task's arguments
         (``apply_async(1, 2, countdown=10)``), or pass them as in Celery
@@ -201,9 +207,15 @@ class Task(Generic[P, R]):
         than this datetime (naive means UTC); ``expires``: seconds from now or a datetime after
         which the task is revoked instead of run; ``queue``: another queue than the task's;
         ``task_id``: your own id (a second publish of the same id within the stream's
-        duplicate window, 2 minutes by default, is dropped by JetStream).
+        duplicate window, 2 minutes by default, is dropped by JetStream); ``link`` /
+        ``link_error``: a signature (or a list) published with the result on success, or with
+        ``(task_id, error)`` on failure (``countdown`` only, no ``eta``/``expires``, then).
         """
         pos, kw = _call_args(task_args, args, kwargs)
+        if link is not None or link_error is not None:
+            return await self._linked(pos, kw, countdown, eta, expires, queue, task_id).apply_async(  # type: ignore[no-any-return]
+                link=link, link_error=link_error
+            )
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         tid = await _client.current().publish(
             queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts
@@ -220,14 +232,62 @@ class Task(Generic[P, R]):
         expires: float | datetime | None = None,
         queue: str | None = None,
         task_id: str | None = None,
+        link: Any = None,
+        link_error: Any = None,
     ) -> AsyncResult[R]:
         """Blocking form of :meth:`apply_async`."""
         pos, kw = _call_args(task_args, args, kwargs)
+        if link is not None or link_error is not None:
+            return self._linked(pos, kw, countdown, eta, expires, queue, task_id).apply_async_sync(  # type: ignore[no-any-return]
+                link=link, link_error=link_error
+            )
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         tid = _client.current().publish_sync(
             queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts
         )
         return AsyncResult(tid)
+
+    # -- workflows (dbtask._canvas) -------------------------------------------------------
+
+    def s(self, *args: Any, **kwargs: Any) -> "Signature":
+        """A signature (partial call): in a chain, the parent's result is prepended to ``args``."""
+        from ._canvas import Signature
+
+        return Signature(self.name, args, kwargs, {"queue": self.queue})
+
+    def si(self, *args: Any, **kwargs: Any) -> "Signature":
+        """An immutable signature: in a chain, the parent's result is not passed."""
+        from ._canvas import Signature
+
+        return Signature(self.name, args, kwargs, {"queue": self.queue, "immutable": True})
+
+    def map(self, items: Iterable[Any]) -> "Group":
+        """A group calling the task once per item: ``task.map([1, 2])`` is
+        ``Group([task.si(1), task.si(2)])`` (one message per item, run in parallel)."""
+        from ._canvas import Group
+
+        return Group([self.si(item) for item in items])
+
+    def starmap(self, items: Iterable[Sequence[Any]]) -> "Group":
+        """A group calling the task once per argument tuple: ``task.starmap([(1, 2), (3, 4)])``."""
+        from ._canvas import Group
+
+        return Group([self.si(*args) for args in items])
+
+    def _linked(
+        self,
+        pos: Sequence[Any],
+        kw: Mapping[str, Any] | None,
+        countdown: float | None,
+        eta: datetime | None,
+        expires: float | datetime | None,
+        queue: str | None,
+        task_id: str | None,
+    ) -> "Signature":
+        if eta is not None or expires is not None:
+            raise ValueError("link/link_error work with countdown, not eta or expires")
+        sig = self.s(*pos, **(kw or {}))
+        return sig.set(queue=queue, countdown=countdown, task_id=task_id)
 
     # -- many tasks -----------------------------------------------------------------------
 

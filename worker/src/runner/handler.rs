@@ -16,6 +16,7 @@ use serde::Deserialize;
 use tracing::{debug, error, info, warn};
 
 use super::{reached, Phase, Shared};
+use crate::canvas::{Canvas, Flow};
 use crate::limits::{self, Ended, Limits};
 use crate::python::{CallOutcome, Job};
 
@@ -188,7 +189,14 @@ impl Context<'_> {
     }
 
     /// A REVOKED record: the task was revoked before it started, or terminated.
-    async fn revoked(&self, id: &str, task: &str, retries: u32, why: &str) -> Disposition {
+    /// Stores a REVOKED record; returns it too, so that a workflow waiting on this task moves on.
+    async fn revoked(
+        &self,
+        id: &str,
+        task: &str,
+        retries: u32,
+        why: &str,
+    ) -> (Disposition, ResultRecord) {
         info!(
             task_id = id,
             task,
@@ -200,7 +208,7 @@ impl Context<'_> {
         let mut record = self.record(id, Some(task), TaskState::Revoked, retries);
         record.date_done = Some(now_unix());
         record.error = Some(TaskError::new(error_types::REVOKED, why));
-        self.store(&record).await
+        (self.store(&record).await, record)
     }
 }
 
@@ -268,6 +276,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             .await;
         }
     };
+    let flow = Flow::of(&task);
     let id = task.id.as_str();
     let name = task.task.as_str();
     debug!(
@@ -286,14 +295,16 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             .await;
         if let Some(done) = existing.filter(|r| r.state.is_ready()) {
             info!(task_id = id, task = name, attempt = ctx.attempt, queue, state = %done.state, "task already finished: acking the redelivery without running it");
-            return Disposition::Ack;
+            // The crash may have come before the workflow's next steps were published.
+            return workflow(&ctx, flow, &done, Disposition::Ack).await;
         }
     }
 
     if shared.revocations.is_revoked(id) {
-        return ctx
+        let (stored, record) = ctx
             .revoked(id, name, task.retries, REVOKED_BEFORE_START)
             .await;
+        return workflow(&ctx, flow, &record, stored).await;
     }
 
     // Not its time yet (a publish straight to the queue, or a clock ahead of the server's):
@@ -316,7 +327,8 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             error_types::EXPIRED,
             "expired: the task was delivered after its expires time and did not run",
         ));
-        return ctx.store(&record).await;
+        let stored = ctx.store(&record).await;
+        return workflow(&ctx, flow, &record, stored).await;
     }
 
     let Some(track_started) = shared.python.tasks().get(name).map(|t| t.track_started) else {
@@ -324,20 +336,27 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             "no task named {name:?} is registered in this worker (modules imported: {}); is its module passed with -A?",
             shared.config.apps.join(", ")
         );
-        return ctx
+        let mut record = ctx.record(id, Some(name), TaskState::Failure, task.retries);
+        record.error = Some(TaskError::new(error_types::UNKNOWN_TASK, why.clone()));
+        let stored = ctx
             .refuse(id, Some(name), error_types::UNKNOWN_TASK, why, task.retries)
             .await;
+        return workflow(&ctx, flow, &record, stored).await;
     };
     if shared.phase() != Phase::Running {
         return Disposition::HandBack;
     }
-    execute(
+    let (stored, record) = execute(
         &ctx,
         task,
         track_started.unwrap_or(shared.config.track_started),
         payload,
     )
-    .await
+    .await;
+    match record {
+        Some(record) => workflow(&ctx, flow, &record, stored).await,
+        None => stored,
+    }
 }
 
 /// Publishes the task again as a message schedule for `eta`, then acks this delivery.
@@ -350,6 +369,33 @@ async fn reschedule(ctx: &Context<'_>, task: &TaskMessage, eta: f64, msg_id: &st
         }
         Err(e) => {
             warn!(task_id = %task.id, task = %task.task, queue = ctx.queue, error = %e, "cannot schedule a task delivered before its eta; NATS will deliver it again");
+            Disposition::HandBack
+        }
+    }
+}
+
+/// After a final outcome is stored: the workflow's next steps (a no-op for a plain task).
+async fn workflow(
+    ctx: &Context<'_>,
+    flow: Option<Flow>,
+    record: &ResultRecord,
+    stored: Disposition,
+) -> Disposition {
+    let Some(flow) = flow.filter(|_| stored == Disposition::Ack) else {
+        return stored;
+    };
+    let shared = ctx.shared;
+    let canvas = Canvas {
+        broker: &shared.broker,
+        store: &shared.store,
+        writer: &shared.writer,
+        result_ttl: shared.config.result_ttl,
+        max_message_bytes: shared.config.max_message_bytes,
+    };
+    match canvas.after(&flow, record).await {
+        Ok(()) => Disposition::Ack,
+        Err(e) => {
+            warn!(task_id = %record.id, queue = ctx.queue, error = %e, "workflow step not done: handing the message back to redo it");
             Disposition::HandBack
         }
     }
@@ -416,13 +462,13 @@ async fn retry(
     Ok(())
 }
 
-/// Runs a decoded, registered task and stores its outcome.
+/// Runs a decoded, registered task and stores its outcome (returned once stored).
 async fn execute(
     ctx: &Context<'_>,
     task: TaskMessage,
     track_started: bool,
     payload: &[u8],
-) -> Disposition {
+) -> (Disposition, Option<ResultRecord>) {
     let (shared, queue) = (ctx.shared, ctx.queue);
     let id = task.id.as_str();
     let name = task.task.as_str();
@@ -431,7 +477,7 @@ async fn execute(
         let mut record = ctx.record(id, Some(name), TaskState::Started, task.retries);
         record.date_started = Some(started);
         if ctx.store(&record).await != Disposition::Ack {
-            return Disposition::HandBack;
+            return (Disposition::HandBack, None);
         }
     }
 
@@ -458,7 +504,8 @@ async fn execute(
             } else {
                 REVOKED_BEFORE_START
             };
-            return ctx.revoked(id, name, task.retries, why).await;
+            let (stored, record) = ctx.revoked(id, name, task.retries, why).await;
+            return (stored, Some(record));
         }
     };
     let done = now_unix();
@@ -514,11 +561,11 @@ async fn execute(
             )
             .await
             {
-                return d;
+                return (d, None);
             }
         }
     }
-    ctx.store(&record).await
+    (ctx.store(&record).await, Some(record))
 }
 
 /// A message that cannot be decoded (or is too large): a FAILURE record if any valid task id

@@ -92,6 +92,11 @@ impl Store {
         Ok(store)
     }
 
+    /// How long records are kept, in seconds.
+    pub fn result_ttl(&self) -> u64 {
+        self.result_ttl
+    }
+
     /// The URL with its secrets hidden.
     pub fn url(&self) -> &str {
         &self.url
@@ -185,7 +190,7 @@ impl Store {
         }
     }
 
-    async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+    pub(crate) async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
         self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => self.redis_error(e),
             PoolError::Timeout(_) => StoreError::Unreachable {
@@ -199,7 +204,7 @@ impl Store {
         })
     }
 
-    fn redis_error(&self, e: redis::RedisError) -> StoreError {
+    pub(crate) fn redis_error(&self, e: redis::RedisError) -> StoreError {
         let url = self.url.clone();
         if e.is_connection_refusal() {
             StoreError::Unreachable {

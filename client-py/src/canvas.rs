@@ -1,0 +1,92 @@
+//! Workflows from the client: a signature tree (JSON made by `dbtask._canvas`, every id
+//! already assigned) expanded by the protocol crate into the task messages to publish now.
+//! Groups are recorded in Redis (`dbtask:group:<id>`) before their members are published, so a
+//! `GroupResult` can be restored from its id as soon as it exists.
+
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use dbtask_protocol as protocol;
+use protocol::canvas::{expand, group_key, Carry, Expanded, Signature};
+
+use crate::client::{publish_all, redis_error, Inner, Outgoing, Publishing};
+use crate::error::ClientError;
+
+/// The messages and groups of a workflow, checked and encoded.
+pub(crate) struct Prepared {
+    outs: Vec<Outgoing>,
+    groups: Vec<(String, String)>,
+}
+
+pub(crate) fn prepare(signature_json: &str) -> Result<Prepared, ClientError> {
+    let sig: Signature = serde_json::from_str(signature_json)
+        .map_err(|e| ClientError::Value(format!("not a dbtask signature: {e}")))?;
+    let mut expanded = Expanded::default();
+    expand(
+        &sig,
+        None,
+        Carry::default(),
+        protocol::now_unix(),
+        &mut expanded,
+    )?;
+    let subjects: Vec<String> = expanded.subjects().collect();
+    let outs = expanded
+        .messages
+        .into_iter()
+        .zip(subjects)
+        .map(|(message, subject)| {
+            let mut headers = HeaderMap::new();
+            headers.insert(protocol::HEADER_MSG_ID, message.id.as_str());
+            headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
+            headers.insert(protocol::HEADER_TASK, message.task.as_str());
+            Outgoing {
+                body: Bytes::from(message.encode()),
+                id: message.id,
+                subject,
+                headers,
+            }
+        })
+        .collect();
+    Ok(Prepared {
+        outs,
+        groups: expanded.groups,
+    })
+}
+
+/// Records the groups, then publishes every message (all written, then all confirmed).
+pub(crate) async fn publish(
+    publishing: Publishing,
+    prepared: Prepared,
+    group_ttl: Duration,
+) -> Result<(), ClientError> {
+    let inner = publishing.inner();
+    if !prepared.groups.is_empty() {
+        let mut pipe = redis::pipe();
+        for (id, members) in &prepared.groups {
+            pipe.set_ex(group_key(id), members.as_str(), group_ttl.as_secs().max(1))
+                .ignore();
+        }
+        let mut conn = inner.redis.clone();
+        pipe.exec_async(&mut conn)
+            .await
+            .map_err(|e| redis_error(&e, &inner.redis_safe))?;
+    }
+    if !prepared.outs.is_empty() {
+        publish_all(publishing, prepared.outs).await?;
+    }
+    Ok(())
+}
+
+/// The JSON list of a group's member result ids, `None` when the group is unknown (or expired).
+pub(crate) async fn get_group(
+    inner: &Inner,
+    group_id: &str,
+) -> Result<Option<String>, ClientError> {
+    let mut conn = inner.redis.clone();
+    redis::cmd("GET")
+        .arg(group_key(group_id))
+        .query_async::<Option<String>>(&mut conn)
+        .await
+        .map_err(|e| redis_error(&e, &inner.redis_safe))
+}
