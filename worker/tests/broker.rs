@@ -90,7 +90,10 @@ async fn stream_and_consumers_are_set_up_idempotently_by_several_workers() {
     assert_eq!(info.config.storage, stream::StorageType::File);
     assert_eq!(
         info.config.subjects,
-        [TASK_SUBJECT_WILDCARD, dbtask_protocol::SCHEDULE_SUBJECT_WILDCARD]
+        [
+            TASK_SUBJECT_WILDCARD,
+            dbtask_protocol::SCHEDULE_SUBJECT_WILDCARD
+        ]
     );
     assert!(
         info.config.allow_message_schedules,
