@@ -459,8 +459,11 @@ fn publish_error(
             PUBLISH_TIMEOUT.as_secs()
         )),
         PublishErrorKind::StreamNotFound => ClientError::Connection(format!(
-            "no JetStream stream on NATS at {safe} takes task subjects ({}): the stream {} is missing",
+            "no JetStream stream on NATS at {safe} takes task subjects ({}, and {} for countdown/eta): \
+             the stream {} is missing, or was made by an older dbtask: start a current dbtask worker \
+             once, it adds the subjects and enables message schedules (nats-server 2.12+)",
             protocol::TASK_SUBJECT_WILDCARD,
+            protocol::SCHEDULE_SUBJECT_WILDCARD,
             protocol::TASK_STREAM
         )),
         _ => ClientError::Connection(format!("cannot publish task {id} to NATS at {safe}: {e}")),

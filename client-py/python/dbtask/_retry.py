@@ -48,6 +48,10 @@ class Retry(Exception):
         super().__init__(message)
 
 
+# Recorded errors name it `dbtask.Retry`, the name users import.
+Retry.__module__ = "dbtask"
+
+
 class Request:
     """What a bound task knows about the current delivery (``self.request``)."""
 
