@@ -293,7 +293,10 @@ impl Inner {
             }
         };
         let abandon = kind != Interrupt::Soft;
-        if self.running.raise(py, task_id, &exc, abandon) {
+        if self
+            .running
+            .raise(py, task_id, &exc, abandon, || self.pool.reserve_retired())
+        {
             self.pool.replace_retired();
         }
     }
