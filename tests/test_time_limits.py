@@ -81,6 +81,33 @@ async def test_sync_task_ignoring_its_limits_is_abandoned_and_the_worker_keeps_s
     assert await (await quick.delay("after")).get(timeout=15) == "after"
 
 
+async def test_stuck_threads_are_replaced_up_to_the_concurrency_then_capacity_comes_back(
+    worker_factory, client, tmp_path
+):
+    w = worker_factory(APP, concurrency=1)
+    first_marker, second_marker = tmp_path / "1.txt", tmp_path / "2.txt"
+    first = await sync_stubborn.delay(3.0, marker=str(first_marker))
+    await wait_for_lines(first_marker, 1)
+    second = await sync_stubborn.delay(3.0, marker=str(second_marker))
+    for stuck in (first, second):
+        with pytest.raises(dbtask.TimeLimitExceeded):
+            await stuck.get(timeout=15)
+    # The first stuck thread was replaced (the second task ran on its replacement); the second
+    # was not (at most `concurrency` abandoned threads): the next task waits for a thread...
+    for _ in range(100):  # logged by the worker right after it recorded the FAILURE
+        if "too many Python threads are stuck in abandoned tasks" in w.stderr:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the worker did not log that it stopped replacing stuck threads")
+    waiting = await quick.delay("waited", marker=str(tmp_path / "q.txt"))
+    assert await waiting.get(timeout=20) == "waited"
+    # ...which it gets once a stuck task returns: the capacity comes back.
+    assert "returned late" in second_marker.read_text()
+    assert [await (await quick.delay(n)).get(timeout=15) for n in range(3)] == [0, 1, 2]
+    assert (await second.info())["state"] == "FAILURE"
+
+
 async def test_sync_hard_limit_without_soft_raises_in_the_thread(worker_factory, client, tmp_path):
     worker_factory(APP, concurrency=1)
     marker = tmp_path / "m.txt"

@@ -484,6 +484,21 @@ mod tests {
     }
 
     #[test]
+    fn revoke_notice_round_trips_and_terminate_defaults_to_false() {
+        let notice = RevokeNotice {
+            id: "t-1".into(),
+            terminate: true,
+            expires: 1_700_000_000.5,
+        };
+        let back: RevokeNotice =
+            serde_json::from_slice(&serde_json::to_vec(&notice).unwrap()).unwrap();
+        assert_eq!(back, notice);
+        let minimal: RevokeNotice =
+            serde_json::from_str(r#"{"id": "t-2", "expires": 1.0}"#).unwrap();
+        assert!(!minimal.terminate);
+    }
+
+    #[test]
     fn minimal_message_gets_defaults() {
         let msg = TaskMessage::decode(br#"{"id": "a1", "task": "add"}"#).unwrap();
         assert_eq!(msg.v, PROTOCOL_VERSION);

@@ -308,7 +308,10 @@ impl Inner {
             }
         };
         let abandon = kind != Interrupt::Soft;
-        if self.running.raise(py, task_id, &exc, abandon) {
+        if self
+            .running
+            .raise(py, task_id, &exc, abandon, || self.pool.reserve_retired())
+        {
             self.pool.replace_retired();
         }
     }

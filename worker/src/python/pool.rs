@@ -7,8 +7,9 @@
 //!
 //! A thread whose job is abandoned (hard time limit, or revoked with terminate) is retired: a
 //! new thread takes its place at once, and the old one exits when its job finally returns,
-//! its outcome discarded. At most `size` retired threads may be alive at once; beyond that
-//! no replacement is started (logged), so stuck threads cannot grow the process without bound.
+//! its outcome discarded. At most `size` retired threads may be alive at once; beyond that a
+//! thread is not retired nor replaced (logged): it serves again once its job returns, so stuck
+//! threads never grow the process without bound and capacity comes back when they return.
 
 use std::os::raw::c_ulong;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -88,17 +89,27 @@ impl Pool {
             .map(|_| ())
     }
 
-    /// A thread was just retired (its job abandoned): start another in its place, unless
-    /// `size` retired threads are already alive.
-    pub fn replace_retired(&self) {
-        let stuck = self.retired_alive.fetch_add(1, Ordering::AcqRel) + 1;
-        if stuck > self.size {
+    /// Counts one more retired thread if fewer than `size` are alive; false (logged) when the
+    /// limit is reached: the thread is then not retired and serves again once its job returns.
+    pub fn reserve_retired(&self) -> bool {
+        let size = self.size;
+        let reserved = self
+            .retired_alive
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < size).then_some(n + 1)
+            })
+            .is_ok();
+        if !reserved {
             tracing::error!(
-                stuck_threads = stuck - 1,
+                stuck_threads = size,
                 "too many Python threads are stuck in abandoned tasks: not replacing this one, the worker runs fewer sync tasks at once until they return (restart it to recover)"
             );
-            return;
         }
+        reserved
+    }
+
+    /// Starts a thread in place of one just retired.
+    pub fn replace_retired(&self) {
         if let Err(e) = self.spawn_thread() {
             tracing::error!(error = %e, "cannot start a Python thread to replace an abandoned one");
         }

@@ -58,13 +58,15 @@ impl Running {
     }
 
     /// Raises `exc` (an exception class) in the thread running `task_id`, if one is. With
-    /// `abandon`, the thread is also retired; true when it was retired by this call.
+    /// `abandon`, the thread is also retired if `may_retire` agrees; true when it was retired
+    /// by this call.
     pub fn raise(
         &self,
         _py: Python<'_>,
         task_id: &str,
         exc: &Bound<'_, PyAny>,
         abandon: bool,
+        may_retire: impl FnOnce() -> bool,
     ) -> bool {
         let jobs = self.lock();
         let Some(job) = jobs.get(task_id) else {
@@ -75,6 +77,11 @@ impl Running {
         unsafe {
             pyo3::ffi::PyThreadState_SetAsyncExc(job.ident as c_long, exc.as_ptr());
         }
-        abandon && !job.retired.swap(true, Ordering::AcqRel)
+        if !abandon || job.retired.load(Ordering::Acquire) || !may_retire() {
+            return false;
+        }
+        // Under the lock, while the thread still runs this job: it sees the flag on return.
+        job.retired.store(true, Ordering::Release);
+        true
     }
 }
