@@ -54,10 +54,13 @@ impl Pool {
 }
 
 fn serve(py: Python<'_>, queue: &JobQueue<WorkItem>) {
-    while let Some(item) = py.detach(|| queue.pop_blocking()) {
-        run(py, item);
-        while let Some(item) = queue.try_pop() {
+    // Jobs are taken with the GIL held (see the queue's module doc): a thread woken for a job
+    // first waits for the GIL, then takes whatever is still queued.
+    while py.detach(|| queue.wait_for_work()) {
+        let mut next = queue.take(true);
+        while let Some(item) = next {
             run(py, item);
+            next = queue.take(false);
         }
     }
 }
