@@ -113,6 +113,7 @@ impl<T> JobQueue<T> {
     }
 
     /// The next item, waiting for one; `None` once the queue is closed and empty.
+    #[cfg(test)]
     pub fn pop_blocking(&self) -> Option<T> {
         loop {
             if !self.wait_for_work() {
@@ -125,6 +126,7 @@ impl<T> JobQueue<T> {
     }
 
     /// The next item if one is waiting.
+    #[cfg(test)]
     pub fn try_pop(&self) -> Option<T> {
         self.lock().items.pop_front()
     }
