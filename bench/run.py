@@ -518,6 +518,7 @@ def report(figs: list[dict], base: list[dict], checked: int, vers: dict, started
         cells = [f"{used.get(p, 0):.2f} ({used.get(p, 0) / wall:.0%})" if p in used else "-"
                  for p in ("nats-server", "redis-server", "worker", "client")]  # fmt: skip
         lines.append(f"| {key[4:]} | {wall:.3f} | " + " | ".join(cells) + " |")
+    lines += bounds(figs, base)
     lines += [
         "",
         "A percentage is of one core; the machine has "
@@ -528,6 +529,56 @@ def report(figs: list[dict], base: list[dict], checked: int, vers: dict, started
         "",
     ]
     return "\n".join(lines)
+
+
+# What each timed workload did, for the CPU-per-task figures: (cpu key, figure key, task count).
+BOUND_ROWS = [
+    ("cpu W1 gather", "W1 gather", N),
+    ("cpu W1 bulk", "W1 bulk", N),
+    ("cpu W1 sequential", "W1 sequential", N),
+    ("cpu W2", "W2 steady", N),
+    ("cpu W3", "W3 p50", ROUND_TRIPS),
+    ("cpu W4", "W4 s", W4_TASKS),
+]
+
+
+def bounds(figs: list[dict], base: list[dict]) -> list[str]:
+    """For each workload whose target is missed: CPU microseconds per task of each process and
+    the busiest one, so the report names what bounds the figure."""
+    targets = {key: (target, higher) for key, _, _, target, higher, _ in ROWS if target is not None}
+    out = ["", "## What bounds the missed targets", ""]
+    missed = False
+    for cpu_key, fig_key, tasks in BOUND_ROWS:
+        xs = [f[fig_key] for f in figs if fig_key in f]
+        if not xs or fig_key not in targets:
+            continue
+        target, higher = targets[fig_key]
+        m = med(xs)
+        if (m >= target) if higher else (m <= target):
+            continue
+        missed = True
+        runs = sorted((f[cpu_key] for f in figs), key=lambda wu: wu[0])
+        wall, used = runs[len(runs) // 2]
+        per_task = {p: used[p] / tasks * 1e6 for p in used}
+        busiest = max(per_task, key=per_task.get)
+        total = sum(used.values())
+        cells = ", ".join(f"{p} {v:.1f}" for p, v in sorted(per_task.items(), key=lambda kv: -kv[1]))
+        out.append(
+            f"- **{fig_key}** ({fmt(m, 'ms' if 'p50' in fig_key else '/s')}): CPU µs per task: {cells}. "
+            f"Busiest: {busiest} at {used[busiest] / wall:.0%} of a core; the processes together "
+            f"{total / wall:.0%} of the {os.cpu_count() * 100}% the machine has."
+        )
+    if not missed:
+        out.append("Every measured target is met.")
+    else:
+        out += [
+            "",
+            "A busiest process near 100% of a core is the bound (the client and the worker each "
+            "run Python on one thread). Processes together well below the machine's total mean the "
+            "workload waits on round trips, or on other load on the machine (compare with the "
+            "baseline's spread).",
+        ]
+    return out
 
 
 async def main() -> int:
