@@ -11,7 +11,7 @@ WORKER_BIN := $(ROOT)/target/release/dbtask-worker
 MATURIN_TARGET := $(ROOT)/target/maturin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv build build-worker build-client demo test test-rust test-py lint clean distclean
+.PHONY: help setup venv build build-worker build-client demo test test-rust test-py lint bench clean distclean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,6 +45,10 @@ test-py: build ## Only the pytest suites (end-to-end tests/ and client-py/tests/
 lint: setup ## cargo fmt --check and cargo clippy -D warnings
 	cd $(ROOT) && $(CARGO) fmt --all -- --check
 	cd $(ROOT) && $(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: build ## Benchmark W1-W6 against the real worker and a Rust-only baseline; report in bench/results/
+	cd $(ROOT) && $(CARGO) build --release -p dbtask-bench-baseline
+	cd $(ROOT) && $(VENV)/bin/python bench/run.py
 
 clean: ## Remove build outputs and caches (keeps .venv)
 	cd $(ROOT) && $(CARGO) clean

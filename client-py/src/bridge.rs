@@ -227,6 +227,9 @@ where
     T: Send + 'static,
     C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
 {
+    // On the heap at once: a publish future is a few KB (async-nats' state machines), and
+    // every move on the way into tokio's task cell would copy it otherwise.
+    let fut = Box::pin(fut);
     let event_loop = get_running_loop(py)?;
     let waker = waker_for(py, &event_loop)?;
     let py_future = event_loop.call_method0(intern!(py, "create_future"))?;

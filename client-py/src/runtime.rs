@@ -76,6 +76,7 @@ where
     F: Future<Output = Result<T, ClientError>> + Send + 'static,
     T: Send + 'static,
 {
+    let fut = Box::pin(fut); // see bridge::spawn_awaitable: moved once, not copied
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
     let task = spawn(async move {
         let _ = tx.send(fut.await);

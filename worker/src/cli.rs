@@ -109,6 +109,10 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_FETCH_BATCH", value_name = "N")]
     pub fetch_batch: Option<usize>,
 
+    /// Messages held waiting for a free slot, on top of the running tasks (0: none) [default: 128]
+    #[arg(long, env = "DBTASK_PREFETCH", value_name = "N")]
+    pub prefetch: Option<usize>,
+
     /// Seconds during which NATS drops a second publish of the same task id [default: 120]
     #[arg(long, env = "DBTASK_DUPLICATE_WINDOW", value_name = "SECS")]
     pub duplicate_window: Option<f64>,
@@ -164,6 +168,7 @@ impl Cli {
         set(&mut config.max_deliver, &self.max_deliver);
         set(&mut config.max_ack_pending, &self.max_ack_pending);
         set(&mut config.fetch_batch, &self.fetch_batch);
+        set(&mut config.prefetch, &self.prefetch);
         set(&mut config.duplicate_window, &self.duplicate_window);
         set(&mut config.max_message_bytes, &self.max_message_bytes);
         set(&mut config.max_result_bytes, &self.max_result_bytes);

@@ -53,6 +53,9 @@ pub struct Config {
     pub max_ack_pending: i64,
     /// Most messages asked for in one pull request (never more than free concurrency slots).
     pub fetch_batch: usize,
+    /// Messages held waiting for a slot, on top of the running ones: keeps the pipeline full
+    /// for short tasks. 0: fetch only for free slots.
+    pub prefetch: usize,
     /// Seconds JetStream remembers task ids to drop duplicate publishes.
     pub duplicate_window: f64,
     /// Largest task message accepted, in bytes (also the stream's max message size).
@@ -85,6 +88,7 @@ impl Default for Config {
             max_deliver: 10,
             max_ack_pending: 10_000,
             fetch_batch: 256,
+            prefetch: 128,
             duplicate_window: 120.0,
             max_message_bytes: 1024 * 1024,
             max_result_bytes: 8 * 1024 * 1024,
@@ -352,6 +356,7 @@ mod tests {
         assert_eq!(c.max_deliver, 10);
         assert_eq!(c.max_ack_pending, 10_000);
         assert_eq!(c.fetch_batch, 256);
+        assert_eq!(c.prefetch, 128);
         assert_eq!(c.duplicate_window(), Duration::from_secs(120));
         assert_eq!(c.max_result_bytes, 8 * 1024 * 1024);
         assert_eq!(c.log_format, LogFormat::Text);

@@ -130,16 +130,16 @@ fn serve(py: Python<'_>, ctx: &ThreadCtx) {
     // SAFETY: a plain query of the calling thread's id.
     let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
     let retired = || ctx.retired.load(Ordering::Acquire);
-    while let Some(item) = py.detach(|| ctx.queue.pop_blocking()) {
-        run(py, item, ctx, ident);
-        if retired() {
-            return;
-        }
-        while let Some(item) = ctx.queue.try_pop() {
+    // Jobs are taken with the GIL held (see the queue's module doc): a thread woken for a job
+    // first waits for the GIL, then takes whatever is still queued.
+    while py.detach(|| ctx.queue.wait_for_work()) {
+        let mut next = ctx.queue.take(true);
+        while let Some(item) = next {
             run(py, item, ctx, ident);
             if retired() {
                 return;
             }
+            next = ctx.queue.take(false);
         }
     }
 }

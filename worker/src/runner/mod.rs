@@ -78,11 +78,9 @@ impl Shared {
         *self.phase.borrow()
     }
 
-    /// Free slots not already promised to received messages.
+    /// Free slots (plus the `prefetch` allowance) not already promised to received messages.
     fn free_slots(&self) -> usize {
-        self.slots
-            .available_permits()
-            .saturating_sub(self.waiting.get())
+        (self.slots.available_permits() + self.config.prefetch).saturating_sub(self.waiting.get())
     }
 
     async fn until_idle(&self) {

@@ -1,0 +1,24 @@
+"""Tasks of `make bench` (bench/run.py). The worker imports this module with `-A bench_tasks`
+(its cwd is bench/apps/); run.py imports it too, so both sides register the same names."""
+
+from __future__ import annotations
+
+import asyncio
+
+from dbtask import task
+
+
+@task
+def add(x, y):
+    return x + y
+
+
+@task
+async def nap(i):
+    await asyncio.sleep(0.05)
+    return i
+
+
+@task
+def tsum(values):
+    return sum(values)
