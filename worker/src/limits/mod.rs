@@ -117,6 +117,7 @@ mod tests {
             track_started: None,
             time_limit: hard,
             soft_time_limit: soft,
+            retry: Default::default(),
         }
     }
 
