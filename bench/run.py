@@ -293,8 +293,7 @@ async def w5_chord() -> tuple[float, int] | None:
         return None
     t0 = time.perf_counter()
     chord = dbtask.Chord([add.s(i, i) for i in range(CHORD_SIZE)], tsum.s())
-    start = getattr(chord, "apply_async", None) or chord.delay
-    result = await start()
+    result = await chord.delay()
     value = await result.get(timeout=60)
     elapsed = time.perf_counter() - t0
     want = sum(2 * i for i in range(CHORD_SIZE))
