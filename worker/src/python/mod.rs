@@ -56,6 +56,8 @@ pub struct TaskInfo {
     pub queue: String,
     /// `track_started` from the task's options, if it set one.
     pub track_started: Option<bool>,
+    /// `rate_limit` from the task's options: starts allowed across the whole cluster.
+    pub rate_limit: Option<dbtask_protocol::Rate>,
 }
 
 /// One call of a task.

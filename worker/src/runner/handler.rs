@@ -279,6 +279,11 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             .refuse(id, Some(name), error_types::UNKNOWN_TASK, why, task.retries)
             .await;
     };
+    if let Some(rate) = shared.python.tasks().get(name).and_then(|t| t.rate_limit) {
+        if !super::rate::wait_turn(shared, id, name, rate).await {
+            return Disposition::HandBack;
+        }
+    }
     if shared.phase() != Phase::Running {
         return Disposition::HandBack;
     }

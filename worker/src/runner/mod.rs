@@ -5,6 +5,7 @@
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
 mod handler;
+mod rate;
 
 use std::cell::Cell;
 use std::future::Future;
