@@ -117,6 +117,10 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_MAX_RESULT_BYTES", value_name = "BYTES")]
     pub max_result_bytes: Option<usize>,
 
+    /// Consume priority levels 0-9 of each queue, highest first (false: the default level only) [default: true]
+    #[arg(long, env = "DBTASK_PRIORITIES", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub priorities: Option<bool>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -154,6 +158,7 @@ impl Cli {
         set(&mut config.duplicate_window, &self.duplicate_window);
         set(&mut config.max_message_bytes, &self.max_message_bytes);
         set(&mut config.max_result_bytes, &self.max_result_bytes);
+        set(&mut config.priorities, &self.priorities);
     }
 }
 

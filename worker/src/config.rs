@@ -59,6 +59,8 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Largest result stored, in bytes; a bigger one becomes a `dbtask.TooLarge` failure.
     pub max_result_bytes: usize,
+    /// Consume the priority levels 0-9 of each queue (one consumer per level), highest first.
+    pub priorities: bool,
 }
 
 impl Default for Config {
@@ -82,6 +84,7 @@ impl Default for Config {
             duplicate_window: 120.0,
             max_message_bytes: 1024 * 1024,
             max_result_bytes: 8 * 1024 * 1024,
+            priorities: true,
         }
     }
 }

@@ -27,7 +27,7 @@ from typing import (
     overload,
 )
 
-from . import _client, _registry
+from . import _client, _limits, _registry
 from ._result import AsyncResult
 
 __all__ = ["Task", "AsyncTask", "task"]
@@ -161,16 +161,25 @@ class Task(Generic[P, R]):
         """Runs the function locally."""
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
+    def _priority(self, priority: int | None) -> int | None:
+        return _limits.check_priority(priority if priority is not None else self.options.get("priority"))
+
     # -- one task -------------------------------------------------------------------------
 
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Sends the task to a worker; returns once JetStream has stored the message."""
-        task_id = await _client.current().publish(self.queue, self.name, args, kwargs, None, None, None)
+        task_id = await _client.current().publish(
+            self.queue, self.name, args, kwargs, None, None, None, priority=self.options.get("priority")
+        )
         return AsyncResult(task_id)
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Blocking form of :meth:`delay`."""
-        return AsyncResult(_client.current().publish_sync(self.queue, self.name, args, kwargs, None, None, None))
+        return AsyncResult(
+            _client.current().publish_sync(
+                self.queue, self.name, args, kwargs, None, None, None, priority=self.options.get("priority")
+            )
+        )
 
     async def apply_async(
         self,
@@ -182,6 +191,7 @@ class Task(Generic[P, R]):
         expires: float | datetime | None = None,
         queue: str | None = None,
         task_id: str | None = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Sends the task with options. Positional arguments are the task's arguments
         (``apply_async(1, 2, countdown=10)``), or pass them as in Celery
@@ -191,12 +201,14 @@ class Task(Generic[P, R]):
         than this datetime (naive means UTC); ``expires``: seconds from now or a datetime after
         which the task is revoked instead of run; ``queue``: another queue than the task's;
         ``task_id``: your own id (a second publish of the same id within the stream's
-        duplicate window, 2 minutes by default, is dropped by JetStream).
+        duplicate window, 2 minutes by default, is dropped by JetStream); ``priority``: 0 to 9,
+        9 runs first on a backlog (default: the task's ``priority`` option, else 5).
         """
         pos, kw = _call_args(task_args, args, kwargs)
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         tid = await _client.current().publish(
-            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts
+            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
+            priority=self._priority(priority),
         )
         return AsyncResult(tid)
 
@@ -210,12 +222,14 @@ class Task(Generic[P, R]):
         expires: float | datetime | None = None,
         queue: str | None = None,
         task_id: str | None = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Blocking form of :meth:`apply_async`."""
         pos, kw = _call_args(task_args, args, kwargs)
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         tid = _client.current().publish_sync(
-            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts
+            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
+            priority=self._priority(priority),
         )
         return AsyncResult(tid)
 
@@ -230,6 +244,7 @@ class Task(Generic[P, R]):
         eta: datetime | None = None,
         expires: float | datetime | None = None,
         queue: str | None = None,
+        priority: int | None = None,
     ) -> list[AsyncResult[R]]:
         """Sends one task per item of ``args_list`` (with the matching item of
         ``kwargs_list``): all messages are written first, then every confirmation is awaited,
@@ -237,7 +252,8 @@ class Task(Generic[P, R]):
         calls = _calls(args_list, kwargs_list)
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         ids = await _client.current().publish_many(
-            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts
+            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts,
+            priority=self._priority(priority),
         )
         return [AsyncResult(i) for i in ids]
 
@@ -250,12 +266,14 @@ class Task(Generic[P, R]):
         eta: datetime | None = None,
         expires: float | datetime | None = None,
         queue: str | None = None,
+        priority: int | None = None,
     ) -> list[AsyncResult[R]]:
         """Blocking form of :meth:`apply_many`."""
         calls = _calls(args_list, kwargs_list)
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         ids = _client.current().publish_many_sync(
-            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts
+            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts,
+            priority=self._priority(priority),
         )
         return [AsyncResult(i) for i in ids]
 
@@ -329,6 +347,10 @@ def task(
         opts["track_started"] = track_started
     opts.update(options)
     _check_queue(queue)
+    if opts.get("rate_limit") is not None:
+        opts["rate_limit"] = _limits.check_rate_limit(opts["rate_limit"])
+    if opts.get("priority") is not None:
+        _limits.check_priority(opts["priority"])
 
     def decorate(f: Callable[..., Any]) -> Task[Any, Any]:
         cls = AsyncTask if inspect.iscoroutinefunction(f) else Task

@@ -5,6 +5,7 @@
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
 mod handler;
+mod priority;
 mod rate;
 
 use std::cell::Cell;
@@ -122,6 +123,12 @@ pub async fn run(
     for queue in &config.queues {
         consumers.push(broker.ensure_consumer(queue, &config).await?);
     }
+    let mut levels = Vec::new();
+    if config.priorities {
+        for consumer in consumers.drain(..) {
+            levels.push(priority::ensure_levels(&broker, consumer, &config).await?);
+        }
+    }
     let max_payload = broker.client().server_info().max_payload;
     if max_payload > 0 && config.max_message_bytes > max_payload {
         warn!(
@@ -153,7 +160,7 @@ pub async fn run(
     let local = LocalSet::new();
     local
         .run_until(serve(
-            config, python, broker, store, consumers, worker, shutdown,
+            config, python, broker, store, consumers, levels, worker, shutdown,
         ))
         .await;
     Ok(())
@@ -165,6 +172,7 @@ async fn serve(
     broker: Broker,
     store: Store,
     consumers: Vec<QueueConsumer>,
+    levels: Vec<priority::Levels>,
     worker: String,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -189,6 +197,11 @@ async fn serve(
     let pullers: Vec<_> = consumers
         .into_iter()
         .map(|consumer| tokio::task::spawn_local(pull_loop(shared.clone(), consumer)))
+        .chain(
+            levels
+                .into_iter()
+                .map(|levels| tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels))),
+        )
         .collect();
 
     shutdown.await;
