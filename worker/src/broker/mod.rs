@@ -4,6 +4,8 @@
 //! Everything here is idempotent: several workers (and clients) may create or update the same
 //! stream and consumers at the same moment.
 
+mod dead;
+
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};

@@ -84,6 +84,14 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
     let mut phase = shared.phase.subscribe();
     // A third of ack_wait leaves two chances for a progress ack to arrive in time.
     let every = shared.config.ack_wait() / 3;
+    if let Some(deliveries) = super::dead::last_delivery(&msg, shared.config.max_deliver) {
+        let disposition = super::dead::dead_letter(&shared, &queue, &msg, deliveries).await;
+        finish(&msg, disposition, &queue).await;
+        // It never took a slot: its promised one is free again, wake the pull loops.
+        drop(ticket);
+        shared.freed.notify_waiters();
+        return;
+    }
     let disposition = tokio::select! {
         biased;
         _ = reached(&mut phase, Phase::Abandon) => Disposition::HandBack,

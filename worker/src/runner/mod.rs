@@ -4,6 +4,7 @@
 //! Everything runs on one thread (a current-thread runtime and a `LocalSet`): Python runs on its
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
+mod dead;
 mod handler;
 mod priority;
 mod rate;
