@@ -34,7 +34,10 @@ fn headers_map(headers: &HeaderMap) -> HashMap<String, String> {
     headers
         .iter()
         .map(|(name, values)| {
-            let value = values.first().map(|v| v.as_str().to_owned()).unwrap_or_default();
+            let value = values
+                .first()
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
             (AsRef::<str>::as_ref(name).to_owned(), value)
         })
         .collect()

@@ -355,7 +355,6 @@ pub fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // Rate limits, priorities and dead letters (issue 3, items 6, 7, 9).
 
@@ -403,7 +402,9 @@ impl Rate {
 
     /// Time between two starts, in microseconds.
     pub fn interval_micros(&self) -> u64 {
-        ((self.period_secs * 1e6) / self.count as f64).round().max(1.0) as u64
+        ((self.period_secs * 1e6) / self.count as f64)
+            .round()
+            .max(1.0) as u64
     }
 }
 
@@ -434,7 +435,9 @@ pub fn priority_consumer_name(queue: &str, priority: u8) -> String {
 
 /// The priority a task subject stands for, `None` if it is not a task subject.
 pub fn subject_priority(subject: &str) -> Option<u8> {
-    let rest = subject.strip_prefix(TASK_SUBJECT_PREFIX)?.strip_prefix('.')?;
+    let rest = subject
+        .strip_prefix(TASK_SUBJECT_PREFIX)?
+        .strip_prefix('.')?;
     match rest.split_once('.') {
         None => Some(DEFAULT_PRIORITY),
         Some((_, level)) => {
@@ -621,12 +624,21 @@ mod tests {
 
     #[test]
     fn rates_parse_or_explain() {
-        assert_eq!(Rate::parse("100/s").unwrap(), Rate { count: 100, period_secs: 1.0 });
+        assert_eq!(
+            Rate::parse("100/s").unwrap(),
+            Rate {
+                count: 100,
+                period_secs: 1.0
+            }
+        );
         assert_eq!(Rate::parse("10/m").unwrap().period_secs, 60.0);
         assert_eq!(Rate::parse("1000/h").unwrap().interval_micros(), 3_600_000);
         assert_eq!(Rate::parse("5").unwrap().interval_micros(), 200_000);
         for bad in ["", "0/s", "x/s", "10/d", "-1/s", "1.5/s"] {
-            assert!(Rate::parse(bad).unwrap_err().contains("invalid rate_limit"), "{bad}");
+            assert!(
+                Rate::parse(bad).unwrap_err().contains("invalid rate_limit"),
+                "{bad}"
+            );
         }
     }
 

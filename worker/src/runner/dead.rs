@@ -121,7 +121,10 @@ pub(super) async fn dead_letter(
         Ok(()) => Disposition::Ack,
         Err(_) => {
             // Stopping: the dead letter is stored (deduplicated if this delivery comes back).
-            warn!(queue, "stopping before the dead-lettered task's FAILURE record was stored");
+            warn!(
+                queue,
+                "stopping before the dead-lettered task's FAILURE record was stored"
+            );
             Disposition::Ack
         }
     }

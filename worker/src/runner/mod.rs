@@ -167,6 +167,7 @@ pub async fn run(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     config: Config,
     python: PythonRuntime,
@@ -195,15 +196,14 @@ async fn serve(
         phase,
     });
 
-    let pullers: Vec<_> = consumers
-        .into_iter()
-        .map(|consumer| tokio::task::spawn_local(pull_loop(shared.clone(), consumer)))
-        .chain(
-            levels
-                .into_iter()
-                .map(|levels| tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels))),
-        )
-        .collect();
+    let pullers: Vec<_> =
+        consumers
+            .into_iter()
+            .map(|consumer| tokio::task::spawn_local(pull_loop(shared.clone(), consumer)))
+            .chain(levels.into_iter().map(|levels| {
+                tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels))
+            }))
+            .collect();
 
     shutdown.await;
     let timeout = shared.config.shutdown_timeout();

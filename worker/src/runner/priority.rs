@@ -341,10 +341,17 @@ mod tests {
     fn highest_first_except_fair_rounds_that_rotate_through_every_level() {
         assert_eq!(round_order(10, 1), (0..10).collect::<Vec<_>>());
         assert_eq!(round_order(10, FAIR_EVERY - 1)[0], 0);
-        assert_eq!(round_order(10, FAIR_EVERY), vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 0]);
+        assert_eq!(
+            round_order(10, FAIR_EVERY),
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+        );
         let leaders: std::collections::HashSet<usize> = (1..=FAIR_EVERY * 10)
             .map(|round| round_order(10, round)[0])
             .collect();
-        assert_eq!(leaders.len(), 10, "every level leads a round within 10 fair rounds");
+        assert_eq!(
+            leaders.len(),
+            10,
+            "every level leads a round within 10 fair rounds"
+        );
     }
 }
