@@ -127,9 +127,27 @@ pub(super) async fn pull_loop(shared: Rc<Shared>, mut levels: Levels) {
     let mut checked = Instant::now();
     let mut failures = 0u32;
     'pull: while shared.phase() == Phase::Running {
-        let free = tokio::select! {
-            free = free_slots(&shared) => free,
-            _ = reached(&mut phase, Phase::Draining) => break 'pull,
+        // Wake-ups keep being read while every slot is busy: a backlog of priority messages
+        // must not fill the subscription's buffer.
+        let free = loop {
+            let woken = async {
+                match wake.as_mut() {
+                    Some(sub) => sub.next().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                free = free_slots(&shared) => break free,
+                _ = reached(&mut phase, Phase::Draining) => break 'pull,
+                msg = woken => match msg {
+                    Some(msg) => {
+                        if let Some(p) = subject_priority(&msg.subject) {
+                            levels.mark(p);
+                        }
+                    }
+                    None => wake = None,
+                },
+            }
         };
         let want = free.min(shared.config.fetch_batch);
         if let Some(sub) = wake.as_mut() {
