@@ -131,3 +131,26 @@ def test_the_command_line_says_when_nats_is_unreachable(tmp_path):
     )
     assert proc.returncode == 1
     assert "dbtask: error:" in proc.stderr and "127.0.0.1:1" in proc.stderr, proc.stderr
+
+
+async def test_a_message_without_any_task_id_is_dead_lettered_not_dropped(worker, client, nats, redis):
+    import nats as nats_py
+
+    from e2e_tasks import add
+
+    nc = await nats_py.connect(nats.url)
+    try:
+        await nc.jetstream().publish("dbtask.tasks.default", b"garbage without headers")
+    finally:
+        await nc.close()
+    assert await (await add.delay(1, 2)).get(timeout=15) == 3
+
+    async def listed():
+        letters = json.loads(cli(nats, redis, "dead", "list", "--json").stdout)
+        return letters or None
+
+    letters = await until(listed, "the unreadable message in the dead-letter stream", timeout=15)
+    assert len(letters) == 1, letters
+    assert letters[0]["body"] == "garbage without headers"
+    assert letters[0]["reason"].startswith("unreadable message without a task id:"), letters[0]
+    assert worker.proc.poll() is None

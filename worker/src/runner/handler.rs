@@ -384,9 +384,9 @@ async fn refuse_unreadable(
                 error_type = exc_type,
                 error = %why,
                 body_start = %String::from_utf8_lossy(head),
-                "dropping a message without a task id: nothing to record its failure under"
+                "a message without a task id: nothing to record its failure under; dead-lettering it"
             );
-            Disposition::Term
+            super::dead::dead_letter_unreadable(ctx.shared, ctx.queue, msg, &why).await
         }
     }
 }
