@@ -128,7 +128,7 @@ fn nats_options(
     Ok((options, servers))
 }
 
-async fn connect_nats(
+pub(crate) async fn connect_nats(
     url: &str,
     safe: &str,
     timeout: Duration,
@@ -736,7 +736,7 @@ impl Client {
     }
 
     /// Publishes one task and resolves to its id once JetStream confirmed it.
-    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None))]
+    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None))]
     #[allow(clippy::too_many_arguments)]
     fn publish<'py>(
         &self,
@@ -748,8 +748,9 @@ impl Client {
         task_id: Option<String>,
         eta: Option<f64>,
         expires: Option<f64>,
+        priority: Option<i64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let out = prepare(
+        let mut out = prepare(
             queue,
             task,
             args,
@@ -759,6 +760,7 @@ impl Client {
             expires,
             protocol::now_unix(),
         )?;
+        set_priority(&mut out, queue, priority)?;
         bridge::awaitable(
             py,
             publish_one(self.inner.start_publishing()?, out),
@@ -767,7 +769,7 @@ impl Client {
     }
 
     /// Blocking form of `publish`.
-    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None))]
+    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None))]
     #[allow(clippy::too_many_arguments)]
     fn publish_sync(
         &self,
@@ -779,8 +781,9 @@ impl Client {
         task_id: Option<String>,
         eta: Option<f64>,
         expires: Option<f64>,
+        priority: Option<i64>,
     ) -> PyResult<String> {
-        let out = prepare(
+        let mut out = prepare(
             queue,
             task,
             args,
@@ -790,11 +793,13 @@ impl Client {
             expires,
             protocol::now_unix(),
         )?;
+        set_priority(&mut out, queue, priority)?;
         runtime::block_on(py, publish_one(self.inner.start_publishing()?, out))
     }
 
     /// Publishes one task per `(args, kwargs)` item of `calls`; resolves to their ids, in order.
-    #[pyo3(signature = (queue, task, calls, eta=None, expires=None))]
+    #[pyo3(signature = (queue, task, calls, eta=None, expires=None, priority=None))]
+    #[allow(clippy::too_many_arguments)]
     fn publish_many<'py>(
         &self,
         py: Python<'py>,
@@ -803,8 +808,12 @@ impl Client {
         calls: &Bound<'py, PyAny>,
         eta: Option<f64>,
         expires: Option<f64>,
+        priority: Option<i64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let outs = prepare_many(queue, task, calls, eta, expires)?;
+        let mut outs = prepare_many(queue, task, calls, eta, expires)?;
+        for out in &mut outs {
+            set_priority(out, queue, priority)?;
+        }
         bridge::awaitable(
             py,
             publish_all(self.inner.start_publishing()?, outs),
@@ -813,7 +822,8 @@ impl Client {
     }
 
     /// Blocking form of `publish_many`.
-    #[pyo3(signature = (queue, task, calls, eta=None, expires=None))]
+    #[pyo3(signature = (queue, task, calls, eta=None, expires=None, priority=None))]
+    #[allow(clippy::too_many_arguments)]
     fn publish_many_sync(
         &self,
         py: Python<'_>,
@@ -822,8 +832,12 @@ impl Client {
         calls: &Bound<'_, PyAny>,
         eta: Option<f64>,
         expires: Option<f64>,
+        priority: Option<i64>,
     ) -> PyResult<Vec<String>> {
-        let outs = prepare_many(queue, task, calls, eta, expires)?;
+        let mut outs = prepare_many(queue, task, calls, eta, expires)?;
+        for out in &mut outs {
+            set_priority(out, queue, priority)?;
+        }
         runtime::block_on(py, publish_all(self.inner.start_publishing()?, outs))
     }
 
@@ -1016,6 +1030,23 @@ impl Client {
             if self.closed() { " closed" } else { "" }
         )
     }
+}
+
+/// Sends a task at `priority` (0..=9, 9 first) to that level's subject; `None` keeps the
+/// default level and its plain subject.
+fn set_priority(out: &mut Outgoing, queue: &str, priority: Option<i64>) -> PyResult<()> {
+    let Some(p) = priority else { return Ok(()) };
+    let level = u8::try_from(p)
+        .ok()
+        .filter(|l| *l <= protocol::MAX_PRIORITY)
+        .ok_or_else(|| {
+            ClientError::Value(format!(
+                "priority must be an integer from 0 to {} (highest), not {p}",
+                protocol::MAX_PRIORITY
+            ))
+        })?;
+    out.subject = protocol::priority_subject(queue, level);
+    Ok(())
 }
 
 fn prepare_many(

@@ -7,6 +7,7 @@
 
 use pyo3::prelude::*;
 
+mod admin;
 mod bridge;
 mod canvas;
 mod client;
@@ -26,6 +27,7 @@ fn _after_fork_in_child() {
 #[pymodule]
 fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
+    m.add_class::<admin::Admin>()?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PROTOCOL_VERSION", dbtask_protocol::PROTOCOL_VERSION)?;

@@ -446,6 +446,129 @@ pub fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Rate limits, priorities and dead letters (issue 3, items 6, 7, 9).
+
+/// Redis key prefix of a task's cluster-wide rate limiter: `dbtask:rate:<task name>` holds the
+/// theoretical arrival time (microseconds) of the next allowed start (GCRA).
+pub const RATE_KEY_PREFIX: &str = "dbtask:rate:";
+
+/// Redis key of a task's rate limiter.
+pub fn rate_key(task: &str) -> String {
+    format!("{RATE_KEY_PREFIX}{task}")
+}
+
+/// A task's rate limit: at most `count` starts per `period_secs`, across all workers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub count: u64,
+    pub period_secs: f64,
+}
+
+impl Rate {
+    /// Parses `"100/s"`, `"10/m"`, `"1000/h"` (also `sec`, `min`, `hour`, and a bare number,
+    /// which means per second as in Celery).
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let bad = || {
+            format!(
+                "invalid rate_limit {text:?}: use \"<count>/s\", \"<count>/m\" or \"<count>/h\" with a whole count of at least 1, e.g. \"100/s\""
+            )
+        };
+        let (count, unit) = match text.trim().split_once('/') {
+            Some((c, u)) => (c.trim(), u.trim()),
+            None => (text.trim(), "s"),
+        };
+        let count: u64 = count.parse().map_err(|_| bad())?;
+        let period_secs = match unit {
+            "s" | "sec" | "second" => 1.0,
+            "m" | "min" | "minute" => 60.0,
+            "h" | "hour" => 3600.0,
+            _ => return Err(bad()),
+        };
+        if count == 0 {
+            return Err(bad());
+        }
+        Ok(Rate { count, period_secs })
+    }
+
+    /// Time between two starts, in microseconds.
+    pub fn interval_micros(&self) -> u64 {
+        ((self.period_secs * 1e6) / self.count as f64)
+            .round()
+            .max(1.0) as u64
+    }
+}
+
+/// Highest priority (`apply_async(priority=9)` runs first).
+pub const MAX_PRIORITY: u8 = 9;
+/// The priority of a task sent without one; such tasks keep the plain subject
+/// `dbtask.tasks.<queue>` and the plain consumer `dbtask-<queue>`.
+pub const DEFAULT_PRIORITY: u8 = 5;
+
+/// The subject of a queue's tasks at `priority`: the default level is the plain task subject,
+/// the others `dbtask.tasks.<queue>.p<N>` (a token more, so no consumer filter overlaps).
+pub fn priority_subject(queue: &str, priority: u8) -> String {
+    if priority == DEFAULT_PRIORITY {
+        task_subject(queue)
+    } else {
+        format!("{TASK_SUBJECT_PREFIX}.{queue}.p{priority}")
+    }
+}
+
+/// The durable consumer of a queue's priority level (the plain one for the default level).
+pub fn priority_consumer_name(queue: &str, priority: u8) -> String {
+    if priority == DEFAULT_PRIORITY {
+        consumer_name(queue)
+    } else {
+        format!("dbtask-{queue}-p{priority}")
+    }
+}
+
+/// The priority a task subject stands for, `None` if it is not a task subject.
+pub fn subject_priority(subject: &str) -> Option<u8> {
+    let rest = subject
+        .strip_prefix(TASK_SUBJECT_PREFIX)?
+        .strip_prefix('.')?;
+    match rest.split_once('.') {
+        None => Some(DEFAULT_PRIORITY),
+        Some((_, level)) => {
+            let n: u8 = level.strip_prefix('p')?.parse().ok()?;
+            (n <= MAX_PRIORITY && n != DEFAULT_PRIORITY).then_some(n)
+        }
+    }
+}
+
+/// The dead-letter stream (limits retention): messages that exhausted their deliveries.
+pub const DEAD_STREAM: &str = "DBTASK_DEAD";
+/// Subjects of [`DEAD_STREAM`]: `dbtask.dead.<queue>`.
+pub const DEAD_SUBJECT_PREFIX: &str = "dbtask.dead";
+/// Wildcard covering every dead-letter subject.
+pub const DEAD_SUBJECT_WILDCARD: &str = "dbtask.dead.>";
+
+/// The subject a queue's dead letters are published to.
+pub fn dead_subject(queue: &str) -> String {
+    format!("{DEAD_SUBJECT_PREFIX}.{queue}")
+}
+
+/// Headers a dead letter carries besides the original ones.
+pub mod dead_headers {
+    /// Why the message was dead-lettered.
+    pub const REASON: &str = "Dbtask-Dead-Reason";
+    /// The subject the message was originally published to (where a replay sends it).
+    pub const SUBJECT: &str = "Dbtask-Dead-Subject";
+    /// Its sequence in the task stream.
+    pub const STREAM_SEQ: &str = "Dbtask-Dead-Stream-Seq";
+    /// How many times it was delivered.
+    pub const DELIVERIES: &str = "Dbtask-Dead-Deliveries";
+    /// When it was dead-lettered (Unix seconds).
+    pub const AT: &str = "Dbtask-Dead-At";
+    /// The worker that dead-lettered it.
+    pub const WORKER: &str = "Dbtask-Dead-Worker";
+}
+
+/// Error type of the FAILURE record of a dead-lettered task.
+pub const DEAD_LETTERED: &str = "dbtask.DeadLettered";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,5 +741,37 @@ mod tests {
         assert!(validate_task_name("add me").is_err());
         assert!(validate_task_id("3f2a-11:x.y_z").is_ok());
         assert!(validate_task_id("a/b").is_err());
+    }
+
+    #[test]
+    fn rates_parse_or_explain() {
+        assert_eq!(
+            Rate::parse("100/s").unwrap(),
+            Rate {
+                count: 100,
+                period_secs: 1.0
+            }
+        );
+        assert_eq!(Rate::parse("10/m").unwrap().period_secs, 60.0);
+        assert_eq!(Rate::parse("1000/h").unwrap().interval_micros(), 3_600_000);
+        assert_eq!(Rate::parse("5").unwrap().interval_micros(), 200_000);
+        for bad in ["", "0/s", "x/s", "10/d", "-1/s", "1.5/s"] {
+            assert!(
+                Rate::parse(bad).unwrap_err().contains("invalid rate_limit"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn priority_subjects_do_not_overlap() {
+        assert_eq!(priority_subject("q", DEFAULT_PRIORITY), "dbtask.tasks.q");
+        assert_eq!(priority_subject("q", 9), "dbtask.tasks.q.p9");
+        assert_eq!(priority_consumer_name("q", 0), "dbtask-q-p0");
+        for p in 0..=MAX_PRIORITY {
+            assert_eq!(subject_priority(&priority_subject("q", p)), Some(p));
+        }
+        assert_eq!(subject_priority("dbtask.tasks.q.p5"), None);
+        assert_eq!(subject_priority("dbtask.dead.q"), None);
     }
 }

@@ -133,6 +133,10 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_SOFT_TIME_LIMIT", value_name = "SECS")]
     pub soft_time_limit: Option<f64>,
 
+    /// Consume priority levels 0-9 of each queue, highest first (false: the default level only) [default: true]
+    #[arg(long, env = "DBTASK_PRIORITIES", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub priorities: Option<bool>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -174,6 +178,7 @@ impl Cli {
         set(&mut config.max_result_bytes, &self.max_result_bytes);
         set(&mut config.time_limit, &self.time_limit);
         set(&mut config.soft_time_limit, &self.soft_time_limit);
+        set(&mut config.priorities, &self.priorities);
     }
 }
 

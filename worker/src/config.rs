@@ -68,6 +68,8 @@ pub struct Config {
     pub time_limit: f64,
     /// Default soft time limit of a task, in seconds (0: none); a task's `soft_time_limit` wins.
     pub soft_time_limit: f64,
+    /// Consume the priority levels 0-9 of each queue (one consumer per level), highest first.
+    pub priorities: bool,
 }
 
 impl Default for Config {
@@ -95,6 +97,7 @@ impl Default for Config {
             result_extended: false,
             time_limit: 0.0,
             soft_time_limit: 0.0,
+            priorities: true,
         }
     }
 }

@@ -25,6 +25,7 @@ class Client:
         task_id: str | None = None,
         eta: float | None = None,
         expires: float | None = None,
+        priority: int | None = None,
     ) -> Awaitable[str]: ...
     def publish_sync(
         self,
@@ -35,6 +36,7 @@ class Client:
         task_id: str | None = None,
         eta: float | None = None,
         expires: float | None = None,
+        priority: int | None = None,
     ) -> str: ...
     def publish_many(
         self,
@@ -43,6 +45,7 @@ class Client:
         calls: Iterable[tuple[Sequence[Any], Mapping[str, Any] | None]],
         eta: float | None = None,
         expires: float | None = None,
+        priority: int | None = None,
     ) -> Awaitable[list[str]]: ...
     def publish_many_sync(
         self,
@@ -51,6 +54,7 @@ class Client:
         calls: Iterable[tuple[Sequence[Any], Mapping[str, Any] | None]],
         eta: float | None = None,
         expires: float | None = None,
+        priority: int | None = None,
     ) -> list[str]: ...
     def publish_workflow(self, signature: str, group_ttl: float) -> Awaitable[None]: ...
     def publish_workflow_sync(self, signature: str, group_ttl: float) -> None: ...
@@ -73,3 +77,15 @@ class Client:
     def redis_url(self) -> str: ...
 
 def _after_fork_in_child() -> None: ...
+
+class Admin:
+    """Operator commands on JetStream (used by the ``dbtask`` command line)."""
+
+    @staticmethod
+    def connect_sync(nats_url: str, timeout: float = 5.0) -> Admin: ...
+    def dead_list(
+        self, queue: str | None = None, start: int = 1, limit: int = 100
+    ) -> list[tuple[int, str, dict[str, str], str]]: ...
+    def dead_get(self, sequence: int) -> tuple[int, str, dict[str, str], str] | None: ...
+    def dead_replay(self, sequence: int) -> tuple[str, int]: ...
+    def dead_purge(self, queue: str | None = None) -> int: ...

@@ -28,7 +28,7 @@ from typing import (
     overload,
 )
 
-from . import _client, _registry
+from . import _client, _options, _registry
 from ._result import AsyncResult
 
 if TYPE_CHECKING:
@@ -175,16 +175,25 @@ class Task(Generic[P, R]):
             return self.fn(_bound_locally(self), *args, **kwargs)  # type: ignore[no-any-return]
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
+    def _priority(self, priority: int | None) -> int | None:
+        return _options.check_priority(priority if priority is not None else self.options.get("priority"))
+
     # -- one task -------------------------------------------------------------------------
 
     async def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Sends the task to a worker; returns once JetStream has stored the message."""
-        task_id = await _client.current().publish(self.queue, self.name, args, kwargs, None, None, None)
+        task_id = await _client.current().publish(
+            self.queue, self.name, args, kwargs, None, None, None, priority=self.options.get("priority")
+        )
         return AsyncResult(task_id)
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Blocking form of :meth:`delay`."""
-        return AsyncResult(_client.current().publish_sync(self.queue, self.name, args, kwargs, None, None, None))
+        return AsyncResult(
+            _client.current().publish_sync(
+                self.queue, self.name, args, kwargs, None, None, None, priority=self.options.get("priority")
+            )
+        )
 
     async def apply_async(
         self,
@@ -198,6 +207,7 @@ class Task(Generic[P, R]):
         task_id: str | None = None,
         link: Any = None,
         link_error: Any = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Sends the task with options. Positional arguments are the task's arguments
         (``apply_async(1, 2, countdown=10)``), or pass them as in Celery
@@ -207,7 +217,8 @@ class Task(Generic[P, R]):
         than this datetime (naive means UTC); ``expires``: seconds from now or a datetime after
         which the task is revoked instead of run; ``queue``: another queue than the task's;
         ``task_id``: your own id (a second publish of the same id within the stream's
-        duplicate window, 2 minutes by default, is dropped by JetStream); ``link`` /
+        duplicate window, 2 minutes by default, is dropped by JetStream); ``priority``: 0 to 9,
+        9 runs first on a backlog (default: the task's ``priority`` option, else 5); ``link`` /
         ``link_error``: a signature (or a list) published with the result on success, or with
         ``(task_id, error)`` on failure (``countdown`` only, no ``eta``/``expires``, then).
         """
@@ -218,7 +229,8 @@ class Task(Generic[P, R]):
             )
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         tid = await _client.current().publish(
-            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts
+            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
+            priority=self._priority(priority),
         )
         return AsyncResult(tid)
 
@@ -234,6 +246,7 @@ class Task(Generic[P, R]):
         task_id: str | None = None,
         link: Any = None,
         link_error: Any = None,
+        priority: int | None = None,
     ) -> AsyncResult[R]:
         """Blocking form of :meth:`apply_async`."""
         pos, kw = _call_args(task_args, args, kwargs)
@@ -243,7 +256,8 @@ class Task(Generic[P, R]):
             )
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         tid = _client.current().publish_sync(
-            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts
+            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
+            priority=self._priority(priority),
         )
         return AsyncResult(tid)
 
@@ -300,6 +314,7 @@ class Task(Generic[P, R]):
         eta: datetime | None = None,
         expires: float | datetime | None = None,
         queue: str | None = None,
+        priority: int | None = None,
     ) -> list[AsyncResult[R]]:
         """Sends one task per item of ``args_list`` (with the matching item of
         ``kwargs_list``): all messages are written first, then every confirmation is awaited,
@@ -307,7 +322,8 @@ class Task(Generic[P, R]):
         calls = _calls(args_list, kwargs_list)
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         ids = await _client.current().publish_many(
-            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts
+            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts,
+            priority=self._priority(priority),
         )
         return [AsyncResult(i) for i in ids]
 
@@ -320,12 +336,14 @@ class Task(Generic[P, R]):
         eta: datetime | None = None,
         expires: float | datetime | None = None,
         queue: str | None = None,
+        priority: int | None = None,
     ) -> list[AsyncResult[R]]:
         """Blocking form of :meth:`apply_many`."""
         calls = _calls(args_list, kwargs_list)
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
         ids = _client.current().publish_many_sync(
-            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts
+            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts,
+            priority=self._priority(priority),
         )
         return [AsyncResult(i) for i in ids]
 
@@ -439,6 +457,10 @@ def task(
     opts.update(options)
     _check_queue(queue)
     _check_limits(opts)
+    if opts.get("rate_limit") is not None:
+        opts["rate_limit"] = _options.check_rate_limit(opts["rate_limit"])
+    if opts.get("priority") is not None:
+        _options.check_priority(opts["priority"])
 
     def decorate(f: Callable[..., Any]) -> Task[Any, Any]:
         cls = AsyncTask if inspect.iscoroutinefunction(f) else Task

@@ -4,12 +4,15 @@
 //! Everything here is idempotent: several workers (and clients) may create or update the same
 //! stream and consumers at the same moment.
 
+mod dead;
+
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{ConnectErrorKind, ConnectOptions};
 use dbtask_protocol::{
-    consumer_name, task_subject, SCHEDULE_SUBJECT_WILDCARD, TASK_STREAM, TASK_SUBJECT_WILDCARD,
+    priority_consumer_name, priority_subject, DEFAULT_PRIORITY, SCHEDULE_SUBJECT_WILDCARD,
+    TASK_STREAM, TASK_SUBJECT_WILDCARD,
 };
 use tracing::{debug, info, warn};
 
@@ -290,11 +293,28 @@ impl Broker {
         queue: &str,
         config: &Config,
     ) -> Result<QueueConsumer, BrokerError> {
-        let name = consumer_name(queue);
-        let subject = task_subject(queue);
+        self.ensure_level_consumer(queue, DEFAULT_PRIORITY, config)
+            .await
+    }
+
+    /// Same as [`Broker::ensure_consumer`] for one priority level of `queue`: the default
+    /// level is the plain consumer `dbtask-<queue>`, the others `dbtask-<queue>-p<N>`.
+    pub async fn ensure_level_consumer(
+        &self,
+        queue: &str,
+        priority: u8,
+        config: &Config,
+    ) -> Result<QueueConsumer, BrokerError> {
+        let name = priority_consumer_name(queue, priority);
+        let subject = priority_subject(queue, priority);
+        let description = if priority == DEFAULT_PRIORITY {
+            format!("dbtask workers of queue {queue}")
+        } else {
+            format!("dbtask workers of queue {queue}, priority {priority}")
+        };
         let wanted = consumer::pull::Config {
             durable_name: Some(name.clone()),
-            description: Some(format!("dbtask workers of queue {queue}")),
+            description: Some(description),
             deliver_policy: consumer::DeliverPolicy::All,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.ack_wait(),
@@ -352,6 +372,21 @@ impl QueueConsumer {
             .batch()
             .max_messages(max)
             .expires(expires)
+            .messages()
+            .await
+            .map_err(|e| BrokerError::Pull {
+                url: self.url.clone(),
+                queue: self.queue.clone(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// Asks for up to `max` messages already waiting, without waiting for more: the batch
+    /// ends as soon as the server has nothing more to give.
+    pub async fn pull_now(&self, max: usize) -> Result<Batch, BrokerError> {
+        self.consumer
+            .fetch()
+            .max_messages(max)
             .messages()
             .await
             .map_err(|e| BrokerError::Pull {

@@ -118,6 +118,7 @@ mod tests {
             time_limit: hard,
             soft_time_limit: soft,
             retry: Default::default(),
+            rate_limit: None,
         }
     }
 

@@ -65,6 +65,8 @@ pub struct TaskInfo {
     pub time_limit: Option<f64>,
     /// `soft_time_limit` from the task's options, in seconds, if it set one.
     pub soft_time_limit: Option<f64>,
+    /// `rate_limit` from the task's options: starts allowed across the whole cluster.
+    pub rate_limit: Option<dbtask_protocol::Rate>,
 }
 
 /// How to interrupt a running task (time limits, revocation with terminate).

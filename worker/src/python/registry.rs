@@ -132,6 +132,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
         };
         let time_limit = seconds("time_limit")?;
         let soft_time_limit = seconds("soft_time_limit")?;
+        let rate_limit = rate_limit_option(&task).map_err(with_name)?;
         let (signature, precise, display): (Bound<'_, PyAny>, bool, String) =
             support.describe.bind(py).call1((&name, &func))?.extract()?;
         let signature = (!signature.is_none()).then(|| signature.unbind());
@@ -145,6 +146,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
                 retry: retry_options.policy,
                 time_limit,
                 soft_time_limit,
+                rate_limit,
             },
         );
         entries.insert(
@@ -167,6 +169,25 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
         entries,
         registered,
     })
+}
+
+/// `options["rate_limit"]` parsed; a bad one stops the worker with the task's name.
+fn rate_limit_option(task: &Bound<'_, PyAny>) -> PyResult<Option<dbtask_protocol::Rate>> {
+    let Ok(options) = task.getattr("options") else {
+        return Ok(None);
+    };
+    if options.is_none() {
+        return Ok(None);
+    }
+    match options.cast::<PyDict>()?.get_item("rate_limit")? {
+        Some(v) if !v.is_none() => {
+            let text: String = v.str()?.extract()?;
+            dbtask_protocol::Rate::parse(&text)
+                .map(Some)
+                .map_err(pyo3::exceptions::PyValueError::new_err)
+        }
+        _ => Ok(None),
+    }
 }
 
 fn describe(py: Python<'_>, e: &PyErr) -> String {

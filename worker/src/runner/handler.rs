@@ -86,6 +86,14 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
     let mut phase = shared.phase.subscribe();
     // A third of ack_wait leaves two chances for a progress ack to arrive in time.
     let every = shared.config.ack_wait() / 3;
+    if let Some(deliveries) = super::dead::last_delivery(&msg, shared.config.max_deliver) {
+        let disposition = super::dead::dead_letter(&shared, &queue, &msg, deliveries).await;
+        finish(&msg, disposition, &queue).await;
+        // It never took a slot: its promised one is free again, wake the pull loops.
+        drop(ticket);
+        shared.freed.notify_waiters();
+        return;
+    }
     let disposition = tokio::select! {
         biased;
         _ = reached(&mut phase, Phase::Abandon) => Disposition::HandBack,
@@ -343,6 +351,11 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             .await;
         return workflow(&ctx, flow, &record, stored).await;
     };
+    if let Some(rate) = shared.python.tasks().get(name).and_then(|t| t.rate_limit) {
+        if !super::rate::wait_turn(shared, id, name, rate).await {
+            return Disposition::HandBack;
+        }
+    }
     if shared.phase() != Phase::Running {
         return Disposition::HandBack;
     }
@@ -590,9 +603,9 @@ async fn refuse_unreadable(
                 error_type = exc_type,
                 error = %why,
                 body_start = %String::from_utf8_lossy(head),
-                "dropping a message without a task id: nothing to record its failure under"
+                "a message without a task id: nothing to record its failure under; dead-lettering it"
             );
-            Disposition::Term
+            super::dead::dead_letter_unreadable(ctx.shared, ctx.queue, msg, &why).await
         }
     }
 }

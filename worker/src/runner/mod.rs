@@ -4,7 +4,10 @@
 //! Everything runs on one thread (a current-thread runtime and a `LocalSet`): Python runs on its
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
+mod dead;
 mod handler;
+mod priority;
+mod rate;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -123,6 +126,12 @@ pub async fn run(
     for queue in &config.queues {
         consumers.push(broker.ensure_consumer(queue, &config).await?);
     }
+    let mut levels = Vec::new();
+    if config.priorities {
+        for consumer in consumers.drain(..) {
+            levels.push(priority::ensure_levels(&broker, consumer, &config).await?);
+        }
+    }
     let max_payload = broker.client().server_info().max_payload;
     if max_payload > 0 && config.max_message_bytes > max_payload {
         warn!(
@@ -160,6 +169,7 @@ pub async fn run(
             store,
             revocations,
             consumers,
+            levels,
             worker,
             shutdown,
         ))
@@ -175,6 +185,7 @@ async fn serve(
     store: Store,
     revocations: Revocations,
     consumers: Vec<QueueConsumer>,
+    levels: Vec<priority::Levels>,
     worker: String,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -197,10 +208,14 @@ async fn serve(
         phase,
     });
 
-    let pullers: Vec<_> = consumers
-        .into_iter()
-        .map(|consumer| tokio::task::spawn_local(pull_loop(shared.clone(), consumer)))
-        .collect();
+    let pullers: Vec<_> =
+        consumers
+            .into_iter()
+            .map(|consumer| tokio::task::spawn_local(pull_loop(shared.clone(), consumer)))
+            .chain(levels.into_iter().map(|levels| {
+                tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels))
+            }))
+            .collect();
 
     shutdown.await;
     let timeout = shared.config.shutdown_timeout();

@@ -1,6 +1,7 @@
 //! Redis: result records (`dbtask:result:<id>`, with a TTL) and the done notifications
 //! (`dbtask:done:<id>`). Key and channel names come from the protocol crate only.
 
+mod rate;
 mod writer;
 
 use std::future::Future;

@@ -1,0 +1,76 @@
+//! The dead-letter stream `DBTASK_DEAD` (subjects `dbtask.dead.<queue>`, limits retention):
+//! where a message that exhausted its deliveries goes, with its original headers and body and
+//! the reason, until an operator replays or purges it (`dbtask dead ...`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_nats::jetstream::stream;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use dbtask_protocol::{dead_subject, DEAD_STREAM, DEAD_SUBJECT_WILDCARD};
+use tracing::info;
+
+use super::Broker;
+
+/// Set once this process made sure the stream exists (it is created on first use).
+static READY: AtomicBool = AtomicBool::new(false);
+
+/// The dead-letter stream's configuration (also created by the `dbtask` command line).
+pub fn dead_stream_config() -> stream::Config {
+    stream::Config {
+        name: DEAD_STREAM.to_owned(),
+        description: Some(
+            "dbtask: dead letters (messages that exhausted their deliveries)".to_owned(),
+        ),
+        subjects: vec![DEAD_SUBJECT_WILDCARD.to_owned()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    }
+}
+
+impl Broker {
+    /// Publishes a dead letter for `queue` and waits for JetStream to store it; returns its
+    /// sequence in the dead-letter stream. `msg_id` deduplicates a second dead-lettering of the
+    /// same message (a worker that died between this publish and its ack).
+    pub async fn publish_dead(
+        &self,
+        queue: &str,
+        msg_id: &str,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<u64, String> {
+        headers.insert(dbtask_protocol::HEADER_MSG_ID, msg_id);
+        for attempt in 0..2 {
+            if !READY.load(Ordering::Relaxed) {
+                let created = self
+                    .js
+                    .get_or_create_stream(dead_stream_config())
+                    .await
+                    .map_err(|e| format!("cannot create stream {DEAD_STREAM}: {e}"))?;
+                if created.cached_info().state.messages == 0 {
+                    info!(stream = DEAD_STREAM, "dead-letter stream ready");
+                }
+                READY.store(true, Ordering::Relaxed);
+            }
+            let result: Result<u64, String> = match self
+                .js
+                .publish_with_headers(dead_subject(queue), headers.clone(), body.clone())
+                .await
+            {
+                Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match result {
+                Ok(sequence) => return Ok(sequence),
+                // The stream may have been deleted since: create it again, once.
+                Err(e) if attempt == 0 => {
+                    tracing::debug!(error = %e, "dead-letter publish failed; checking the stream");
+                    READY.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(format!("cannot publish to {DEAD_STREAM}: {e}")),
+            }
+        }
+        Err(format!("cannot publish to {DEAD_STREAM}"))
+    }
+}

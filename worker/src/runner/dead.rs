@@ -1,0 +1,170 @@
+//! Dead letters: the last delivery NATS allows (`delivered >= max_deliver`) is never run; the
+//! message goes to the dead-letter stream with the reason and its original headers and body,
+//! the task's record becomes FAILURE (`dbtask.DeadLettered`), and the message is acked. So a
+//! task that kills its worker every time (`os._exit`, a segfault, the OOM killer) or a message
+//! nobody can finish runs at most `max_deliver - 1` times and never loops. A message that does
+//! not decode and names no task id goes there too instead of being dropped.
+
+use async_nats::jetstream::Message;
+use async_nats::HeaderMap;
+use dbtask_protocol::{
+    dead_headers, now_unix, ResultRecord, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM,
+    HEADER_TASK, HEADER_TASK_ID,
+};
+use tracing::{error, info, warn};
+
+use super::handler::{identify, Disposition};
+use super::Shared;
+
+/// `Some(deliveries)` when this is the message's last allowed delivery.
+pub(super) fn last_delivery(msg: &Message, max_deliver: i64) -> Option<i64> {
+    let info = msg.info().ok()?;
+    (max_deliver > 1 && info.delivered >= max_deliver).then_some(info.delivered)
+}
+
+/// A message that cannot be decoded and names no task id (nothing to record a FAILURE
+/// under): into the dead-letter stream rather than dropped. `Term` if even that fails.
+pub(super) async fn dead_letter_unreadable(
+    shared: &Shared,
+    queue: &str,
+    msg: &Message,
+    why: &str,
+) -> Disposition {
+    let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let reason = format!("unreadable message without a task id: {why}");
+    match publish(shared, queue, msg, &reason, deliveries).await {
+        Some(dead_seq) => {
+            error!(
+                queue,
+                dead_letter_sequence = dead_seq,
+                "message without a task id dead-lettered: inspect it with `dbtask dead show {dead_seq}`"
+            );
+            Disposition::Ack
+        }
+        None => Disposition::Term,
+    }
+}
+
+/// Publishes `msg` to the dead-letter stream with `reason`; its sequence there, `None` (logged)
+/// if NATS did not store it.
+async fn publish(
+    shared: &Shared,
+    queue: &str,
+    msg: &Message,
+    reason: &str,
+    deliveries: i64,
+) -> Option<u64> {
+    let stream_seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
+    // The original headers, minus NATS' own (message id, schedules, expectations), which
+    // would mean something else in the dead-letter stream.
+    let mut headers = HeaderMap::new();
+    if let Some(original) = msg.message.headers.as_ref() {
+        for (name, values) in original.iter() {
+            if AsRef::<str>::as_ref(name).starts_with("Nats-") {
+                continue;
+            }
+            for value in values {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+    }
+    headers.insert(dead_headers::REASON, reason);
+    headers.insert(dead_headers::SUBJECT, msg.subject.as_str());
+    headers.insert(dead_headers::STREAM_SEQ, stream_seq.to_string());
+    headers.insert(dead_headers::DELIVERIES, deliveries.to_string());
+    headers.insert(dead_headers::AT, format!("{:.6}", now_unix()));
+    headers.insert(dead_headers::WORKER, shared.worker.as_str());
+    let msg_id = format!("dead.{queue}.{stream_seq}");
+    let dead_seq = match shared
+        .broker
+        .publish_dead(queue, &msg_id, headers, msg.message.payload.clone())
+        .await
+    {
+        Ok(seq) => seq,
+        Err(e) => {
+            error!(
+                queue,
+                stream_sequence = stream_seq,
+                error = %e,
+                reason,
+                "cannot dead-letter a message: it stays in the task stream undelivered (find it with `nats stream get DBTASK_TASKS {stream_seq}`)"
+            );
+            return None;
+        }
+    };
+    Some(dead_seq)
+}
+
+/// Moves the message to the dead-letter stream and records the task as FAILURE.
+pub(super) async fn dead_letter(
+    shared: &Shared,
+    queue: &str,
+    msg: &Message,
+    deliveries: i64,
+) -> Disposition {
+    let max_deliver = shared.config.max_deliver;
+    let header = |name: &str| {
+        msg.message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    let (task_id, task) = identify(
+        &msg.message.payload,
+        header(HEADER_TASK_ID),
+        header(HEADER_TASK),
+    );
+
+    // A task that finished but whose ack got lost every time is not a dead letter.
+    if let Some(id) = task_id.as_deref() {
+        let store = &shared.store;
+        let existing = store
+            .retrying("read a task's record", || store.get(id))
+            .await;
+        if let Some(done) = existing.filter(|r| r.state.is_ready()) {
+            info!(task_id = id, queue, state = %done.state, "task already finished: acking its last delivery without dead-lettering it");
+            return Disposition::Ack;
+        }
+    }
+
+    let reason = format!(
+        "delivered {deliveries} times (max_deliver={max_deliver}) without finishing: the worker running it died, was killed or stopped each time (a task that crashes its process, e.g. os._exit, a segfault or the OOM killer?)"
+    );
+    let Some(dead_seq) = publish(shared, queue, msg, &reason, deliveries).await else {
+        return Disposition::HandBack;
+    };
+    error!(
+        queue,
+        task_id = task_id.as_deref().unwrap_or("?"),
+        task = task.as_deref().unwrap_or("?"),
+        deliveries,
+        dead_letter_sequence = dead_seq,
+        "task dead-lettered: inspect it with `dbtask dead show {dead_seq}`, rerun it with `dbtask dead replay {dead_seq}`"
+    );
+
+    let Some(id) = task_id else {
+        return Disposition::Ack;
+    };
+    let mut record = ResultRecord::new(id, TaskState::Failure);
+    record.task = task;
+    record.attempts = deliveries.clamp(0, u32::MAX as i64) as u32;
+    record.worker = Some(shared.worker.clone());
+    record.queue = Some(queue.to_owned());
+    record.date_done = Some(now_unix());
+    record.error = Some(TaskError::new(
+        DEAD_LETTERED,
+        format!("{reason}; the message is in stream {DEAD_STREAM} at sequence {dead_seq}: `dbtask dead show {dead_seq}` shows it, `dbtask dead replay {dead_seq}` runs it again"),
+    ));
+    match shared.writer.write(&record).await {
+        Ok(()) => Disposition::Ack,
+        Err(_) => {
+            // Stopping: the dead letter is stored (deduplicated if this delivery comes back).
+            warn!(
+                queue,
+                "stopping before the dead-lettered task's FAILURE record was stored"
+            );
+            Disposition::Ack
+        }
+    }
+}
