@@ -3,6 +3,8 @@ and lower ones still run."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from e2e_support import wait_for_lines
@@ -54,3 +56,20 @@ async def test_invalid_priorities_are_refused(client, tmp_path):
     for bad in (-1, 10, 2.5, "9", True):
         with pytest.raises(ValueError, match="priority must be an integer from 0 to 9"):
             await priority_tasks.record.apply_async(str(tmp_path / "x"), "never", priority=bad)
+
+
+async def test_delayed_and_workflow_tasks_keep_their_priority(worker_factory, client, tmp_path):
+    out = tmp_path / "starts.txt"
+    path = str(out)
+    backlog = [await priority_tasks.record.apply_async(path, f"default-{i}") for i in range(PER_LEVEL)]
+    # A countdown task waits in a message schedule whose target is its level's subject, and a
+    # signature's priority decides its message's level: both land on p9, ahead of the backlog.
+    delayed = await priority_tasks.record.apply_async(path, "p9-countdown", countdown=0.3, priority=9)
+    signed = await priority_tasks.record.s(path, "p9-signature").set(priority=9).delay()
+    await asyncio.sleep(1.0)  # the schedule has fired: the message waits on its level
+    worker_factory("priority_tasks", concurrency=1)
+    lines = await wait_for_lines(out, PER_LEVEL + 2, timeout=60)
+    for r in [*backlog, delayed, signed]:
+        await r.get(timeout=30)
+    order = [line.split()[1] for line in lines]
+    assert sorted(order[:2]) == ["p9-countdown", "p9-signature"], order

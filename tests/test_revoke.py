@@ -46,9 +46,20 @@ async def test_revoke_by_id_with_the_module_function(worker_factory, client, tmp
     assert not marker.exists()
 
 
-async def test_revoke_a_task_waiting_behind_a_busy_worker(worker_factory, client, tmp_path):
-    # (countdown is not implemented on this branch: the task waits in the queue instead,
-    # behind a running task on a worker of concurrency 1.)
+async def test_revoke_a_task_waiting_on_its_countdown(worker_factory, client, tmp_path):
+    worker_factory(APP, concurrency=2)
+    marker = tmp_path / "m.txt"
+    waiting = await quick.apply_async("revoked", kwargs={"marker": str(marker)}, countdown=1.5)
+    await waiting.revoke()
+    # It comes due in its message schedule 1.5 s later and is refused then.
+    info = await assert_revoked(waiting)
+    assert "before it started" in info["error"]["message"]
+    assert info["date_done"] - info["date_received"] >= 0
+    assert not marker.exists(), "a revoked task must not run when its countdown ends"
+
+
+async def test_received_while_waiting_then_revoked_behind_a_busy_worker(worker_factory, client, tmp_path):
+    # The worker (concurrency 1) runs one task and holds the next in its prefetch: RECEIVED.
     worker_factory(APP, concurrency=1)
     busy_marker = tmp_path / "busy.txt"
     marker = tmp_path / "m.txt"
@@ -56,6 +67,14 @@ async def test_revoke_a_task_waiting_behind_a_busy_worker(worker_factory, client
     await wait_for_lines(busy_marker, 1)
     waiting = await quick.delay("revoked", marker=str(marker))
     after = await quick.delay("after", marker=str(marker))
+    for _ in range(100):
+        if await waiting.state() == "RECEIVED":
+            break
+        await asyncio.sleep(0.02)
+    info = await waiting.info()
+    assert info["state"] == "RECEIVED", info
+    assert info["task"] == quick.name and info["worker"] and info["date_received"] > 0
+    assert not await waiting.ready()
     await dbtask.revoke(waiting.id)  # live: the running worker hears it on the channel
     assert await busy.get(timeout=15) == "finished"
     await assert_revoked(waiting)

@@ -30,20 +30,23 @@ pub(crate) fn prepare(signature_json: &str) -> Result<Prepared, ClientError> {
         protocol::now_unix(),
         &mut expanded,
     )?;
-    let subjects: Vec<String> = expanded.subjects().collect();
+    let routes: Vec<protocol::Route> = expanded.routes(protocol::now_unix()).collect();
     let outs = expanded
         .messages
         .into_iter()
-        .zip(subjects)
-        .map(|(message, subject)| {
+        .zip(routes)
+        .map(|(message, route)| {
             let mut headers = HeaderMap::new();
             headers.insert(protocol::HEADER_MSG_ID, message.id.as_str());
             headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
             headers.insert(protocol::HEADER_TASK, message.task.as_str());
+            for (name, value) in route.headers() {
+                headers.insert(name, value);
+            }
             Outgoing {
                 body: Bytes::from(message.encode()),
                 id: message.id,
-                subject,
+                subject: route.subject,
                 headers,
             }
         })

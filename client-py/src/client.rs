@@ -336,6 +336,7 @@ fn prepare(
     task_id: Option<String>,
     eta: Option<f64>,
     expires: Option<f64>,
+    priority: Option<u8>,
     sent_at: f64,
 ) -> Result<Outgoing, ClientError> {
     protocol::validate_queue(queue)?;
@@ -401,6 +402,7 @@ fn prepare(
         eta,
         expires,
         retries: 0,
+        priority,
         sent_at: Some(sent_at),
         chain: Vec::new(),
         chord: None,
@@ -413,24 +415,14 @@ fn prepare(
     headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
     headers.insert(protocol::HEADER_TASK, message.task.as_str());
     // A future eta waits in JetStream as a message schedule that the server publishes to the
-    // queue's subject at that time; an eta in the past goes to the queue at once.
-    let subject = match eta {
-        Some(at) if at > sent_at => {
-            headers.insert(
-                protocol::HEADER_SCHEDULE,
-                protocol::schedule_at(at).as_str(),
-            );
-            headers.insert(
-                protocol::HEADER_SCHEDULE_TARGET,
-                protocol::task_subject(queue).as_str(),
-            );
-            protocol::schedule_subject(queue, &message.id)
-        }
-        _ => protocol::task_subject(queue),
-    };
+    // subject of the task's priority level at that time; an eta in the past goes there at once.
+    let route = message.route(queue, sent_at);
+    for (name, value) in route.headers() {
+        headers.insert(name, value);
+    }
     Ok(Outgoing {
         id: message.id,
-        subject,
+        subject: route.subject,
         headers,
         body,
     })
@@ -750,7 +742,7 @@ impl Client {
         expires: Option<f64>,
         priority: Option<i64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut out = prepare(
+        let out = prepare(
             queue,
             task,
             args,
@@ -758,9 +750,9 @@ impl Client {
             task_id,
             eta,
             expires,
+            check_priority(priority)?,
             protocol::now_unix(),
         )?;
-        set_priority(&mut out, queue, priority)?;
         bridge::awaitable(
             py,
             publish_one(self.inner.start_publishing()?, out),
@@ -783,7 +775,7 @@ impl Client {
         expires: Option<f64>,
         priority: Option<i64>,
     ) -> PyResult<String> {
-        let mut out = prepare(
+        let out = prepare(
             queue,
             task,
             args,
@@ -791,9 +783,9 @@ impl Client {
             task_id,
             eta,
             expires,
+            check_priority(priority)?,
             protocol::now_unix(),
         )?;
-        set_priority(&mut out, queue, priority)?;
         runtime::block_on(py, publish_one(self.inner.start_publishing()?, out))
     }
 
@@ -810,10 +802,7 @@ impl Client {
         expires: Option<f64>,
         priority: Option<i64>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let mut outs = prepare_many(queue, task, calls, eta, expires)?;
-        for out in &mut outs {
-            set_priority(out, queue, priority)?;
-        }
+        let outs = prepare_many(queue, task, calls, eta, expires, check_priority(priority)?)?;
         bridge::awaitable(
             py,
             publish_all(self.inner.start_publishing()?, outs),
@@ -834,10 +823,7 @@ impl Client {
         expires: Option<f64>,
         priority: Option<i64>,
     ) -> PyResult<Vec<String>> {
-        let mut outs = prepare_many(queue, task, calls, eta, expires)?;
-        for out in &mut outs {
-            set_priority(out, queue, priority)?;
-        }
+        let outs = prepare_many(queue, task, calls, eta, expires, check_priority(priority)?)?;
         runtime::block_on(py, publish_all(self.inner.start_publishing()?, outs))
     }
 
@@ -1032,10 +1018,9 @@ impl Client {
     }
 }
 
-/// Sends a task at `priority` (0..=9, 9 first) to that level's subject; `None` keeps the
-/// default level and its plain subject.
-fn set_priority(out: &mut Outgoing, queue: &str, priority: Option<i64>) -> PyResult<()> {
-    let Some(p) = priority else { return Ok(()) };
+/// A task's priority level (0..=9, 9 first); `None` is the default level.
+fn check_priority(priority: Option<i64>) -> PyResult<Option<u8>> {
+    let Some(p) = priority else { return Ok(None) };
     let level = u8::try_from(p)
         .ok()
         .filter(|l| *l <= protocol::MAX_PRIORITY)
@@ -1045,8 +1030,7 @@ fn set_priority(out: &mut Outgoing, queue: &str, priority: Option<i64>) -> PyRes
                 protocol::MAX_PRIORITY
             ))
         })?;
-    out.subject = protocol::priority_subject(queue, level);
-    Ok(())
+    Ok(Some(level))
 }
 
 fn prepare_many(
@@ -1055,6 +1039,7 @@ fn prepare_many(
     calls: &Bound<'_, PyAny>,
     eta: Option<f64>,
     expires: Option<f64>,
+    priority: Option<u8>,
 ) -> PyResult<Vec<Outgoing>> {
     let sent_at = protocol::now_unix();
     let mut outs = Vec::with_capacity(calls.len().unwrap_or(0));
@@ -1074,6 +1059,7 @@ fn prepare_many(
             None,
             eta,
             expires,
+            priority,
             sent_at,
         )?);
     }

@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::{
-    task_subject, validate_queue, validate_task_id, validate_task_name, ProtocolError, TaskMessage,
-    PROTOCOL_VERSION,
+    validate_queue, validate_task_id, validate_task_name, ProtocolError, Route, TaskMessage,
+    MAX_PRIORITY, PROTOCOL_VERSION,
 };
 
 /// Queue of a signature that names none.
@@ -214,11 +214,11 @@ pub struct Expanded {
 }
 
 impl Expanded {
-    /// The JetStream subject of each message, in order.
-    pub fn subjects(&self) -> impl Iterator<Item = String> + '_ {
+    /// Where each message goes (its priority level, or a message schedule), in order.
+    pub fn routes(&self, now: f64) -> impl Iterator<Item = Route> + '_ {
         self.messages
             .iter()
-            .map(|m| task_subject(m.queue.as_deref().unwrap_or(DEFAULT_QUEUE)))
+            .map(move |m| m.route(m.queue.as_deref().unwrap_or(DEFAULT_QUEUE), now))
     }
 }
 
@@ -282,6 +282,11 @@ pub fn expand(
                     "kwargs of signature {id} must be a JSON object"
                 )));
             }
+            if sig.options.priority.is_some_and(|p| p > MAX_PRIORITY) {
+                return Err(bad(format!(
+                    "priority of signature {id} must be 0 to {MAX_PRIORITY}"
+                )));
+            }
             let args = match parent {
                 Some(p) if !sig.options.immutable => prepend_args(&[p], &sig.args),
                 _ => sig.args.clone(),
@@ -296,6 +301,7 @@ pub fn expand(
                 eta: sig.options.countdown.map(|c| now + c.max(0.0)),
                 expires: None,
                 retries: 0,
+                priority: sig.options.priority,
                 sent_at: Some(now),
                 chain: carry.chain,
                 chord: carry.chord,

@@ -200,6 +200,26 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+/// The subject of a task message and, for a delayed one, its `Nats-Schedule` header value and
+/// `Nats-Schedule-Target` subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub subject: String,
+    pub schedule: Option<(String, String)>,
+}
+
+impl Route {
+    /// The schedule headers to add to the message, if any.
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.schedule.iter().flat_map(|(at, target)| {
+            [
+                (HEADER_SCHEDULE, at.as_str()),
+                (HEADER_SCHEDULE_TARGET, target.as_str()),
+            ]
+        })
+    }
+}
+
 /// One task to run: the body of a JetStream message on `dbtask.tasks.<queue>`.
 ///
 /// Times are Unix seconds (UTC) as floats. Unknown fields are ignored, so a newer client can add
@@ -231,6 +251,10 @@ pub struct TaskMessage {
     /// How many times this task was retried before this message (0 on the first publish).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub retries: u32,
+    /// Priority level 0..=9 (9 first); `None` is [`DEFAULT_PRIORITY`]. Decides the subject
+    /// (see [`TaskMessage::route`]), and rides along so that retries keep their level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
     /// When the client published the message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sent_at: Option<f64>,
@@ -269,7 +293,29 @@ impl TaskMessage {
                 "`kwargs` must be a JSON object".into(),
             ));
         }
+        if msg.priority.is_some_and(|p| p > MAX_PRIORITY) {
+            return Err(ProtocolError::Malformed(format!(
+                "`priority` must be 0 to {MAX_PRIORITY}"
+            )));
+        }
         Ok(msg)
+    }
+
+    /// Where to publish this message for `queue` at time `now`: the subject of its priority
+    /// level, or, while its `eta` is ahead, a message schedule that the server publishes to
+    /// that subject at the eta. The one routing rule for the client, retries and workflows.
+    pub fn route(&self, queue: &str, now: f64) -> Route {
+        let target = priority_subject(queue, self.priority.unwrap_or(DEFAULT_PRIORITY));
+        match self.eta {
+            Some(at) if at > now => Route {
+                subject: schedule_subject(queue, &self.id),
+                schedule: Some((schedule_at(at), target)),
+            },
+            _ => Route {
+                subject: target,
+                schedule: None,
+            },
+        }
     }
 
     /// Encodes the message as its wire JSON.
@@ -589,6 +635,7 @@ mod tests {
             eta: Some(1_700_000_000.25),
             expires: None,
             retries: 2,
+            priority: Some(7),
             sent_at: Some(1_700_000_000.0),
             chain: Vec::new(),
             chord: None,
@@ -761,6 +808,39 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_message_routes_to_its_level_or_to_a_schedule_targeting_it() {
+        let mut msg = TaskMessage::decode(br#"{"id": "t1", "task": "add"}"#).unwrap();
+        assert_eq!(
+            msg.route("q", 10.0),
+            Route {
+                subject: "dbtask.tasks.q".into(),
+                schedule: None
+            }
+        );
+        msg.priority = Some(9);
+        assert_eq!(msg.route("q", 10.0).subject, "dbtask.tasks.q.p9");
+        msg.eta = Some(5.0); // in the past: straight to the level
+        assert_eq!(msg.route("q", 10.0).subject, "dbtask.tasks.q.p9");
+        msg.eta = Some(20.0);
+        let route = msg.route("q", 10.0);
+        assert_eq!(route.subject, "dbtask.sched.q.t1");
+        let headers: Vec<_> = route.headers().collect();
+        assert_eq!(
+            headers,
+            [
+                (HEADER_SCHEDULE, "@at 1970-01-01T00:00:20.000Z"),
+                (HEADER_SCHEDULE_TARGET, "dbtask.tasks.q.p9")
+            ]
+        );
+        // The level rides along in the body, so a retry keeps it.
+        assert_eq!(
+            TaskMessage::decode(&msg.encode()).unwrap().priority,
+            Some(9)
+        );
+        assert!(TaskMessage::decode(br#"{"id": "t", "task": "a", "priority": 10}"#).is_err());
     }
 
     #[test]

@@ -513,33 +513,3 @@ fn shutdown_lets_handed_over_jobs_finish() {
     // The shared runtime is not affected.
     assert_eq!(success(call("add", json!([1, 1]))), json!(2));
 }
-
-/// Calls per second through `call`, sync and async, with 500 calls in flight (a benchmark,
-/// not a check: `cargo test --release -p dbtask-worker --test python_runtime -- --ignored --nocapture`).
-#[test]
-#[ignore]
-fn throughput() {
-    let rt = runtime();
-    let tokio = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    for task in ["add", "aadd_now", "add", "aadd_now"] {
-        let task = if task == "aadd_now" { "anow" } else { task };
-        let total = 100_000;
-        let started = std::time::Instant::now();
-        tokio.block_on(async {
-            use futures::stream::StreamExt;
-            let calls = futures::stream::iter(0..total)
-                .map(|i| rt.call(job(task, json!([i, 1]), json!({}))))
-                .buffer_unordered(500);
-            let done = calls
-                .filter(|o| std::future::ready(matches!(o, CallOutcome::Success(_))))
-                .count()
-                .await;
-            assert_eq!(done, total);
-        });
-        let secs = started.elapsed().as_secs_f64();
-        println!("{task}: {:.0} calls/s", total as f64 / secs);
-    }
-}

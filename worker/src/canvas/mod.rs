@@ -22,8 +22,8 @@ use dbtask_protocol::canvas::{
     chord_fired_key, chord_key, expand, group_key, prepend_args, Carry, Expanded, CHORD_ERROR,
 };
 use dbtask_protocol::{
-    error_types, now_unix, ChordRef, ResultRecord, Signature, TaskError, TaskMessage, TaskState,
-    HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID,
+    error_types, now_unix, ChordRef, ResultRecord, Route, Signature, TaskError, TaskMessage,
+    TaskState, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID,
 };
 use serde_json::value::RawValue;
 use tracing::{debug, error, info, warn};
@@ -318,17 +318,25 @@ impl Canvas<'_> {
         if out.messages.is_empty() {
             return Ok(());
         }
-        let subjects: Vec<String> = out.subjects().collect();
+        let routes: Vec<Route> = out.routes(now_unix()).collect();
         let prepared: Vec<(String, String, HeaderMap, Bytes)> = out
             .messages
             .iter()
-            .zip(subjects)
-            .map(|(m, subject)| {
+            .zip(routes)
+            .map(|(m, route)| {
                 let mut headers = HeaderMap::new();
                 headers.insert(HEADER_MSG_ID, m.id.as_str());
                 headers.insert(HEADER_TASK_ID, m.id.as_str());
                 headers.insert(HEADER_TASK, m.task.as_str());
-                (m.id.clone(), subject, headers, Bytes::from(m.encode()))
+                for (name, value) in route.headers() {
+                    headers.insert(name, value);
+                }
+                (
+                    m.id.clone(),
+                    route.subject,
+                    headers,
+                    Bytes::from(m.encode()),
+                )
             })
             .collect();
         let mut attempt = 0;

@@ -7,10 +7,7 @@
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
-use dbtask_protocol::{
-    now_unix, schedule_at, schedule_subject, task_subject, TaskMessage, HEADER_MSG_ID,
-    HEADER_SCHEDULE, HEADER_SCHEDULE_TARGET, HEADER_TASK, HEADER_TASK_ID,
-};
+use dbtask_protocol::{now_unix, TaskMessage, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID};
 
 /// Defaults, as documented in the README (Celery's `max_retries` default; a shorter delay).
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
@@ -89,16 +86,12 @@ pub async fn publish_at(
     headers.insert(HEADER_MSG_ID, msg_id);
     headers.insert(HEADER_TASK_ID, task.id.as_str());
     headers.insert(HEADER_TASK, task.task.as_str());
-    let subject = match task.eta {
-        Some(at) if at > now_unix() => {
-            headers.insert(HEADER_SCHEDULE, schedule_at(at).as_str());
-            headers.insert(HEADER_SCHEDULE_TARGET, task_subject(queue).as_str());
-            schedule_subject(queue, &task.id)
-        }
-        _ => task_subject(queue),
-    };
+    let route = task.route(queue, now_unix());
+    for (name, value) in route.headers() {
+        headers.insert(name, value);
+    }
     let ack = js
-        .publish_with_headers(subject, headers, task.encode().into())
+        .publish_with_headers(route.subject, headers, task.encode().into())
         .await
         .map_err(|e| e.to_string())?;
     ack.await.map(|_| ()).map_err(|e| e.to_string())

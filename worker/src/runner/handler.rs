@@ -224,6 +224,10 @@ const REVOKED_BEFORE_START: &str = "the task was revoked before it started";
 
 async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Message) -> Disposition {
     let mut phase = shared.phase.subscribe();
+    let received = now_unix();
+    if shared.slots.available_permits() == 0 {
+        mark_received(shared, queue, msg, received);
+    }
     // Wait for a slot; at shutdown, a message that has not started goes back at once.
     let permit = tokio::select! {
         biased;
@@ -243,7 +247,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             .info()
             .map(|i| i.delivered.clamp(1, u32::MAX as i64) as u32)
             .unwrap_or(1),
-        received: now_unix(),
+        received,
     };
     let payload: &[u8] = &msg.message.payload;
     let header = |name: &str| {
@@ -579,6 +583,27 @@ async fn execute(
         }
     }
     (ctx.store(&record).await, Some(record))
+}
+
+/// A task that has to wait in this worker for a free slot (prefetched) is RECEIVED meanwhile.
+/// Only on its first delivery: a redelivery may find a final state that must not be
+/// overwritten. The write is queued behind nothing and awaited by nobody, so the wait costs no
+/// round trip; records of one task reach the writer in order, so it never hides a later state.
+fn mark_received(shared: &Shared, queue: &str, msg: &Message, received: f64) {
+    if msg.info().map(|i| i.delivered).unwrap_or(1) != 1 {
+        return;
+    }
+    let Ok(task) = TaskMessage::decode(&msg.message.payload) else {
+        return; // refused with a FAILURE record once it has a slot
+    };
+    let mut record = ResultRecord::new(task.id, TaskState::Received);
+    record.task = Some(task.task);
+    record.attempts = 1 + task.retries;
+    record.retries = task.retries;
+    record.worker = Some(shared.worker.clone());
+    record.queue = Some(queue.to_owned());
+    record.date_received = Some(received);
+    shared.writer.enqueue(&record);
 }
 
 /// A message that cannot be decoded (or is too large): a FAILURE record if any valid task id

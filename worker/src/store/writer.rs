@@ -39,6 +39,16 @@ impl Writer {
         (Writer { tx }, run(store, rx))
     }
 
+    /// Queues a record to be stored, without waiting for it: for states nobody acks on
+    /// (RECEIVED). Dropped silently once the writer has stopped.
+    pub fn enqueue(&self, record: &ResultRecord) {
+        let (stored, _) = oneshot::channel();
+        let _ = self.tx.send(Pending {
+            write: RecordWrite::new(record),
+            stored,
+        });
+    }
+
     /// Stores a record (and publishes it when its state is ready); returns once Redis has it.
     /// Redis outages are retried inside the writer, so this only fails at shutdown.
     pub async fn write(&self, record: &ResultRecord) -> Result<(), WriterClosed> {
