@@ -102,8 +102,10 @@ class Redis:
         self.sock.sendall(b"".join(out))
         return self._reply()
 
-    def wait_count(self, count: int, timeout: float, poll: float = 0.0005) -> tuple[float, float]:
-        """Polls DBSIZE until it reaches `count`: (time of the first key seen, time of the last)."""
+    def wait_done(self, ids: list[str], timeout: float, poll: float = 0.0005) -> tuple[float, float]:
+        """Waits until every task of `ids` has a final record: (time the first record of any
+        state appeared, time the last final one was seen). DBSIZE is polled until every task
+        has a record (RECEIVED ones count), then only the records not yet final are read."""
         deadline = time.perf_counter() + timeout
         first = None
         while True:
@@ -111,10 +113,20 @@ class Redis:
             now = time.perf_counter()
             if n > 0 and first is None:
                 first = now
-            if n >= count:
+            if n >= len(ids):
+                break
+            if now > deadline:
+                raise BenchFailure(f"only {n} of {len(ids)} results stored after {timeout} s")
+            time.sleep(poll)
+        pending = ids
+        while True:
+            records = self.records(pending)
+            now = time.perf_counter()
+            pending = [t for t, r in zip(pending, records) if r is None or r.get("state") not in FINAL]
+            if not pending:
                 return first, now
             if now > deadline:
-                raise BenchFailure(f"only {n} of {count} results stored after {timeout} s")
+                raise BenchFailure(f"{len(pending)} of {len(ids)} tasks not finished after {timeout} s")
             time.sleep(poll)
 
     def records(self, ids: list[str]) -> list[dict | None]:
@@ -124,6 +136,9 @@ class Redis:
             values = self.call("MGET", *[f"dbtask:result:{t}" for t in chunk])
             out.extend(None if v is None else json.loads(v) for v in values)
         return out
+
+
+FINAL = ("SUCCESS", "FAILURE", "REVOKED")
 
 
 def check_results(redis: Redis, ids: list[str], expected: list, what: str) -> int:
@@ -322,7 +337,7 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     ready_at = asyncio.get_running_loop().run_in_executor(None, worker.wait_ready)
     meter = CpuMeter({**procs, "worker": worker.proc.pid})
     meter.__enter__()
-    first, last = redis.wait_count(N, TIMEOUT)
+    first, last = redis.wait_done(ids, TIMEOUT)
     meter.__exit__()
     ready = await ready_at
     fig["W2 from start"] = N / (last - worker.spawned)
@@ -356,7 +371,7 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     redis.call("FLUSHALL")
     worker = WorkerProc(nats.url, redis_srv.url, workdir, concurrency=W4_CONCURRENCY)
     worker.wait_ready()
-    redis.wait_count(2 * N + n_sync, TIMEOUT)
+    redis.wait_done(bulk_ids + seq_ids + sync_ids, TIMEOUT)
     expected = [2 * i for i in range(N)]
     checked += check_results(redis, bulk_ids, expected, "W1 bulk")
     checked += check_results(redis, seq_ids, expected, "W1 sequential")
@@ -367,7 +382,7 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     with CpuMeter({**procs, "worker": worker.proc.pid}) as cpu:
         t0 = time.perf_counter()
         results = await nap.apply_many([(i,) for i in range(W4_TASKS)])
-        _, last = redis.wait_count(W4_TASKS, TIMEOUT)
+        _, last = redis.wait_done([r.id for r in results], TIMEOUT)
     fig["W4 s"] = last - t0
     fig["cpu W4"] = (cpu.wall, cpu.used)
     checked += check_results(redis, [r.id for r in results], list(range(W4_TASKS)), "W4")
