@@ -392,6 +392,12 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
         fig["W5 s"], n = w5
         checked += n
     worker.stop()
+
+    # For W6's bound: what a fresh worker holds before it has run anything (queues empty).
+    idle = WorkerProc(nats.url, redis_srv.url, workdir)
+    idle.wait_ready()
+    fig["W6 rss idle"] = rss_mib(idle.proc.pid)
+    idle.stop()
     return fig, checked
 
 
@@ -581,6 +587,16 @@ def bounds(figs: list[dict], base: list[dict]) -> list[str]:
             f"- **{fig_key}** ({fmt(m, 'ms' if 'p50' in fig_key else '/s')}): CPU µs per task: {cells}. "
             f"Busiest: {busiest} at {used[busiest] / wall:.0%} of a core; the processes together "
             f"{total / wall:.0%} of the {os.cpu_count() * 100}% the machine has."
+        )
+    rss = [f["W6 rss"] for f in figs if "W6 rss" in f]
+    idle = [f["W6 rss idle"] for f in figs if "W6 rss idle" in f]
+    if rss and idle and med(rss) > targets["W6 rss"][0]:
+        missed = True
+        out.append(
+            f"- **W6** ({med(rss):.1f} MiB): a fresh worker holds {med(idle):.1f} MiB once it is ready "
+            "and before it runs anything (the embedded CPython with `dbtask` and the task module "
+            f"imported, the tokio runtime, the Python thread pool); W2 adds {med(rss) - med(idle):.1f} MiB "
+            "(message buffers, prefetched tasks, Python objects of the run)."
         )
     if not missed:
         out.append("Every measured target is met.")
