@@ -73,3 +73,16 @@ async def test_delayed_and_workflow_tasks_keep_their_priority(worker_factory, cl
         await r.get(timeout=30)
     order = [line.split()[1] for line in lines]
     assert sorted(order[:2]) == ["p9-countdown", "p9-signature"], order
+
+
+async def test_a_worker_without_priorities_consumes_the_default_level_only(worker_factory, client, tmp_path):
+    out = tmp_path / "starts.txt"
+    # Waiting before the worker starts: a worker with priorities would take it in its first round.
+    await priority_tasks.record.apply_async(str(out), "p9-x", priority=9)
+    worker_factory("priority_tasks", concurrency=2, args=("--priorities", "false"))
+    started = asyncio.get_running_loop().time()
+    plain = await priority_tasks.record.apply_async(str(out), "plain-x")
+    assert await plain.get(timeout=10) == "plain-x"
+    await asyncio.sleep(max(0.0, 2.0 - (asyncio.get_running_loop().time() - started)))
+    labels = [line.split()[1] for line in out.read_text().splitlines()]
+    assert labels == ["plain-x"], "a worker without priorities ran a priority 9 task"

@@ -16,12 +16,11 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::LocalSet;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::broker::{Broker, BrokerError, QueueConsumer};
+use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::python::PythonRuntime;
 use crate::revoke::Revocations;
@@ -122,15 +121,14 @@ pub async fn run(
     });
     let revocations = Revocations::start(&config.redis_url).await?;
     broker.ensure_stream(&config).await?;
-    let mut consumers = Vec::with_capacity(config.queues.len());
+    let mut levels = Vec::with_capacity(config.queues.len());
     for queue in &config.queues {
-        consumers.push(broker.ensure_consumer(queue, &config).await?);
-    }
-    let mut levels = Vec::new();
-    if config.priorities {
-        for consumer in consumers.drain(..) {
-            levels.push(priority::ensure_levels(&broker, consumer, &config).await?);
-        }
+        let consumer = broker.ensure_consumer(queue, &config).await?;
+        levels.push(if config.priorities {
+            priority::ensure_levels(&broker, consumer, &config).await?
+        } else {
+            priority::Levels::default_only(consumer)
+        });
     }
     let max_payload = broker.client().server_info().max_payload;
     if max_payload > 0 && config.max_message_bytes > max_payload {
@@ -168,7 +166,6 @@ pub async fn run(
             broker,
             store,
             revocations,
-            consumers,
             levels,
             worker,
             shutdown,
@@ -184,7 +181,6 @@ async fn serve(
     broker: Broker,
     store: Store,
     revocations: Revocations,
-    consumers: Vec<QueueConsumer>,
     levels: Vec<priority::Levels>,
     worker: String,
     shutdown: impl Future<Output = ()>,
@@ -208,14 +204,10 @@ async fn serve(
         phase,
     });
 
-    let pullers: Vec<_> =
-        consumers
-            .into_iter()
-            .map(|consumer| tokio::task::spawn_local(pull_loop(shared.clone(), consumer)))
-            .chain(levels.into_iter().map(|levels| {
-                tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels))
-            }))
-            .collect();
+    let pullers: Vec<_> = levels
+        .into_iter()
+        .map(|levels| tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels)))
+        .collect();
 
     shutdown.await;
     let timeout = shared.config.shutdown_timeout();
@@ -260,115 +252,6 @@ async fn serve(
         }
     }
     info!("worker stopped");
-}
-
-/// Pulls messages of one queue while the worker runs, never asking for more than the free
-/// slots, and spawns a handler per message.
-async fn pull_loop(shared: Rc<Shared>, mut consumer: QueueConsumer) {
-    let queue: Rc<str> = Rc::from(consumer.queue());
-    let mut phase = shared.phase.subscribe();
-    let mut failures = 0u32;
-    'pull: while shared.phase() == Phase::Running {
-        // Wait for a free slot.
-        let free = loop {
-            let mut freed = pin!(shared.freed.notified());
-            freed.as_mut().enable();
-            let free = shared.free_slots();
-            if free > 0 {
-                break free;
-            }
-            tokio::select! {
-                _ = freed => {}
-                _ = reached(&mut phase, Phase::Draining) => break 'pull,
-            }
-        };
-        let want = free.min(shared.config.fetch_batch);
-        let pulled = tokio::select! {
-            pulled = consumer.pull(want, PULL_EXPIRES) => pulled,
-            _ = reached(&mut phase, Phase::Draining) => break 'pull,
-        };
-        let mut batch = match pulled {
-            Ok(batch) => batch,
-            Err(e) => {
-                failures += 1;
-                warn!(queue = %queue, error = %e, failures, "cannot pull messages; retrying");
-                if !backoff(&shared, &mut phase, &mut consumer, failures).await {
-                    break 'pull;
-                }
-                continue;
-            }
-        };
-        loop {
-            tokio::select! {
-                biased;
-                _ = reached(&mut phase, Phase::Draining) => {
-                    // Messages already delivered to this process but not handled: back at once.
-                    while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
-                        handler::hand_back(&msg, &queue).await;
-                    }
-                    break 'pull;
-                }
-                item = batch.next() => match item {
-                    Some(Ok(msg)) => {
-                        failures = 0;
-                        let ticket = handler::Ticket::new(shared.clone());
-                        tokio::task::spawn_local(handler::handle(ticket, queue.clone(), msg));
-                    }
-                    Some(Err(e)) => {
-                        failures += 1;
-                        warn!(queue = %queue, error = %e, failures, "pull request failed; pulling again");
-                        if !backoff(&shared, &mut phase, &mut consumer, failures).await {
-                            break 'pull;
-                        }
-                        break;
-                    }
-                    None => break,
-                },
-            }
-        }
-    }
-    debug!(queue = %queue, "stopped pulling");
-}
-
-/// Waits before the next pull after a failure (longer each time, up to 5 s); after a few
-/// failures in a row, sets the stream and consumer up again in case they were deleted.
-/// `false`: shutting down.
-async fn backoff(
-    shared: &Shared,
-    phase: &mut watch::Receiver<Phase>,
-    consumer: &mut QueueConsumer,
-    failures: u32,
-) -> bool {
-    let delay = Duration::from_millis(200 * 2u64.pow(failures.min(5))).min(Duration::from_secs(5));
-    tokio::select! {
-        _ = tokio::time::sleep(delay) => {}
-        _ = reached(phase, Phase::Draining) => return false,
-    }
-    if failures % 3 == 0 {
-        // The stream or the consumer may have been deleted under us: set them up again.
-        let fresh = match shared.broker.ensure_stream(&shared.config).await {
-            Ok(_) => {
-                shared
-                    .broker
-                    .ensure_consumer(consumer.queue(), &shared.config)
-                    .await
-            }
-            Err(e) => Err(e),
-        };
-        match fresh {
-            Ok(fresh) => {
-                info!(
-                    queue = consumer.queue(),
-                    "set up the queue's stream and consumer again"
-                );
-                *consumer = fresh;
-            }
-            Err(e) => {
-                warn!(queue = consumer.queue(), error = %e, "cannot set up the queue's consumer")
-            }
-        }
-    }
-    true
 }
 
 /// `hostname:pid`, as recorded in result records and NATS connection names.

@@ -14,6 +14,9 @@
 //! No starvation: every [`FAIR_EVERY`]th round starts at another level in turn (rotating
 //! through all ten) instead of the highest, so on a backlog each level still gets at least one
 //! round in `10 * FAIR_EVERY`.
+//!
+//! A worker run with `priorities = false` uses the same loop with the default level only
+//! ([`Levels::default_only`]).
 
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -74,6 +77,19 @@ pub(super) async fn ensure_levels(
 }
 
 impl Levels {
+    /// Only the queue's default level (the plain consumer), for a worker that ignores
+    /// priorities: no other level is asked and no wake-up subscription is made.
+    pub(super) fn default_only(default: QueueConsumer) -> Levels {
+        Levels {
+            queue: default.queue().to_owned(),
+            levels: vec![Level {
+                priority: DEFAULT_PRIORITY,
+                consumer: default,
+                maybe: true,
+            }],
+        }
+    }
+
     fn mark(&mut self, priority: u8) {
         if let Some(level) = self.levels.iter_mut().find(|l| l.priority == priority) {
             level.maybe = true;
@@ -115,12 +131,17 @@ pub(super) async fn pull_loop(shared: Rc<Shared>, mut levels: Levels) {
     let queue: Rc<str> = Rc::from(levels.queue.as_str());
     let mut phase = shared.phase.subscribe();
     let wake_subject = format!("{TASK_SUBJECT_PREFIX}.{queue}.*");
-    let mut wake = match shared.broker.client().subscribe(wake_subject.clone()).await {
-        Ok(sub) => Some(sub),
-        Err(e) => {
-            // Still correct without it: empty levels are asked again every RECHECK.
-            warn!(queue = %queue, subject = wake_subject, error = %e, "cannot subscribe to priority wake-ups; priority tasks may wait up to a few seconds on an idle worker");
-            None
+    let mut wake = if levels.levels.len() == 1 {
+        // The default level only: there is no other level to wake up for.
+        None
+    } else {
+        match shared.broker.client().subscribe(wake_subject.clone()).await {
+            Ok(sub) => Some(sub),
+            Err(e) => {
+                // Still correct without it: empty levels are asked again every RECHECK.
+                warn!(queue = %queue, subject = wake_subject, error = %e, "cannot subscribe to priority wake-ups; priority tasks may wait up to a few seconds on an idle worker");
+                None
+            }
         }
     };
     let mut round = 0u64;
