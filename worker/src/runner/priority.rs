@@ -46,6 +46,8 @@ struct Level {
 pub(super) struct Levels {
     queue: String,
     levels: Vec<Level>,
+    /// Wake-ups for the non-default levels, subscribed before the worker says it is ready.
+    wake: Option<async_nats::Subscriber>,
 }
 
 /// Creates or updates the consumers of every priority level of `queue`; `default` is the
@@ -73,7 +75,29 @@ pub(super) async fn ensure_levels(
             maybe: true,
         });
     }
-    Ok(Levels { queue, levels })
+    // Subscribed (and confirmed by the server with a flush) before the first fetch round, so
+    // a priority task published at any moment after that round is either fetched or wakes us.
+    let wake_subject = format!("{TASK_SUBJECT_PREFIX}.{queue}.*");
+    let client = broker.client();
+    let wake = match client.subscribe(wake_subject.clone()).await {
+        Ok(sub) => match client.flush().await {
+            Ok(()) => Some(sub),
+            Err(e) => {
+                warn!(queue = %queue, subject = wake_subject, error = %e, "cannot confirm the priority wake-up subscription; priority tasks may wait up to a few seconds on an idle worker");
+                Some(sub)
+            }
+        },
+        Err(e) => {
+            // Still correct without it: empty levels are asked again every RECHECK.
+            warn!(queue = %queue, subject = wake_subject, error = %e, "cannot subscribe to priority wake-ups; priority tasks may wait up to a few seconds on an idle worker");
+            None
+        }
+    };
+    Ok(Levels {
+        queue,
+        levels,
+        wake,
+    })
 }
 
 impl Levels {
@@ -87,6 +111,7 @@ impl Levels {
                 consumer: default,
                 maybe: true,
             }],
+            wake: None,
         }
     }
 
@@ -130,20 +155,7 @@ fn round_order(n: usize, round: u64) -> Vec<usize> {
 pub(super) async fn pull_loop(shared: Rc<Shared>, mut levels: Levels) {
     let queue: Rc<str> = Rc::from(levels.queue.as_str());
     let mut phase = shared.phase.subscribe();
-    let wake_subject = format!("{TASK_SUBJECT_PREFIX}.{queue}.*");
-    let mut wake = if levels.levels.len() == 1 {
-        // The default level only: there is no other level to wake up for.
-        None
-    } else {
-        match shared.broker.client().subscribe(wake_subject.clone()).await {
-            Ok(sub) => Some(sub),
-            Err(e) => {
-                // Still correct without it: empty levels are asked again every RECHECK.
-                warn!(queue = %queue, subject = wake_subject, error = %e, "cannot subscribe to priority wake-ups; priority tasks may wait up to a few seconds on an idle worker");
-                None
-            }
-        }
-    };
+    let mut wake = levels.wake.take();
     let mut round = 0u64;
     let mut checked = Instant::now();
     let mut failures = 0u32;
