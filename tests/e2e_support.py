@@ -100,16 +100,16 @@ def start_nats(workdir: Path, *, jetstream: bool = True, binary: Path | str = NA
     return Server("nats-server", "nats", port, proc, log)
 
 
-def start_redis(workdir: Path) -> Server:
-    """redis-server on a free port, no persistence."""
+def start_redis(workdir: Path, port: int | None = None) -> Server:
+    """redis-server on a free port (or on `port`, to bring a stopped one back), no persistence."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = workdir / "redis.log"
     cmd = [
         REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
         "--save", "", "--appendonly", "no", "--daemonize", "no",
     ]  # fmt: skip
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         _wait_port(port, proc, "redis-server", log)

@@ -7,7 +7,7 @@ import asyncio
 import collections
 import signal
 
-from e2e_support import wait_for_lines
+from e2e_support import start_redis, wait_for_lines
 from e2e_tasks import add, async_sleep_then, record, sleep_then
 
 
@@ -120,3 +120,31 @@ async def test_same_task_id_published_twice_runs_once(worker_factory, client, tm
     # duplicate would have run.
     await (await record.delay(2, str(log))).get(timeout=15)
     assert sorted(log.read_text().split()[0::2]) == ["1", "2"]
+
+
+async def test_a_redis_outage_loses_nothing_and_the_worker_stops_taking_tasks(worker_factory, client, redis, tmp_path):
+    worker_factory(concurrency=2, args=["--prefetch", "2"])
+    log = tmp_path / "runs.txt"
+    redis.stop()  # the worker can run tasks but not store their outcomes
+
+    results = await asyncio.gather(*(record.delay(n, str(log)) for n in range(1000)))
+    # It runs tasks until its unstored outcomes reach its bound, then takes no more messages:
+    # the rest of the queue stays in NATS for healthy workers instead of piling up here.
+    ran = len(await wait_for_lines(log, 20))
+    while True:
+        await asyncio.sleep(1.0)
+        now = len(log.read_text().splitlines())
+        if now == ran:
+            break
+        ran = now
+    assert 0 < ran < 500, f"{ran} of 1000 tasks ran while Redis was down"
+
+    back = start_redis(redis.log.parent, port=redis.port)
+    try:
+        pids = await asyncio.gather(*(r.get(timeout=90) for r in results))
+    finally:
+        back.stop()
+    runs = collections.Counter(int(line.split()[0]) for line in log.read_text().splitlines())
+    assert set(runs) == set(range(1000))
+    assert [n for n, times in runs.items() if times != 1] == [], "outcomes held during the outage are stored, not rerun"
+    assert len(set(pids)) == 1

@@ -58,10 +58,15 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         self.stop_waiting();
-        let left = self.shared.in_flight.get() - 1;
-        self.shared.in_flight.set(left);
+        let shared = &self.shared;
+        let left = shared.in_flight.get() - 1;
+        shared.in_flight.set(left);
         if left == 0 {
-            self.shared.idle.notify_waiters();
+            shared.idle.notify_waiters();
+        }
+        // Near the in-flight bound, the pull loop may be waiting for handlers to end.
+        if left + shared.refill_batch() >= shared.max_in_flight() {
+            shared.freed.notify_waiters();
         }
     }
 }
@@ -87,7 +92,8 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
     // A third of ack_wait leaves two chances for a progress ack to arrive in time.
     let every = shared.config.ack_wait() / 3;
     if let Some(deliveries) = super::dead::last_delivery(&msg, shared.config.max_deliver) {
-        let disposition = super::dead::dead_letter(&shared, &queue, &msg, deliveries).await;
+        let disposition =
+            Box::pin(super::dead::dead_letter(&shared, &queue, &msg, deliveries)).await;
         finish(&msg, disposition, &queue).await;
         // It never took a slot: its promised one is free again, wake the pull loops.
         drop(ticket);
@@ -222,19 +228,38 @@ impl Context<'_> {
 
 const REVOKED_BEFORE_START: &str = "the task was revoked before it started";
 
+/// A message that waits this long in the prefetch for a slot gets a RECEIVED record. Not at
+/// once: on a busy worker every message waits a few milliseconds, and a record for each would
+/// double the Redis writes for a state nobody would see.
+const RECEIVED_AFTER: Duration = Duration::from_millis(100);
+
 async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Message) -> Disposition {
     let mut phase = shared.phase.subscribe();
     let received = now_unix();
-    if shared.slots.available_permits() == 0 {
-        mark_received(shared, queue, msg, received);
-    }
-    // Wait for a slot; at shutdown, a message that has not started goes back at once.
-    let permit = tokio::select! {
-        biased;
-        _ = reached(&mut phase, Phase::Draining) => return Disposition::HandBack,
-        permit = shared.slots.clone().acquire_owned() => permit.expect("the slot semaphore is never closed"),
+    // Wait for a slot; at shutdown, a message that has not started goes back at once. A message
+    // still waiting after RECEIVED_AFTER is recorded RECEIVED meanwhile.
+    let permit = match shared.slots.clone().try_acquire_owned() {
+        Ok(permit) => permit,
+        Err(_) => {
+            let acquire = shared.slots.clone().acquire_owned();
+            tokio::pin!(acquire);
+            let mut marked = false;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = reached(&mut phase, Phase::Draining) => return Disposition::HandBack,
+                    permit = &mut acquire => break permit.expect("the slot semaphore is never closed"),
+                    _ = tokio::time::sleep(RECEIVED_AFTER), if !marked => {
+                        marked = true;
+                        mark_received(shared, queue, msg, received);
+                    }
+                }
+            }
+        }
     };
-    let _slot = Slot {
+    // Held while the task runs; `execute` lets it go as soon as the task function returns, so
+    // that storing the outcome and acking (round trips) never keep another task from running.
+    let slot = Slot {
         shared,
         _permit: permit,
     };
@@ -264,27 +289,27 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
             payload.len(),
             shared.config.max_message_bytes
         );
-        return refuse_unreadable(
+        return Box::pin(refuse_unreadable(
             &ctx,
             msg,
             error_types::TOO_LARGE,
             why,
             header(HEADER_TASK_ID),
             header(HEADER_TASK),
-        )
+        ))
         .await;
     }
     let task = match TaskMessage::decode(payload) {
         Ok(task) => task,
         Err(e) => {
-            return refuse_unreadable(
+            return Box::pin(refuse_unreadable(
                 &ctx,
                 msg,
                 error_types::MALFORMED,
                 e.to_string(),
                 header(HEADER_TASK_ID),
                 header(HEADER_TASK),
-            )
+            ))
             .await;
         }
     };
@@ -302,9 +327,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
     // A redelivery may follow a crash between storing the outcome and acking it.
     if ctx.attempt > 1 {
         let store = &shared.store;
-        let existing = store
-            .retrying("read a task's record", || store.get(id))
-            .await;
+        let existing = Box::pin(store.retrying("read a task's record", || store.get(id))).await;
         if let Some(done) = existing.filter(|r| r.state.is_ready()) {
             info!(task_id = id, task = name, attempt = ctx.attempt, queue, state = %done.state, "task already finished: acking the redelivery without running it");
             // The crash may have come before the workflow's next steps were published.
@@ -323,7 +346,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
     // back into a message schedule, never run early.
     if let Some(eta) = task.eta.filter(|eta| *eta > now_unix()) {
         let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        return reschedule(&ctx, &task, eta, &format!("{id}:eta:{seq}")).await;
+        return Box::pin(reschedule(&ctx, &task, eta, &format!("{id}:eta:{seq}"))).await;
     }
     if let Some(expires) = task.expires.filter(|at| *at < now_unix()) {
         info!(
@@ -356,7 +379,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
         return workflow(&ctx, flow, &record, stored).await;
     };
     if let Some(rate) = shared.python.tasks().get(name).and_then(|t| t.rate_limit) {
-        if !super::rate::wait_turn(shared, id, name, rate).await {
+        if !Box::pin(super::rate::wait_turn(shared, id, name, rate)).await {
             return Disposition::HandBack;
         }
     }
@@ -368,6 +391,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
         task,
         track_started.unwrap_or(shared.config.track_started),
         payload,
+        slot,
     )
     .await;
     match record {
@@ -409,7 +433,7 @@ async fn workflow(
         result_ttl: shared.config.result_ttl,
         max_message_bytes: shared.config.max_message_bytes,
     };
-    match canvas.after(&flow, record).await {
+    match Box::pin(canvas.after(&flow, record)).await {
         Ok(()) => Disposition::Ack,
         Err(e) => {
             warn!(task_id = %record.id, queue = ctx.queue, error = %e, "workflow step not done: handing the message back to redo it");
@@ -479,12 +503,14 @@ async fn retry(
     Ok(())
 }
 
-/// Runs a decoded, registered task and stores its outcome (returned once stored).
+/// Runs a decoded, registered task in `slot` and stores its outcome (returned once stored).
+/// The slot is released once the task function has returned, before the outcome is stored.
 async fn execute(
     ctx: &Context<'_>,
     task: TaskMessage,
     track_started: bool,
     payload: &[u8],
+    slot: Slot<'_>,
 ) -> (Disposition, Option<ResultRecord>) {
     let (shared, queue) = (ctx.shared, ctx.queue);
     let id = task.id.as_str();
@@ -512,7 +538,9 @@ async fn execute(
         retries: task.retries,
     };
     let limits = Limits::of(shared.python.tasks().get(name), &shared.config);
-    let outcome = match limits::call(&shared.python, &shared.revocations, job, limits).await {
+    let ended = limits::call(&shared.python, &shared.revocations, job, limits).await;
+    drop(slot);
+    let outcome = match ended {
         Ended::Done(outcome) => outcome,
         Ended::TimedOut(err) => CallOutcome::Failure(err),
         Ended::Revoked { started } => {
@@ -567,7 +595,7 @@ async fn execute(
             error,
             explicit,
         } => {
-            if let Err(d) = retry(
+            if let Err(d) = Box::pin(retry(
                 ctx,
                 &mut record,
                 payload,
@@ -575,7 +603,7 @@ async fn execute(
                 max_retries,
                 error,
                 explicit,
-            )
+            ))
             .await
             {
                 return (d, None);
@@ -585,7 +613,8 @@ async fn execute(
     (ctx.store(&record).await, Some(record))
 }
 
-/// A task that has to wait in this worker for a free slot (prefetched) is RECEIVED meanwhile.
+/// A task that has waited [`RECEIVED_AFTER`] in this worker for a free slot (prefetched) is
+/// RECEIVED meanwhile.
 /// Only on its first delivery: a redelivery may find a final state that must not be
 /// overwritten. The write is queued behind nothing and awaited by nobody, so the wait costs no
 /// round trip; records of one task reach the writer in order, so it never hides a later state.

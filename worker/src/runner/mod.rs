@@ -30,6 +30,10 @@ use crate::store::{Store, StoreError, Writer};
 /// a reconnect is replaced quickly; an idle queue costs one tiny request per period.
 const PULL_EXPIRES: Duration = Duration::from_secs(5);
 
+/// Handlers that may be finishing (storing their outcome, acking) on top of the running and
+/// prefetched ones: about one full pipeline of the result writer.
+const FINISHING: usize = crate::store::MAX_BATCH;
+
 /// Why the worker could not start (once serving, errors are logged and retried instead).
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -80,9 +84,40 @@ impl Shared {
         *self.phase.borrow()
     }
 
-    /// Free slots (plus the `prefetch` allowance) not already promised to received messages.
+    /// Most handlers alive at once: tasks running, waiting for a slot (`prefetch`), and
+    /// finishing (their outcome being stored and acked; they hold no slot). The bound only bites
+    /// when storing stalls (Redis down): the worker then stops taking messages instead of
+    /// running tasks whose outcomes pile up in memory.
+    fn max_in_flight(&self) -> usize {
+        self.config.concurrency + self.config.prefetch + FINISHING
+    }
+
+    /// Free slots (plus the `prefetch` allowance) not already promised to received messages,
+    /// within [`Shared::max_in_flight`].
     fn free_slots(&self) -> usize {
-        (self.slots.available_permits() + self.config.prefetch).saturating_sub(self.waiting.get())
+        let room = self.max_in_flight().saturating_sub(self.in_flight.get());
+        (self.slots.available_permits() + self.config.prefetch)
+            .saturating_sub(self.waiting.get())
+            .min(room)
+    }
+
+    /// Messages asked for in one go by a busy worker (see [`Shared::refill`]).
+    fn refill_batch(&self) -> usize {
+        (self.config.prefetch / 2).clamp(1, self.config.fetch_batch)
+    }
+
+    /// How many messages to ask for now, or 0 to wait: at once when a slot would otherwise sit
+    /// idle (more free slots than messages waiting for one); else only once the prefetch has
+    /// room for a good batch, so that a busy worker sends one pull request per batch instead of
+    /// one per finished task.
+    fn refill(&self) -> usize {
+        let free = self.free_slots();
+        let idle_slot = self.slots.available_permits() > self.waiting.get();
+        if free > 0 && (idle_slot || free >= self.refill_batch()) {
+            free
+        } else {
+            0
+        }
     }
 
     async fn until_idle(&self) {

@@ -282,12 +282,12 @@ pub(super) async fn pull_loop(shared: Rc<Shared>, mut levels: Levels) {
     debug!(queue = %queue, "stopped pulling");
 }
 
-/// Waits until a slot is free and returns how many are.
+/// Waits until it is time to ask for messages (see [`Shared::refill`]) and returns how many.
 async fn free_slots(shared: &Shared) -> usize {
     loop {
         let mut freed = std::pin::pin!(shared.freed.notified());
         freed.as_mut().enable();
-        let free = shared.free_slots();
+        let free = shared.refill();
         if free > 0 {
             return free;
         }

@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::config::redact_url;
 
-pub use writer::{Writer, WriterClosed};
+pub use writer::{Writer, WriterClosed, MAX_BATCH};
 
 /// Why Redis could not do what was asked.
 #[derive(Debug, thiserror::Error)]
