@@ -58,16 +58,21 @@ pub(super) async fn ensure_levels(
     config: &Config,
 ) -> Result<Levels, BrokerError> {
     let queue = default.queue().to_owned();
+    // One round trip for all nine levels instead of nine in a row: it shortens start-up.
+    let others = futures::future::try_join_all(
+        (0..=MAX_PRIORITY)
+            .rev()
+            .filter(|p| *p != DEFAULT_PRIORITY)
+            .map(|priority| broker.ensure_level_consumer(&queue, priority, config)),
+    )
+    .await?;
     let mut default = Some(default);
+    let mut others = others.into_iter();
     let mut levels = Vec::with_capacity(usize::from(MAX_PRIORITY) + 1);
     for priority in (0..=MAX_PRIORITY).rev() {
         let consumer = match priority {
             DEFAULT_PRIORITY => default.take().expect("the default level comes once"),
-            _ => {
-                broker
-                    .ensure_level_consumer(&queue, priority, config)
-                    .await?
-            }
+            _ => others.next().expect("one consumer per other level"),
         };
         levels.push(Level {
             priority,
