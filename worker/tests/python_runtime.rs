@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 
 const TASKS: &str = r#"
 import asyncio
+import enum
 import functools
 import sys
 import time
@@ -111,6 +112,21 @@ def nothing():
 @task(name="unicode")
 def unicode(s):
     return {"echo": s + " é✓"}
+
+
+class Color(enum.IntEnum):
+    RED = 3
+
+
+SCALARS = {
+    "big": 2**70, "neg": -7, "true": True, "false": False, "float": 0.1, "tiny": 1e-300,
+    "text": 'a"b\n\u00e9\u2713\x00', "intenum": Color.RED, "inf": float("-inf"),
+}
+
+
+@task(name="scalar")
+def scalar(kind):
+    return SCALARS[kind]
 
 
 @task(name="exits")
@@ -277,6 +293,29 @@ fn passes_kwargs() {
 }
 
 #[test]
+fn scalar_results_are_exact_json() {
+    // Beyond i64: Python's encoder writes every digit.
+    match call("scalar", json!(["big"])) {
+        CallOutcome::Success(raw) => assert_eq!(raw.get(), "1180591620717411303424"),
+        other => panic!("{other:?}"),
+    }
+    let cases = [
+        ("neg", json!(-7)),
+        ("true", json!(true)),
+        ("false", json!(false)),
+        ("float", json!(0.1)),
+        ("tiny", json!(1e-300)),
+        ("text", json!("a\"b\n\u{e9}\u{2713}\u{0}")),
+        ("intenum", json!(3)),
+    ];
+    for (kind, want) in cases {
+        assert_eq!(success(call("scalar", json!([kind]))), want, "{kind}");
+    }
+    let e = failure(call("scalar", json!(["inf"])));
+    assert_eq!(e.exc_type, "dbtask.UnserializableResult", "{}", e.message);
+}
+
+#[test]
 fn none_is_json_null() {
     assert_eq!(success(call("nothing", json!([]))), Value::Null);
 }
@@ -327,7 +366,7 @@ fn unknown_task() {
     assert!(e.message.contains("\"no.such.task\""), "{}", e.message);
     assert!(
         e.message
-            .contains("20 registered: a_nan, a_set, aadd, aboom, add,"),
+            .contains("21 registered: a_nan, a_set, aadd, aboom, add,"),
         "{}",
         e.message
     );

@@ -101,6 +101,9 @@ pub(crate) fn encode_result(py: Python<'_>, task: &str, value: &Bound<'_, PyAny>
     if value.is_none() {
         return CallOutcome::Success(null());
     }
+    if let Some(raw) = encode_scalar(value) {
+        return CallOutcome::Success(raw);
+    }
     let unserializable = |why: String| {
         CallOutcome::Failure(TaskError::new(
             error_types::UNSERIALIZABLE_RESULT,
@@ -126,6 +129,34 @@ pub(crate) fn encode_result(py: Python<'_>, task: &str, value: &Bound<'_, PyAny>
         Ok(raw) => CallOutcome::Success(raw),
         Err(e) => unserializable(e.to_string()),
     }
+}
+
+/// The JSON of an exact `int` (within i64), `bool`, finite `float` or `str`, written here
+/// without a call into Python's encoder (most task results are one of these); `None` for
+/// anything else, which the encoder handles (and refuses when it must: NaN, infinities).
+fn encode_scalar(value: &Bound<'_, PyAny>) -> Option<Box<RawValue>> {
+    use pyo3::types::{PyBool, PyFloat, PyInt};
+    let text = if value.is_exact_instance_of::<PyBool>() {
+        (if value.is_truthy().ok()? {
+            "true"
+        } else {
+            "false"
+        })
+        .to_owned()
+    } else if value.is_exact_instance_of::<PyInt>() {
+        value.extract::<i64>().ok()?.to_string()
+    } else if value.is_exact_instance_of::<PyFloat>() {
+        let f = value.cast::<PyFloat>().ok()?.value();
+        if !f.is_finite() {
+            return None;
+        }
+        serde_json::to_string(&f).ok()?
+    } else if value.is_exact_instance_of::<PyString>() {
+        serde_json::to_string(value.cast::<PyString>().ok()?.to_str().ok()?).ok()?
+    } else {
+        return None;
+    };
+    RawValue::from_string(text).ok()
 }
 
 fn null() -> Box<RawValue> {

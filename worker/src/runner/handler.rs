@@ -386,13 +386,15 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
     if shared.phase() != Phase::Running {
         return Disposition::HandBack;
     }
-    let (stored, record) = execute(
+    // Boxed: a message waiting in the prefetch then holds a small future, not one sized for
+    // running the task (a few KB each, times the prefetch).
+    let (stored, record) = Box::pin(execute(
         &ctx,
         task,
         track_started.unwrap_or(shared.config.track_started),
         payload,
         slot,
-    )
+    ))
     .await;
     match record {
         Some(record) => workflow(&ctx, flow, &record, stored).await,
