@@ -64,24 +64,22 @@ impl Drop for Ticket {
         if left == 0 {
             shared.idle.notify_waiters();
         }
-        // Near the in-flight bound, the pull loop may be waiting for handlers to end.
-        if left + shared.refill_batch() >= shared.max_in_flight() {
-            shared.freed.notify_waiters();
-        }
+        // A handler that never ran (a dead letter, a hand-back) frees its promised place, and
+        // near the in-flight bound any handler's end may let the pull loop go on.
+        shared.wake_pull_loops();
     }
 }
 
-/// A running task's slot; releasing it wakes the pull loops.
+/// A running task's slot; releasing it wakes the pull loops when they have work to do.
 struct Slot<'a> {
     shared: &'a Shared,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
-        // `_permit` is released right after this body; the woken loops run later, on this
-        // same thread, and see it free.
-        self.shared.freed.notify_waiters();
+        drop(self.permit.take());
+        self.shared.wake_pull_loops();
     }
 }
 
@@ -95,9 +93,8 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
         let disposition =
             Box::pin(super::dead::dead_letter(&shared, &queue, &msg, deliveries)).await;
         finish(&msg, disposition, &queue).await;
-        // It never took a slot: its promised one is free again, wake the pull loops.
+        // It never took a slot: dropping the ticket frees its promised one.
         drop(ticket);
-        shared.freed.notify_waiters();
         return;
     }
     let disposition = tokio::select! {
@@ -261,7 +258,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
     // that storing the outcome and acking (round trips) never keep another task from running.
     let slot = Slot {
         shared,
-        _permit: permit,
+        permit: Some(permit),
     };
     ticket.stop_waiting();
 

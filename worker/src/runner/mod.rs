@@ -70,7 +70,8 @@ struct Shared {
     slots: Arc<Semaphore>,
     /// Messages received but still waiting for a slot.
     waiting: Cell<usize>,
-    /// Signalled whenever a slot is released.
+    /// Signalled when a slot or a place in the prefetch is released and more messages should
+    /// be asked for (see [`Shared::refill`]).
     freed: Notify,
     /// Handlers alive (received and not yet acked or handed back).
     in_flight: Cell<usize>,
@@ -99,6 +100,14 @@ impl Shared {
         (self.slots.available_permits() + self.config.prefetch)
             .saturating_sub(self.waiting.get())
             .min(room)
+    }
+
+    /// Wakes the pull loops waiting in `free_slots` if they would now ask for messages: not
+    /// on every finished task, most of which leave the prefetch full enough.
+    fn wake_pull_loops(&self) {
+        if self.refill() > 0 {
+            self.freed.notify_waiters();
+        }
     }
 
     /// Messages asked for in one go by a busy worker (see [`Shared::refill`]).
