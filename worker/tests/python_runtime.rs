@@ -124,6 +124,11 @@ SCALARS = {
 }
 
 
+@task(name="arg_types")
+def arg_types(*args):
+    return [[type(a).__name__, a] for a in args]
+
+
 @task(name="scalar")
 def scalar(kind):
     return SCALARS[kind]
@@ -316,6 +321,39 @@ fn scalar_results_are_exact_json() {
 }
 
 #[test]
+fn arguments_keep_their_json_types() {
+    let raw_job = |args: &str| Job {
+        args: RawValue::from_string(args.to_owned()).unwrap(),
+        ..job("arg_types", json!([]), json!({}))
+    };
+    let flat = r#"[1, -2, 0, 1.5, 1e2, -0.0, "é\"\n\u2713", true, false, null]"#;
+    assert_eq!(
+        success(block_on(runtime().call(raw_job(flat)))),
+        json!([
+            ["int", 1],
+            ["int", -2],
+            ["int", 0],
+            ["float", 1.5],
+            ["float", 100.0],
+            ["float", -0.0],
+            ["str", "é\"\n✓"],
+            ["bool", true],
+            ["bool", false],
+            ["NoneType", null]
+        ])
+    );
+    // Big integers and nested values go through json.loads: still exact.
+    let mixed = r#"[123456789012345678901234567890, [1, {"a": 2}], "x"]"#;
+    match block_on(runtime().call(raw_job(mixed))) {
+        CallOutcome::Success(raw) => assert_eq!(
+            raw.get(),
+            r#"[["int",123456789012345678901234567890],["list",[1,{"a":2}]],["str","x"]]"#
+        ),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn none_is_json_null() {
     assert_eq!(success(call("nothing", json!([]))), Value::Null);
 }
@@ -366,7 +404,7 @@ fn unknown_task() {
     assert!(e.message.contains("\"no.such.task\""), "{}", e.message);
     assert!(
         e.message
-            .contains("21 registered: a_nan, a_set, aadd, aboom, add,"),
+            .contains("22 registered: a_nan, a_set, aadd, aboom, add, an_object,"),
         "{}",
         e.message
     );

@@ -180,16 +180,19 @@ pub(crate) fn decode_arguments<'py>(
     };
     let args = match args.get().trim() {
         "[]" => PyTuple::empty(py),
-        text => {
-            let value = decode(text)?;
-            let list = value.cast::<pyo3::types::PyList>().map_err(|_| {
-                format!(
-                    "args must be a JSON array, not {}",
-                    type_name(&value.get_type().into_any())
-                )
-            })?;
-            list.to_tuple()
-        }
+        text => match scalar_args(py, text) {
+            Some(args) => args,
+            None => {
+                let value = decode(text)?;
+                let list = value.cast::<pyo3::types::PyList>().map_err(|_| {
+                    format!(
+                        "args must be a JSON array, not {}",
+                        type_name(&value.get_type().into_any())
+                    )
+                })?;
+                list.to_tuple()
+            }
+        },
     };
     let kwargs = match kwargs.get().trim() {
         "{}" | "null" => None,
@@ -205,6 +208,36 @@ pub(crate) fn decode_arguments<'py>(
         }
     };
     Ok((args, kwargs))
+}
+
+/// The arguments as a tuple when they are a JSON array of scalars only (numbers that fit an
+/// i64 or are floats, strings, booleans, null), built here without a call to `json.loads`;
+/// `None` for anything else (nested values, big integers, lone surrogates...), which
+/// `json.loads` decodes exactly as before.
+fn scalar_args<'py>(py: Python<'py>, text: &str) -> Option<Bound<'py, PyTuple>> {
+    let items: Vec<&RawValue> = serde_json::from_str(text).ok()?;
+    let mut values = Vec::with_capacity(items.len());
+    for item in items {
+        let raw = item.get();
+        let value = match raw.as_bytes().first()? {
+            b'"' => serde_json::from_str::<String>(raw)
+                .ok()?
+                .into_pyobject(py)
+                .ok()?
+                .into_any(),
+            b't' | b'f' => pyo3::types::PyBool::new(py, raw == "true")
+                .to_owned()
+                .into_any(),
+            b'n' => py.None().into_bound(py),
+            b'-' | b'0'..=b'9' if raw.contains(['.', 'e', 'E']) => {
+                pyo3::types::PyFloat::new(py, raw.parse::<f64>().ok()?).into_any()
+            }
+            b'-' | b'0'..=b'9' => raw.parse::<i64>().ok()?.into_pyobject(py).ok()?.into_any(),
+            _ => return None,
+        };
+        values.push(value);
+    }
+    PyTuple::new(py, values).ok()
 }
 
 /// The outcome of a Rust panic while handling a job (a pyo3 extension called by the task may
