@@ -727,8 +727,11 @@ impl Client {
         })
     }
 
-    /// Publishes one task and resolves to its id once JetStream confirmed it.
-    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None))]
+    /// Publishes one task and returns an asyncio future of the running loop that resolves to
+    /// its id (or to `wrap(id)`) once JetStream confirmed it. The message is validated and
+    /// encoded here, before this returns, and handed to the I/O thread at once: the publish
+    /// goes ahead whether or not the future is awaited.
+    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None, wrap=None))]
     #[allow(clippy::too_many_arguments)]
     fn publish<'py>(
         &self,
@@ -741,6 +744,7 @@ impl Client {
         eta: Option<f64>,
         expires: Option<f64>,
         priority: Option<i64>,
+        wrap: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let out = prepare(
             queue,
@@ -756,11 +760,14 @@ impl Client {
         bridge::awaitable(
             py,
             publish_one(self.inner.start_publishing()?, out),
-            bridge::into_py,
+            move |py, id| match wrap {
+                None => bridge::into_py(py, id),
+                Some(wrap) => Ok(wrap.bind(py).call1((id,))?.unbind()),
+            },
         )
     }
 
-    /// Blocking form of `publish`.
+    /// Blocking form of `publish` (without `wrap`).
     #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None))]
     #[allow(clippy::too_many_arguments)]
     fn publish_sync(

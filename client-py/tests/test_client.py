@@ -4,6 +4,7 @@ back from the stream, records are written to Redis with SET + PUBLISH as the wor
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import subprocess
@@ -243,6 +244,80 @@ async def test_apply_many(client, nats):
 async def test_many_delays_in_flight(client):
     results = await asyncio.gather(*(add.delay(i, 1) for i in range(2000)))
     assert len({r.id for r in results}) == 2000
+
+
+async def test_gather_of_delays_gives_each_call_its_own_message(client, nats):
+    # No asyncio task per call: delay() returns a future straight away.
+    futures = [add.delay(i, -i) for i in range(300)]
+    assert all(isinstance(f, asyncio.Future) for f in futures)
+    results = await asyncio.gather(*futures)
+    assert all(isinstance(r, dbtask.AsyncResult) for r in results)
+    assert len({r.id for r in results}) == 300
+    # Every result names the message of its own call: the stream's last 300 messages.
+    nc = await nats_py.connect(nats.url)
+    try:
+        js = nc.jetstream()
+        last = (await js.stream_info("DBTASK_TASKS")).state.last_seq
+        by_id = {}
+        for seq in range(last - 299, last + 1):
+            body = json.loads((await js.get_msg("DBTASK_TASKS", seq)).data)
+            by_id[body["id"]] = body["args"]
+    finally:
+        await nc.close()
+    for i, r in enumerate(results):
+        assert by_id[r.id] == [i, -i]
+
+
+async def test_delay_checks_its_arguments_at_the_call(client):
+    with pytest.raises(ValueError, match=r"args\[1\]\[.when.\].*not JSON-serializable"):
+        add.delay(1, {"when": datetime.now()})  # raises here, no await needed
+    with pytest.raises(ValueError, match="give countdown or eta"):
+        add.apply_async(1, 2, countdown=1, eta=datetime.now())
+
+
+async def test_publish_error_raises_where_the_future_is_awaited(client):
+    big = "x" * (2 * 1024 * 1024)
+    future = add.delay(big, 1)  # encoded fine; the server's max_payload refuses it
+    with pytest.raises(ValueError, match="max_payload"):
+        await future
+    with pytest.raises(ValueError, match="max_payload"):
+        await asyncio.gather(add.delay(1, 1), add.apply_async(big, 2), add.delay(2, 2))
+    ok, failed = await asyncio.gather(add.delay(3, 3), add.delay(big, 3), return_exceptions=True)
+    assert isinstance(ok, dbtask.AsyncResult) and isinstance(failed, ValueError)
+
+
+async def test_delay_not_awaited_is_still_sent(client, nats):
+    marker = str(uuid.uuid4())
+    add.delay(marker, 1)  # fire and forget
+    await dbtask.close()  # waits for publishes in flight
+    body = json.loads((await last_message(nats.url, "dbtask.tasks.math")).data)
+    assert body["args"] == [marker, 1]
+
+
+async def test_failed_publish_not_awaited_is_reported_by_asyncio(client):
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        add.delay("x" * (2 * 1024 * 1024), 1)  # never awaited
+        for _ in range(500):
+            gc.collect()
+            if reported:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported, "the lost publish error was not reported"
+    assert "never retrieved" in reported[0]["message"]
+    assert isinstance(reported[0]["exception"], ValueError)
+
+
+def test_delay_without_a_running_loop_says_what_to_use(client):
+    with pytest.raises(RuntimeError, match="no running event loop.*_sync"):
+        add.delay(1, 2)
+    with pytest.raises(RuntimeError, match="apply_async_sync"):
+        add.apply_async(1, 2, link=add.s(1))
+    assert add.delay_sync(1, 2).id  # the sync twin works there
 
 
 async def test_close_waits_for_publishes_in_flight(nats, redis):
