@@ -7,6 +7,13 @@
 
 use pyo3::prelude::*;
 
+/// The client's Rust allocations: a message is built on the Python thread and freed on the
+/// I/O thread, and glibc's malloc takes the owning arena's lock for such a free, so the two
+/// threads kept waking each other through that lock (a futex call per task in W1).
+/// mimalloc frees across threads without a lock. Python's own objects are not affected.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod bridge;
 mod canvas;
