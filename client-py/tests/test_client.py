@@ -320,6 +320,34 @@ def test_delay_without_a_running_loop_says_what_to_use(client):
     assert add.delay_sync(1, 2).id  # the sync twin works there
 
 
+def test_delays_from_several_event_loops_at_once(client):
+    # One publisher serves the process; each loop's futures must resolve on that loop (a
+    # future resolved elsewhere would hang its gather or raise "attached to a different loop").
+    def run(offset: int, out: dict) -> None:
+        async def main() -> list[str]:
+            results = await asyncio.gather(*(add.delay(offset + i, 0) for i in range(300)))
+            return [r.id for r in results]
+
+        out[offset] = asyncio.run(main())
+
+    out: dict = {}
+    threads = [threading.Thread(target=run, args=(k * 1000, out)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(out) == [0, 1000, 2000]
+    assert len({i for got in out.values() for i in got}) == 900
+
+
+async def test_publish_on_a_closed_client_fails_at_the_call(nats, redis):
+    await dbtask.init(nats_url=nats.url, redis_url=redis.url)
+    client = dbtask._client.current()
+    await dbtask.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        client.publish("math", "t.add", (1, 2))
+
+
 async def test_close_waits_for_publishes_in_flight(nats, redis):
     await dbtask.init(nats_url=nats.url, redis_url=redis.url)
     pending = [asyncio.ensure_future(add.delay(i, 0)) for i in range(300)]
