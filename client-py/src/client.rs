@@ -496,7 +496,9 @@ async fn publish_one(publishing: Publishing, out: Outgoing) -> Result<String, Cl
             // The stream was deleted after init: create it again, once.
             Err(e) if e.kind() == PublishErrorKind::StreamNotFound && !recreated => {
                 recreated = true;
-                ensure_stream(&inner.js, &inner.nats_safe).await?;
+                // Boxed: this state machine is several KB, and inline it made every publish
+                // future that large (10.7 KB instead of 2.9 KB, allocated and copied per task).
+                Box::pin(ensure_stream(&inner.js, &inner.nats_safe)).await?;
             }
             Err(e) => return Err(publish_error(inner, &out.id, e)),
         }
