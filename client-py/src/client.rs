@@ -352,7 +352,7 @@ fn prepare(
             protocol::validate_task_id(&id)?;
             id
         }
-        None => uuid::Uuid::new_v4().to_string(),
+        None => crate::ids::new_task_id(),
     };
     if !(args.is_instance_of::<PyTuple>() || args.is_instance_of::<PyList>()) {
         return Err(ClientError::Value(format!(

@@ -19,6 +19,7 @@ mod bridge;
 mod canvas;
 mod client;
 mod error;
+mod ids;
 mod json;
 mod notify;
 mod runtime;
@@ -28,6 +29,7 @@ mod runtime;
 #[pyfunction]
 fn _after_fork_in_child() {
     runtime::after_fork_in_child();
+    ids::after_fork_in_child();
     bridge::after_fork_in_child();
 }
 

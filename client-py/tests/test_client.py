@@ -545,6 +545,33 @@ def test_forked_child_must_init_again(nats, redis):
     subprocess.run([PY, "-c", code], check=True, timeout=30)
 
 
+def test_a_forked_child_does_not_repeat_the_parents_task_ids(nats, redis):
+    # Ids come from a per-thread buffer of random bytes; a child inherits the forking
+    # thread's buffer, and must not hand out the ids the parent hands out next (JetStream
+    # would drop one of two messages with the same id as a duplicate).
+    code = (
+        "import os, sys, dbtask\n"
+        "@dbtask.task(name='t.add', queue='math')\n"
+        "def add(x, y): return x + y\n"
+        f"dbtask.init_sync({nats.url!r}, {redis.url!r})\n"
+        "add.delay_sync(1, 2)\n"
+        "r, w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        f"    dbtask.init_sync({nats.url!r}, {redis.url!r})\n"
+        "    ids = [add.delay_sync(1, 2).id for _ in range(3)]\n"
+        "    os.write(w, ' '.join(ids).encode())\n"
+        "    os._exit(0)\n"
+        "os.close(w)\n"
+        "ids = [add.delay_sync(1, 2).id for _ in range(3)]\n"
+        "child = os.read(r, 4096).decode().split()\n"
+        "os.waitpid(pid, 0)\n"
+        "print(len(child), len(set(ids) & set(child)))\n"
+    )
+    out = subprocess.run([PY, "-c", code], check=True, timeout=30, capture_output=True, text=True)
+    assert out.stdout.split() == ["3", "0"], out.stdout
+
+
 async def test_waits_survive_a_redis_restart(nats, tmp_path):
     from conftest import start_redis
 
