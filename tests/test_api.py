@@ -3,6 +3,7 @@ options, and what state()/ready()/info() report."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -78,6 +79,15 @@ async def test_countdown_eta_and_expires_are_accepted(worker, client):
     later = datetime.now(timezone.utc) + timedelta(minutes=10)
     result = await greet.apply_async(args=("Bo",), kwargs={"punctuation": "?"}, eta=naive_soon, expires=later)
     assert await result.get(timeout=30) == "Hello, Bo?"
+
+
+async def test_gather_of_many_delays_gives_every_result(worker, client):
+    # delay() returns a future (no asyncio task per call); gather keeps the order of the calls.
+    sent = await asyncio.gather(*[add.delay(i, 1000 * i) for i in range(1000)])
+    sent += await asyncio.gather(*[async_mul.apply_async(i, 3) for i in range(200)])
+    assert len({r.id for r in sent}) == 1200
+    values = await asyncio.gather(*[r.get(timeout=60) for r in sent])
+    assert values == [1001 * i for i in range(1000)] + [3 * i for i in range(200)]
 
 
 async def test_state_ready_and_info_of_a_finished_task(worker, client):

@@ -67,13 +67,13 @@ struct LoopWaker {
 #[pymethods]
 impl LoopWaker {
     fn __call__(&self, py: Python<'_>) {
+        // One read, not a loop until EAGAIN: at most a byte or two are ever waiting (one per
+        // arming), and should more remain, the selector is level-triggered and calls us again.
+        // That saves a syscall per wake-up, which is per task when awaiting one at a time.
         let mut buf = [0u8; 64];
-        loop {
-            match (&self.state.reader).read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                Err(_) => break,
+        while let Err(e) = (&self.state.reader).read(&mut buf) {
+            if e.kind() != ErrorKind::Interrupted {
+                break;
             }
         }
         // Disarm before taking the queue: a completion pushed after the take sees the flag
@@ -230,24 +230,57 @@ where
     // On the heap at once: a publish future is a few KB (async-nats' state machines), and
     // every move on the way into tokio's task cell would copy it otherwise.
     let fut = Box::pin(fut);
-    let event_loop = get_running_loop(py)?;
-    let waker = waker_for(py, &event_loop)?;
-    let py_future = event_loop.call_method0(intern!(py, "create_future"))?;
-    let future = py_future.clone().unbind();
+    let (py_future, pending) = Pending::new(py)?;
     let task = runtime::spawn(async move {
-        let result = match AssertUnwindSafe(fut).catch_unwind().await {
-            Ok(result) => result,
-            Err(_) => Err(ClientError::Runtime(
-                "dbtask internal error: the operation panicked".into(),
-            )),
-        };
+        pending.resolve(guarded(fut).await, convert);
+    });
+    Ok((py_future, task.abort_handle()))
+}
+
+/// `fut`'s outcome, with a panic turned into an error instead of a future never resolved.
+pub async fn guarded<F, T>(fut: F) -> Result<T, ClientError>
+where
+    F: Future<Output = Result<T, ClientError>>,
+{
+    match AssertUnwindSafe(fut).catch_unwind().await {
+        Ok(result) => result,
+        Err(_) => Err(ClientError::Runtime(
+            "dbtask internal error: the operation panicked".into(),
+        )),
+    }
+}
+
+/// An asyncio future of the running loop, to be resolved from any thread without the GIL.
+pub struct Pending {
+    waker: Arc<WakerState>,
+    future: Py<PyAny>,
+}
+
+impl Pending {
+    /// A new future on the running loop (RuntimeError without one), and its resolver.
+    pub fn new(py: Python<'_>) -> PyResult<(Bound<'_, PyAny>, Pending)> {
+        let event_loop = get_running_loop(py)?;
+        let waker = waker_for(py, &event_loop)?;
+        let py_future = event_loop.call_method0(intern!(py, "create_future"))?;
+        let future = py_future.clone().unbind();
+        Ok((py_future, Pending { waker, future }))
+    }
+
+    /// Hands the outcome to the loop's thread, where `convert` makes the Python value.
+    pub fn resolve<T, C>(self, result: Result<T, ClientError>, convert: C)
+    where
+        T: Send + 'static,
+        C: FnOnce(Python<'_>, T) -> PyResult<Py<PyAny>> + Send + 'static,
+    {
         let deliver: Deliver = Box::new(move |py| match result {
             Ok(value) => convert(py, value),
             Err(err) => Err(err.into()),
         });
-        waker.push(Completion { future, deliver });
-    });
-    Ok((py_future, task.abort_handle()))
+        self.waker.push(Completion {
+            future: self.future,
+            deliver,
+        });
+    }
 }
 
 /// Converts values that already implement `IntoPyObject`.

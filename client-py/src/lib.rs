@@ -7,11 +7,19 @@
 
 use pyo3::prelude::*;
 
+/// The client's Rust allocations: a message is built on the Python thread and freed on the
+/// I/O thread, and glibc's malloc takes the owning arena's lock for such a free, so the two
+/// threads kept waking each other through that lock (a futex call per task in W1).
+/// mimalloc frees across threads without a lock. Python's own objects are not affected.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod admin;
 mod bridge;
 mod canvas;
 mod client;
 mod error;
+mod ids;
 mod json;
 mod notify;
 mod runtime;
@@ -21,6 +29,7 @@ mod runtime;
 #[pyfunction]
 fn _after_fork_in_child() {
     runtime::after_fork_in_child();
+    ids::after_fork_in_child();
     bridge::after_fork_in_child();
 }
 

@@ -4,6 +4,7 @@ back from the stream, records are written to Redis with SET + PUBLISH as the wor
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import math
 import subprocess
@@ -245,6 +246,108 @@ async def test_many_delays_in_flight(client):
     assert len({r.id for r in results}) == 2000
 
 
+async def test_gather_of_delays_gives_each_call_its_own_message(client, nats):
+    # No asyncio task per call: delay() returns a future straight away.
+    futures = [add.delay(i, -i) for i in range(300)]
+    assert all(isinstance(f, asyncio.Future) for f in futures)
+    results = await asyncio.gather(*futures)
+    assert all(isinstance(r, dbtask.AsyncResult) for r in results)
+    assert len({r.id for r in results}) == 300
+    # Every result names the message of its own call: the stream's last 300 messages.
+    nc = await nats_py.connect(nats.url)
+    try:
+        js = nc.jetstream()
+        last = (await js.stream_info("DBTASK_TASKS")).state.last_seq
+        by_id = {}
+        for seq in range(last - 299, last + 1):
+            body = json.loads((await js.get_msg("DBTASK_TASKS", seq)).data)
+            by_id[body["id"]] = body["args"]
+    finally:
+        await nc.close()
+    for i, r in enumerate(results):
+        assert by_id[r.id] == [i, -i]
+
+
+async def test_delay_checks_its_arguments_at_the_call(client):
+    with pytest.raises(ValueError, match=r"args\[1\]\[.when.\].*not JSON-serializable"):
+        add.delay(1, {"when": datetime.now()})  # raises here, no await needed
+    with pytest.raises(ValueError, match="give countdown or eta"):
+        add.apply_async(1, 2, countdown=1, eta=datetime.now())
+
+
+async def test_publish_error_raises_where_the_future_is_awaited(client):
+    big = "x" * (2 * 1024 * 1024)
+    future = add.delay(big, 1)  # encoded fine; the server's max_payload refuses it
+    with pytest.raises(ValueError, match="max_payload"):
+        await future
+    with pytest.raises(ValueError, match="max_payload"):
+        await asyncio.gather(add.delay(1, 1), add.apply_async(big, 2), add.delay(2, 2))
+    ok, failed = await asyncio.gather(add.delay(3, 3), add.delay(big, 3), return_exceptions=True)
+    assert isinstance(ok, dbtask.AsyncResult) and isinstance(failed, ValueError)
+
+
+async def test_delay_not_awaited_is_still_sent(client, nats):
+    marker = str(uuid.uuid4())
+    add.delay(marker, 1)  # fire and forget
+    await dbtask.close()  # waits for publishes in flight
+    body = json.loads((await last_message(nats.url, "dbtask.tasks.math")).data)
+    assert body["args"] == [marker, 1]
+
+
+async def test_failed_publish_not_awaited_is_reported_by_asyncio(client):
+    loop = asyncio.get_running_loop()
+    reported: list[dict] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        add.delay("x" * (2 * 1024 * 1024), 1)  # never awaited
+        for _ in range(500):
+            gc.collect()
+            if reported:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        loop.set_exception_handler(None)
+    assert reported, "the lost publish error was not reported"
+    assert "never retrieved" in reported[0]["message"]
+    assert isinstance(reported[0]["exception"], ValueError)
+
+
+def test_delay_without_a_running_loop_says_what_to_use(client):
+    with pytest.raises(RuntimeError, match="no running event loop.*_sync"):
+        add.delay(1, 2)
+    with pytest.raises(RuntimeError, match="apply_async_sync"):
+        add.apply_async(1, 2, link=add.s(1))
+    assert add.delay_sync(1, 2).id  # the sync twin works there
+
+
+def test_delays_from_several_event_loops_at_once(client):
+    # One publisher serves the process; each loop's futures must resolve on that loop (a
+    # future resolved elsewhere would hang its gather or raise "attached to a different loop").
+    def run(offset: int, out: dict) -> None:
+        async def main() -> list[str]:
+            results = await asyncio.gather(*(add.delay(offset + i, 0) for i in range(300)))
+            return [r.id for r in results]
+
+        out[offset] = asyncio.run(main())
+
+    out: dict = {}
+    threads = [threading.Thread(target=run, args=(k * 1000, out)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(out) == [0, 1000, 2000]
+    assert len({i for got in out.values() for i in got}) == 900
+
+
+async def test_publish_on_a_closed_client_fails_at_the_call(nats, redis):
+    await dbtask.init(nats_url=nats.url, redis_url=redis.url)
+    client = dbtask._client.current()
+    await dbtask.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        client.publish("math", "t.add", (1, 2))
+
+
 async def test_close_waits_for_publishes_in_flight(nats, redis):
     await dbtask.init(nats_url=nats.url, redis_url=redis.url)
     pending = [asyncio.ensure_future(add.delay(i, 0)) for i in range(300)]
@@ -440,6 +543,33 @@ def test_forked_child_must_init_again(nats, redis):
         "sys.exit(os.waitstatus_to_exitcode(status))\n"
     )
     subprocess.run([PY, "-c", code], check=True, timeout=30)
+
+
+def test_a_forked_child_does_not_repeat_the_parents_task_ids(nats, redis):
+    # Ids come from a per-thread buffer of random bytes; a child inherits the forking
+    # thread's buffer, and must not hand out the ids the parent hands out next (JetStream
+    # would drop one of two messages with the same id as a duplicate).
+    code = (
+        "import os, sys, dbtask\n"
+        "@dbtask.task(name='t.add', queue='math')\n"
+        "def add(x, y): return x + y\n"
+        f"dbtask.init_sync({nats.url!r}, {redis.url!r})\n"
+        "add.delay_sync(1, 2)\n"
+        "r, w = os.pipe()\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        f"    dbtask.init_sync({nats.url!r}, {redis.url!r})\n"
+        "    ids = [add.delay_sync(1, 2).id for _ in range(3)]\n"
+        "    os.write(w, ' '.join(ids).encode())\n"
+        "    os._exit(0)\n"
+        "os.close(w)\n"
+        "ids = [add.delay_sync(1, 2).id for _ in range(3)]\n"
+        "child = os.read(r, 4096).decode().split()\n"
+        "os.waitpid(pid, 0)\n"
+        "print(len(child), len(set(ids) & set(child)))\n"
+    )
+    out = subprocess.run([PY, "-c", code], check=True, timeout=30, capture_output=True, text=True)
+    assert out.stdout.split() == ["3", "0"], out.stdout
 
 
 async def test_waits_survive_a_redis_restart(nats, tmp_path):

@@ -1,7 +1,10 @@
 """Stub of the compiled module `dbtask._dbtask` (Rust, PyO3). Private: use the `dbtask` API."""
 
-from collections.abc import Awaitable, Iterable, Mapping, Sequence
-from typing import Any, final
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, final, overload
+
+_T = TypeVar("_T")
 
 __all__ = ["Client", "_after_fork_in_child", "__version__", "PROTOCOL_VERSION"]
 
@@ -16,6 +19,7 @@ class Client:
     def connect(nats_url: str, redis_url: str, timeout: float) -> Awaitable[Client]: ...
     @staticmethod
     def connect_sync(nats_url: str, redis_url: str, timeout: float) -> Client: ...
+    @overload
     def publish(
         self,
         queue: str,
@@ -26,7 +30,21 @@ class Client:
         eta: float | None = None,
         expires: float | None = None,
         priority: int | None = None,
-    ) -> Awaitable[str]: ...
+        wrap: None = None,
+    ) -> asyncio.Future[str]: ...
+    @overload
+    def publish(
+        self,
+        queue: str,
+        task: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        task_id: str | None,
+        eta: float | None,
+        expires: float | None,
+        priority: int | None,
+        wrap: Callable[[str], _T],
+    ) -> asyncio.Future[_T]: ...
     def publish_sync(
         self,
         queue: str,

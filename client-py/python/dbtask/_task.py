@@ -7,6 +7,7 @@ client (`dbtask.init`), whose compiled module is imported on first use.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import math
@@ -180,12 +181,24 @@ class Task(Generic[P, R]):
 
     # -- one task -------------------------------------------------------------------------
 
-    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
-        """Sends the task to a worker; returns once JetStream has stored the message."""
-        task_id = await _client.current().publish(
-            self.queue, self.name, args, kwargs, None, None, None, priority=self.options.get("priority")
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[AsyncResult[R]]:
+        """Sends the task to a worker: ``result = await add.delay(1, 2)``.
+
+        Needs a running event loop (in synchronous code use :meth:`delay_sync`). The arguments
+        are checked and the message is encoded and handed to the client's I/O thread before
+        this returns, so a bad argument raises here, at the call. What it returns is an
+        asyncio future that resolves to the :class:`AsyncResult` once JetStream has stored
+        the message, or raises the publish error (``ConnectionError``, ``ValueError`` for a
+        message over the server's size limit). ``asyncio.gather(*(add.delay(i) for i in
+        ...))`` publishes them all at once, with no asyncio task per call.
+
+        The task is sent even if the future is never awaited (fire and forget); its failure
+        is then only logged by asyncio ("Future exception was never retrieved"). Await it to
+        know the task is stored; ``await dbtask.close()`` waits for every publish in flight.
+        """
+        return _client.current().publish(
+            self.queue, self.name, args, kwargs, None, None, None, self.options.get("priority"), AsyncResult
         )
-        return AsyncResult(task_id)
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Blocking form of :meth:`delay`."""
@@ -195,7 +208,7 @@ class Task(Generic[P, R]):
             )
         )
 
-    async def apply_async(
+    def apply_async(
         self,
         *task_args: Any,
         args: Sequence[Any] | None = None,
@@ -208,7 +221,7 @@ class Task(Generic[P, R]):
         link: Any = None,
         link_error: Any = None,
         priority: int | None = None,
-    ) -> AsyncResult[R]:
+    ) -> asyncio.Future[AsyncResult[R]]:
         """Sends the task with options. Positional arguments are the task's arguments
         (``apply_async(1, 2, countdown=10)``), or pass them as in Celery
         (``apply_async(args=(1, 2), kwargs={...})``), not both.
@@ -221,18 +234,19 @@ class Task(Generic[P, R]):
         9 runs first on a backlog (default: the task's ``priority`` option, else 5); ``link`` /
         ``link_error``: a signature (or a list) published with the result on success, or with
         ``(task_id, error)`` on failure (``countdown`` only, no ``eta``/``expires``, then).
+
+        Like :meth:`delay`: checks the options and sends at once, and returns a future of the
+        :class:`AsyncResult` that raises the publish error when awaited.
         """
         pos, kw = _call_args(task_args, args, kwargs)
         if link is not None or link_error is not None:
-            return await self._linked(pos, kw, countdown, eta, expires, queue, task_id).apply_async(  # type: ignore[no-any-return]
-                link=link, link_error=link_error
-            )
+            sig = self._linked(pos, kw, countdown, eta, expires, queue, task_id)
+            return _running_loop("apply_async").create_task(sig.apply_async(link=link, link_error=link_error))
         eta_ts, expires_ts = _schedule(countdown, eta, expires)
-        tid = await _client.current().publish(
+        return _client.current().publish(
             queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
-            priority=self._priority(priority),
-        )
-        return AsyncResult(tid)
+            self._priority(priority), AsyncResult,
+        )  # fmt: skip
 
     def apply_async_sync(
         self,
@@ -346,6 +360,16 @@ class Task(Generic[P, R]):
             priority=self._priority(priority),
         )
         return [AsyncResult(i) for i in ids]
+
+
+def _running_loop(method: str) -> asyncio.AbstractEventLoop:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        raise RuntimeError(
+            f"{method}() needs a running event loop: await it from a coroutine, "
+            f"or use {method}_sync() in synchronous code"
+        ) from None
 
 
 def _check_retry_options(max_retries: object, retry_delay: object, options: Mapping[str, Any]) -> None:
