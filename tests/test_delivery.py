@@ -141,6 +141,7 @@ async def test_a_redis_outage_loses_nothing_and_the_worker_stops_taking_tasks(wo
 
     back = start_redis(redis.log.parent, port=redis.port)
     try:
+        # get() with a timeout rides out the client's own reconnection to Redis.
         pids = await asyncio.gather(*(r.get(timeout=90) for r in results))
     finally:
         back.stop()

@@ -653,22 +653,30 @@ async fn wait(
     let (_registration, mut events) = inner.notifier.register(&id).map_err(ClientError::Runtime)?;
     let mut checked = false;
     let mut last_state = TaskState::Pending;
+    // Why Redis is unreachable, while it is: a wait with a timeout rides out the outage.
+    let mut down: Option<String> = None;
     loop {
         let limit = if checked { deadline } else { first_deadline };
         let event = match limit {
             Some(limit) => match tokio::time::timeout_at(limit, events.recv()).await {
                 Ok(event) => event,
                 Err(_) => {
-                    return Err(ClientError::Timeout(format!(
-                        "task {id} is not ready after {:.3} s (state {last_state})",
-                        timeout.unwrap_or_default().as_secs_f64()
-                    )))
+                    let secs = timeout.unwrap_or_default().as_secs_f64();
+                    return Err(match down {
+                        Some(why) => ClientError::Connection(format!(
+                            "{why}; still unreachable after waiting {secs:.3} s for task {id}"
+                        )),
+                        None => ClientError::Timeout(format!(
+                            "task {id} is not ready after {secs:.3} s (state {last_state})"
+                        )),
+                    });
                 }
             },
             None => events.recv().await,
         };
         match event {
             Some(Event::Subscribed) => {
+                down = None;
                 if let Some(record) = get_record(&inner, &id).await? {
                     last_state = record_state(&id, &record)?;
                     if last_state.is_ready() {
@@ -683,7 +691,11 @@ async fn wait(
                     return Ok(record);
                 }
             }
-            Some(Event::Down(why)) => return Err(ClientError::Connection(why)),
+            // No timeout: say so at once rather than hang on a server that may never return.
+            Some(Event::Down(why)) if deadline.is_none() => {
+                return Err(ClientError::Connection(why))
+            }
+            Some(Event::Down(why)) => down = Some(why),
             None => return Err(ClientError::Runtime("this dbtask client is closed".into())),
         }
     }

@@ -25,7 +25,8 @@ pub enum Event {
     Subscribed,
     /// The record JSON published by the worker.
     Done(Bytes),
-    /// The pub/sub connection is down and could not be re-established yet.
+    /// The pub/sub connection is down and could not be re-established yet (the waiter stays
+    /// registered and hears `Subscribed` once it is).
     Down(String),
 }
 
@@ -214,10 +215,11 @@ impl Owner {
         match command {
             Command::Close => return false,
             Command::Register { id, waiter, tx } => {
+                // Told at once that Redis is down, and still registered: it hears
+                // `Subscribed` when the connection is back, if it waits that long.
                 if self.conn.is_none() {
                     if let Some(why) = &self.down {
                         let _ = tx.send(Event::Down(why.clone()));
-                        return true;
                     }
                 }
                 // Its last waiter left in this same batch: the subscription is still active.

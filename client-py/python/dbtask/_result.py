@@ -55,6 +55,9 @@ class AsyncResult(Generic[T]):
         A builtin exception raised by the task (``ValueError``...) is re-raised as itself with
         the remote traceback as ``__cause__``; anything else raises :class:`dbtask.TaskError`.
         Raises ``TimeoutError`` when ``timeout`` seconds pass first (``None``: wait forever).
+        If Redis is unreachable, a wait with a ``timeout`` goes on waiting for it to come back
+        and raises ``ConnectionError`` if it has not by then; without a ``timeout`` it raises
+        ``ConnectionError`` at once.
         """
         record = await _client.current().wait(self.id, timeout)
         return _outcome(record)  # type: ignore[no-any-return]
