@@ -160,7 +160,8 @@ static START: Mutex<()> = Mutex::new(());
 
 impl PythonRuntime {
     /// Initializes CPython (PEP 587 config: the venv's executable, no signal handlers), puts
-    /// the current directory on `sys.path`, imports `dbtask` and the apps, reads the registry,
+    /// the current directory on `sys.path`, imports asyncio (with `ssl` deferred to its first
+    /// use), then `dbtask` and the apps, reads the registry,
     /// and starts the sync thread pool and the asyncio thread. Call it on the main thread
     /// before the tokio runtime exists. Returns with the GIL released.
     ///
@@ -179,6 +180,9 @@ impl PythonRuntime {
         let _serial = START.lock().unwrap_or_else(|e| e.into_inner());
         interpreter::initialize(cfg.python.as_deref())?;
         let version = interpreter::prepare(extra_sys_path)?;
+        if interpreter::defer_ssl() {
+            tracing::debug!("asyncio imported; ssl loads on first use");
+        }
         let registry = Registry::load(&cfg.apps)?;
         let threads = Arc::new(ThreadCount::default());
         let running = Arc::new(Running::default());
