@@ -1,6 +1,6 @@
 """What the worker does to stay small must not change what tasks can do: ssl, which the worker
 loads only on first use, works from sync and async tasks alike (also on first use from many
-threads at once)."""
+threads at once), and a worker that gave its freed memory back while idle runs tasks again."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from e2e_tasks import add
 from tls_tasks import default_context_verifies, openssl_name, tls_echo
+
+TRIMMED = "worker idle: gave freed heap memory back to the OS"
 
 
 @pytest.fixture
@@ -54,3 +57,20 @@ async def test_sync_tasks_import_ssl_from_many_threads_at_once(worker_factory, c
     verifies = await asyncio.gather(*(default_context_verifies.delay() for _ in range(8)))
     assert [await r.get(timeout=30) for r in names] == ["OpenSSL"] * 16
     assert [await r.get(timeout=30) for r in verifies] == [True] * 8
+
+
+async def test_worker_runs_tasks_after_giving_memory_back_when_idle(worker_factory, client):
+    w = worker_factory(args=["--log-level", "debug"])
+
+    async def trims(count: int) -> None:
+        for _ in range(200):
+            if w.stderr.count(TRIMMED) >= count:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the worker did not log {TRIMMED!r} {count} time(s)")
+
+    await trims(1)  # after start-up
+    for burst in range(2):
+        results = await asyncio.gather(*(add.delay(i, burst) for i in range(200)))
+        assert [await r.get(timeout=30) for r in results] == [i + burst for i in range(200)]
+        await trims(2 + burst)  # once after each burst
