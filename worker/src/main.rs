@@ -35,6 +35,8 @@ fn main() -> ExitCode {
         Ok(python) => python,
         Err(e) => return fail(EXIT_FAILURE, e),
     };
+    // Importing the task modules freed more than it kept: give that back before connecting.
+    memory::trim();
     // One thread moves messages; Python runs on its own threads. On a few cores this measured
     // faster than the multi-thread runtime.
     let runtime = match tokio::runtime::Builder::new_current_thread()
