@@ -15,9 +15,10 @@ import importlib.util
 import sys
 import types
 
-# Versions whose asyncio was checked: base_events, selector_events and sslproto only keep
-# `ssl` as a module global, and sslproto (3.11+) derives SSLAgainErrors from it at import.
-_CHECKED = ((3, 10), (3, 15))
+# Versions whose asyncio was read and run with this (TLS through asyncio, ssl from threads):
+# base_events, selector_events and sslproto keep `ssl` as a module global, and sslproto
+# (3.11+) derives SSLAgainErrors from it at import. Others import ssl as usual.
+_CHECKED = ((3, 10), (3, 14))
 
 
 class _Deferred(types.ModuleType):
