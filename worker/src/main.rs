@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use dbtask_worker::cli::Cli;
 use dbtask_worker::python::PythonRuntime;
-use dbtask_worker::{run, shutdown, telemetry, Config};
+use dbtask_worker::{memory, run, shutdown, telemetry, Config};
 
 /// Exit code for settings that cannot be used (as sysexits' EX_USAGE... close enough: 2 is
 /// what clap uses for a bad command line).
@@ -35,6 +35,8 @@ fn main() -> ExitCode {
         Ok(python) => python,
         Err(e) => return fail(EXIT_FAILURE, e),
     };
+    // Importing the task modules freed more than it kept: give that back before connecting.
+    memory::trim();
     // One thread moves messages; Python runs on its own threads. On a few cores this measured
     // faster than the multi-thread runtime.
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -47,9 +49,14 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         let shutdown =
             shutdown::signals().map_err(|e| format!("cannot listen for SIGTERM/SIGINT: {e}"))?;
-        run(config, python, shutdown)
+        // Freed heap memory goes back to the OS whenever the worker is idle (after start-up,
+        // then after each burst of tasks).
+        let trimmer = tokio::spawn(memory::trim_when_idle(python.finished_calls()));
+        let outcome = run(config, python, shutdown)
             .await
-            .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string());
+        trimmer.abort();
+        outcome
     });
     let code = match outcome {
         Ok(()) => ExitCode::SUCCESS,

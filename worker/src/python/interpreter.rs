@@ -156,3 +156,28 @@ pub(crate) fn prepare(extra: &[PathBuf]) -> Result<String, PythonError> {
     })
     .map_err(|e| PythonError::Init(format!("cannot set up sys.path: {e}")))
 }
+
+/// Imports asyncio with `ssl` loaded only on first use (`lazy_ssl.py`): OpenSSL and the ssl
+/// module are about 4 MiB a worker whose tasks never use TLS does not need. Call before the
+/// first import of `dbtask` or a task module. Returns whether ssl was deferred; a failure is
+/// logged and leaves the imports to happen as usual.
+pub(crate) fn defer_ssl() -> bool {
+    let code = CString::new(include_str!("lazy_ssl.py")).expect("lazy_ssl.py has no NUL byte");
+    let deferred = Python::attach(|py| -> PyResult<bool> {
+        PyModule::from_code(
+            py,
+            &code,
+            c"dbtask-worker/lazy_ssl.py",
+            c"_dbtask_worker_ssl",
+        )?
+        .call_method0("defer")?
+        .extract()
+    });
+    match deferred {
+        Ok(deferred) => deferred,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot defer loading ssl: importing asyncio as usual");
+            false
+        }
+    }
+}

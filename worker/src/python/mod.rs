@@ -25,6 +25,7 @@ mod running;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -146,6 +147,17 @@ struct Inner {
     aio: AsyncLoop,
     threads: Arc<ThreadCount>,
     running: Arc<Running>,
+    finished: Arc<AtomicU64>,
+}
+
+/// How many calls of a [`PythonRuntime`] ran to their outcome so far.
+#[derive(Clone)]
+pub struct FinishedCalls(Arc<AtomicU64>);
+
+impl FinishedCalls {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 /// One job handed to a Python thread, with where its outcome goes.
@@ -160,7 +172,8 @@ static START: Mutex<()> = Mutex::new(());
 
 impl PythonRuntime {
     /// Initializes CPython (PEP 587 config: the venv's executable, no signal handlers), puts
-    /// the current directory on `sys.path`, imports `dbtask` and the apps, reads the registry,
+    /// the current directory on `sys.path`, imports asyncio (with `ssl` deferred to its first
+    /// use), then `dbtask` and the apps, reads the registry,
     /// and starts the sync thread pool and the asyncio thread. Call it on the main thread
     /// before the tokio runtime exists. Returns with the GIL released.
     ///
@@ -179,6 +192,9 @@ impl PythonRuntime {
         let _serial = START.lock().unwrap_or_else(|e| e.into_inner());
         interpreter::initialize(cfg.python.as_deref())?;
         let version = interpreter::prepare(extra_sys_path)?;
+        if interpreter::defer_ssl() {
+            tracing::debug!("asyncio imported; ssl loads on first use");
+        }
         let registry = Registry::load(&cfg.apps)?;
         let threads = Arc::new(ThreadCount::default());
         let running = Arc::new(Running::default());
@@ -192,6 +208,7 @@ impl PythonRuntime {
                 aio,
                 threads,
                 running,
+                finished: Arc::default(),
             }),
         })
     }
@@ -231,12 +248,20 @@ impl PythonRuntime {
                 "the worker's Python runtime is shut down: the task did not run",
             );
         }
-        match outcome.await {
+        let outcome = match outcome.await {
             Ok(outcome) => outcome,
             Err(_) => {
                 internal_failure("the Python thread running the task stopped without an outcome")
             }
-        }
+        };
+        self.inner.finished.fetch_add(1, Ordering::Relaxed);
+        outcome
+    }
+
+    /// A counter of the calls that ran to their outcome, for telling a busy worker from an
+    /// idle one ([`crate::memory`]); it does not keep the runtime alive.
+    pub fn finished_calls(&self) -> FinishedCalls {
+        FinishedCalls(Arc::clone(&self.inner.finished))
     }
 
     /// Interrupts the running task `task_id` (of registered task `task`), if it is running
