@@ -105,6 +105,11 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
     };
     if disposition == Disposition::HandBack {
         warn_if_last_delivery(&msg, shared.config.max_deliver, &queue);
+        // At shutdown, nak only once the pull loops have left their open pull requests:
+        // NATS would otherwise redeliver the message into one of them, where nobody reads.
+        if shared.phase() >= Phase::Draining {
+            reached(&mut phase, Phase::Released).await;
+        }
     }
     finish(&msg, disposition, &queue).await;
     drop(ticket);

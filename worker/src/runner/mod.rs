@@ -48,9 +48,11 @@ pub enum WorkerError {
 enum Phase {
     /// Pulling and running tasks.
     Running,
-    /// Shutdown requested: no more pulls, tasks not started yet go back to NATS, running ones
-    /// may finish.
+    /// Shutdown requested: no more pulls, running tasks may finish.
     Draining,
+    /// The pull loops have stopped (their open pull requests unsubscribed): tasks not started
+    /// yet go back to NATS now.
+    Released,
     /// Shutdown timeout passed: everything still held goes back to NATS now.
     Abandon,
 }
@@ -264,6 +266,7 @@ async fn serve(
     for puller in pullers {
         let _ = puller.await;
     }
+    shared.phase.send_replace(Phase::Released);
     let finished = tokio::time::timeout(timeout, shared.until_idle())
         .await
         .is_ok();

@@ -245,8 +245,16 @@ pub(super) async fn pull_loop(shared: Rc<Shared>, mut levels: Levels) {
             tokio::select! {
                 biased;
                 _ = reached(&mut phase, Phase::Draining) => {
+                    let mut held = Vec::new();
                     while let Some(Some(Ok(msg))) = batch.next().now_or_never() {
-                        handler::hand_back(&msg, &queue).await;
+                        held.push(msg);
+                    }
+                    // Unsubscribe from the open pull request before the naks: NATS would
+                    // otherwise redeliver them into it, where nobody reads any more, and they
+                    // would wait out their ack wait.
+                    drop(batch);
+                    for msg in &held {
+                        handler::hand_back(msg, &queue).await;
                     }
                     break 'pull;
                 }
