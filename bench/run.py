@@ -200,6 +200,20 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the threads of a process, summed by thread name with its
+    number dropped (`dbtask-py-3` counts as `dbtask-py-`); the worker's main thread is named
+    after the binary."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip().rstrip("0123456789")
+            out[name] = out.get(name, 0.0) + int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
 def rss_mib(pid: int) -> float:
     total = 0
     for p in [pid, *descendants(pid)]:
@@ -362,6 +376,7 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     fig["W2 steady"] = (N - 1) / (last - first) if last > first else float("nan")
     fig["W2 startup s"] = ready - worker.spawned
     fig["cpu W2"] = (meter.wall, meter.used)
+    fig["W2 worker threads"] = thread_cpu(worker.proc.pid)
     fig["W6 rss"] = rss_mib(worker.proc.pid)
     checked += check_results(redis, ids, [2 * i for i in range(N)], "W1 gather / W2")
     # The same worker once idle: it gives freed heap memory back within 2 s of its last task.
@@ -620,6 +635,16 @@ def bounds(figs: list[dict], base: list[dict]) -> list[str]:
                 "ready (the embedded CPython starting and importing asyncio, `dbtask` and the task "
                 f"module, then the NATS and Redis set-up); the drain itself runs at {fmt(steady, '/s')} tasks/s."
             )
+            threads = [f["W2 worker threads"] for f in figs if "W2 worker threads" in f]
+            if threads:
+                names = sorted({name for t in threads for name in t})
+                split = ", ".join(
+                    f"`{name}` {med([t.get(name, 0.0) for t in threads]) / N * 1e6:.1f}" for name in names
+                )
+                out.append(
+                    f"  The worker's CPU µs per task by thread, start-up included: {split} (the main "
+                    "thread moves messages; `dbtask-py-` threads run the sync tasks)."
+                )
     rss = [f["W6 rss"] for f in figs if "W6 rss" in f]
     idle = [f["W6 rss idle"] for f in figs if "W6 rss idle" in f]
     settled = [f["W6 rss settled"] for f in figs if "W6 rss settled" in f]
@@ -691,7 +716,7 @@ async def main() -> int:
                 fig, n = await repetition(nats, redis_srv, redis, workdir)
                 figs.append(fig)
                 checked += n
-                brief = {k: round(v, 3) for k, v in fig.items() if not k.startswith("cpu")}
+                brief = {k: round(v, 3) for k, v in fig.items() if isinstance(v, float)}
                 print(f"  baseline {b}\n  dbtask {brief}", file=sys.stderr, flush=True)
             await dbtask.close()
         except BenchFailure as e:
