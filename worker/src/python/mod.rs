@@ -239,11 +239,21 @@ impl PythonRuntime {
             reply,
         };
         let accepted = if entry.is_async {
-            self.inner.aio.submit(item)
+            self.inner.aio.submit(item).is_ok()
         } else {
-            self.inner.pool.submit(item)
+            match self.inner.pool.submit(item) {
+                Ok(wake) => {
+                    if wake.owed() {
+                        // The other tasks ready on this thread queue their jobs first; the
+                        // wake-up (on drop) then starts a thread for all of them at once.
+                        tokio::task::yield_now().await;
+                    }
+                    true
+                }
+                Err(_) => false,
+            }
         };
-        if accepted.is_err() {
+        if !accepted {
             return internal_failure(
                 "the worker's Python runtime is shut down: the task did not run",
             );

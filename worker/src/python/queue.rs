@@ -61,6 +61,24 @@ impl<T> JobQueue<T> {
         Ok(())
     }
 
+    /// Adds an item like [`JobQueue::push`], but leaves the wake-up owed, if one is, to the
+    /// caller: `Ok(true)` means a spare is marked as woken and the caller must call
+    /// [`JobQueue::wake_spare`] soon (until then later pushes wake nobody). Lets a producer
+    /// that queues several items in a row wake a consumer once for all of them.
+    pub fn push_owing(&self, item: T) -> Result<bool, T> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(item);
+        }
+        state.items.push_back(item);
+        Ok(Self::want_spare(&mut state))
+    }
+
+    /// Wakes the spare owed by [`JobQueue::push_owing`].
+    pub fn wake_spare(&self) {
+        self.ready.notify_one();
+    }
+
     /// True (and the spare marked as woken) when jobs wait, no spare is awake, and a
     /// consumer sleeps.
     fn want_spare(state: &mut State<T>) -> bool {
@@ -171,6 +189,49 @@ mod tests {
         q.push("job").unwrap();
         q.close();
         assert_eq!(consumer.join().unwrap(), (Some("job"), None));
+    }
+
+    /// A burst of pushes owes one wake-up, for the first; once it is done, the woken consumer
+    /// takes every job of the burst.
+    #[test]
+    fn a_burst_owes_one_wake_up() {
+        use std::sync::Arc;
+        let q = Arc::new(JobQueue::default());
+        let consumer = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                while q.wait_for_work() {
+                    let mut next = q.take(true);
+                    while let Some(job) = next {
+                        got.push(job);
+                        next = q.take(false);
+                    }
+                }
+                got
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while q.lock().sleeping == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the consumer never slept"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(q.push_owing(1), Ok(true));
+        assert_eq!(q.push_owing(2), Ok(false));
+        assert_eq!(q.push_owing(3), Ok(false));
+        q.wake_spare();
+        while !q.lock().items.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the woken consumer took nothing"
+            );
+            std::thread::yield_now();
+        }
+        q.close();
+        assert_eq!(consumer.join().unwrap(), vec![1, 2, 3]);
     }
 
     /// Jobs queued while every consumer sleeps are all taken, by a chain of spares: none is

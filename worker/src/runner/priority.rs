@@ -359,7 +359,9 @@ async fn fetch_level(
 
 fn spawn(shared: &Rc<Shared>, queue: &Rc<str>, msg: async_nats::jetstream::Message) {
     let ticket = handler::Ticket::new(shared.clone());
-    tokio::task::spawn_local(handler::handle(ticket, queue.clone(), msg));
+    // Boxed: the task then holds a pointer, not the whole handler (a few KB), which tokio
+    // would otherwise copy when it spawns the task and again when the task completes.
+    tokio::task::spawn_local(Box::pin(handler::handle(ticket, queue.clone(), msg)));
 }
 
 /// Waits before the next pull after a failure (longer each time, up to 5 s); after a few
