@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::Config;
-use crate::python::{CallOutcome, Interrupt, Job, PythonRuntime, TaskInfo};
+use crate::python::{Burst, CallOutcome, Interrupt, Job, PythonRuntime, TaskInfo};
 use crate::revoke::Revocations;
 
 /// The limits of one call; `None`: no limit.
@@ -64,6 +64,7 @@ pub async fn call(
     revocations: &Revocations,
     job: Job,
     limits: Limits,
+    burst: Burst,
 ) -> Ended {
     let task = job.task.clone();
     let id = job.task_id.clone();
@@ -75,7 +76,7 @@ pub async fn call(
     let start = Instant::now();
     let soft_at = limits.soft.map(|d| start + d);
     let hard_at = limits.hard.map(|d| start + d);
-    let call = python.call(job);
+    let call = python.call_in(job, burst);
     tokio::pin!(call);
     let mut soft_sent = soft_at.is_none();
     loop {

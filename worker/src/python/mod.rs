@@ -83,6 +83,15 @@ pub enum Interrupt {
     Terminate,
 }
 
+/// Whether a call is one of several queued together (see [`PythonRuntime::call_in`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Burst {
+    /// No other job is likely to be queued now: wake a Python thread at once.
+    Alone,
+    /// Other tasks on the caller's thread are queueing jobs too: wake once for all.
+    WithOthers,
+}
+
 /// One call of a task.
 #[derive(Debug)]
 pub struct Job {
@@ -229,6 +238,14 @@ impl PythonRuntime {
     /// After [`shutdown`](Self::shutdown) the job is not run and the outcome is a `Failure`
     /// of type [`INTERNAL_ERROR`]: callers should stop calling before they shut down.
     pub async fn call(&self, job: Job) -> CallOutcome {
+        self.call_in(job, Burst::Alone).await
+    }
+
+    /// [`call`](Self::call) for a caller on a thread that may be queueing other jobs at the
+    /// same moment: with [`Burst::WithOthers`], a sleeping Python thread is woken only once
+    /// the other tasks ready on the caller's thread have queued theirs, one wake-up for the
+    /// whole burst. [`Burst::Alone`] wakes it at once (a lone task's latency).
+    pub async fn call_in(&self, job: Job, burst: Burst) -> CallOutcome {
         let Some(entry) = self.inner.registry.get(&job.task) else {
             return CallOutcome::Failure(self.inner.registry.unknown_task(&job.task));
         };
@@ -243,7 +260,7 @@ impl PythonRuntime {
         } else {
             match self.inner.pool.submit(item) {
                 Ok(wake) => {
-                    if wake.owed() {
+                    if wake.owed() && burst == Burst::WithOthers {
                         // The other tasks ready on this thread queue their jobs first; the
                         // wake-up (on drop) then starts a thread for all of them at once.
                         tokio::task::yield_now().await;

@@ -18,7 +18,7 @@ use tracing::{debug, error, info, warn};
 use super::{reached, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
 use crate::limits::{self, Ended, Limits};
-use crate::python::{CallOutcome, Job};
+use crate::python::{Burst, CallOutcome, Job};
 
 /// How a message leaves this worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -542,7 +542,13 @@ async fn execute(
         retries: task.retries,
     };
     let limits = Limits::of(shared.python.tasks().get(name), &shared.config);
-    let ended = limits::call(&shared.python, &shared.revocations, job, limits).await;
+    // Other handlers alive: their jobs are likely being queued in the same turn (a drain).
+    let burst = if shared.in_flight.get() > 1 {
+        Burst::WithOthers
+    } else {
+        Burst::Alone
+    };
+    let ended = limits::call(&shared.python, &shared.revocations, job, limits, burst).await;
     drop(slot);
     let outcome = match ended {
         Ended::Done(outcome) => outcome,
