@@ -82,10 +82,13 @@ class Server:
         _stop(self.proc)
 
 
-def start_nats(workdir: Path, *, jetstream: bool = True, binary: Path | str = NATS_BIN) -> Server:
-    """nats-server on a free port; JetStream stores under workdir."""
+def start_nats(
+    workdir: Path, *, jetstream: bool = True, binary: Path | str = NATS_BIN, port: int | None = None
+) -> Server:
+    """nats-server on a free port (or on `port`, to bring a stopped one back with what its
+    JetStream stored); JetStream stores under workdir."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = workdir / "nats.log"
     cmd = [str(binary), "-a", "127.0.0.1", "-p", str(port)]
     if jetstream:

@@ -7,7 +7,7 @@ import asyncio
 import collections
 import signal
 
-from e2e_support import start_redis, wait_for_lines
+from e2e_support import start_nats, start_redis, wait_for_lines
 from e2e_tasks import add, async_sleep_then, record, sleep_then
 
 
@@ -149,3 +149,40 @@ async def test_a_redis_outage_loses_nothing_and_the_worker_stops_taking_tasks(wo
     assert set(runs) == set(range(1000))
     assert [n for n, times in runs.items() if times != 1] == [], "outcomes held during the outage are stored, not rerun"
     assert len(set(pids)) == 1
+
+
+async def test_sigterm_stops_a_worker_whose_nats_is_gone(worker_factory, nats):
+    w = worker_factory(concurrency=2)
+    nats.stop()
+    # Long enough for the worker to notice and be in the middle of pulling again.
+    await asyncio.sleep(2.5)
+    w.send(signal.SIGTERM)
+    assert await w.wait_async(15) == 0, "a worker with nothing running must stop even when NATS is unreachable"
+
+
+async def test_a_nats_restart_loses_nothing_and_the_worker_goes_on(worker_factory, client, nats, tmp_path):
+    worker_factory(concurrency=2)
+    log = tmp_path / "runs.txt"
+    before = await asyncio.gather(*(record.delay(n, str(log)) for n in range(50)))
+    await asyncio.gather(*(r.get(timeout=30) for r in before))
+
+    nats.stop()
+    await asyncio.sleep(7)  # past the worker's pull timeouts: it must recover, not hang
+    back = start_nats(nats.log.parent, port=nats.port)
+    try:
+        # The client reconnects too; a publish during its reconnection may fail once.
+        after = []
+        for n in range(50, 100):
+            for attempt in range(30):
+                try:
+                    after.append(await record.delay(n, str(log)))
+                    break
+                except ConnectionError:
+                    await asyncio.sleep(0.5)
+        assert len(after) == 50
+        await asyncio.gather(*(r.get(timeout=60) for r in after))
+    finally:
+        back.stop()
+    runs = collections.Counter(int(line.split()[0]) for line in log.read_text().splitlines())
+    assert set(runs) == set(range(100))
+    assert [n for n, times in runs.items() if times != 1] == []

@@ -381,6 +381,19 @@ impl QueueConsumer {
             })
     }
 
+    /// The error of a pull that got no answer within `after` (NATS unreachable, or the
+    /// request or its answer lost in a reconnect).
+    pub fn unanswered(&self, after: Duration) -> BrokerError {
+        BrokerError::Pull {
+            url: self.url.clone(),
+            queue: self.queue.clone(),
+            reason: format!(
+                "no answer within {} s (is nats-server reachable?)",
+                after.as_secs_f64()
+            ),
+        }
+    }
+
     /// Asks for up to `max` messages already waiting, without waiting for more: the batch
     /// ends as soon as the server has nothing more to give.
     pub async fn pull_now(&self, max: usize) -> Result<Batch, BrokerError> {

@@ -34,6 +34,12 @@ const FAIR_EVERY: u64 = 10;
 /// Levels marked empty are asked again after this long, in case a message came back to them
 /// without a publish (a nak, an ack wait that expired).
 const RECHECK: Duration = Duration::from_secs(1);
+/// A no-wait fetch normally ends within milliseconds; one with no answer after this long
+/// (NATS unreachable, the request or its answer lost in a reconnect) counts as failed.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// At shutdown, how long a fetch under way may still take: what it brings is then handed
+/// back by its handlers. Bounded so that an unreachable NATS cannot hold the shutdown.
+const DRAIN_FETCH_GRACE: Duration = Duration::from_secs(1);
 
 struct Level {
     priority: u8,
@@ -200,7 +206,18 @@ pub(super) async fn pull_loop(shared: Rc<Shared>, mut levels: Levels) {
             checked = Instant::now();
         }
         round += 1;
-        let got = match fetch_round(&shared, &queue, &mut levels, round, want).await {
+        let fetched = {
+            let fetch = fetch_round(&shared, &queue, &mut levels, round, want);
+            tokio::pin!(fetch);
+            tokio::select! {
+                fetched = &mut fetch => fetched,
+                _ = reached(&mut phase, Phase::Draining) => {
+                    let _ = tokio::time::timeout(DRAIN_FETCH_GRACE, &mut fetch).await;
+                    break 'pull;
+                }
+            }
+        };
+        let got = match fetched {
             Ok(got) => {
                 failures = 0;
                 got
@@ -330,27 +347,35 @@ async fn fetch_round(
     Ok(got)
 }
 
-/// Takes up to `max` waiting messages of one level and starts their handlers.
+/// Takes up to `max` waiting messages of one level and starts their handlers; fails after
+/// [`FETCH_TIMEOUT`] without an answer (messages taken by then are being handled).
 async fn fetch_level(
     shared: &Rc<Shared>,
     queue: &Rc<str>,
     level: &mut Level,
     max: usize,
 ) -> Result<usize, BrokerError> {
-    let mut batch: Batch = level.consumer.pull_now(max).await?;
     let mut got = 0;
-    while let Some(item) = batch.next().await {
-        match item {
-            Ok(msg) => {
-                got += 1;
-                spawn(shared, queue, msg);
-            }
-            Err(e) => {
-                // A no-wait request ends with "no messages": only a real failure is logged.
-                debug!(queue = %queue, priority = level.priority, error = %e, "no-wait fetch ended");
-                break;
+    let fetch = async {
+        let mut batch: Batch = level.consumer.pull_now(max).await?;
+        while let Some(item) = batch.next().await {
+            match item {
+                Ok(msg) => {
+                    got += 1;
+                    spawn(shared, queue, msg);
+                }
+                Err(e) => {
+                    // A no-wait request ends with "no messages": only a real failure is logged.
+                    debug!(queue = %queue, priority = level.priority, error = %e, "no-wait fetch ended");
+                    break;
+                }
             }
         }
+        Ok::<(), BrokerError>(())
+    };
+    match tokio::time::timeout(FETCH_TIMEOUT, fetch).await {
+        Ok(fetched) => fetched?,
+        Err(_) => return Err(level.consumer.unanswered(FETCH_TIMEOUT)),
     }
     // The default level has no wake-up: it is always asked.
     level.maybe = got >= max || level.priority == DEFAULT_PRIORITY;
@@ -379,24 +404,33 @@ async fn recover(
     }
     levels.mark_all();
     if failures % 3 == 0 {
-        if let Err(e) = shared.broker.ensure_stream(&shared.config).await {
-            warn!(queue = %levels.queue, error = %e, "cannot set up the task stream");
-            return true;
-        }
-        for level in &mut levels.levels {
-            match shared
-                .broker
-                .ensure_level_consumer(&levels.queue, level.priority, &shared.config)
-                .await
-            {
-                Ok(fresh) => level.consumer = fresh,
-                Err(e) => {
-                    warn!(queue = %levels.queue, priority = level.priority, error = %e, "cannot set up the queue's consumer")
-                }
-            }
+        // Requests to NATS, each up to its timeout: a shutdown does not wait for them.
+        tokio::select! {
+            _ = set_up_again(shared, levels) => {}
+            _ = reached(phase, Phase::Draining) => return false,
         }
     }
     true
+}
+
+/// Creates or updates the stream and the consumers of every level again.
+async fn set_up_again(shared: &Shared, levels: &mut Levels) {
+    if let Err(e) = shared.broker.ensure_stream(&shared.config).await {
+        warn!(queue = %levels.queue, error = %e, "cannot set up the task stream");
+        return;
+    }
+    for level in &mut levels.levels {
+        match shared
+            .broker
+            .ensure_level_consumer(&levels.queue, level.priority, &shared.config)
+            .await
+        {
+            Ok(fresh) => level.consumer = fresh,
+            Err(e) => {
+                warn!(queue = %levels.queue, priority = level.priority, error = %e, "cannot set up the queue's consumer")
+            }
+        }
+    }
 }
 
 #[cfg(test)]
