@@ -651,28 +651,50 @@ async fn wait(
     let first_deadline = timeout.map(|t| start + t.max(FIRST_CHECK_BUDGET));
     // Subscribe first, then read, then wait: a result stored in between is not missed.
     let (_registration, mut events) = inner.notifier.register(&id).map_err(ClientError::Runtime)?;
+    // Also read once right away, alongside the subscription (another connection): a result
+    // already stored, as a short task's often is by the time its caller asks, then takes one
+    // round trip instead of two. Not finding it proves nothing; the read after subscribing
+    // decides, so this read's errors are ignored too.
+    let early = get_record(&inner, &id);
+    tokio::pin!(early);
+    let mut early_pending = true;
     let mut checked = false;
     let mut last_state = TaskState::Pending;
     // Why Redis is unreachable, while it is: a wait with a timeout rides out the outage.
     let mut down: Option<String> = None;
     loop {
         let limit = if checked { deadline } else { first_deadline };
-        let event = match limit {
-            Some(limit) => match tokio::time::timeout_at(limit, events.recv()).await {
-                Ok(event) => event,
-                Err(_) => {
-                    let secs = timeout.unwrap_or_default().as_secs_f64();
-                    return Err(match down {
-                        Some(why) => ClientError::Connection(format!(
-                            "{why}; still unreachable after waiting {secs:.3} s for task {id}"
-                        )),
-                        None => ClientError::Timeout(format!(
-                            "task {id} is not ready after {secs:.3} s (state {last_state})"
-                        )),
-                    });
+        let next = async {
+            match limit {
+                Some(limit) => tokio::time::timeout_at(limit, events.recv()).await.ok(),
+                None => Some(events.recv().await),
+            }
+        };
+        let event = tokio::select! {
+            biased;
+            record = &mut early, if early_pending => {
+                early_pending = false;
+                if let Ok(Some(record)) = record {
+                    if let Ok(state) = record_state(&id, &record) {
+                        if state.is_ready() {
+                            return Ok(record);
+                        }
+                    }
                 }
-            },
-            None => events.recv().await,
+                continue;
+            }
+            event = next => event,
+        };
+        let Some(event) = event else {
+            let secs = timeout.unwrap_or_default().as_secs_f64();
+            return Err(match down {
+                Some(why) => ClientError::Connection(format!(
+                    "{why}; still unreachable after waiting {secs:.3} s for task {id}"
+                )),
+                None => ClientError::Timeout(format!(
+                    "task {id} is not ready after {secs:.3} s (state {last_state})"
+                )),
+            });
         };
         match event {
             Some(Event::Subscribed) => {
