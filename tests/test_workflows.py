@@ -219,3 +219,19 @@ def test_sync_twins(worker_factory, nats, redis):
         assert Chord([add.s(1, 2), add.s(3, 4)], tsum.s()).delay_sync().get_sync(timeout=30) == 10
     finally:
         dbtask.close_sync()
+
+
+async def test_a_workflow_sent_twice_runs_twice_and_is_left_as_it_was(worker_factory, client):
+    worker_factory("flow_tasks")
+    chain = Chain([add.s(1, 2), add.s(3)])
+    chord = Chord([add.s(i, i) for i in range(5)], tsum.s(), queue="default")
+    partial = add.s(5).on_success(add.s(100))
+    before = [json.dumps(s, sort_keys=True) for s in (chain, chord, partial)]
+
+    runs = [await chain.delay(), await chain.delay(), await chord.delay(), await chord.delay(), await partial.delay(1)]
+    assert [await r.get(timeout=30) for r in runs] == [6, 6, 20, 20, 6]
+    assert len({r.id for r in runs}) == len(runs), "each send gets its own ids"
+    # Sending copies what it changes (ids, prepended arguments, options): the signatures the
+    # caller holds are unchanged and can be sent again.
+    assert [json.dumps(s, sort_keys=True) for s in (chain, chord, partial)] == before
+    assert "task_id" not in partial.options and partial.args == [5]
