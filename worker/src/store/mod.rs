@@ -8,7 +8,10 @@ use std::future::Future;
 use std::time::Duration;
 
 use dbtask_protocol::{done_channel, result_key, ResultRecord};
+use std::sync::{Arc, Mutex};
+
 use deadpool_redis::{Manager, Pool, PoolError, Runtime};
+use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 use tracing::{info, warn};
 
@@ -48,17 +51,18 @@ impl RecordWrite {
     }
 }
 
-/// A pooled connection that one long-lived user (the result writer) keeps between calls.
-/// Taking a connection from the pool costs a round trip (deadpool-redis checks it with a
-/// PING), which would double the round trips of every batch of results; a held connection is
-/// checked once, when taken, and given up after any error.
-#[derive(Default)]
-pub struct HeldConn(Option<deadpool_redis::Connection>);
-
-/// A pool of multiplexed Redis connections.
+/// Redis for the worker: a pool of multiplexed connections, of which one is kept out and
+/// shared by every command.
+///
+/// A multiplexed connection serves concurrent commands by itself (they are pipelined), and
+/// taking one from the pool costs a round trip each time (deadpool-redis checks it with a
+/// PING): every batch of results and every chord count would pay two round trips instead of
+/// one. So the store takes one connection from the pool (checked then), shares it, and drops
+/// it at the first connection error; the next command takes a fresh one from the pool.
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    shared: Arc<Mutex<Option<MultiplexedConnection>>>,
     url: String,
     result_ttl: u64,
 }
@@ -89,6 +93,7 @@ impl Store {
             })?;
         let store = Store {
             pool,
+            shared: Arc::default(),
             url,
             result_ttl,
         };
@@ -156,34 +161,6 @@ impl Store {
             .map_err(|e| self.redis_error(e))
     }
 
-    /// [`Store::put`] on a connection kept by the caller from one call to the next (see
-    /// [`HeldConn`]): one round trip per call instead of two.
-    pub async fn put_held(
-        &self,
-        held: &mut HeldConn,
-        writes: &[&RecordWrite],
-    ) -> Result<(), StoreError> {
-        if writes.is_empty() {
-            return Ok(());
-        }
-        let pipe = self.put_pipeline(writes);
-        let conn = match &mut held.0 {
-            Some(conn) => conn,
-            None => held.0.insert(self.conn().await?),
-        };
-        match pipe.exec_async(conn).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                // The connection may be broken: out of the pool with it; the next call takes
-                // another (checked) one.
-                if let Some(conn) = held.0.take() {
-                    drop(deadpool_redis::Connection::take(conn));
-                }
-                Err(self.redis_error(e))
-            }
-        }
-    }
-
     fn put_pipeline(&self, writes: &[&RecordWrite]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         for w in writes {
@@ -231,7 +208,21 @@ impl Store {
         }
     }
 
-    pub(crate) async fn conn(&self) -> Result<deadpool_redis::Connection, StoreError> {
+    /// The shared connection (see [`Store`]); taken from the pool when there is none.
+    pub(crate) async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+        if let Some(conn) = self.lock_shared().as_ref() {
+            return Ok(conn.clone());
+        }
+        let fresh = deadpool_redis::Connection::take(self.pooled().await?);
+        Ok(self.lock_shared().get_or_insert(fresh).clone())
+    }
+
+    fn lock_shared(&self) -> std::sync::MutexGuard<'_, Option<MultiplexedConnection>> {
+        // Never held across an await, and nothing in it can panic: recover regardless.
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn pooled(&self) -> Result<deadpool_redis::Connection, StoreError> {
         self.pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => self.redis_error(e),
             PoolError::Timeout(_) => StoreError::Unreachable {
@@ -245,7 +236,17 @@ impl Store {
         })
     }
 
+    /// Turns a command's error into a [`StoreError`]; after a connection error the shared
+    /// connection is dropped, so that the next command takes a fresh one.
     pub(crate) fn redis_error(&self, e: redis::RedisError) -> StoreError {
+        if e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+        {
+            self.lock_shared().take();
+        }
         let url = self.url.clone();
         if e.is_connection_refusal() {
             StoreError::Unreachable {

@@ -1,16 +1,16 @@
 //! Batches record writes from many tasks into one Redis pipeline.
 //!
 //! Every finished task hands its record to the writer and waits; the writer takes whatever is
-//! queued at that moment (up to [`MAX_BATCH`]), stores it in one round trip (on a connection
-//! it keeps between batches), and wakes the waiters, who then ack their messages. Under load
-//! this turns N round trips into one; when idle, a lone record goes out at once.
+//! queued at that moment (up to [`MAX_BATCH`]), stores it in one round trip, and wakes the
+//! waiters, who then ack their messages. Under load this turns N round trips into one; when
+//! idle, a lone record goes out at once.
 
 use std::future::Future;
 
 use dbtask_protocol::ResultRecord;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{HeldConn, RecordWrite, Store};
+use super::{RecordWrite, Store};
 
 /// Most records in one pipeline.
 pub const MAX_BATCH: usize = 256;
@@ -65,17 +65,11 @@ impl Writer {
 
 async fn run(store: Store, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
-    let mut held = HeldConn::default();
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Records whose waiter gave up (its message was handed back at shutdown) are still
         // written: they are correct, and a redelivery then finds the outcome instead of rerunning.
         let writes: Vec<&RecordWrite> = batch.iter().map(|p| &p.write).collect();
-        // One round trip per batch, on a connection kept from batch to batch. After a
-        // failure that connection is given up, and `retrying` goes on with pool connections
-        // (logging, backing off) until Redis has the batch.
-        if store.put_held(&mut held, &writes).await.is_err() {
-            store.retrying("store results", || store.put(&writes)).await;
-        }
+        store.retrying("store results", || store.put(&writes)).await;
         tracing::trace!(records = batch.len(), "stored a batch of records");
         for pending in batch.drain(..) {
             let _ = pending.stored.send(());
