@@ -5,11 +5,10 @@ mod rate;
 mod writer;
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dbtask_protocol::{done_channel, result_key, ResultRecord};
-use std::sync::{Arc, Mutex};
-
 use deadpool_redis::{Manager, Pool, PoolError, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
@@ -154,14 +153,6 @@ impl Store {
         if writes.is_empty() {
             return Ok(());
         }
-        let pipe = self.put_pipeline(writes);
-        let mut conn = self.conn().await?;
-        pipe.exec_async(&mut conn)
-            .await
-            .map_err(|e| self.redis_error(e))
-    }
-
-    fn put_pipeline(&self, writes: &[&RecordWrite]) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         for w in writes {
             pipe.set_ex(result_key(&w.id), w.json.as_slice(), self.result_ttl)
@@ -171,7 +162,10 @@ impl Store {
                     .ignore();
             }
         }
-        pipe
+        let mut conn = self.conn().await?;
+        pipe.exec_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))
     }
 
     /// Runs `op` until it succeeds, backing off from 100 ms to 5 s between attempts and logging
