@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 
-from e2e_tasks import add, async_greet, async_mul, greet
+from e2e_tasks import add, async_greet, async_mul, async_timers, greet
 
 
 async def test_sync_task_returns_its_result(worker, client):
@@ -16,6 +18,31 @@ async def test_sync_task_returns_its_result(worker, client):
 async def test_async_task_returns_its_result(worker, client):
     result = await async_mul.delay(6, 7)
     assert await result.get(timeout=15) == 42
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        found = tuple(int(part) for part in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return False
+    return found >= (major, minor)
+
+
+async def test_async_timers_fire_when_due_never_before(worker, client):
+    # The worker's loop waits on epoll with nanosecond timeouts (epoll_pwait2, Linux 5.11+)
+    # instead of the stdlib's whole milliseconds: a timer must still never fire early, and
+    # socket readiness must still wake the loop.
+    delays = [0.0005, 0.002, 0.0103, 0.02]
+    result = await async_timers.delay(delays)
+    report = await result.get(timeout=15)
+    assert [d for d, _, _ in report["timers"]] == delays
+    for delay, slept, timed_out in report["timers"]:
+        # loop.time() may run up to its clock resolution (1 ns) behind a timer's due time.
+        assert slept >= delay - 1e-6, report
+        assert timed_out >= delay - 1e-6, report
+    assert report["received"] == "x"
+    if sys.platform == "linux" and _kernel_at_least(5, 11):
+        assert report["selector"] == "PreciseEpollSelector", report
 
 
 async def test_kwargs_reach_the_task(worker, client):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 
 from dbtask import task
@@ -34,6 +35,34 @@ def add(x, y):
 async def async_mul(x, y):
     await asyncio.sleep(0.01)
     return x * y
+
+
+@task
+async def async_timers(delays):
+    """How long `asyncio.sleep(d)` and a `wait_for(..., d)` timeout took on the worker's loop
+    for each `d`, how long a socket's readiness took to arrive, and the loop's selector."""
+    loop = asyncio.get_running_loop()
+    timers = []
+    for delay in delays:
+        t0 = loop.time()
+        await asyncio.sleep(delay)
+        slept = loop.time() - t0
+        t0 = loop.time()
+        try:
+            await asyncio.wait_for(loop.create_future(), delay)
+        except asyncio.TimeoutError:
+            pass
+        timers.append([delay, slept, loop.time() - t0])
+    reader, writer = socket.socketpair()
+    with reader, writer:
+        reader.setblocking(False)
+        loop.call_later(0.005, writer.send, b"x")
+        received = await asyncio.wait_for(loop.sock_recv(reader, 1), 5)
+    return {
+        "timers": timers,
+        "received": received.decode(),
+        "selector": type(getattr(loop, "_selector", None)).__name__,
+    }
 
 
 @task

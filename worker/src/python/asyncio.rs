@@ -126,7 +126,8 @@ fn run_loop(py: Python<'_>, shared: Arc<Shared>, ready: mpsc::Sender<Started>) {
     #[allow(clippy::type_complexity)]
     let setup = || -> PyResult<(Bound<'_, PyAny>, Bound<'_, PyAny>, Bound<'_, PyAny>)> {
         let asyncio = py.import("asyncio")?;
-        let event_loop = asyncio.call_method0("new_event_loop")?;
+        let wait = pyo3::wrap_pyfunction!(super::epoll::epoll_wait_ns, py)?;
+        let event_loop = support(py)?.new_loop.bind(py).call1((wait,))?;
         asyncio.call_method1("set_event_loop", (&event_loop,))?;
         #[allow(clippy::type_complexity)]
         let (submit, stop, pending, interrupt): (

@@ -22,6 +22,8 @@ pub(crate) struct Support {
     pub format_exception: Py<PyAny>,
     /// `describe(name, fn) -> (signature | None, precise, display)`.
     pub describe: Py<PyAny>,
+    /// `new_loop(wait) -> loop`: the asyncio thread's event loop.
+    pub new_loop: Py<PyAny>,
     /// `start_loop(loop) -> (submit, stop, pending)`.
     pub start_loop: Py<PyAny>,
 }
@@ -40,6 +42,7 @@ pub(crate) fn support(py: Python<'_>) -> PyResult<&'static Support> {
             encode: get("encode")?,
             format_exception: get("format_exception")?,
             describe: get("describe")?,
+            new_loop: get("new_loop")?,
             start_loop: get("start_loop")?,
         })
     })

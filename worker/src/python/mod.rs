@@ -15,6 +15,7 @@
 
 mod asyncio;
 mod convert;
+mod epoll;
 mod interpreter;
 mod invoke;
 mod pool;
