@@ -529,8 +529,10 @@ async fn run_publisher(mut queue: mpsc::UnboundedReceiver<PublishJob>) {
     let mut burst = Vec::new();
     while queue.recv_many(&mut burst, PUBLISHER_BURST).await > 0 {
         for job in burst.drain(..) {
-            // Spawned from the runtime's own thread: a local queue push, no wake-up.
-            tokio::spawn(run_job(job));
+            // Spawned from the runtime's own thread: a local queue push, no wake-up. Boxed: the
+            // publish future is a few KB (async-nats' state machines), which tokio would
+            // otherwise copy into the task when spawning it and over again when it completes.
+            tokio::spawn(Box::pin(run_job(job)));
         }
     }
 }
