@@ -745,8 +745,9 @@ def bounds(figs: list[dict], base: list[dict]) -> list[str]:
                     f"ping-pong's round trip between two pinned processes). The four extra "
                     f"hand-overs thus cost {4 * same / 1000:.2f}-{4 * other / 1000:.2f} ms of the "
                     f"{m - raw_rt:.2f} ms between dbtask's {which} and the baseline's, depending on "
-                    "where the scheduler puts the threads; the rest is the Python code on both "
-                    "sides (`delay()`, `get()`, the task call) and the worker's result write."
+                    "where the scheduler puts the threads. The rest is work on both sides: the "
+                    "Python code (`delay()`, `get()`, the task call), the system calls that wake "
+                    "each sleeping thread, and the worker's result write."
                 )
         if fig_key == "W4 s":
             threads = [f["W4 worker threads"] for f in figs if "W4 worker threads" in f]
