@@ -8,6 +8,9 @@ use std::os::raw::c_int;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 
+/// Most events taken per wait, whatever the number of registered fds.
+const MAX_EVENTS: usize = 4096;
+
 /// Waits on epoll instance `epfd` for at most `timeout` seconds (`None`: no limit, `0`: just
 /// look) and returns up to `max_events` `(fd, events)` pairs, with the GIL released meanwhile.
 /// An interrupted wait returns no event, as the stdlib's selector does. Raises `OSError`
@@ -20,7 +23,8 @@ pub(crate) fn epoll_wait_ns(
     timeout: Option<f64>,
     max_events: usize,
 ) -> PyResult<Vec<(c_int, u32)>> {
-    let max = max_events.clamp(1, c_int::MAX as usize);
+    // Ready fds beyond `max` are reported by the next wait (epoll is level-triggered here).
+    let max = max_events.clamp(1, MAX_EVENTS);
     let timeout = match timeout {
         None => None,
         Some(t) if t.is_nan() => {
