@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use bytes::Bytes;
 use dbtask_protocol as protocol;
 use protocol::canvas::{expand, group_key, Carry, Expanded, Signature};
 
@@ -35,21 +33,7 @@ pub(crate) fn prepare(signature_json: &str) -> Result<Prepared, ClientError> {
         .messages
         .into_iter()
         .zip(routes)
-        .map(|(message, route)| {
-            let mut headers = HeaderMap::new();
-            headers.insert(protocol::HEADER_MSG_ID, message.id.as_str());
-            headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
-            headers.insert(protocol::HEADER_TASK, message.task.as_str());
-            for (name, value) in route.headers() {
-                headers.insert(name, value);
-            }
-            Outgoing {
-                body: Bytes::from(message.encode()),
-                id: message.id,
-                subject: route.subject,
-                headers,
-            }
-        })
+        .map(|(message, route)| Outgoing::new(message, route))
         .collect();
     Ok(Prepared {
         outs,

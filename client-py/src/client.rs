@@ -13,7 +13,7 @@ use async_nats::jetstream::context::{
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::jetstream::ErrorCode;
-use async_nats::{ConnectErrorKind, ConnectOptions, HeaderMap, ServerAddr};
+use async_nats::{ConnectErrorKind, ConnectOptions, HeaderMap, ServerAddr, Subject};
 use bytes::Bytes;
 use dbtask_protocol as protocol;
 use futures::stream::{FuturesOrdered, StreamExt};
@@ -328,9 +328,49 @@ impl Inner {
 /// A task message ready to go: encoded on the Python thread (with the GIL), sent from tokio.
 pub(crate) struct Outgoing {
     pub(crate) id: String,
-    pub(crate) subject: String,
-    pub(crate) headers: HeaderMap,
-    pub(crate) body: Bytes,
+    subject: Subject,
+    /// Moved into the publish, not copied: empty once sent (see [`Outgoing::headers_again`]).
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Outgoing {
+    /// `message` encoded for `route`, with the headers every task message carries: its id
+    /// (`Nats-Msg-Id` for JetStream's de-duplication, and for a worker that cannot read the
+    /// body), its task name, and the route's schedule headers.
+    pub(crate) fn new(message: TaskMessage, route: protocol::Route) -> Outgoing {
+        let headers = task_headers(&message, &route);
+        let body = Bytes::from(message.encode());
+        Outgoing {
+            id: message.id,
+            subject: Subject::from(route.subject),
+            headers,
+            body,
+        }
+    }
+
+    /// The headers again, for publishing a second time: rebuilt from the body, which holds
+    /// everything they were made of (the route depends only on the message's own queue, eta
+    /// and sent_at). Rare (the stream was deleted after init), so the first publish need not
+    /// keep a copy.
+    fn headers_again(&self) -> Result<HeaderMap, ClientError> {
+        let message = TaskMessage::decode(&self.body)
+            .map_err(|e| ClientError::Runtime(format!("dbtask internal error: {e}")))?;
+        let queue = message.queue.clone().unwrap_or_default();
+        let route = message.route(&queue, message.sent_at.unwrap_or_else(protocol::now_unix));
+        Ok(task_headers(&message, &route))
+    }
+}
+
+fn task_headers(message: &TaskMessage, route: &protocol::Route) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(protocol::HEADER_MSG_ID, message.id.as_str());
+    headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
+    headers.insert(protocol::HEADER_TASK, message.task.as_str());
+    for (name, value) in route.headers() {
+        headers.insert(name, value);
+    }
+    headers
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -415,23 +455,10 @@ fn prepare(
         link: Vec::new(),
         link_error: Vec::new(),
     };
-    let body = Bytes::from(message.encode());
-    let mut headers = HeaderMap::new();
-    headers.insert(protocol::HEADER_MSG_ID, message.id.as_str());
-    headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
-    headers.insert(protocol::HEADER_TASK, message.task.as_str());
     // A future eta waits in JetStream as a message schedule that the server publishes to the
     // subject of the task's priority level at that time; an eta in the past goes there at once.
     let route = message.route(queue, sent_at);
-    for (name, value) in route.headers() {
-        headers.insert(name, value);
-    }
-    Ok(Outgoing {
-        id: message.id,
-        subject: route.subject,
-        headers,
-        body,
-    })
+    Ok(Outgoing::new(message, route))
 }
 
 fn empty_object() -> Box<RawValue> {
@@ -468,9 +495,10 @@ fn publish_error(
     }
 }
 
+/// Sends `out`, moving its headers into the message (the subject and body are shared).
 async fn start_publish(
     inner: &Inner,
-    out: &Outgoing,
+    out: &mut Outgoing,
 ) -> Result<PublishAckFuture, async_nats::jetstream::context::PublishError> {
     inner
         .js
@@ -478,16 +506,16 @@ async fn start_publish(
             out.subject.clone(),
             PublishMessage::build()
                 .payload(out.body.clone())
-                .headers(out.headers.clone()),
+                .headers(std::mem::take(&mut out.headers)),
         )
         .await
 }
 
-async fn publish_one(publishing: Publishing, out: Outgoing) -> Result<String, ClientError> {
+async fn publish_one(publishing: Publishing, mut out: Outgoing) -> Result<String, ClientError> {
     let inner = &publishing.0;
     let mut recreated = false;
     loop {
-        let result = match start_publish(inner, &out).await {
+        let result = match start_publish(inner, &mut out).await {
             Ok(ack) => ack.await,
             Err(e) => Err(e),
         };
@@ -499,6 +527,7 @@ async fn publish_one(publishing: Publishing, out: Outgoing) -> Result<String, Cl
                 // Boxed: this state machine is several KB, and inline it made every publish
                 // future that large (10.7 KB instead of 2.9 KB, allocated and copied per task).
                 Box::pin(ensure_stream(&inner.js, &inner.nats_safe)).await?;
+                out.headers = out.headers_again()?;
             }
             Err(e) => return Err(publish_error(inner, &out.id, e)),
         }
@@ -555,7 +584,7 @@ async fn run_job(job: PublishJob) {
 /// rest: one round trip's latency for the whole batch instead of one per task.
 pub(crate) async fn publish_all(
     publishing: Publishing,
-    outs: Vec<Outgoing>,
+    mut outs: Vec<Outgoing>,
 ) -> Result<Vec<String>, ClientError> {
     let inner = &publishing.0;
     let total = outs.len();
@@ -571,7 +600,7 @@ pub(crate) async fn publish_all(
             _ => ClientError::Connection(text),
         }
     };
-    for out in &outs {
+    for out in &mut outs {
         if pending.len() >= BULK_WINDOW {
             if let Some(item) = pending.next().await {
                 let (id, result): (String, _) = item;

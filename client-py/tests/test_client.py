@@ -241,6 +241,26 @@ async def test_apply_many(client, nats):
     assert body["id"] == results[1].id and body["kwargs"] == {"y": 2}
 
 
+async def test_a_stream_deleted_after_init_is_made_again_and_messages_keep_their_headers(client, nats):
+    nc = await nats_py.connect(nats.url)
+    try:
+        await nc.jetstream().delete_stream("DBTASK_TASKS")
+    finally:
+        await nc.close()
+    # The first publish finds no stream, makes it again, and publishes once more: the message
+    # sent the second time carries the same headers as one sent at once.
+    r = await add.apply_async(2, 3, countdown=30)
+    msg = await last_message(nats.url, f"dbtask.sched.math.{r.id}")
+    assert msg.headers["Nats-Msg-Id"] == r.id and msg.headers["Dbtask-Id"] == r.id
+    assert msg.headers["Dbtask-Task"] == "t.add"
+    assert msg.headers["Nats-Schedule"].startswith("@at 20")
+    assert msg.headers["Nats-Schedule-Target"] == "dbtask.tasks.math"
+    assert json.loads(msg.data)["args"] == [2, 3]
+    r = add.delay_sync(4, 5)
+    msg = await last_message(nats.url, "dbtask.tasks.math")
+    assert msg.headers["Nats-Msg-Id"] == r.id and msg.headers["Dbtask-Task"] == "t.add"
+
+
 async def test_many_delays_in_flight(client):
     results = await asyncio.gather(*(add.delay(i, 1) for i in range(2000)))
     assert len({r.id for r in results}) == 2000
