@@ -476,7 +476,16 @@ impl ResultRecord {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a ResultRecord always serializes")
+        // Room for a typical record: serializing into an empty Vec would grow it several times.
+        let mut out = Vec::with_capacity(256);
+        self.encode_into(&mut out)
+            .expect("a ResultRecord always serializes");
+        out
+    }
+
+    /// Writes the record's JSON into `out` (a command buffer, a socket).
+    pub fn encode_into(&self, out: impl std::io::Write) -> std::io::Result<()> {
+        serde_json::to_writer(out, self).map_err(std::io::Error::other)
     }
 
     pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {

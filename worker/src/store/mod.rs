@@ -8,10 +8,10 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dbtask_protocol::{done_channel, result_key, ResultRecord};
+use dbtask_protocol::{result_key, ResultRecord, DONE_CHANNEL_PREFIX, RESULT_KEY_PREFIX};
 use deadpool_redis::{Manager, Pool, PoolError, Runtime};
 use redis::aio::MultiplexedConnection;
-use redis::AsyncConnectionConfig;
+use redis::{AsyncConnectionConfig, RedisWrite};
 use tracing::{info, warn};
 
 use crate::config::redact_url;
@@ -31,22 +31,58 @@ pub enum StoreError {
     Command { url: String, reason: String },
 }
 
-/// One record to store: its JSON is both the value of the result key and, for a ready state,
-/// the message published on the done channel.
+/// One record to store, as the commands that store it: `SET dbtask:result:<id> json EX ttl`,
+/// and for a ready state `PUBLISH dbtask:done:<id> json`. Built where the record is made: the
+/// JSON is written once, straight into the SET command's buffer, and the writer only moves
+/// the commands into its pipeline.
 #[derive(Debug, Clone)]
 pub struct RecordWrite {
-    pub id: String,
-    pub json: Vec<u8>,
-    pub ready: bool,
+    set: redis::Cmd,
+    publish: Option<redis::Cmd>,
 }
 
+/// Room for a typical record's JSON in a command's buffer (more grows it).
+const RECORD_JSON_HINT: usize = 320;
+
 impl RecordWrite {
-    pub fn new(record: &ResultRecord) -> Self {
-        RecordWrite {
-            id: record.id.clone(),
-            json: record.encode(),
-            ready: record.state.is_ready(),
-        }
+    pub fn new(record: &ResultRecord, ttl: u64) -> Self {
+        let id = record.id.as_bytes();
+        let mut set = redis::Cmd::with_capacity(
+            5,
+            "SET".len() + RESULT_KEY_PREFIX.len() + id.len() + RECORD_JSON_HINT + "EX".len() + 20,
+        );
+        set.arg("SET");
+        write_parts(&mut set, &[RESULT_KEY_PREFIX.as_bytes(), id]);
+        record
+            .encode_into(set.writer_for_next_arg())
+            .expect("a ResultRecord always serializes");
+        set.arg("EX").arg(ttl);
+        let publish = record.state.is_ready().then(|| {
+            // The JSON just written: the SET's third argument.
+            let json = match set.args_iter().nth(2) {
+                Some(redis::Arg::Simple(json)) => json,
+                _ => unreachable!("SET key json: the third argument is the JSON"),
+            };
+            let mut publish = redis::Cmd::with_capacity(
+                3,
+                "PUBLISH".len() + DONE_CHANNEL_PREFIX.len() + id.len() + json.len(),
+            );
+            publish.arg("PUBLISH");
+            write_parts(&mut publish, &[DONE_CHANNEL_PREFIX.as_bytes(), id]);
+            publish.arg(json);
+            publish
+        });
+        RecordWrite { set, publish }
+    }
+}
+
+/// Appends one argument made of `parts`, without building it apart first.
+fn write_parts(cmd: &mut redis::Cmd, parts: &[&[u8]]) {
+    use std::io::Write;
+    let mut arg = cmd.writer_for_next_arg();
+    for part in parts {
+        // Writing into the command's Vec cannot fail.
+        let _ = arg.write_all(part);
     }
 }
 
@@ -147,22 +183,14 @@ impl Store {
         }))
     }
 
-    /// Stores records in one pipeline: `SET key json EX result_ttl` for each, plus
-    /// `PUBLISH dbtask:done:<id> json` right after the SET of each ready state.
-    pub async fn put(&self, writes: &[&RecordWrite]) -> Result<(), StoreError> {
-        if writes.is_empty() {
+    /// Runs a pipeline of record writes (see [`Writer`]) in one round trip.
+    pub async fn put(&self, pipe: &redis::Pipeline) -> Result<(), StoreError> {
+        if pipe.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for w in writes {
-            pipe.set_ex(result_key(&w.id), w.json.as_slice(), self.result_ttl)
-                .ignore();
-            if w.ready {
-                pipe.publish(done_channel(&w.id), w.json.as_slice())
-                    .ignore();
-            }
-        }
         let mut conn = self.conn().await?;
+        // No command is marked ignored: a server error still fails the whole call, and the
+        // replies (OK and subscriber counts) are dropped unread.
         pipe.exec_async(&mut conn)
             .await
             .map_err(|e| self.redis_error(e))

@@ -29,6 +29,8 @@ pub struct WriterClosed;
 #[derive(Clone)]
 pub struct Writer {
     tx: mpsc::UnboundedSender<Pending>,
+    /// Seconds a result record lives in Redis.
+    ttl: u64,
 }
 
 impl Writer {
@@ -36,7 +38,8 @@ impl Writer {
     /// and the queued records are stored.
     pub fn new(store: Store) -> (Writer, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::unbounded_channel();
-        (Writer { tx }, run(store, rx))
+        let ttl = store.result_ttl();
+        (Writer { tx, ttl }, run(store, rx))
     }
 
     /// Queues a record to be stored, without waiting for it: for states nobody acks on
@@ -44,7 +47,7 @@ impl Writer {
     pub fn enqueue(&self, record: &ResultRecord) {
         let (stored, _) = oneshot::channel();
         let _ = self.tx.send(Pending {
-            write: RecordWrite::new(record),
+            write: RecordWrite::new(record, self.ttl),
             stored,
         });
     }
@@ -55,7 +58,7 @@ impl Writer {
         let (stored, done) = oneshot::channel();
         self.tx
             .send(Pending {
-                write: RecordWrite::new(record),
+                write: RecordWrite::new(record, self.ttl),
                 stored,
             })
             .map_err(|_| WriterClosed)?;
@@ -65,14 +68,24 @@ impl Writer {
 
 async fn run(store: Store, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
+    let mut waiters: Vec<oneshot::Sender<()>> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // The commands move into the pipeline: nothing is copied, and a retry sends the same.
+        let mut pipe = redis::Pipeline::with_capacity(2 * batch.len());
+        for Pending { write, stored } in batch.drain(..) {
+            let RecordWrite { set, publish } = write;
+            pipe.add_command(set);
+            if let Some(publish) = publish {
+                pipe.add_command(publish);
+            }
+            waiters.push(stored);
+        }
         // Records whose waiter gave up (its message was handed back at shutdown) are still
         // written: they are correct, and a redelivery then finds the outcome instead of rerunning.
-        let writes: Vec<&RecordWrite> = batch.iter().map(|p| &p.write).collect();
-        store.retrying("store results", || store.put(&writes)).await;
-        tracing::trace!(records = batch.len(), "stored a batch of records");
-        for pending in batch.drain(..) {
-            let _ = pending.stored.send(());
+        store.retrying("store results", || store.put(&pipe)).await;
+        tracing::trace!(records = waiters.len(), "stored a batch of records");
+        for stored in waiters.drain(..) {
+            let _ = stored.send(());
         }
     }
 }
