@@ -58,19 +58,20 @@ async fn at(deadline: Option<Instant>) {
     }
 }
 
-/// Runs `job` within `limits`, watching for a revocation with terminate.
+/// Runs `job` (task `task`, id `id`) within `limits`, watching for a revocation with
+/// terminate.
 pub async fn call(
     python: &PythonRuntime,
     revocations: &Revocations,
     job: Job,
+    task: &str,
+    id: &str,
     limits: Limits,
     burst: Burst,
 ) -> Ended {
-    let task = job.task.clone();
-    let id = job.task_id.clone();
-    // Watch first, then check: a terminate arriving in between is not missed.
-    let mut watch = revocations.watch(&id);
-    if revocations.is_revoked(&id) {
+    // The watch also sees a terminate that arrives between this check and the call.
+    let mut watch = revocations.watch(id);
+    if revocations.is_revoked(id) {
         return Ended::Revoked { started: false };
     }
     let start = Instant::now();
@@ -85,13 +86,13 @@ pub async fn call(
             outcome = &mut call => return Ended::Done(outcome),
             _ = watch.terminated() => {
                 warn!(task_id = %id, task = %task, "task revoked with terminate: stopping it");
-                python.interrupt(&task, &id, Interrupt::Terminate);
+                python.interrupt(task, id, Interrupt::Terminate);
                 return Ended::Revoked { started: true };
             }
             _ = at(hard_at) => {
                 let secs = limits.hard.unwrap_or_default().as_secs_f64();
                 warn!(task_id = %id, task = %task, time_limit_secs = secs, "task ran past its hard time limit: abandoning it");
-                python.interrupt(&task, &id, Interrupt::Hard);
+                python.interrupt(task, id, Interrupt::Hard);
                 return Ended::TimedOut(TaskError::new(
                     error_types::TIME_LIMIT,
                     format!("the task ran past its hard time limit of {secs} s and was stopped (raise time_limit, or catch dbtask.SoftTimeLimitExceeded to finish early)"),
@@ -100,7 +101,7 @@ pub async fn call(
             _ = at(soft_at), if !soft_sent => {
                 soft_sent = true;
                 warn!(task_id = %id, task = %task, soft_time_limit_secs = limits.soft.unwrap_or_default().as_secs_f64(), "task ran past its soft time limit: raising SoftTimeLimitExceeded in it");
-                python.interrupt(&task, &id, Interrupt::Soft);
+                python.interrupt(task, id, Interrupt::Soft);
             }
         }
     }

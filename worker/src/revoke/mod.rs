@@ -6,8 +6,9 @@
 //! follows the channel from then on; after a lost connection it subscribes and loads again.
 //! Checking a task is a lookup in memory: no Redis round trip per task.
 //!
-//! Running tasks that may be terminated register a [`Watch`]; a notice with `terminate`
-//! fires it.
+//! A running task is watched with a [`Watch`], which fires once its id is revoked with
+//! `terminate`: notices with terminate wake every watch, which then looks its own id up.
+//! Watching costs no allocation and no registration (terminations are rare; tasks are not).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use dbtask_protocol::{now_unix, RevokeNotice, REVOKED_SET_KEY, REVOKE_CHANNEL};
 use futures::StreamExt;
-use tokio::sync::oneshot;
+use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::redact_url;
@@ -28,35 +29,38 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 struct State {
     /// Revoked id -> Unix time its revocation expires.
     revoked: HashMap<String, f64>,
-    /// Running task id -> who to tell when it is revoked with terminate.
-    watchers: HashMap<String, oneshot::Sender<()>>,
+    /// The ids among them revoked with terminate -> Unix time that expires.
+    terminated: HashMap<String, f64>,
 }
 
 /// The revoked set of this worker. Cheap to clone.
 #[derive(Clone)]
 pub struct Revocations {
     state: Arc<Mutex<State>>,
+    /// Woken by each notice with terminate.
+    terminations: Arc<Notify>,
 }
 
-/// Fires when the task it watches is revoked with `terminate`; unregisters on drop.
-pub struct Watch {
-    revocations: Revocations,
-    task_id: String,
-    rx: oneshot::Receiver<()>,
+/// Fires when the task it watches is revoked with `terminate`.
+pub struct Watch<'a> {
+    revocations: &'a Revocations,
+    task_id: &'a str,
 }
 
-impl Watch {
-    /// Completes when the task is revoked with terminate (never otherwise).
+impl Watch<'_> {
+    /// Completes once the task is revoked with terminate (never otherwise), including by a
+    /// notice that came before this call.
     pub async fn terminated(&mut self) {
-        if (&mut self.rx).await.is_err() {
-            std::future::pending::<()>().await;
+        loop {
+            let notified = self.revocations.terminations.notified();
+            tokio::pin!(notified);
+            // Registered before the look-up: a notice in between still wakes it.
+            notified.as_mut().enable();
+            if self.revocations.is_terminated(self.task_id) {
+                return;
+            }
+            notified.await;
         }
-    }
-}
-
-impl Drop for Watch {
-    fn drop(&mut self) {
-        self.revocations.lock().watchers.remove(&self.task_id);
     }
 }
 
@@ -75,6 +79,7 @@ impl Revocations {
         })?;
         let revocations = Revocations {
             state: Arc::new(Mutex::new(State::default())),
+            terminations: Arc::new(Notify::new()),
         };
         let pubsub =
             revocations
@@ -168,15 +173,18 @@ impl Revocations {
             .or_insert(notice.expires);
         *at = at.max(notice.expires);
         if notice.terminate {
-            if let Some(tx) = state.watchers.remove(&notice.id) {
-                let _ = tx.send(());
-            }
+            let at = state.terminated.entry(notice.id).or_insert(notice.expires);
+            *at = at.max(notice.expires);
+            drop(state);
+            self.terminations.notify_waiters();
         }
     }
 
     fn prune(&self) {
         let now = now_unix();
-        self.lock().revoked.retain(|_, expires| *expires > now);
+        let mut state = self.lock();
+        state.revoked.retain(|_, expires| *expires > now);
+        state.terminated.retain(|_, expires| *expires > now);
     }
 
     /// True if `task_id` is revoked (and the revocation has not expired).
@@ -191,14 +199,21 @@ impl Revocations {
             .is_some_and(|expires| *expires > now_unix())
     }
 
+    /// True if `task_id` is revoked with terminate (and that has not expired).
+    fn is_terminated(&self, task_id: &str) -> bool {
+        let state = self.lock();
+        !state.terminated.is_empty()
+            && state
+                .terminated
+                .get(task_id)
+                .is_some_and(|expires| *expires > now_unix())
+    }
+
     /// Watches the running task `task_id` for a revocation with terminate.
-    pub fn watch(&self, task_id: &str) -> Watch {
-        let (tx, rx) = oneshot::channel();
-        self.lock().watchers.insert(task_id.to_owned(), tx);
+    pub fn watch<'a>(&'a self, task_id: &'a str) -> Watch<'a> {
         Watch {
-            revocations: self.clone(),
-            task_id: task_id.to_owned(),
-            rx,
+            revocations: self,
+            task_id,
         }
     }
 }
@@ -211,6 +226,7 @@ mod tests {
     fn empty() -> Revocations {
         Revocations {
             state: Arc::new(Mutex::new(State::default())),
+            terminations: Arc::new(Notify::new()),
         }
     }
 
@@ -255,7 +271,25 @@ mod tests {
         r.notice(&notice("run", true, now_unix() + 60.0));
         assert!(running.terminated().now_or_never().is_some());
         assert!(other.terminated().now_or_never().is_none());
-        drop(other);
-        assert!(r.lock().watchers.is_empty(), "watches unregister on drop");
+        // A watch made after the notice fires too (the task started in between).
+        assert!(r.watch("run").terminated().now_or_never().is_some());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_watch_is_woken_by_a_terminate_notice() {
+        let r = empty();
+        let mut watch = r.watch("run");
+        let terminated = watch.terminated();
+        tokio::pin!(terminated);
+        assert!(futures::poll!(terminated.as_mut()).is_pending());
+        r.notice(&notice("other", true, now_unix() + 60.0));
+        assert!(
+            futures::poll!(terminated.as_mut()).is_pending(),
+            "another task's terminate: still waiting"
+        );
+        r.notice(&notice("run", true, now_unix() + 60.0));
+        tokio::time::timeout(Duration::from_secs(1), terminated)
+            .await
+            .expect("the notice wakes the waiting watch");
     }
 }
