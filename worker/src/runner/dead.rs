@@ -16,10 +16,9 @@ use tracing::{error, info, warn};
 use super::handler::{identify, Disposition};
 use super::Shared;
 
-/// `Some(deliveries)` when this is the message's last allowed delivery.
-pub(super) fn last_delivery(msg: &Message, max_deliver: i64) -> Option<i64> {
-    let info = msg.info().ok()?;
-    (max_deliver > 1 && info.delivered >= max_deliver).then_some(info.delivered)
+/// `Some(deliveries)` when a message delivered `delivered` times is on its last allowed delivery.
+pub(super) fn last_delivery(delivered: i64, max_deliver: i64) -> Option<i64> {
+    (max_deliver > 1 && delivered >= max_deliver).then_some(delivered)
 }
 
 /// A message that cannot be decoded and names no task id (nothing to record a FAILURE

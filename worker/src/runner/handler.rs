@@ -89,7 +89,9 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
     let mut phase = shared.phase.subscribe();
     // A third of ack_wait leaves two chances for a progress ack to arrive in time.
     let every = shared.config.ack_wait() / 3;
-    if let Some(deliveries) = super::dead::last_delivery(&msg, shared.config.max_deliver) {
+    // Parsed once here (from the reply subject): how many times NATS delivered the message.
+    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    if let Some(deliveries) = super::dead::last_delivery(delivered, shared.config.max_deliver) {
         let disposition =
             Box::pin(super::dead::dead_letter(&shared, &queue, &msg, deliveries)).await;
         finish(&msg, disposition, &queue).await;
@@ -100,7 +102,7 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
     let disposition = tokio::select! {
         biased;
         _ = reached(&mut phase, Phase::Abandon) => Disposition::HandBack,
-        d = process(&shared, &mut ticket, &queue, &msg) => d,
+        d = process(&shared, &mut ticket, &queue, &msg, delivered) => d,
         _ = keep_alive(&msg, every) => unreachable!("keep_alive never returns"),
     };
     if disposition == Disposition::HandBack {
@@ -238,7 +240,13 @@ const REVOKED_BEFORE_START: &str = "the task was revoked before it started";
 /// double the Redis writes for a state nobody would see.
 const RECEIVED_AFTER: Duration = Duration::from_millis(100);
 
-async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Message) -> Disposition {
+async fn process(
+    shared: &Shared,
+    ticket: &mut Ticket,
+    queue: &str,
+    msg: &Message,
+    delivered: i64,
+) -> Disposition {
     let mut phase = shared.phase.subscribe();
     let received = now_unix();
     // Wait for a slot; at shutdown, a message that has not started goes back at once. A message
@@ -256,7 +264,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
                     permit = &mut acquire => break permit.expect("the slot semaphore is never closed"),
                     _ = tokio::time::sleep(RECEIVED_AFTER), if !marked => {
                         marked = true;
-                        mark_received(shared, queue, msg, received);
+                        mark_received(shared, queue, msg, delivered, received);
                     }
                 }
             }
@@ -273,10 +281,7 @@ async fn process(shared: &Shared, ticket: &mut Ticket, queue: &str, msg: &Messag
     let ctx = Context {
         shared,
         queue,
-        attempt: msg
-            .info()
-            .map(|i| i.delivered.clamp(1, u32::MAX as i64) as u32)
-            .unwrap_or(1),
+        attempt: delivered.clamp(1, u32::MAX as i64) as u32,
         received,
     };
     let payload: &[u8] = &msg.message.payload;
@@ -640,8 +645,8 @@ async fn execute(
 /// Only on its first delivery: a redelivery may find a final state that must not be
 /// overwritten. The write is queued behind nothing and awaited by nobody, so the wait costs no
 /// round trip; records of one task reach the writer in order, so it never hides a later state.
-fn mark_received(shared: &Shared, queue: &str, msg: &Message, received: f64) {
-    if msg.info().map(|i| i.delivered).unwrap_or(1) != 1 {
+fn mark_received(shared: &Shared, queue: &str, msg: &Message, delivered: i64, received: f64) {
+    if delivered != 1 {
         return;
     }
     let Ok(task) = TaskMessage::decode(&msg.message.payload) else {
