@@ -33,11 +33,19 @@ fn _after_fork_in_child() {
     bridge::after_fork_in_child();
 }
 
+/// A new random task id (a v4 UUID, as `str(uuid.uuid4())`), from a buffer of OS randomness:
+/// about 20 times cheaper than Python's `uuid4()`, for workflows that name many tasks at once.
+#[pyfunction]
+fn new_task_id() -> String {
+    ids::new_task_id()
+}
+
 #[pymodule]
 fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<admin::Admin>()?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
+    m.add_function(wrap_pyfunction!(new_task_id, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PROTOCOL_VERSION", dbtask_protocol::PROTOCOL_VERSION)?;
     Ok(())

@@ -14,16 +14,14 @@ import math
 import re
 import time
 from datetime import datetime, timezone
+from collections.abc import Iterable, Mapping, Sequence
 from typing import (
     Any,
     Callable,
     Coroutine,
     Generic,
-    Iterable,
-    Mapping,
     ParamSpec,
     Protocol,
-    Sequence,
     TYPE_CHECKING,
     TypeVar,
     overload,
