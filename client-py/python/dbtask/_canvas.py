@@ -99,7 +99,11 @@ class Signature(dict):  # type: ignore[type-arg]
         super().__init__()
         if task is not None:
             self["task"] = _check_name(task)
-        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        # Tuples and lists first: isinstance(a_tuple, Sequence) is slow (CPython caches no
+        # result for a class registered directly on the ABC, as tuple is).
+        if not isinstance(args, (tuple, list)) and (
+            isinstance(args, (str, bytes)) or not isinstance(args, Sequence)
+        ):
             raise TypeError(f"args must be a tuple or a list, not {type(args).__name__}")
         self["args"] = list(args)
         if kwargs is not None and not isinstance(kwargs, Mapping):

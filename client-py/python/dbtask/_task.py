@@ -130,9 +130,12 @@ def _call_args(
                 "apply_async got positional task arguments and args=...: "
                 "use apply_async(1, 2) or apply_async(args=(1, 2)), not both"
             )
-        if isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
+        if isinstance(args, (tuple, list)):
+            call_args = args
+        elif isinstance(args, (str, bytes)) or not isinstance(args, Sequence):
             raise TypeError(f"args must be a tuple or a list, not {type(args).__name__}")
-        call_args = args if isinstance(args, (tuple, list)) else tuple(args)
+        else:
+            call_args = tuple(args)
     if kwargs is None or isinstance(kwargs, dict):
         return call_args, kwargs
     if not isinstance(kwargs, Mapping):
