@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,7 +47,7 @@ def _new_id() -> str:
     """A new task id. The compiled module's generator (buffered OS randomness) once `init`
     has loaded it, else `uuid4()`: a 1,000-member chord names 1,001 tasks, and `uuid4()`
     costs about 5 µs each. (``import dbtask`` alone never loads the compiled module.)"""
-    native = sys.modules.get("dbtask._dbtask")
+    native = _client._native_if_loaded()
     return native.new_task_id() if native is not None else str(uuid.uuid4())
 
 
