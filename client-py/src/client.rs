@@ -684,7 +684,8 @@ pub(crate) async fn publish_all(
 ) -> Result<Vec<String>, ClientError> {
     let inner = &publishing.0;
     let total = outs.len();
-    let mut pending: VecDeque<(usize, Instant, PublishAckFuture)> =
+    // Sent, awaiting confirmation, oldest first: the front is always task `confirmed`.
+    let mut pending: VecDeque<(Instant, PublishAckFuture)> =
         VecDeque::with_capacity(BULK_WINDOW.min(total));
     let mut confirmed = 0usize;
     let fail = |confirmed: usize, err: ClientError| {
@@ -697,28 +698,22 @@ pub(crate) async fn publish_all(
             _ => ClientError::Connection(text),
         }
     };
-    // Awaits the oldest pending confirmation.
-    let confirm_oldest = |pending: &mut VecDeque<(usize, Instant, PublishAckFuture)>| {
-        let (index, at, ack) = pending
-            .pop_front()
-            .expect("called with a confirmation pending");
-        async move { (index, confirmation(at, ack).await) }
-    };
     for index in 0..total {
         if pending.len() >= BULK_WINDOW {
-            let (i, result) = confirm_oldest(&mut pending).await;
-            finish(inner, &outs[i].id, result).map_err(|e| fail(confirmed, e))?;
+            let (at, ack) = pending.pop_front().expect("the window is full");
+            let result = confirmation(at, ack).await;
+            finish(inner, &outs[confirmed].id, result).map_err(|e| fail(confirmed, e))?;
             confirmed += 1;
         }
         let out = &mut outs[index];
         let ack = start_publish(inner, out)
             .await
             .map_err(|e| fail(confirmed, publish_error(inner, &out.id, e)))?;
-        pending.push_back((index, Instant::now(), ack));
+        pending.push_back((Instant::now(), ack));
     }
-    while !pending.is_empty() {
-        let (i, result) = confirm_oldest(&mut pending).await;
-        finish(inner, &outs[i].id, result).map_err(|e| fail(confirmed, e))?;
+    while let Some((at, ack)) = pending.pop_front() {
+        let result = confirmation(at, ack).await;
+        finish(inner, &outs[confirmed].id, result).map_err(|e| fail(confirmed, e))?;
         confirmed += 1;
     }
     Ok(outs.into_iter().map(|o| o.id).collect())
