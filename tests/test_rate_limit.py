@@ -18,8 +18,10 @@ TASKS = 60
 
 async def test_rate_limit_holds_across_two_worker_processes(worker_factory, client, redis, tmp_path):
     out = tmp_path / "starts.txt"
-    w1 = worker_factory("rate_tasks", concurrency=4)
-    w2 = worker_factory("rate_tasks", concurrency=4)
+    # No prefetch: each worker holds at most its 4 running tasks, so the first one to pull
+    # cannot take all 60 at once and both run some.
+    w1 = worker_factory("rate_tasks", concurrency=4, args=["--prefetch", "0"])
+    w2 = worker_factory("rate_tasks", concurrency=4, args=["--prefetch", "0"])
     results = await rate_tasks.limited.apply_many([(str(out), i) for i in range(TASKS)])
     lines = await wait_for_lines(out, TASKS, timeout=60)
     # Every task ran, exactly once, and each returned its own value: nothing dropped.
