@@ -93,6 +93,9 @@ async def test_sigterm_hands_unstarted_tasks_back_to_other_workers(worker_factor
     worker_factory(concurrency=1)
     values = await asyncio.gather(*(r.get(timeout=10) for r in waiting))
     assert values == [i + 100 for i in range(5)]
+    # Run by the second worker: the first one, stopping, started none of them.
+    first = (await running.info())["worker"]
+    assert [(await r.info())["worker"] != first for r in waiting] == [True] * 5
 
 
 async def test_a_second_signal_stops_the_worker_at_once(worker_factory, client, tmp_path):

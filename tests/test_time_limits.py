@@ -12,6 +12,7 @@ import dbtask
 from e2e_support import wait_for_lines
 from limit_tasks import (
     async_hard,
+    async_long,
     async_soft,
     async_soft_nested,
     quick,
@@ -21,6 +22,7 @@ from limit_tasks import (
     sync_soft,
     sync_soft_by_default,
     sync_stubborn,
+    sync_timed,
 )
 
 APP = "limit_tasks"
@@ -106,6 +108,30 @@ async def test_stuck_threads_are_replaced_up_to_the_concurrency_then_capacity_co
     assert "returned late" in second_marker.read_text()
     assert [await (await quick.delay(n)).get(timeout=15) for n in range(3)] == [0, 1, 2]
     assert (await second.info())["state"] == "FAILURE"
+
+
+async def test_limits_count_from_the_start_not_from_the_wait_for_a_thread(worker_factory, client):
+    # Concurrency 1: the tasks queue up for the one thread. Each runs 0.5 s, within its soft
+    # limit of 0.8 s and hard limit of 1 s; the last one waits 1 s before it starts.
+    worker_factory(APP, concurrency=1)
+    results = [await sync_timed.delay(0.5) for _ in range(3)]
+    assert [await r.get(timeout=15) for r in results] == [0.5, 0.5, 0.5]
+    infos = [await r.info() for r in results]
+    for before, after in zip(infos, infos[1:]):
+        assert after["date_started"] >= before["date_done"] - 0.05, "one at a time"
+    assert infos[-1]["date_started"] - infos[-1]["date_received"] >= 0.9, "the last one waited"
+
+
+async def test_sync_and_async_tasks_share_the_concurrency(worker_factory, client, tmp_path):
+    # Concurrency 1: a sync task queued while an async one runs starts only after it.
+    worker_factory(APP, concurrency=1)
+    marker = tmp_path / "m.txt"
+    running = await async_long.delay(0.6, marker=str(marker))
+    await wait_for_lines(marker, 1)
+    waiting = await quick.delay("after", marker=str(marker))
+    assert await waiting.get(timeout=15) == "after"
+    assert marker.read_text().splitlines()[1:] == ["finished", "ran after"]
+    assert (await waiting.info())["date_started"] >= (await running.info())["date_done"] - 0.05
 
 
 async def test_sync_hard_limit_without_soft_raises_in_the_thread(worker_factory, client, tmp_path):

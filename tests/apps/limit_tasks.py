@@ -63,6 +63,13 @@ def sync_stubborn(seconds, marker=None):
     return "late"
 
 
+@task(soft_time_limit=0.8, time_limit=1.0)
+def sync_timed(seconds):
+    """Runs `seconds` (under its limits): queued behind others, it must still finish."""
+    _busy(seconds)
+    return seconds
+
+
 @task(time_limit=1.0)
 def sync_hard_no_soft(marker=None):
     """No soft limit: the hard one raises TimeLimitExceeded in the thread."""

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::Config;
-use crate::python::{Burst, CallOutcome, Interrupt, Job, PythonRuntime, TaskInfo};
+use crate::python::{CallOutcome, Dispatch, Interrupt, Job, JobState, PythonRuntime, TaskInfo};
 use crate::revoke::Revocations;
 
 /// The limits of one call; `None`: no limit.
@@ -60,6 +60,10 @@ async fn at(deadline: Option<Instant>) {
 
 /// Runs `job` (task `task`, id `id`) within `limits`, watching for a revocation with
 /// terminate.
+///
+/// With a [`Handover`] (a sync job queued before its slot is free), the limits count from
+/// the moment a Python thread starts the job, and until then any revocation, with terminate
+/// or not, cancels it: it never runs, as for a task still waiting for its slot.
 pub async fn call(
     python: &PythonRuntime,
     revocations: &Revocations,
@@ -67,43 +71,80 @@ pub async fn call(
     task: &str,
     id: &str,
     limits: Limits,
-    burst: Burst,
+    how: Dispatch,
 ) -> Ended {
     // The watch also sees a terminate that arrives between this check and the call.
-    let mut watch = revocations.watch(id);
+    let watch = revocations.watch(id);
     if revocations.is_revoked(id) {
         return Ended::Revoked { started: false };
     }
+    let state = how.handover.as_ref().map(|h| h.state.clone());
     let start = Instant::now();
-    let soft_at = limits.soft.map(|d| start + d);
-    let hard_at = limits.hard.map(|d| start + d);
-    let call = python.call_in(job, burst);
+    let mut soft_at = limits.soft.map(|d| start + d);
+    let mut hard_at = limits.hard.map(|d| start + d);
+    let call = python.dispatch(job, how);
     tokio::pin!(call);
     let mut soft_sent = soft_at.is_none();
-    loop {
+    // Until its thread starts it, a handed-over job may still be cancelled.
+    let mut cancellable = state.is_some();
+    let ended = loop {
         tokio::select! {
             biased;
             outcome = &mut call => return Ended::Done(outcome),
-            _ = watch.terminated() => {
+            terminate = watch.revoked(cancellable) => {
+                // Not started yet: it never will, whatever kind of revocation this is.
+                if state.as_ref().is_some_and(|s| s.cancel()) {
+                    break Ended::Revoked { started: false };
+                }
+                if !terminate {
+                    // Started: a revocation without terminate no longer stops it.
+                    cancellable = false;
+                    continue;
+                }
                 warn!(task_id = %id, task = %task, "task revoked with terminate: stopping it");
                 python.interrupt(task, id, Interrupt::Terminate);
-                return Ended::Revoked { started: true };
+                break Ended::Revoked { started: true };
             }
             _ = at(hard_at) => {
+                if let Some(later) = not_yet(state.as_deref(), limits.hard) {
+                    hard_at = Some(later);
+                    continue;
+                }
                 let secs = limits.hard.unwrap_or_default().as_secs_f64();
                 warn!(task_id = %id, task = %task, time_limit_secs = secs, "task ran past its hard time limit: abandoning it");
                 python.interrupt(task, id, Interrupt::Hard);
-                return Ended::TimedOut(TaskError::new(
+                break Ended::TimedOut(TaskError::new(
                     error_types::TIME_LIMIT,
                     format!("the task ran past its hard time limit of {secs} s and was stopped (raise time_limit, or catch dbtask.SoftTimeLimitExceeded to finish early)"),
                 ));
             }
             _ = at(soft_at), if !soft_sent => {
+                if let Some(later) = not_yet(state.as_deref(), limits.soft) {
+                    soft_at = Some(later);
+                    continue;
+                }
                 soft_sent = true;
                 warn!(task_id = %id, task = %task, soft_time_limit_secs = limits.soft.unwrap_or_default().as_secs_f64(), "task ran past its soft time limit: raising SoftTimeLimitExceeded in it");
                 python.interrupt(task, id, Interrupt::Soft);
             }
         }
+    };
+    // Given up on: its slot is free now, whether its thread ever returns or not.
+    if let Some(state) = &state {
+        state.release();
+    }
+    ended
+}
+
+/// For a handed-over job whose limit timer fired: the time its limit really ends, when that
+/// is still ahead (it started after the timer was set, or has not started yet); `None`: the
+/// limit is reached.
+fn not_yet(state: Option<&JobState>, limit: Option<Duration>) -> Option<Instant> {
+    let (state, limit) = (state?, limit?);
+    let now = Instant::now();
+    match state.started_at() {
+        None => Some(now + limit),
+        Some(started) => Some(started + limit).filter(|end| *end > now),
     }
 }
 
@@ -122,6 +163,36 @@ mod tests {
             retry: Default::default(),
             rate_limit: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_handed_over_job_is_timed_from_its_start() {
+        use crate::python::Handover;
+        let second = Some(Duration::from_secs(1));
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let handover = Handover::new(slots.clone());
+        let queued = not_yet(Some(&handover.state), second).expect("not started: not yet");
+        assert!(
+            queued > Instant::now(),
+            "the limit is counted again from now"
+        );
+        let permit = slots.clone().try_acquire_owned().unwrap();
+        assert!(handover.state.start(permit));
+        let started = handover.state.started_at().unwrap();
+        assert_eq!(
+            not_yet(Some(&handover.state), second),
+            Some(started + Duration::from_secs(1))
+        );
+        assert_eq!(
+            not_yet(Some(&handover.state), Some(Duration::ZERO)),
+            None,
+            "a limit that has run out fires"
+        );
+        assert_eq!(
+            not_yet(None, second),
+            None,
+            "a job with its slot is timed from the call"
+        );
     }
 
     #[test]

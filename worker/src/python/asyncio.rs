@@ -213,7 +213,9 @@ impl Drainer {
     /// Calls the task function and schedules its coroutine, or sends the outcome at once
     /// (unknown arguments, or it raised before returning a coroutine).
     fn start(&self, py: Python<'_>, item: WorkItem) {
-        let WorkItem { job, entry, reply } = item;
+        let WorkItem {
+            job, entry, reply, ..
+        } = item;
         if reply.is_closed() {
             // The caller gave up before the job started: it must not run.
             return;

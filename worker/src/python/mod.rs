@@ -16,6 +16,7 @@
 mod asyncio;
 mod convert;
 mod epoll;
+mod handover;
 mod interpreter;
 mod invoke;
 mod pool;
@@ -33,6 +34,8 @@ use std::time::Duration;
 use dbtask_protocol::TaskError;
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
+
+pub use self::handover::{Handover, JobState};
 
 use self::asyncio::AsyncLoop;
 use self::pool::{Pool, ThreadCount};
@@ -170,11 +173,20 @@ impl FinishedCalls {
     }
 }
 
+/// How [`PythonRuntime::dispatch`] hands a job over.
+pub struct Dispatch {
+    pub burst: Burst,
+    /// A sync job queued before its slot is free.
+    pub handover: Option<Handover>,
+}
+
 /// One job handed to a Python thread, with where its outcome goes.
 struct WorkItem {
     job: Job,
     entry: Arc<Entry>,
     reply: oneshot::Sender<CallOutcome>,
+    /// A sync job handed over before its slot was free (see [`Handover`]).
+    handover: Option<Handover>,
 }
 
 /// Serializes `start` calls: the interpreter is process-wide.
@@ -247,14 +259,35 @@ impl PythonRuntime {
     /// the other tasks ready on the caller's thread have queued theirs, one wake-up for the
     /// whole burst. [`Burst::Alone`] wakes it at once (a lone task's latency).
     pub async fn call_in(&self, job: Job, burst: Burst) -> CallOutcome {
+        self.dispatch(
+            job,
+            Dispatch {
+                burst,
+                handover: None,
+            },
+        )
+        .await
+    }
+
+    /// [`call_in`](Self::call_in); with a [`Handover`], a sync job is queued before its slot is
+    /// free: the Python thread that takes it takes the slot, and starts it only if the caller
+    /// has not cancelled it meanwhile (the outcome is then never sent). An `async def` task
+    /// must be called with its slot already held, without a handover.
+    pub async fn dispatch(&self, job: Job, how: Dispatch) -> CallOutcome {
+        let Dispatch { burst, handover } = how;
         let Some(entry) = self.inner.registry.get(&job.task) else {
             return CallOutcome::Failure(self.inner.registry.unknown_task(&job.task));
         };
+        debug_assert!(
+            handover.is_none() || !entry.is_async,
+            "async tasks take their slot before the call"
+        );
         let (reply, outcome) = oneshot::channel();
         let item = WorkItem {
             job,
             entry: Arc::clone(entry),
             reply,
+            handover,
         };
         let accepted = if entry.is_async {
             self.inner.aio.submit(item).is_ok()
@@ -284,6 +317,11 @@ impl PythonRuntime {
         };
         self.inner.finished.fetch_add(1, Ordering::Relaxed);
         outcome
+    }
+
+    /// Sync jobs queued for a Python thread and not taken yet.
+    pub fn queued_sync(&self) -> usize {
+        self.inner.pool.queued()
     }
 
     /// A counter of the calls that ran to their outcome, for telling a busy worker from an

@@ -126,6 +126,11 @@ impl Pool {
         })
     }
 
+    /// Jobs queued and not taken by a thread yet.
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Refuses new jobs; the threads exit once the queued ones are done.
     pub fn close(&self) {
         self.queue.close();
@@ -172,11 +177,37 @@ fn serve(py: Python<'_>, ctx: &ThreadCtx) {
 
 /// Runs a sync task to its outcome and sends it.
 fn run(py: Python<'_>, item: WorkItem, ctx: &ThreadCtx, ident: c_ulong) {
-    let WorkItem { job, entry, reply } = item;
+    let WorkItem {
+        job,
+        entry,
+        reply,
+        handover,
+    } = item;
     if reply.is_closed() {
         // The caller gave up before the job started (revoked with terminate while queued
         // here): it must not run.
         return;
+    }
+    if let Some(handover) = &handover {
+        // Its slot first: free unless `async def` tasks hold them all (they share the
+        // worker's concurrency), else wait for one without the GIL.
+        let permit = match handover.slots.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let slots = handover.slots.clone();
+                match py.detach(|| futures::executor::block_on(slots.acquire_owned())) {
+                    Ok(permit) => permit,
+                    Err(_) => return, // closed: never happens, but then nothing may run
+                }
+            }
+        };
+        if !handover.state.start(permit) {
+            return; // cancelled while queued (revoked, or the worker is stopping)
+        }
+        if reply.is_closed() {
+            handover.state.release(); // given up while this thread waited for the slot
+            return;
+        }
     }
     ctx.running.enter(&job.task_id, ident, &ctx.retired);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -188,6 +219,10 @@ fn run(py: Python<'_>, item: WorkItem, ctx: &ThreadCtx, ident: c_ulong) {
         }
     }))
     .unwrap_or_else(panic_outcome);
+    // The slot is free before the outcome is sent: the next queued job can take it at once.
+    if let Some(handover) = &handover {
+        handover.state.release();
+    }
     // The caller may have given up waiting (its future dropped): nothing to do then.
     let _ = reply.send(outcome);
 }

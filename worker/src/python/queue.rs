@@ -8,11 +8,14 @@
 //! still start one after the other on fresh threads, a wake-up apart.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 pub(crate) struct JobQueue<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
+    /// How many items are queued, readable without the lock.
+    len: AtomicUsize,
 }
 
 struct State<T> {
@@ -35,6 +38,7 @@ impl<T> Default for JobQueue<T> {
                 spare: false,
             }),
             ready: Condvar::new(),
+            len: AtomicUsize::new(0),
         }
     }
 }
@@ -53,6 +57,7 @@ impl<T> JobQueue<T> {
             return Err(item);
         }
         state.items.push_back(item);
+        self.len.store(state.items.len(), Ordering::Relaxed);
         let wake = Self::want_spare(&mut state);
         drop(state);
         if wake {
@@ -71,6 +76,7 @@ impl<T> JobQueue<T> {
             return Err(item);
         }
         state.items.push_back(item);
+        self.len.store(state.items.len(), Ordering::Relaxed);
         Ok(Self::want_spare(&mut state))
     }
 
@@ -122,6 +128,7 @@ impl<T> JobQueue<T> {
             state.spare = false;
         }
         let item = state.items.pop_front();
+        self.len.store(state.items.len(), Ordering::Relaxed);
         let wake = item.is_some() && Self::want_spare(&mut state);
         drop(state);
         if wake {
@@ -146,12 +153,21 @@ impl<T> JobQueue<T> {
     /// The next item if one is waiting.
     #[cfg(test)]
     pub fn try_pop(&self) -> Option<T> {
-        self.lock().items.pop_front()
+        let mut state = self.lock();
+        let item = state.items.pop_front();
+        self.len.store(state.items.len(), Ordering::Relaxed);
+        item
+    }
+
+    /// Items queued now (a snapshot).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
     }
 
     /// Every waiting item, and whether the queue is closed (then no item will follow).
     pub fn take_all(&self) -> (VecDeque<T>, bool) {
         let mut state = self.lock();
+        self.len.store(0, Ordering::Relaxed);
         (std::mem::take(&mut state.items), state.closed)
     }
 

@@ -7,8 +7,9 @@
 //! Checking a task is a lookup in memory: no Redis round trip per task.
 //!
 //! A running task is watched with a [`Watch`], which fires once its id is revoked with
-//! `terminate`: notices with terminate wake every watch, which then looks its own id up.
-//! Watching costs no allocation and no registration (terminations are rare; tasks are not).
+//! `terminate` (or, for a task queued for a Python thread and not started, at all): every
+//! notice wakes every watch, which then looks its own id up. Watching costs no allocation and
+//! no registration (revocations are rare; tasks are not).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -37,11 +38,11 @@ struct State {
 #[derive(Clone)]
 pub struct Revocations {
     state: Arc<Mutex<State>>,
-    /// Woken by each notice with terminate.
-    terminations: Arc<Notify>,
+    /// Woken by each notice.
+    notices: Arc<Notify>,
 }
 
-/// Fires when the task it watches is revoked with `terminate`.
+/// Fires when the task it watches is revoked (with `terminate`, or at all).
 pub struct Watch<'a> {
     revocations: &'a Revocations,
     task_id: &'a str,
@@ -50,14 +51,23 @@ pub struct Watch<'a> {
 impl Watch<'_> {
     /// Completes once the task is revoked with terminate (never otherwise), including by a
     /// notice that came before this call.
-    pub async fn terminated(&mut self) {
+    pub async fn terminated(&self) {
+        self.revoked(false).await;
+    }
+
+    /// Completes once the task is revoked with terminate, or with `any`, revoked at all; true
+    /// for a terminate. Includes a notice that came before this call.
+    pub async fn revoked(&self, any: bool) -> bool {
         loop {
-            let notified = self.revocations.terminations.notified();
+            let notified = self.revocations.notices.notified();
             tokio::pin!(notified);
             // Registered before the look-up: a notice in between still wakes it.
             notified.as_mut().enable();
             if self.revocations.is_terminated(self.task_id) {
-                return;
+                return true;
+            }
+            if any && self.revocations.is_revoked(self.task_id) {
+                return false;
             }
             notified.await;
         }
@@ -79,7 +89,7 @@ impl Revocations {
         })?;
         let revocations = Revocations {
             state: Arc::new(Mutex::new(State::default())),
-            terminations: Arc::new(Notify::new()),
+            notices: Arc::new(Notify::new()),
         };
         let pubsub =
             revocations
@@ -175,9 +185,9 @@ impl Revocations {
         if notice.terminate {
             let at = state.terminated.entry(notice.id).or_insert(notice.expires);
             *at = at.max(notice.expires);
-            drop(state);
-            self.terminations.notify_waiters();
         }
+        drop(state);
+        self.notices.notify_waiters();
     }
 
     fn prune(&self) {
@@ -226,7 +236,7 @@ mod tests {
     fn empty() -> Revocations {
         Revocations {
             state: Arc::new(Mutex::new(State::default())),
-            terminations: Arc::new(Notify::new()),
+            notices: Arc::new(Notify::new()),
         }
     }
 
@@ -261,8 +271,8 @@ mod tests {
     #[test]
     fn terminate_fires_the_watch_of_a_running_task_only() {
         let r = empty();
-        let mut running = r.watch("run");
-        let mut other = r.watch("other");
+        let running = r.watch("run");
+        let other = r.watch("other");
         r.notice(&notice("run", false, now_unix() + 60.0));
         assert!(
             running.terminated().now_or_never().is_none(),
@@ -278,7 +288,7 @@ mod tests {
     #[tokio::test]
     async fn a_waiting_watch_is_woken_by_a_terminate_notice() {
         let r = empty();
-        let mut watch = r.watch("run");
+        let watch = r.watch("run");
         let terminated = watch.terminated();
         tokio::pin!(terminated);
         assert!(futures::poll!(terminated.as_mut()).is_pending());

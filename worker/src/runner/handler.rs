@@ -1,4 +1,5 @@
-//! One message, from delivery to ack: wait for a slot, decode, skip what already succeeded,
+//! One message, from delivery to ack: decode, wait for a slot (or hand a sync task to the
+//! Python threads, which take its slot when they start it), skip what already succeeded,
 //! refuse what cannot run (with a FAILURE record), run the task, store the outcome, then ack.
 //!
 //! Every path ends in exactly one [`Disposition`]; the message is acked only once its outcome
@@ -18,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use super::{reached, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
 use crate::limits::{self, Ended, Limits};
-use crate::python::{Burst, CallOutcome, Job};
+use crate::python::{Burst, CallOutcome, Dispatch, Handover, Job};
 
 /// How a message leaves this worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -247,37 +248,7 @@ async fn process(
     msg: &Message,
     delivered: i64,
 ) -> Disposition {
-    let mut phase = shared.phase.subscribe();
     let received = now_unix();
-    // Wait for a slot; at shutdown, a message that has not started goes back at once. A message
-    // still waiting after RECEIVED_AFTER is recorded RECEIVED meanwhile.
-    let permit = match shared.slots.clone().try_acquire_owned() {
-        Ok(permit) => permit,
-        Err(_) => {
-            let acquire = shared.slots.clone().acquire_owned();
-            tokio::pin!(acquire);
-            let mut marked = false;
-            loop {
-                tokio::select! {
-                    biased;
-                    _ = reached(&mut phase, Phase::Draining) => return Disposition::HandBack,
-                    permit = &mut acquire => break permit.expect("the slot semaphore is never closed"),
-                    _ = tokio::time::sleep(RECEIVED_AFTER), if !marked => {
-                        marked = true;
-                        mark_received(shared, queue, msg, delivered, received);
-                    }
-                }
-            }
-        }
-    };
-    // Held while the task runs; `execute` lets it go as soon as the task function returns, so
-    // that storing the outcome and acking (round trips) never keep another task from running.
-    let slot = Slot {
-        shared,
-        permit: Some(permit),
-    };
-    ticket.stop_waiting();
-
     let ctx = Context {
         shared,
         queue,
@@ -323,6 +294,34 @@ async fn process(
             .await;
         }
     };
+
+    // A sync task with nothing to do between getting its slot and running (no STARTED record,
+    // no rate limit, no expiry to check) is handed to the Python threads without waiting for
+    // its slot: the thread that takes it takes the slot (see `python::Handover`). The others
+    // wait for their slot here; at shutdown, a message that has not started goes back at once,
+    // and one still waiting after RECEIVED_AFTER is recorded RECEIVED meanwhile.
+    let info = shared.python.tasks().get(task.task.as_str());
+    let handed_over = info.is_some_and(|t| {
+        !t.is_async
+            && !t.track_started.unwrap_or(shared.config.track_started)
+            && t.rate_limit.is_none()
+    }) && task.expires.is_none();
+    let slot = if handed_over {
+        None
+    } else {
+        let Some(permit) = wait_for_slot(shared, queue, msg, delivered, received).await else {
+            return Disposition::HandBack;
+        };
+        // Held while the task runs; `execute` lets it go as soon as the task function returns,
+        // so that storing the outcome and acking (round trips) never keep another task from
+        // running.
+        ticket.stop_waiting();
+        Some(Slot {
+            shared,
+            permit: Some(permit),
+        })
+    };
+
     let flow = Flow::of(&task);
     let id = task.id.as_str();
     let name = task.task.as_str();
@@ -376,7 +375,7 @@ async fn process(
         return workflow(&ctx, flow, &record, stored).await;
     }
 
-    let Some(track_started) = shared.python.tasks().get(name).map(|t| t.track_started) else {
+    let Some(track_started) = info.map(|t| t.track_started) else {
         let why = format!(
             "no task named {name:?} is registered in this worker (modules imported: {}); is its module passed with -A?",
             shared.config.apps.join(", ")
@@ -388,7 +387,7 @@ async fn process(
             .await;
         return workflow(&ctx, flow, &record, stored).await;
     };
-    if let Some(rate) = shared.python.tasks().get(name).and_then(|t| t.rate_limit) {
+    if let Some(rate) = info.and_then(|t| t.rate_limit) {
         if !Box::pin(super::rate::wait_turn(shared, id, name, rate)).await {
             return Disposition::HandBack;
         }
@@ -396,6 +395,9 @@ async fn process(
     if shared.phase() != Phase::Running {
         return Disposition::HandBack;
     }
+    // A handed-over task counts as waiting for a slot from here through the Python threads'
+    // queue (`Shared::waiting_for_slots`).
+    ticket.stop_waiting();
     // Boxed: a message waiting in the prefetch then holds a small future, not one sized for
     // running the task (a few KB each, times the prefetch).
     let (stored, record) = Box::pin(execute(
@@ -404,11 +406,41 @@ async fn process(
         track_started.unwrap_or(shared.config.track_started),
         payload,
         slot,
+        (msg, delivered),
     ))
     .await;
     match record {
         Some(record) => workflow(&ctx, flow, &record, stored).await,
         None => stored,
+    }
+}
+
+/// Waits for a slot; `None` once the worker is stopping. A message still waiting after
+/// [`RECEIVED_AFTER`] is recorded RECEIVED meanwhile.
+async fn wait_for_slot(
+    shared: &Shared,
+    queue: &str,
+    msg: &Message,
+    delivered: i64,
+    received: f64,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if let Ok(permit) = shared.slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    let mut phase = shared.phase.subscribe();
+    let acquire = shared.slots.clone().acquire_owned();
+    tokio::pin!(acquire);
+    let mut marked = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = reached(&mut phase, Phase::Draining) => return None,
+            permit = &mut acquire => return Some(permit.expect("the slot semaphore is never closed")),
+            _ = tokio::time::sleep(RECEIVED_AFTER), if !marked => {
+                marked = true;
+                mark_received(shared, queue, msg, delivered, received);
+            }
+        }
     }
 }
 
@@ -517,17 +549,20 @@ async fn retry(
 
 /// Runs a decoded, registered task in `slot` and stores its outcome (returned once stored).
 /// The slot is released once the task function has returned, before the outcome is stored.
+/// Without a slot, the task is handed over to the Python threads (see [`process`]), and until
+/// one starts it, it is RECEIVED after [`RECEIVED_AFTER`] and handed back at shutdown.
 async fn execute(
     ctx: &Context<'_>,
     task: TaskMessage,
     track_started: bool,
     payload: &[u8],
-    slot: Slot<'_>,
+    slot: Option<Slot<'_>>,
+    (msg, delivered): (&Message, i64),
 ) -> (Disposition, Option<ResultRecord>) {
     let (shared, queue) = (ctx.shared, ctx.queue);
     let id = task.id.as_str();
     let name = task.task.as_str();
-    let started = now_unix();
+    let mut started = now_unix();
     if track_started {
         let mut record = ctx.record(id, Some(name), TaskState::Started, task.retries);
         record.date_started = Some(started);
@@ -556,17 +591,56 @@ async fn execute(
     } else {
         Burst::Alone
     };
-    let ended = limits::call(
+    let handover = slot.is_none().then(|| Handover::new(shared.slots.clone()));
+    let call = limits::call(
         &shared.python,
         &shared.revocations,
         job,
         name,
         id,
         limits,
-        burst,
-    )
-    .await;
-    drop(slot);
+        Dispatch {
+            burst,
+            handover: handover.clone(),
+        },
+    );
+    let ended = match &handover {
+        None => call.await,
+        Some(handover) => {
+            tokio::pin!(call);
+            let mut phase = shared.phase.subscribe();
+            let received = tokio::time::sleep(RECEIVED_AFTER);
+            tokio::pin!(received);
+            let (mut marked, mut draining) = (false, false);
+            loop {
+                tokio::select! {
+                    biased;
+                    ended = &mut call => break ended,
+                    _ = reached(&mut phase, Phase::Draining), if !draining => {
+                        draining = true;
+                        if handover.state.cancel() {
+                            return (Disposition::HandBack, None);
+                        }
+                    }
+                    _ = &mut received, if !marked => {
+                        marked = true;
+                        if handover.state.started_at().is_none() {
+                            mark_received(shared, queue, msg, delivered, ctx.received);
+                        }
+                    }
+                }
+            }
+        }
+    };
+    // The slot is free: with a handover its thread gave it back already.
+    match slot {
+        Some(slot) => drop(slot),
+        None => shared.wake_pull_loops(),
+    }
+    // Handed over, the task started when a thread took it, not when it was queued.
+    if let Some(at) = handover.and_then(|h| h.state.started_at()) {
+        started = now_unix() - at.elapsed().as_secs_f64();
+    }
     let outcome = match ended {
         Ended::Done(outcome) => outcome,
         Ended::TimedOut(err) => CallOutcome::Failure(err),

@@ -95,12 +95,18 @@ impl Shared {
         self.config.concurrency + self.config.prefetch + FINISHING
     }
 
+    /// Messages waiting for a slot: in their handlers, or handed over to the Python threads
+    /// and not taken by one yet (they take their slot then).
+    fn waiting_for_slots(&self) -> usize {
+        self.waiting.get() + self.python.queued_sync()
+    }
+
     /// Free slots (plus the `prefetch` allowance) not already promised to received messages,
     /// within [`Shared::max_in_flight`].
     fn free_slots(&self) -> usize {
         let room = self.max_in_flight().saturating_sub(self.in_flight.get());
         (self.slots.available_permits() + self.config.prefetch)
-            .saturating_sub(self.waiting.get())
+            .saturating_sub(self.waiting_for_slots())
             .min(room)
     }
 
@@ -123,7 +129,7 @@ impl Shared {
     /// one per finished task.
     fn refill(&self) -> usize {
         let free = self.free_slots();
-        let idle_slot = self.slots.available_permits() > self.waiting.get();
+        let idle_slot = self.slots.available_permits() > self.waiting_for_slots();
         if free > 0 && (idle_slot || free >= self.refill_batch()) {
             free
         } else {
