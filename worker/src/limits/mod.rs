@@ -61,9 +61,10 @@ async fn at(deadline: Option<Instant>) {
 /// Runs `job` (task `task`, id `id`) within `limits`, watching for a revocation with
 /// terminate.
 ///
-/// With a [`Handover`] (a sync job queued before its slot is free), the limits count from
-/// the moment a Python thread starts the job, and until then any revocation, with terminate
-/// or not, cancels it: it never runs, as for a task still waiting for its slot.
+/// With a [`Handover`](crate::python::Handover) (a sync job queued before its slot is free),
+/// the limits count from the moment a Python thread starts the job, and until then any
+/// revocation, with terminate or not, cancels it: it never runs, as for a task still waiting
+/// for its slot.
 pub async fn call(
     python: &PythonRuntime,
     revocations: &Revocations,
