@@ -6,7 +6,7 @@ import asyncio
 import os
 import sys
 
-from e2e_tasks import add, async_greet, async_mul, async_timers, greet
+from e2e_tasks import add, async_greet, async_mul, async_sleep_then, async_timers, greet, sleep_then
 
 
 async def test_sync_task_returns_its_result(worker, client):
@@ -64,6 +64,22 @@ async def test_many_tasks_in_flight_at_once(worker, client):
     assert len({r.id for r in results}) == 50
     values = await asyncio.gather(*(r.get(timeout=30) for r in results))
     assert values == [i + 1 for i in range(50)]
+
+
+async def test_sync_and_async_tasks_mixed_on_few_slots_all_finish(worker_factory, client):
+    # Two slots shared by sync tasks (which wait for theirs in the Python threads' queue) and
+    # async ones (which wait for theirs in the worker): none is lost, none waits forever.
+    worker_factory(concurrency=2)
+    calls = []
+    for i in range(120):
+        if i % 3 == 0:
+            calls.append(async_sleep_then.delay(0.01, i))
+        elif i % 3 == 1:
+            calls.append(sleep_then.delay(0.005, i))
+        else:
+            calls.append(add.delay(i, 0))
+    results = await asyncio.gather(*calls)
+    assert await asyncio.gather(*(r.get(timeout=60) for r in results)) == list(range(120))
 
 
 async def test_calling_a_task_runs_it_locally():
