@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use super::{reached, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
 use crate::limits::{self, Ended, Limits};
-use crate::python::{Burst, CallOutcome, Dispatch, Handover, Job};
+use crate::python::{Burst, CallOutcome, Dispatch, Handover, Job, TaskInfo};
 
 /// How a message leaves this worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -301,11 +301,9 @@ async fn process(
     // wait for their slot here; at shutdown, a message that has not started goes back at once,
     // and one still waiting after RECEIVED_AFTER is recorded RECEIVED meanwhile.
     let info = shared.python.tasks().get(task.task.as_str());
-    let handed_over = info.is_some_and(|t| {
-        !t.is_async
-            && !t.track_started.unwrap_or(shared.config.track_started)
-            && t.rate_limit.is_none()
-    }) && task.expires.is_none();
+    let handed_over = info
+        .is_some_and(|t| !t.is_async && !tracks_started(shared, t) && t.rate_limit.is_none())
+        && task.expires.is_none();
     let slot = if handed_over {
         None
     } else {
@@ -375,7 +373,7 @@ async fn process(
         return workflow(&ctx, flow, &record, stored).await;
     }
 
-    let Some(track_started) = info.map(|t| t.track_started) else {
+    let Some(info) = info else {
         let why = format!(
             "no task named {name:?} is registered in this worker (modules imported: {}); is its module passed with -A?",
             shared.config.apps.join(", ")
@@ -387,7 +385,7 @@ async fn process(
             .await;
         return workflow(&ctx, flow, &record, stored).await;
     };
-    if let Some(rate) = info.and_then(|t| t.rate_limit) {
+    if let Some(rate) = info.rate_limit {
         if !Box::pin(super::rate::wait_turn(shared, id, name, rate)).await {
             return Disposition::HandBack;
         }
@@ -400,19 +398,17 @@ async fn process(
     ticket.stop_waiting();
     // Boxed: a message waiting in the prefetch then holds a small future, not one sized for
     // running the task (a few KB each, times the prefetch).
-    let (stored, record) = Box::pin(execute(
-        &ctx,
-        task,
-        track_started.unwrap_or(shared.config.track_started),
-        payload,
-        slot,
-        (msg, delivered),
-    ))
-    .await;
+    let (stored, record) =
+        Box::pin(execute(&ctx, task, info, payload, slot, (msg, delivered))).await;
     match record {
         Some(record) => workflow(&ctx, flow, &record, stored).await,
         None => stored,
     }
+}
+
+/// Whether a STARTED record is written before the task runs: its own option, else the worker's.
+fn tracks_started(shared: &Shared, info: &TaskInfo) -> bool {
+    info.track_started.unwrap_or(shared.config.track_started)
 }
 
 /// Waits for a slot; `None` once the worker is stopping. A message still waiting after
@@ -554,7 +550,7 @@ async fn retry(
 async fn execute(
     ctx: &Context<'_>,
     task: TaskMessage,
-    track_started: bool,
+    info: &TaskInfo,
     payload: &[u8],
     slot: Option<Slot<'_>>,
     (msg, delivered): (&Message, i64),
@@ -563,7 +559,7 @@ async fn execute(
     let id = task.id.as_str();
     let name = task.task.as_str();
     let mut started = now_unix();
-    if track_started {
+    if tracks_started(shared, info) {
         let mut record = ctx.record(id, Some(name), TaskState::Started, task.retries);
         record.date_started = Some(started);
         if ctx.store(&record).await != Disposition::Ack {
@@ -584,7 +580,7 @@ async fn execute(
         attempt: ctx.attempt,
         retries: task.retries,
     };
-    let limits = Limits::of(shared.python.tasks().get(name), &shared.config);
+    let limits = Limits::of(Some(info), &shared.config);
     // Other handlers alive: their jobs are likely being queued in the same turn (a drain).
     let burst = if shared.in_flight.get() > 1 {
         Burst::WithOthers
