@@ -1,4 +1,4 @@
-"""`make bench`: the shared workloads (/work/shared/WORKLOADS.md, W1-W6) against the real
+"""`make bench`: the shared workloads (bench/WORKLOADS.md, W1-W6) against the real
 dbtask-worker and client, next to a Rust-only baseline (bench/baseline) on the same servers.
 
 Starts a private nats-server (-js, file storage in a temp dir) and redis-server on free ports,
@@ -569,7 +569,7 @@ def report(figs: list[dict], base: list[dict], checked: int, vers: dict, started
     lines = [
         f"# dbtask benchmark, {started:%Y-%m-%d %H:%M} UTC",
         "",
-        "Workloads: /work/shared/WORKLOADS.md (W1-W6). Reproduce with `make bench`.",
+        "Workloads: bench/WORKLOADS.md (W1-W6). Reproduce with `make bench`.",
         f"Each figure: median of {len(figs)} runs (min-max). N = {N:,} tasks for W1/W2. "
         f"**{checked:,} results checked**, all correct.",
         "",
