@@ -6,7 +6,7 @@ from typing import Any, TypeVar, final, overload
 
 _T = TypeVar("_T")
 
-__all__ = ["Client", "_after_fork_in_child", "__version__", "PROTOCOL_VERSION"]
+__all__ = ["Client", "Admin", "_after_fork_in_child", "new_task_id", "__version__", "PROTOCOL_VERSION"]
 
 __version__: str
 PROTOCOL_VERSION: int
@@ -97,6 +97,7 @@ class Client:
 def _after_fork_in_child() -> None: ...
 def new_task_id() -> str: ...
 
+@final
 class Admin:
     """Operator commands on JetStream (used by the ``dbtask`` command line)."""
 
