@@ -23,11 +23,10 @@ import json
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Union
+from typing import Any, NoReturn, Union
 
-from . import _client
+from . import _client, _options
 from ._result import READY_STATES, AsyncResult
-from ._task import _check_name, _check_queue, _seconds
 
 __all__ = ["Signature", "Chain", "Group", "Chord", "GroupResult", "signature", "GROUP_TTL"]
 
@@ -35,12 +34,7 @@ __all__ = ["Signature", "Chain", "Group", "Chord", "GroupResult", "signature", "
 #: worker's default ``result_ttl``.
 GROUP_TTL = 86_400.0
 
-_OPTION_NAMES = ("queue", "countdown", "priority", "task_id", "immutable")
-
 ResultHandle = Union[AsyncResult[Any], "GroupResult"]
-
-
-_OPTION_SET = frozenset(_OPTION_NAMES)
 
 
 def _new_id() -> str:
@@ -49,26 +43,6 @@ def _new_id() -> str:
     costs about 5 µs each. (``import dbtask`` alone never loads the compiled module.)"""
     native = _client._native_if_loaded()
     return native.new_task_id() if native is not None else str(uuid.uuid4())
-
-
-def _check_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    if not options.keys() <= _OPTION_SET:
-        unknown = sorted(set(options) - _OPTION_SET)
-        raise TypeError(f"unknown signature option(s) {', '.join(unknown)}: use {', '.join(_OPTION_NAMES)}")
-    out = {k: v for k, v in options.items() if v is not None}
-    if "queue" in out:
-        _check_queue(out["queue"])
-    if "countdown" in out:
-        out["countdown"] = _seconds(out["countdown"], "countdown")
-    if "priority" in out:
-        p = out["priority"]
-        if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p <= 255:
-            raise ValueError(f"priority must be an int from 0 to 255, not {p!r}")
-    if "task_id" in out and (not isinstance(out["task_id"], str) or not out["task_id"]):
-        raise ValueError(f"task_id must be a non-empty string, not {out['task_id']!r}")
-    if not out.get("immutable", True):
-        del out["immutable"]
-    return out
 
 
 def signature(data: Mapping[str, Any]) -> "Signature":
@@ -97,7 +71,7 @@ class Signature(dict):  # type: ignore[type-arg]
     ) -> None:
         super().__init__()
         if task is not None:
-            self["task"] = _check_name(task)
+            self["task"] = _options.check_task_name(task)
         # Tuples and lists first: isinstance(a_tuple, Sequence) is slow (CPython caches no
         # result for a class registered directly on the ABC, as tuple is).
         if not isinstance(args, (tuple, list)) and (
@@ -108,7 +82,7 @@ class Signature(dict):  # type: ignore[type-arg]
         if kwargs is not None and not isinstance(kwargs, Mapping):
             raise TypeError(f"kwargs must be a dict, not {type(kwargs).__name__}")
         self["kwargs"] = dict(kwargs or {})
-        self["options"] = _check_options(options or {})
+        self["options"] = _options.signature_options(options or {})
         links = [Signature.from_dict(s) for s in link]
         errbacks = [Signature.from_dict(s) for s in link_error]
         if links:
@@ -195,7 +169,7 @@ class Signature(dict):  # type: ignore[type-arg]
             elif isinstance(value, dict):
                 value = dict(value)
             dict.__setitem__(new, key, value)
-        return new  # type: ignore[no-any-return]
+        return new
 
     def set(
         self,
@@ -205,13 +179,21 @@ class Signature(dict):  # type: ignore[type-arg]
         priority: int | None = None,
         task_id: str | None = None,
         immutable: bool | None = None,
+        **unknown: NoReturn,
     ) -> "Signature":
-        """Sets options on this signature (in place) and returns it."""
+        """Sets options on this signature (in place) and returns it; ``None`` leaves an option
+        as it is. On a chain, a group or a chord, the options apply to every task in it, and
+        ``task_id`` names its result. Another keyword is a ``TypeError`` naming the valid ones
+        (``dbtask._options.SIGNATURE_OPTIONS``)."""
+        if unknown:
+            _options.refuse_unknown("set()", unknown, _options.SIGNATURE_OPTIONS, kind="signature option")
         given = {"queue": queue, "countdown": countdown, "priority": priority, "task_id": task_id, "immutable": immutable}
-        opts = dict(self.options)
-        opts.update({k: v for k, v in given.items() if v is not None})
-        self["options"] = _check_options(opts)
+        self._set({k: v for k, v in given.items() if v is not None})
         return self
+
+    def _set(self, options: dict[str, Any]) -> None:
+        """Sets ``options`` (known names, no ``None``), checking their values."""
+        self["options"] = _options.signature_options({**self.options, **options}, "set()")
 
     def on_success(self, callback: Mapping[str, Any]) -> "Signature":
         """Adds a ``link`` callback: published with this task's result when it succeeds."""
@@ -294,8 +276,12 @@ class Signature(dict):  # type: ignore[type-arg]
         task_id: str | None = None,
         link: Any = None,
         link_error: Any = None,
+        **unknown: NoReturn,
     ) -> Any:
-        """Publishes with options; ``link`` / ``link_error``: a signature or a list of them."""
+        """Publishes with options; ``link`` / ``link_error``: a signature or a list of them.
+        Another keyword is a ``TypeError`` (``dbtask._options.SIGNATURE_APPLY_OPTIONS``)."""
+        if unknown:
+            _options.refuse_unknown("apply_async()", unknown, _options.SIGNATURE_APPLY_OPTIONS)
         body, handle = self._prepare(
             args,
             kwargs,
@@ -315,8 +301,11 @@ class Signature(dict):  # type: ignore[type-arg]
         task_id: str | None = None,
         link: Any = None,
         link_error: Any = None,
+        **unknown: NoReturn,
     ) -> Any:
         """Blocking form of :meth:`apply_async`."""
+        if unknown:
+            _options.refuse_unknown("apply_async_sync()", unknown, _options.SIGNATURE_APPLY_OPTIONS)
         body, handle = self._prepare(
             args,
             kwargs,
@@ -365,13 +354,14 @@ class Chain(Signature):
         # A group followed by a step is a chord whose callback is that step (as in Celery).
         merged: list[Signature] = []
         for s in flat:
-            if merged and isinstance(merged[-1], Group) and not isinstance(merged[-1], Chord):
-                group = merged.pop()
+            group = merged[-1] if merged else None
+            if isinstance(group, Group) and not isinstance(group, Chord):
+                merged.pop()
                 s = Chord(group.members, s, **{k: v for k, v in group.options.items() if k == "task_id"})
             merged.append(s)
         self["kind"] = "chain"
         self["steps"] = merged
-        self["options"] = _check_options(options)
+        self["options"] = _options.signature_options(options, "Chain()")
 
     @property
     def steps(self) -> list[Signature]:
@@ -398,14 +388,13 @@ class Chain(Signature):
             chain.steps[0] = chain.steps[0]._partial(args, kwargs)
         return chain
 
-    def set(self, **options: Any) -> "Signature":  # type: ignore[override]
+    def _set(self, options: dict[str, Any]) -> None:
         """Options given to a chain apply to every step (``task_id`` to the last one)."""
         task_id = options.pop("task_id", None)
         for s in self.steps:
-            s.set(**options)
+            s._set(dict(options))
         if task_id is not None and self.steps:
-            self.steps[-1].set(task_id=task_id)
-        return self
+            self.steps[-1]._set({"task_id": task_id})
 
     def on_success(self, callback: Mapping[str, Any]) -> "Signature":
         """Links ``callback`` to the chain's last step."""
@@ -439,7 +428,7 @@ class Group(Signature):
             members = tuple(members[0])
         self["kind"] = self.kind
         self["members"] = _sigs(members, type(self).__name__)
-        self["options"] = _check_options(options)
+        self["options"] = _options.signature_options(options, f"{type(self).__name__}()")
 
     @property
     def members(self) -> list[Signature]:
@@ -460,14 +449,13 @@ class Group(Signature):
             group["members"] = [m._partial(args, kwargs) for m in group.members]
         return group
 
-    def set(self, **options: Any) -> "Signature":  # type: ignore[override]
+    def _set(self, options: dict[str, Any]) -> None:
         """``task_id`` names the group; other options apply to every member."""
         task_id = options.pop("task_id", None)
         for m in self.members:
-            m.set(**options)
+            m._set(dict(options))
         if task_id is not None:
-            self["options"] = _check_options({**self.options, "task_id": task_id})
-        return self
+            self["options"] = _options.signature_options({**self.options, "task_id": task_id}, "set()")
 
 
 class Chord(Group):
@@ -489,15 +477,14 @@ class Chord(Group):
     def body(self) -> Signature:
         return self["body"]  # type: ignore[no-any-return]
 
-    def set(self, **options: Any) -> "Signature":  # type: ignore[override]
+    def _set(self, options: dict[str, Any]) -> None:
         """``task_id`` names the chord's result (its callback's id); other options apply to
         every member and to the callback."""
         task_id = options.pop("task_id", None)
-        Group.set(self, **options)
-        self.body.set(**options)
+        Group._set(self, dict(options))
+        self.body._set(options)
         if task_id is not None:
-            self.body.set(task_id=task_id)
-        return self
+            self.body._set({"task_id": task_id})
 
     def __repr__(self) -> str:
         return f"Chord([{', '.join(repr(m) for m in self.members)}], {self.body!r})"

@@ -6,8 +6,9 @@ explicit retry and to build the ``self`` of a bound task.
 
 from __future__ import annotations
 
-import math
 from typing import Any
+
+from . import _options
 
 __all__ = ["Retry", "Request", "BoundTask"]
 
@@ -29,11 +30,8 @@ class Retry(Exception):
         exc: BaseException | None = None,
         max_retries: int | None = None,
     ) -> None:
-        if countdown is not None:
-            if isinstance(countdown, bool) or not isinstance(countdown, (int, float)):
-                raise TypeError(f"countdown must be a number of seconds, not {type(countdown).__name__}")
-            if not math.isfinite(countdown) or countdown < 0:
-                raise ValueError(f"countdown must be a finite number of seconds >= 0, not {countdown!r}")
+        if countdown is not None and _options.seconds(countdown, "countdown") < 0:
+            raise ValueError(f"countdown must be a number of seconds >= 0, not {countdown!r}")
         if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)):
             raise TypeError(f"max_retries must be an int, not {type(max_retries).__name__}")
         if exc is not None and not isinstance(exc, BaseException):

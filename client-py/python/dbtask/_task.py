@@ -10,114 +10,36 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import math
-import re
-import time
-from datetime import datetime, timezone
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import (
+    TYPE_CHECKING,
     Any,
     Callable,
     Coroutine,
     Generic,
+    NoReturn,
     ParamSpec,
     Protocol,
-    TYPE_CHECKING,
     TypeVar,
     overload,
 )
 
 from . import _client, _options, _registry
+from ._canvas import Group, Signature
+from ._options import DEFAULT_QUEUE
 from ._result import AsyncResult
 
 if TYPE_CHECKING:
-    from ._canvas import Group, Signature
+    from typing_extensions import Unpack
+
+    from ._options import TaskOptions
 
 __all__ = ["Task", "AsyncTask", "task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
-
-DEFAULT_QUEUE = "default"
-
-# Same rules as the protocol crate (validate_queue / validate_task_name), checked at
-# decoration time so that a typo fails at import, not at the first publish.
-_QUEUE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-_MAX_TASK_NAME_LEN = 200
-
-
-def _check_queue(queue: object) -> str:
-    if not isinstance(queue, str) or not _QUEUE_RE.fullmatch(queue):
-        raise ValueError(f"invalid queue name {queue!r}: use 1 to 64 characters among A-Z a-z 0-9 _ -")
-    return queue
-
-
-#: Task names already found valid: a workflow of 1,000 ``add.s()`` checks the same name 1,000
-#: times, character by character. Bounded, in case names are made up on the fly.
-_VALID_NAMES: set[str] = set()
-
-
-def _check_name(name: object) -> str:
-    if isinstance(name, str) and name in _VALID_NAMES:
-        return name
-    if (
-        not isinstance(name, str)
-        or not name
-        or len(name) > _MAX_TASK_NAME_LEN
-        or any(c.isspace() or not c.isprintable() for c in name)
-    ):
-        raise ValueError(f"invalid task name {name!r}: use 1 to 200 printable characters without spaces")
-    if len(_VALID_NAMES) < 4096:
-        _VALID_NAMES.add(name)
-    return name
-
-
-def _seconds(value: object, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{what} must be a number of seconds, not {type(value).__name__}")
-    seconds = float(value)
-    if not math.isfinite(seconds):
-        raise ValueError(f"{what} must be a finite number of seconds, not {value!r}")
-    return seconds
-
-
-def _check_limits(opts: Mapping[str, Any]) -> None:
-    # time_limit / soft_time_limit: positive seconds (None: the worker's default).
-    for key in ("time_limit", "soft_time_limit"):
-        value = opts.get(key)
-        if value is not None and not _seconds(value, key) > 0:
-            raise ValueError(f"{key} must be a positive number of seconds, not {value!r}")
-
-
-def _timestamp(value: datetime) -> float:
-    # As in Celery, a naive datetime is UTC.
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.timestamp()
-
-
-def _schedule(
-    countdown: float | None, eta: datetime | None, expires: float | datetime | None
-) -> tuple[float | None, float | None]:
-    """(eta, expires) as Unix seconds."""
-    now = time.time()
-    eta_ts: float | None = None
-    if countdown is not None and eta is not None:
-        raise ValueError("give countdown or eta, not both")
-    if countdown is not None:
-        eta_ts = now + _seconds(countdown, "countdown")
-    elif eta is not None:
-        if not isinstance(eta, datetime):
-            raise TypeError(f"eta must be a datetime, not {type(eta).__name__}")
-        eta_ts = _timestamp(eta)
-    expires_ts: float | None = None
-    if expires is not None:
-        if isinstance(expires, datetime):
-            expires_ts = _timestamp(expires)
-        else:
-            expires_ts = now + _seconds(expires, "expires")
-    return eta_ts, expires_ts
 
 
 def _call_args(
@@ -150,7 +72,8 @@ class Task(Generic[P, R]):
     ``apply_async`` send it to a worker. Async methods have a blocking twin with the suffix
     ``_sync``.
 
-    The worker reads ``name``, ``fn``, ``is_async``, ``queue`` and ``options``.
+    The worker reads ``name``, ``fn``, ``is_async``, ``queue`` and ``options`` (the keys of
+    :class:`dbtask._options.TaskOptions`, checked here: an unknown key is a ``TypeError``).
     """
 
     name: str
@@ -172,10 +95,10 @@ class Task(Generic[P, R]):
         # First, so that the function's own attributes cannot shadow the task's.
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self.name = _check_name(name if name is not None else f"{fn.__module__}.{fn.__qualname__}")
-        self.queue = _check_queue(queue)
+        self.name = _options.check_task_name(name if name is not None else f"{fn.__module__}.{fn.__qualname__}")
+        self.queue = _options.check_queue(queue)
         self.is_async = inspect.iscoroutinefunction(fn)
-        self.options = dict(options or {})
+        self.options = _options.task_options(options or {})
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} queue={self.queue!r}>"
@@ -231,6 +154,7 @@ class Task(Generic[P, R]):
         link: Any = None,
         link_error: Any = None,
         priority: int | None = None,
+        **unknown: NoReturn,
     ) -> asyncio.Future[AsyncResult[R]]:
         """Sends the task with options. Positional arguments are the task's arguments
         (``apply_async(1, 2, countdown=10)``), or pass them as in Celery
@@ -244,18 +168,22 @@ class Task(Generic[P, R]):
         9 runs first on a backlog (default: the task's ``priority`` option, else 5); ``link`` /
         ``link_error``: a signature (or a list) published with the result on success, or with
         ``(task_id, error)`` on failure (``countdown`` only, no ``eta``/``expires``, then).
+        Another keyword is a ``TypeError`` naming these (``dbtask._options.APPLY_OPTIONS``).
 
         Like :meth:`delay`: checks the options and sends at once, and returns a future of the
         :class:`AsyncResult` that raises the publish error when awaited.
         """
+        if unknown:
+            _options.refuse_unknown("apply_async()", unknown, _options.APPLY_OPTIONS)
         pos, kw = _call_args(task_args, args, kwargs)
         if link is not None or link_error is not None:
-            sig = self._linked(pos, kw, countdown, eta, expires, queue, task_id)
+            sig = self._linked(pos, kw, countdown, eta, expires, queue, task_id, priority)
             return _running_loop("apply_async").create_task(sig.apply_async(link=link, link_error=link_error))
-        eta_ts, expires_ts = _schedule(countdown, eta, expires)
+        eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
+        level = self._priority(priority)
         return _client.current().publish(
             queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
-            self._priority(priority), AsyncResult,
+            level, AsyncResult,
         )  # fmt: skip
 
     def apply_async_sync(
@@ -271,45 +199,41 @@ class Task(Generic[P, R]):
         link: Any = None,
         link_error: Any = None,
         priority: int | None = None,
+        **unknown: NoReturn,
     ) -> AsyncResult[R]:
         """Blocking form of :meth:`apply_async`."""
+        if unknown:
+            _options.refuse_unknown("apply_async_sync()", unknown, _options.APPLY_OPTIONS)
         pos, kw = _call_args(task_args, args, kwargs)
         if link is not None or link_error is not None:
-            return self._linked(pos, kw, countdown, eta, expires, queue, task_id).apply_async_sync(  # type: ignore[no-any-return]
+            return self._linked(pos, kw, countdown, eta, expires, queue, task_id, priority).apply_async_sync(  # type: ignore[no-any-return]
                 link=link, link_error=link_error
             )
-        eta_ts, expires_ts = _schedule(countdown, eta, expires)
+        eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
+        level = self._priority(priority)
         tid = _client.current().publish_sync(
             queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
-            priority=self._priority(priority),
+            priority=level,
         )
         return AsyncResult(tid)
 
     # -- workflows (dbtask._canvas) -------------------------------------------------------
 
-    def s(self, *args: Any, **kwargs: Any) -> "Signature":
+    def s(self, *args: Any, **kwargs: Any) -> Signature:
         """A signature (partial call): in a chain, the parent's result is prepended to ``args``."""
-        from ._canvas import Signature
-
         return Signature(self.name, args, kwargs, {"queue": self.queue})
 
-    def si(self, *args: Any, **kwargs: Any) -> "Signature":
+    def si(self, *args: Any, **kwargs: Any) -> Signature:
         """An immutable signature: in a chain, the parent's result is not passed."""
-        from ._canvas import Signature
-
         return Signature(self.name, args, kwargs, {"queue": self.queue, "immutable": True})
 
-    def map(self, items: Iterable[Any]) -> "Group":
+    def map(self, items: Iterable[Any]) -> Group:
         """A group calling the task once per item: ``task.map([1, 2])`` is
         ``Group([task.si(1), task.si(2)])`` (one message per item, run in parallel)."""
-        from ._canvas import Group
-
         return Group([self.si(item) for item in items])
 
-    def starmap(self, items: Iterable[Sequence[Any]]) -> "Group":
+    def starmap(self, items: Iterable[Sequence[Any]]) -> Group:
         """A group calling the task once per argument tuple: ``task.starmap([(1, 2), (3, 4)])``."""
-        from ._canvas import Group
-
         return Group([self.si(*args) for args in items])
 
     def _linked(
@@ -321,11 +245,12 @@ class Task(Generic[P, R]):
         expires: float | datetime | None,
         queue: str | None,
         task_id: str | None,
-    ) -> "Signature":
+        priority: int | None,
+    ) -> Signature:
         if eta is not None or expires is not None:
             raise ValueError("link/link_error work with countdown, not eta or expires")
         sig = self.s(*pos, **(kw or {}))
-        return sig.set(queue=queue, countdown=countdown, task_id=task_id)
+        return sig.set(queue=queue, countdown=countdown, task_id=task_id, priority=self._priority(priority))
 
     # -- many tasks -----------------------------------------------------------------------
 
@@ -339,15 +264,19 @@ class Task(Generic[P, R]):
         expires: float | datetime | None = None,
         queue: str | None = None,
         priority: int | None = None,
+        **unknown: NoReturn,
     ) -> list[AsyncResult[R]]:
         """Sends one task per item of ``args_list`` (with the matching item of
         ``kwargs_list``): all messages are written first, then every confirmation is awaited,
-        which is much faster than awaiting ``delay()`` in a loop. Results keep the order."""
+        which is much faster than awaiting ``delay()`` in a loop. Results keep the order.
+        The options are those of :meth:`apply_async` that apply to many tasks at once."""
+        if unknown:
+            _options.refuse_unknown("apply_many()", unknown, _options.MANY_OPTIONS)
         calls = _calls(args_list, kwargs_list)
-        eta_ts, expires_ts = _schedule(countdown, eta, expires)
+        eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
+        level = self._priority(priority)
         ids = await _client.current().publish_many(
-            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts,
-            priority=self._priority(priority),
+            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts, priority=level
         )
         return [AsyncResult(i) for i in ids]
 
@@ -361,13 +290,16 @@ class Task(Generic[P, R]):
         expires: float | datetime | None = None,
         queue: str | None = None,
         priority: int | None = None,
+        **unknown: NoReturn,
     ) -> list[AsyncResult[R]]:
         """Blocking form of :meth:`apply_many`."""
+        if unknown:
+            _options.refuse_unknown("apply_many_sync()", unknown, _options.MANY_OPTIONS)
         calls = _calls(args_list, kwargs_list)
-        eta_ts, expires_ts = _schedule(countdown, eta, expires)
+        eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
+        level = self._priority(priority)
         ids = _client.current().publish_many_sync(
-            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts,
-            priority=self._priority(priority),
+            queue if queue is not None else self.queue, self.name, calls, eta_ts, expires_ts, priority=level
         )
         return [AsyncResult(i) for i in ids]
 
@@ -380,28 +312,6 @@ def _running_loop(method: str) -> asyncio.AbstractEventLoop:
             f"{method}() needs a running event loop: await it from a coroutine, "
             f"or use {method}_sync() in synchronous code"
         ) from None
-
-
-def _check_retry_options(max_retries: object, retry_delay: object, options: Mapping[str, Any]) -> None:
-    """Retry options are checked at decoration time, so that a typo fails at import."""
-    if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0):
-        raise ValueError(f"max_retries must be an int >= 0, not {max_retries!r}")
-    for key, value in (
-        ("retry_delay", retry_delay),
-        ("retry_backoff_max", options.get("retry_backoff_max")),
-    ):
-        if value is not None and _seconds(value, key) < 0:
-            raise ValueError(f"{key} must be >= 0, not {value!r}")
-    backoff = options.get("retry_backoff")
-    if backoff is not None and not isinstance(backoff, bool):
-        if _seconds(backoff, "retry_backoff") < 0:
-            raise ValueError(f"retry_backoff must be True, False or a factor in seconds >= 0, not {backoff!r}")
-    autoretry = options.get("autoretry_for")
-    if autoretry is not None:
-        types = autoretry if isinstance(autoretry, (tuple, list)) else (autoretry,)
-        for t in types:
-            if not (isinstance(t, type) and issubclass(t, BaseException)):
-                raise TypeError(f"autoretry_for must hold exception types, not {t!r}")
 
 
 def _calls(
@@ -448,10 +358,7 @@ def task(
     *,
     name: str | None = None,
     queue: str = DEFAULT_QUEUE,
-    max_retries: int | None = None,
-    retry_delay: float | None = None,
-    track_started: bool | None = None,
-    **options: Any,
+    **options: Unpack[TaskOptions],
 ) -> _TaskDecorator: ...
 
 
@@ -461,16 +368,15 @@ def task(
     *,
     name: str | None = None,
     queue: str = DEFAULT_QUEUE,
-    max_retries: int | None = None,
-    retry_delay: float | None = None,
-    track_started: bool | None = None,
     **options: Any,
 ) -> Any:
     """Registers a function as a task: ``@task`` or ``@task(name=..., queue=..., ...)``.
 
     The name defaults to ``f"{fn.__module__}.{fn.__qualname__}"``, the queue to ``"default"``.
-    ``max_retries``, ``retry_delay``, ``track_started`` and any other keyword go to
-    ``Task.options`` for the worker (options left unset are not stored).
+    Every other keyword is a task option, stored in ``Task.options`` for the worker (options
+    left unset are not stored); :class:`dbtask._options.TaskOptions` lists them. An unknown
+    keyword (a Celery option such as ``ignore_result`` included) is a ``TypeError`` naming
+    the valid ones, and a bad value a ``ValueError``, here, at decoration.
 
     Retries (see ``dbtask._retry``): ``max_retries`` (default 3), ``retry_delay`` (seconds,
     default 1), ``retry_backoff`` (True or a factor in seconds: delay = factor * 2**retries),
@@ -478,23 +384,15 @@ def task(
     0 and the backoff delay), ``autoretry_for`` (exception types retried automatically), and
     ``bind=True`` (the function gets ``self`` with ``self.request`` and ``self.retry()``).
     ``time_limit`` / ``soft_time_limit`` (seconds) bound the task's run time: see the
-    README's "Time limits".
+    README's "Time limits". ``track_started=True`` records STARTED; ``rate_limit`` (``"100/s"``)
+    bounds the starts per period across workers; ``priority`` (0 to 9) is the level of
+    ``delay()``.
     """
-    _check_retry_options(max_retries, retry_delay, options)
-    opts: dict[str, Any] = {}
-    if max_retries is not None:
-        opts["max_retries"] = max_retries
-    if retry_delay is not None:
-        opts["retry_delay"] = retry_delay
-    if track_started is not None:
-        opts["track_started"] = track_started
-    opts.update(options)
-    _check_queue(queue)
-    _check_limits(opts)
-    if opts.get("rate_limit") is not None:
-        opts["rate_limit"] = _options.check_rate_limit(opts["rate_limit"])
-    if opts.get("priority") is not None:
-        _options.check_priority(opts["priority"])
+    _options.check_names("task()", options, _options.TASK_OPTIONS)
+    opts = _options.task_options(options, "task()")
+    _options.check_queue(queue)
+    if name is not None:
+        _options.check_task_name(name)
 
     def decorate(f: Callable[..., Any]) -> Task[Any, Any]:
         cls = AsyncTask if inspect.iscoroutinefunction(f) else Task
