@@ -1,17 +1,24 @@
 """Fixtures of the client's own tests: a private nats-server (JetStream) and redis-server on
 free ports of 127.0.0.1, one pair per test module. No worker: tests play its part by hand
-(reading the stream, writing records to Redis)."""
+(reading the stream, writing records to Redis). Also the task ``add`` and the helpers that
+several test modules use (``from conftest import ...``).
+
+``pytest -m "not slow"`` leaves out the tests marked ``slow`` (see pytest.ini)."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
+import nats as nats_py
 import pytest
+
+import dbtask
 
 REPO = Path(__file__).resolve().parents[2]
 NATS_BIN = os.environ.get("DBTASK_NATS_SERVER") or str(REPO / ".venv" / "bin" / "nats-server")
@@ -90,3 +97,37 @@ def redis_cli(server: Server, *args: str) -> str:
         ["redis-cli", "-p", str(server.port), *args], check=True, capture_output=True, text=True
     )
     return out.stdout.strip()
+
+
+# -- what several test modules share ---------------------------------------------------------
+
+PY = str(REPO / ".venv" / "bin" / "python")
+
+
+@dbtask.task(name="t.add", queue="math", max_retries=5, retry_delay=1.0)
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@pytest.fixture
+def client(nats: Server, redis: Server) -> Iterator[None]:
+    """The process-wide client, connected to this module's servers."""
+    dbtask.init_sync(nats_url=nats.url, redis_url=redis.url)
+    yield
+    dbtask.close_sync()
+
+
+async def last_message(nats_url: str, subject: str) -> Any:
+    """The last message of ``subject`` in the task stream."""
+    nc = await nats_py.connect(nats_url)
+    try:
+        return await nc.jetstream().get_last_msg("DBTASK_TASKS", subject)
+    finally:
+        await nc.close()
+
+
+def store(redis: Server, record: dict[str, Any]) -> None:
+    """What the worker does when a task is done: SET the record, PUBLISH it."""
+    body = json.dumps(record)
+    redis_cli(redis, "SET", f"dbtask:result:{record['id']}", body, "EX", "60")
+    redis_cli(redis, "PUBLISH", f"dbtask:done:{record['id']}", body)

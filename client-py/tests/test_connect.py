@@ -1,0 +1,92 @@
+"""Connecting: ``init`` and ``close``, clear errors when a server is missing, and one client
+used from sync and async code alike."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+import dbtask
+from conftest import add, free_port, store
+
+
+def test_closed_ports_fail_fast_with_the_password_hidden(nats, redis):
+    port = free_port()
+    start = time.monotonic()
+    with pytest.raises(ConnectionError) as info:
+        dbtask.init_sync(nats_url=f"nats://bob:s3cret@127.0.0.1:{port}", redis_url=redis.url)
+    assert time.monotonic() - start < 3
+    assert f"nats://bob:***@127.0.0.1:{port}" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+    start = time.monotonic()
+    with pytest.raises(ConnectionError) as info:
+        dbtask.init_sync(nats_url=nats.url, redis_url=f"redis://:hunter2@127.0.0.1:{port}/0")
+    assert time.monotonic() - start < 3
+    assert f"redis://:***@127.0.0.1:{port}/0" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+async def test_async_init_against_a_closed_port():
+    port = free_port()
+    with pytest.raises(ConnectionError, match="cannot reach (NATS|Redis)"):
+        await dbtask.init(nats_url=f"nats://127.0.0.1:{port}", redis_url=f"redis://127.0.0.1:{port}")
+
+
+def test_nats_without_jetstream_is_a_clear_error(redis, tmp_path):
+    from conftest import start_nats
+
+    plain = start_nats(tmp_path, jetstream=False)
+    try:
+        with pytest.raises(ConnectionError, match="has no JetStream: start nats-server with -js"):
+            dbtask.init_sync(nats_url=plain.url, redis_url=redis.url)
+    finally:
+        plain.stop()
+
+
+def test_init_creates_the_stream_and_is_idempotent(nats, redis):
+    dbtask.init_sync(nats_url=nats.url, redis_url=redis.url)
+    from dbtask import _client
+
+    first = _client.current()
+    dbtask.init_sync(nats_url=nats.url, redis_url=redis.url)
+    assert _client.current() is first, "same URLs keep the connection"
+    dbtask.close_sync()
+    dbtask.close_sync()  # twice is fine
+
+
+def test_init_sync_then_async_use_and_sync_from_a_thread(nats, redis):
+    dbtask.init_sync(nats_url=nats.url, redis_url=redis.url)
+    try:
+        async def main():
+            r = await add.delay(1, 1)
+            # A sync call from another thread while this loop runs.
+            out = {}
+            t = threading.Thread(target=lambda: out.setdefault("r", add.delay_sync(2, 2)))
+            t.start()
+            await asyncio.sleep(0.05)
+            await asyncio.to_thread(t.join)
+            store(redis, {"id": r.id, "state": "SUCCESS", "result": 2})
+            got = await asyncio.to_thread(dbtask.AsyncResult(r.id).get_sync, 5)
+            return got, out["r"]
+
+        got, other = asyncio.run(main())
+        assert got == 2 and isinstance(other, dbtask.AsyncResult)
+        # A second, different event loop with the same client.
+        assert asyncio.run(dbtask.AsyncResult(other.id).state()) == "PENDING"
+    finally:
+        dbtask.close_sync()
+
+
+def test_async_init_then_sync_use(nats, redis):
+    asyncio.run(dbtask.init(nats_url=nats.url, redis_url=redis.url))
+    try:
+        r = add.delay_sync(3, 3)
+        store(redis, {"id": r.id, "state": "SUCCESS", "result": 6})
+        assert r.get_sync(timeout=5) == 6
+    finally:
+        asyncio.run(dbtask.close())
+
