@@ -10,8 +10,9 @@ Each value in `TASKS` is a `dbtask.Task` with at least these attributes, read by
 - ``fn`` (callable): the undecorated function, ``def`` or ``async def``;
 - ``is_async`` (bool): True for ``async def`` functions;
 - ``queue`` (str): the queue the client publishes it to by default;
-- ``options`` (dict[str, object]): per-task options (``max_retries``, ``retry_delay``,
-  ``track_started``, ...); unknown keys are ignored by the worker.
+- ``options`` (dict[str, object]): per-task options, the keys of
+  :class:`dbtask._options.TaskOptions` (``max_retries``, ``retry_delay``, ``track_started``,
+  ...), names and values checked at decoration: an unknown key never gets this far.
 """
 
 from __future__ import annotations

@@ -383,8 +383,8 @@ def task(
     ``retry_backoff_max`` (default 600), ``retry_jitter`` (default True: a random delay between
     0 and the backoff delay), ``autoretry_for`` (exception types retried automatically), and
     ``bind=True`` (the function gets ``self`` with ``self.request`` and ``self.retry()``).
-    ``time_limit`` / ``soft_time_limit`` (seconds) bound the task's run time: see the
-    README's "Time limits". ``track_started=True`` records STARTED; ``rate_limit`` (``"100/s"``)
+    ``time_limit`` / ``soft_time_limit`` (seconds) bound the task's run time: see
+    docs/time-limits.md. ``track_started=True`` records STARTED; ``rate_limit`` (``"100/s"``)
     bounds the starts per period across workers; ``priority`` (0 to 9) is the level of
     ``delay()``.
     """
