@@ -47,6 +47,10 @@ const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `wait()` always gets this long to subscribe and read the record once, even with a zero
 /// timeout: `get(timeout=0)` means "check once", not "fail at once".
 const FIRST_CHECK_BUDGET: Duration = Duration::from_secs(2);
+/// How soon a wait with a timeout reads a record again after a read failed, doubling up to
+/// the maximum.
+const RECHECK_MIN: Duration = Duration::from_millis(100);
+const RECHECK_MAX: Duration = Duration::from_secs(2);
 
 pub struct Inner {
     nats: async_nats::Client,
@@ -761,8 +765,15 @@ async fn get_record(inner: &Inner, id: &str) -> Result<Option<Bytes>, ClientErro
         {
             Ok(value) => return Ok(value.map(Bytes::from)),
             // The first command after a lost connection fails while the connection manager
-            // reconnects; a GET can simply be sent again.
-            Err(e) if !retried && (e.is_connection_dropped() || e.is_io_error()) => retried = true,
+            // reconnects; a GET can simply be sent again. Not after a timeout: that GET already
+            // waited the whole response timeout, and a second one would double the wait.
+            Err(e)
+                if !retried
+                    && !e.is_timeout()
+                    && (e.is_connection_dropped() || e.is_io_error()) =>
+            {
+                retried = true
+            }
             Err(e) => return Err(redis_error(&e, &inner.redis_safe)),
         }
     }
@@ -783,13 +794,21 @@ async fn wait(
     // already stored, as a short task's often is by the time its caller asks, then takes one
     // round trip instead of two. Not finding it proves nothing; the read after subscribing
     // decides, so this read's errors are ignored too.
-    let early = get_record(&inner, &id);
-    tokio::pin!(early);
-    let mut early_pending = true;
+    //
+    // The early read is dropped, not just left alone, once the subscription is active: a GET
+    // that nobody polls can still hold one of the Redis connection's request slots (redis-rs
+    // queues requests in a bounded channel, and tokio hands a freed slot to the oldest waiting
+    // sender whether or not it is polled). Thousands of waits each holding a slot with their
+    // early read while awaiting their second read starved the connection until the response
+    // timeout (issue 23). Each wait now has at most one read in flight, always polled.
+    let mut early = std::pin::pin!(Some(get_record(&inner, &id)));
     let mut checked = false;
     let mut last_state = TaskState::Pending;
     // Why Redis is unreachable, while it is: a wait with a timeout rides out the outage.
     let mut down: Option<String> = None;
+    // When to read the record again after a read failed during a wait with a timeout.
+    let mut recheck: Option<Instant> = None;
+    let mut backoff = RECHECK_MIN;
     loop {
         let limit = if checked { deadline } else { first_deadline };
         let next = async {
@@ -800,8 +819,10 @@ async fn wait(
         };
         let event = tokio::select! {
             biased;
-            record = &mut early, if early_pending => {
-                early_pending = false;
+            record = async { early.as_mut().as_pin_mut().expect("polled only while set").await },
+                if early.is_some() =>
+            {
+                early.set(None);
                 if let Ok(Some(record)) = record {
                     if let Ok(state) = record_state(&id, &record) {
                         if state.is_ready() {
@@ -810,6 +831,11 @@ async fn wait(
                     }
                 }
                 continue;
+            }
+            // An async block, so that no timer is made while there is nothing to recheck.
+            () = async { tokio::time::sleep_until(recheck.unwrap_or(start)).await }, if recheck.is_some() => {
+                recheck = None;
+                Some(Some(Event::Subscribed))
             }
             event = next => event,
         };
@@ -826,14 +852,28 @@ async fn wait(
         };
         match event {
             Some(Event::Subscribed) => {
-                down = None;
-                if let Some(record) = get_record(&inner, &id).await? {
-                    last_state = record_state(&id, &record)?;
-                    if last_state.is_ready() {
-                        return Ok(record);
+                early.set(None);
+                match get_record(&inner, &id).await {
+                    Ok(record) => {
+                        down = None;
+                        backoff = RECHECK_MIN;
+                        if let Some(record) = record {
+                            last_state = record_state(&id, &record)?;
+                            if last_state.is_ready() {
+                                return Ok(record);
+                            }
+                        }
+                        checked = true;
                     }
+                    // With a timeout, a read that failed is tried again until the deadline:
+                    // Redis may be back before then (a Done message still ends the wait).
+                    Err(ClientError::Connection(why)) if deadline.is_some() => {
+                        down = Some(why);
+                        recheck = Some(Instant::now() + backoff);
+                        backoff = (backoff * 2).min(RECHECK_MAX);
+                    }
+                    Err(e) => return Err(e),
                 }
-                checked = true;
             }
             Some(Event::Done(record)) => {
                 last_state = record_state(&id, &record)?;
