@@ -1,0 +1,79 @@
+"""Chaos: servers killed under load. Slower than the rest (about a minute each), so they carry
+the `chaos` marker: `make test` leaves them out, `make test-chaos` runs them, and CI runs both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from e2e_support import APPS, start_nats, tail_text
+from e2e_tasks import sleep_then
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+
+# A fresh client process, as in the report of issue 23: it gathers `get(timeout=120)` of
+# every id and prints how each one ended.
+GATHER_CLIENT = r"""
+import asyncio, json, sys, time
+import dbtask
+from dbtask import AsyncResult
+
+async def main(nats_url, redis_url, ids_path):
+    await dbtask.init(nats_url=nats_url, redis_url=redis_url)
+    ids = open(ids_path).read().split()
+    start = time.monotonic()
+    outcomes = await asyncio.gather(*(AsyncResult(i).get(timeout=120) for i in ids), return_exceptions=True)
+    errors = [repr(o) for o in outcomes if isinstance(o, BaseException)]
+    values = [o for o in outcomes if not isinstance(o, BaseException)]
+    print(json.dumps({"seconds": time.monotonic() - start, "errors": errors[:3], "error_count": len(errors),
+                      "values": values}))
+    await dbtask.close()
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+TASKS = 10_000
+ROUNDS = 3
+
+
+async def test_thousands_of_gets_after_a_nats_restart_wait_for_their_results(
+    worker_factory, client, nats, redis, tmp_path
+):
+    """Issue 23: after a NATS restart under load, thousands of concurrent `get(timeout=120)`
+    in a new client process raised "Redis did not answer in time" after 20 s while Redis was
+    healthy (each wait's first read held a slot of the Redis connection that nobody polled).
+    Every get must return its task's result. The race hit about half of the rounds before the
+    fix, so the scenario runs three times."""
+    for round_ in range(ROUNDS):
+        first = round_ * TASKS
+        sent = await sleep_then.apply_many([(0.001, n) for n in range(first, first + TASKS)])
+        ids_path = tmp_path / f"ids{round_}.txt"
+        ids_path.write_text("\n".join(r.id for r in sent))
+
+        worker = worker_factory(concurrency=1)
+        await asyncio.sleep(1)
+        nats.proc.send_signal(signal.SIGKILL)
+        nats.proc.wait()
+        await asyncio.sleep(2)
+        back = start_nats(nats.log.parent, port=nats.port)
+        nats.proc = back.proc  # the fixture stops whichever process serves the port at the end
+
+        gather = subprocess.run(
+            [sys.executable, "-c", GATHER_CLIENT, nats.url, redis.url, str(ids_path)],
+            cwd=APPS, capture_output=True, text=True, timeout=240,
+            env={k: v for k, v in os.environ.items() if not k.startswith("DBTASK_")},
+        )  # fmt: skip
+        assert gather.returncode == 0, f"the client process failed:\n{gather.stderr[-4000:]}"
+        outcome = json.loads(gather.stdout.splitlines()[-1])
+        assert outcome["error_count"] == 0, (
+            f"round {round_ + 1}: {outcome['error_count']} of {TASKS} get() calls failed after "
+            f"{outcome['seconds']:.1f} s, e.g. {outcome['errors']}\nworker:\n{tail_text(worker.stderr_path)}"
+        )
+        assert outcome["values"] == list(range(first, first + TASKS))
+        worker.kill()
