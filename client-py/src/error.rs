@@ -38,37 +38,8 @@ impl From<dbtask_protocol::ProtocolError> for ClientError {
     }
 }
 
-/// A URL as it may be printed: any password replaced by `***` (and a user name alone, which
-/// NATS treats as a token, too). Works on comma-separated server lists.
-pub fn redact_url(url: &str) -> String {
-    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
-}
-
-fn redact_one(url: &str) -> String {
-    let trimmed = url.trim();
-    let Some(scheme_end) = trimmed.find("://") else {
-        return trimmed.to_owned();
-    };
-    let rest = &trimmed[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return trimmed.to_owned();
-    };
-    let userinfo = &authority[..at];
-    let hidden = match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{user}:***"),
-        // A Redis user name without a password is not a secret.
-        None if trimmed.starts_with("redis") => userinfo.to_owned(),
-        None => "***".to_owned(),
-    };
-    format!(
-        "{}://{}@{}",
-        &trimmed[..scheme_end],
-        hidden,
-        &rest[at + 1..]
-    )
-}
+/// A URL as it may be printed: the one implementation, shared with the worker.
+pub use dbtask_protocol::redact_url;
 
 /// Percent-decodes URL user info (`%40` -> `@`).
 pub fn percent_decode(s: &str) -> String {

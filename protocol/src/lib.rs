@@ -13,6 +13,8 @@ use std::fmt;
 
 pub mod canvas;
 pub use canvas::{ChordRef, Signature};
+mod redact;
+pub use redact::redact_url;
 
 /// Version of the message format; a worker rejects messages with a newer major version.
 pub const PROTOCOL_VERSION: u32 = 1;

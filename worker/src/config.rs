@@ -304,28 +304,9 @@ fn check_url(value: &str, field: &'static str, schemes: &[&str]) -> Result<(), C
     Ok(())
 }
 
-/// A URL fit for logs and error messages: a password (or a lone user name, which NATS treats
-/// as a token) becomes `***`. Every log line and error that names a server goes through here.
-pub fn redact_url(raw: &str) -> String {
-    match url::Url::parse(raw) {
-        Ok(mut url) => {
-            if url.password().is_some() {
-                let _ = url.set_password(Some("***"));
-            } else if !url.username().is_empty() {
-                let _ = url.set_username("***");
-            }
-            url.to_string()
-        }
-        // Not a URL: still hide whatever sits between the scheme and the last `@`.
-        Err(_) => match (raw.find("://"), raw.rfind('@')) {
-            (Some(start), Some(at)) if at > start + 3 => {
-                format!("{}***{}", &raw[..start + 3], &raw[at..])
-            }
-            (None, Some(at)) => format!("***{}", &raw[at..]),
-            _ => raw.to_owned(),
-        },
-    }
-}
+/// A URL fit for logs and error messages: every log line and error that names a server goes
+/// through this one function, shared with the client.
+pub use dbtask_protocol::redact_url;
 
 #[cfg(test)]
 mod tests {
@@ -559,7 +540,7 @@ mod tests {
             "nats://bob:***@h:4222"
         );
         assert_eq!(redact_url("nats://tok3n@h:4222"), "nats://***@h:4222");
-        assert_eq!(redact_url("not a url://a:b@c"), "not a url://***@c");
+        assert_eq!(redact_url("not a url://a:b@c"), "not a url://a:***@c");
         let shown = Config {
             redis_url: "redis://u:pw@h".into(),
             ..Config::default()

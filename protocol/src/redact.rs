@@ -1,0 +1,83 @@
+//! Server URLs as they may be printed. The worker and the client both name servers in logs,
+//! errors and `--print-config`; this one function decides what of a URL is a secret.
+
+/// `url` with its secrets replaced by `***`: a password becomes `user:***`, and a lone user
+/// name (which NATS reads as a token) becomes `***`. Comma-separated server lists are redacted
+/// one by one. The user info is taken to end at the last `@` before any `?` or `#`, so a
+/// password with an unencoded `/` or `@` is hidden too; text that is not a URL but holds an `@`
+/// loses everything before it.
+pub fn redact_url(url: &str) -> String {
+    if !url.contains('@') {
+        return url.to_owned();
+    }
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
+    let (scheme, rest) = match url.find("://") {
+        Some(i) => (&url[..i + 3], &url[i + 3..]),
+        None => ("", url),
+    };
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..end].rfind('@') else {
+        return url.to_owned();
+    };
+    let hidden = match rest[..at].split_once(':') {
+        Some((user, _password)) if !user.contains('/') => format!("{user}:***"),
+        _ => "***".to_owned(),
+    };
+    format!("{scheme}{hidden}{}", &rest[at..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn urls_without_secrets_are_unchanged() {
+        for url in [
+            "nats://127.0.0.1:4222",
+            "redis://h:6379/0",
+            "rediss://h:6380/1?insecure=true",
+            "not a url",
+            "",
+        ] {
+            assert_eq!(redact_url(url), url);
+        }
+    }
+
+    #[test]
+    fn passwords_and_tokens_are_hidden() {
+        assert_eq!(
+            redact_url("redis://:s3cret@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(
+            redact_url("nats://bob:s3cret@h:4222"),
+            "nats://bob:***@h:4222"
+        );
+        assert_eq!(redact_url("nats://tok3n@h:4222"), "nats://***@h:4222");
+        assert_eq!(redact_url("redis://alice@h"), "redis://***@h");
+        assert_eq!(redact_url("not a url://a:b@c"), "not a url://a:***@c");
+        assert_eq!(redact_url("user:pw@host"), "user:***@host");
+    }
+
+    #[test]
+    fn unencoded_separators_in_a_password_do_not_leak_it() {
+        assert_eq!(
+            redact_url("redis://:pa/ss@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(redact_url("redis://:p@ss@h:6379"), "redis://:***@h:6379");
+        assert_eq!(redact_url("nats://u:a:b@h"), "nats://u:***@h");
+        assert_eq!(redact_url("nats://h/x:y@z"), "nats://***@z");
+    }
+
+    #[test]
+    fn each_server_of_a_list_is_redacted() {
+        assert_eq!(
+            redact_url("nats://u:p1@a:4222, nats://b:4222,nats://tok@c:4222"),
+            "nats://u:***@a:4222, nats://b:4222,nats://***@c:4222"
+        );
+    }
+}
