@@ -120,17 +120,8 @@ pub enum CallOutcome {
     /// return value is not JSON-serializable. The error says which.
     Failure(TaskError),
     /// The task asked for a retry (`raise dbtask.Retry(...)`, `self.retry()`) or raised an
-    /// exception of its `autoretry_for`: run it again later if the policy leaves a retry.
-    Retry {
-        /// Seconds until the next attempt; `None`: the task's policy decides.
-        countdown: Option<f64>,
-        /// Overrides the task's `max_retries` for this decision.
-        max_retries: Option<u32>,
-        /// The error recorded (RETRY now, FAILURE when no retry is left).
-        error: TaskError,
-        /// A bare `Retry` without `exc`: its error is only a request, not a task failure.
-        explicit: bool,
-    },
+    /// exception of its `autoretry_for`: [`crate::retry::decide`] says whether it runs again.
+    Retry(crate::retry::Request),
 }
 
 #[derive(Debug, thiserror::Error)]

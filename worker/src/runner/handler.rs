@@ -20,6 +20,7 @@ use super::{reached, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
 use crate::limits::{self, Ended, Limits};
 use crate::python::{Burst, CallOutcome, Dispatch, Handover, Job, TaskInfo};
+use crate::retry::Decision;
 
 /// How a message leaves this worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -488,37 +489,24 @@ async fn retry(
     ctx: &Context<'_>,
     record: &mut ResultRecord,
     payload: &[u8],
-    countdown: Option<f64>,
-    max_retries: Option<u32>,
-    error: TaskError,
-    explicit: bool,
+    policy: &crate::retry::RetryPolicy,
+    request: crate::retry::Request,
 ) -> Result<(), Disposition> {
     let (id, name) = (record.id.clone(), record.task.clone().unwrap_or_default());
-    let policy = ctx
-        .shared
-        .python
-        .tasks()
-        .get(&name)
-        .map(|t| t.retry.clone())
-        .unwrap_or_default();
-    let retries = record.retries;
-    let max = max_retries.unwrap_or(policy.max_retries);
-    if retries >= max {
-        warn!(task_id = %id, task = %name, retries, max_retries = max, error_type = %error.exc_type, error = %error.message, "task failed: no retry left");
-        record.state = TaskState::Failure;
-        record.error = Some(if explicit {
-            TaskError::new(
-                error_types::MAX_RETRIES_EXCEEDED,
-                format!(
-                    "the task asked for a retry after {retries} retries, its max_retries is {max}"
-                ),
-            )
-        } else {
-            error
-        });
-        return Ok(());
-    }
-    let delay = countdown.unwrap_or_else(|| policy.delay(retries)).max(0.0);
+    let (retries, delay, max, error) = match crate::retry::decide(policy, record.retries, request) {
+        Decision::Exhausted { max_retries, error } => {
+            warn!(task_id = %id, task = %name, retries = record.retries, max_retries, error_type = %error.exc_type, error = %error.message, "task failed: no retry left");
+            record.state = TaskState::Failure;
+            record.error = Some(error);
+            return Ok(());
+        }
+        Decision::Again {
+            retries,
+            delay,
+            max_retries,
+            error,
+        } => (retries, delay, max_retries, error),
+    };
     let Ok(mut next) = TaskMessage::decode(payload) else {
         // It decoded a moment ago: cannot happen, but never panic on input.
         record.state = TaskState::Failure;
@@ -526,7 +514,7 @@ async fn retry(
         return Ok(());
     };
     let eta = now_unix() + delay;
-    next.retries = retries + 1;
+    next.retries = retries;
     next.eta = (delay > 0.0).then_some(eta);
     let msg_id = format!("{id}:retry:{}", next.retries);
     if let Err(e) =
@@ -686,23 +674,8 @@ async fn execute(
             record.state = TaskState::Failure;
             record.error = Some(err);
         }
-        CallOutcome::Retry {
-            countdown,
-            max_retries,
-            error,
-            explicit,
-        } => {
-            if let Err(d) = Box::pin(retry(
-                ctx,
-                &mut record,
-                payload,
-                countdown,
-                max_retries,
-                error,
-                explicit,
-            ))
-            .await
-            {
+        CallOutcome::Retry(request) => {
+            if let Err(d) = Box::pin(retry(ctx, &mut record, payload, &info.retry, request)).await {
                 return (d, None);
             }
         }
