@@ -11,6 +11,7 @@ pub mod config;
 pub mod limits;
 pub mod memory;
 pub mod python;
+pub mod record;
 pub mod retry;
 pub mod revoke;
 pub mod runner;

@@ -8,13 +8,14 @@
 use async_nats::jetstream::Message;
 use async_nats::HeaderMap;
 use dbtask_protocol::{
-    dead_headers, now_unix, ResultRecord, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM,
-    HEADER_TASK, HEADER_TASK_ID,
+    dead_headers, now_unix, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM, HEADER_TASK,
+    HEADER_TASK_ID,
 };
 use tracing::{error, info, warn};
 
 use super::handler::{identify, Disposition};
 use super::Shared;
+use crate::record::Origin;
 
 /// `Some(deliveries)` when a message delivered `delivered` times is on its last allowed delivery.
 pub(super) fn last_delivery(delivered: i64, max_deliver: i64) -> Option<i64> {
@@ -145,16 +146,22 @@ pub(super) async fn dead_letter(
     let Some(id) = task_id else {
         return Disposition::Ack;
     };
-    let mut record = ResultRecord::new(id, TaskState::Failure);
-    record.task = task;
-    record.attempts = deliveries.clamp(0, u32::MAX as i64) as u32;
-    record.worker = Some(shared.worker.clone());
-    record.queue = Some(queue.to_owned());
-    record.date_done = Some(now_unix());
-    record.error = Some(TaskError::new(
-        DEAD_LETTERED,
-        format!("{reason}; the message is in stream {DEAD_STREAM} at sequence {dead_seq}: `dbtask dead show {dead_seq}` shows it, `dbtask dead replay {dead_seq}` runs it again"),
-    ));
+    let origin = Origin {
+        worker: Some(&shared.worker),
+        queue: Some(queue),
+        attempt: deliveries.clamp(0, u32::MAX as i64) as u32,
+        received: None,
+    };
+    let record = origin.ended(
+        id,
+        task.as_deref(),
+        TaskState::Failure,
+        0,
+        TaskError::new(
+            DEAD_LETTERED,
+            format!("{reason}; the message is in stream {DEAD_STREAM} at sequence {dead_seq}: `dbtask dead show {dead_seq}` shows it, `dbtask dead replay {dead_seq}` runs it again"),
+        ),
+    );
     match shared.writer.write(&record).await {
         Ok(()) => Disposition::Ack,
         Err(_) => {

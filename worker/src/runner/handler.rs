@@ -20,6 +20,7 @@ use super::{reached, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
 use crate::limits::{self, Ended, Limits};
 use crate::python::{Burst, CallOutcome, Dispatch, Handover, Job, TaskInfo};
+use crate::record::Origin;
 use crate::retry::Decision;
 
 /// How a message leaves this worker.
@@ -166,27 +167,16 @@ async fn keep_alive(msg: &Message, every: Duration) {
     }
 }
 
-/// Common fields of every record this worker writes for a message.
+/// What every step of a message's handling shares.
 struct Context<'a> {
     shared: &'a Shared,
     queue: &'a str,
     attempt: u32,
-    received: f64,
+    /// The fields of every record written for this message.
+    origin: Origin<'a>,
 }
 
 impl Context<'_> {
-    fn record(&self, id: &str, task: Option<&str>, state: TaskState, retries: u32) -> ResultRecord {
-        let mut record = ResultRecord::new(id, state);
-        record.task = task.map(str::to_owned);
-        // Deliveries of this task id: earlier retries each ran once (at least), plus this one.
-        record.attempts = self.attempt.saturating_add(retries);
-        record.retries = retries;
-        record.worker = Some(self.shared.worker.clone());
-        record.queue = Some(self.queue.to_owned());
-        record.date_received = Some(self.received);
-        record
-    }
-
     /// Stores `record`; `HandBack` if the worker stops before Redis has it.
     async fn store(&self, record: &ResultRecord) -> Disposition {
         match self.shared.writer.write(record).await {
@@ -195,20 +185,19 @@ impl Context<'_> {
         }
     }
 
-    /// A FAILURE record for a message the worker refuses to run.
+    /// A FAILURE record for a message the worker refuses to run; returned once stored.
     async fn refuse(
         &self,
         id: &str,
         task: Option<&str>,
-        exc_type: &str,
-        message: String,
+        error: TaskError,
         retries: u32,
-    ) -> Disposition {
-        warn!(task_id = id, task = task.unwrap_or("?"), attempt = self.attempt, queue = self.queue, error_type = exc_type, error = %message, "task refused");
-        let mut record = self.record(id, task, TaskState::Failure, retries);
-        record.date_done = Some(now_unix());
-        record.error = Some(TaskError::new(exc_type, message));
-        self.store(&record).await
+    ) -> (Disposition, ResultRecord) {
+        warn!(task_id = id, task = task.unwrap_or("?"), attempt = self.attempt, queue = self.queue, error_type = %error.exc_type, error = %error.message, "task refused");
+        let record = self
+            .origin
+            .ended(id, task, TaskState::Failure, retries, error);
+        (self.store(&record).await, record)
     }
 
     /// A REVOKED record: the task was revoked before it started, or terminated.
@@ -228,9 +217,13 @@ impl Context<'_> {
             reason = why,
             "task revoked"
         );
-        let mut record = self.record(id, Some(task), TaskState::Revoked, retries);
-        record.date_done = Some(now_unix());
-        record.error = Some(TaskError::new(error_types::REVOKED, why));
+        let record = self.origin.ended(
+            id,
+            Some(task),
+            TaskState::Revoked,
+            retries,
+            TaskError::new(error_types::REVOKED, why),
+        );
         (self.store(&record).await, record)
     }
 }
@@ -250,11 +243,12 @@ async fn process(
     delivered: i64,
 ) -> Disposition {
     let received = now_unix();
+    let attempt = delivered.clamp(1, u32::MAX as i64) as u32;
     let ctx = Context {
         shared,
         queue,
-        attempt: delivered.clamp(1, u32::MAX as i64) as u32,
-        received,
+        attempt,
+        origin: Origin::delivery(&shared.worker, queue, attempt, received),
     };
     let payload: &[u8] = &msg.message.payload;
     let header = |name: &str| {
@@ -308,7 +302,7 @@ async fn process(
     let slot = if handed_over {
         None
     } else {
-        let Some(permit) = wait_for_slot(shared, queue, msg, delivered, received).await else {
+        let Some(permit) = wait_for_slot(shared, &ctx.origin, &task).await else {
             return Disposition::HandBack;
         };
         // Held while the task runs; `execute` lets it go as soon as the task function returns,
@@ -364,12 +358,16 @@ async fn process(
             expires,
             "task expired before it ran: recording REVOKED"
         );
-        let mut record = ctx.record(id, Some(name), TaskState::Revoked, task.retries);
-        record.date_done = Some(now_unix());
-        record.error = Some(TaskError::new(
-            error_types::EXPIRED,
-            "expired: the task was delivered after its expires time and did not run",
-        ));
+        let record = ctx.origin.ended(
+            id,
+            Some(name),
+            TaskState::Revoked,
+            task.retries,
+            TaskError::new(
+                error_types::EXPIRED,
+                "expired: the task was delivered after its expires time and did not run",
+            ),
+        );
         let stored = ctx.store(&record).await;
         return workflow(&ctx, flow, &record, stored).await;
     }
@@ -379,10 +377,13 @@ async fn process(
             "no task named {name:?} is registered in this worker (modules imported: {}); is its module passed with -A?",
             shared.config.apps.join(", ")
         );
-        let mut record = ctx.record(id, Some(name), TaskState::Failure, task.retries);
-        record.error = Some(TaskError::new(error_types::UNKNOWN_TASK, why.clone()));
-        let stored = ctx
-            .refuse(id, Some(name), error_types::UNKNOWN_TASK, why, task.retries)
+        let (stored, record) = ctx
+            .refuse(
+                id,
+                Some(name),
+                TaskError::new(error_types::UNKNOWN_TASK, why),
+                task.retries,
+            )
             .await;
         return workflow(&ctx, flow, &record, stored).await;
     };
@@ -399,8 +400,7 @@ async fn process(
     ticket.stop_waiting();
     // Boxed: a message waiting in the prefetch then holds a small future, not one sized for
     // running the task (a few KB each, times the prefetch).
-    let (stored, record) =
-        Box::pin(execute(&ctx, task, info, payload, slot, (msg, delivered))).await;
+    let (stored, record) = Box::pin(execute(&ctx, task, info, payload, slot)).await;
     match record {
         Some(record) => workflow(&ctx, flow, &record, stored).await,
         None => stored,
@@ -416,10 +416,8 @@ fn tracks_started(shared: &Shared, info: &TaskInfo) -> bool {
 /// [`RECEIVED_AFTER`] is recorded RECEIVED meanwhile.
 async fn wait_for_slot(
     shared: &Shared,
-    queue: &str,
-    msg: &Message,
-    delivered: i64,
-    received: f64,
+    origin: &Origin<'_>,
+    task: &TaskMessage,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
     if let Ok(permit) = shared.slots.clone().try_acquire_owned() {
         return Some(permit);
@@ -435,7 +433,7 @@ async fn wait_for_slot(
             permit = &mut acquire => return Some(permit.expect("the slot semaphore is never closed")),
             _ = tokio::time::sleep(RECEIVED_AFTER), if !marked => {
                 marked = true;
-                mark_received(shared, queue, msg, delivered, received);
+                mark_received(shared, origin, (&task.id, &task.task, task.retries));
             }
         }
     }
@@ -541,14 +539,15 @@ async fn execute(
     info: &TaskInfo,
     payload: &[u8],
     slot: Option<Slot<'_>>,
-    (msg, delivered): (&Message, i64),
 ) -> (Disposition, Option<ResultRecord>) {
     let (shared, queue) = (ctx.shared, ctx.queue);
     let id = task.id.as_str();
     let name = task.task.as_str();
     let mut started = now_unix();
     if tracks_started(shared, info) {
-        let mut record = ctx.record(id, Some(name), TaskState::Started, task.retries);
+        let mut record = ctx
+            .origin
+            .record(id, Some(name), TaskState::Started, task.retries);
         record.date_started = Some(started);
         if ctx.store(&record).await != Disposition::Ack {
             return (Disposition::HandBack, None);
@@ -609,7 +608,7 @@ async fn execute(
                     _ = &mut received, if !marked => {
                         marked = true;
                         if handover.state.started_at().is_none() {
-                            mark_received(shared, queue, msg, delivered, ctx.received);
+                            mark_received(shared, &ctx.origin, (id, name, task.retries));
                         }
                     }
                 }
@@ -639,7 +638,9 @@ async fn execute(
         }
     };
     let done = now_unix();
-    let mut record = ctx.record(id, Some(name), TaskState::Success, task.retries);
+    let mut record = ctx
+        .origin
+        .record(id, Some(name), TaskState::Success, task.retries);
     record.date_started = Some(started);
     record.date_done = Some(done);
     if let Some((args, kwargs)) = extended {
@@ -688,21 +689,11 @@ async fn execute(
 /// Only on its first delivery: a redelivery may find a final state that must not be
 /// overwritten. The write is queued behind nothing and awaited by nobody, so the wait costs no
 /// round trip; records of one task reach the writer in order, so it never hides a later state.
-fn mark_received(shared: &Shared, queue: &str, msg: &Message, delivered: i64, received: f64) {
-    if delivered != 1 {
-        return;
+fn mark_received(shared: &Shared, origin: &Origin<'_>, (id, task, retries): (&str, &str, u32)) {
+    if origin.attempt == 1 {
+        let record = origin.record(id, Some(task), TaskState::Received, retries);
+        shared.writer.enqueue(&record);
     }
-    let Ok(task) = TaskMessage::decode(&msg.message.payload) else {
-        return; // refused with a FAILURE record once it has a slot
-    };
-    let mut record = ResultRecord::new(task.id, TaskState::Received);
-    record.task = Some(task.task);
-    record.attempts = 1 + task.retries;
-    record.retries = task.retries;
-    record.worker = Some(shared.worker.clone());
-    record.queue = Some(queue.to_owned());
-    record.date_received = Some(received);
-    shared.writer.enqueue(&record);
 }
 
 /// A message that cannot be decoded (or is too large): a FAILURE record if any valid task id
@@ -717,7 +708,11 @@ async fn refuse_unreadable(
 ) -> Disposition {
     let (id, task) = identify(&msg.message.payload, header_id, header_task);
     match id {
-        Some(id) => ctx.refuse(&id, task.as_deref(), exc_type, why, 0).await,
+        Some(id) => {
+            ctx.refuse(&id, task.as_deref(), TaskError::new(exc_type, why), 0)
+                .await
+                .0
+        }
         None => {
             let head = &msg.message.payload[..msg.message.payload.len().min(120)];
             error!(
