@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::Config;
-use crate::python::{CallOutcome, Dispatch, Interrupt, Job, JobState, PythonRuntime, TaskInfo};
+use crate::python::{Dispatch, Interrupt, Job, JobState, PythonRuntime, Returned, TaskInfo};
 use crate::revoke::Revocations;
 
 /// The limits of one call; `None`: no limit.
@@ -43,8 +43,8 @@ impl Limits {
 /// How a limited call ended.
 #[derive(Debug)]
 pub enum Ended {
-    /// The task returned or raised.
-    Done(CallOutcome),
+    /// The task returned or raised (its arguments come back with the outcome).
+    Done(Returned),
     /// Given up at the hard time limit.
     TimedOut(TaskError),
     /// Revoked: before it started (`started` false) or terminated while running.
@@ -156,7 +156,7 @@ mod tests {
     fn info(soft: Option<f64>, hard: Option<f64>) -> TaskInfo {
         TaskInfo {
             name: "t".into(),
-            is_async: false,
+            executor: crate::python::Executor::Threads,
             queue: "default".into(),
             track_started: None,
             time_limit: hard,

@@ -1,9 +1,8 @@
 //! The embedded CPython interpreter: start-up, the task registry, and running tasks.
 //!
-//! INTERFACE CONTRACT (used by `runner`): the signatures below are fixed; bodies are filled in
-//! by the python-module work. Sync `def` tasks run on a pool of Python threads, `async def`
-//! tasks on one asyncio loop on its own thread. Tokio threads never hold the GIL: `call`
-//! sends the job to a Python thread and awaits a oneshot reply.
+//! Sync `def` tasks run on a pool of Python threads, `async def` tasks on one asyncio loop on
+//! its own thread: a task's [`Executor`]. Tokio threads never hold the GIL: `dispatch` sends
+//! the job to a Python thread and awaits a oneshot reply.
 //!
 //! Layout: `interpreter` (PEP 587 start-up, `sys.path`), `registry` (the tasks read from
 //! `dbtask._registry.TASKS`, with their cached function and signature), `invoke` (arguments,
@@ -59,7 +58,8 @@ pub struct PythonConfig {
 #[derive(Debug, Clone)]
 pub struct TaskInfo {
     pub name: String,
-    pub is_async: bool,
+    /// What runs its jobs (`async def` or not).
+    pub executor: Executor,
     /// The task's default queue (informational: the worker consumes the queues it is told).
     pub queue: String,
     /// `track_started` from the task's options, if it set one.
@@ -72,6 +72,33 @@ pub struct TaskInfo {
     pub soft_time_limit: Option<f64>,
     /// `rate_limit` from the task's options: starts allowed across the whole cluster.
     pub rate_limit: Option<dbtask_protocol::Rate>,
+}
+
+/// What runs a task's jobs. The runner hands every job to [`PythonRuntime::dispatch`] and
+/// never looks inside: admission, settlement and acks are the same for every executor, and a
+/// new one (a pool of processes) is a new variant here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Executor {
+    /// Sync `def` tasks: the pool of Python threads (`pool`).
+    Threads,
+    /// `async def` tasks: the asyncio loop on its own thread (`asyncio`).
+    AsyncLoop,
+}
+
+impl Executor {
+    pub fn of(is_async: bool) -> Executor {
+        if is_async {
+            Executor::AsyncLoop
+        } else {
+            Executor::Threads
+        }
+    }
+
+    /// Whether a job may be queued before its slot is free, the executor taking the slot
+    /// when it starts the job (see [`Handover`]).
+    pub fn takes_handover(self) -> bool {
+        self == Executor::Threads
+    }
 }
 
 /// How to interrupt a running task (time limits, revocation with terminate).
@@ -109,6 +136,30 @@ pub struct Job {
     pub attempt: u32,
     /// Retries before this message.
     pub retries: u32,
+}
+
+/// A job's arguments, handed back with its outcome: a retry publishes them again as they came,
+/// without a copy or a second decoding of the message.
+#[derive(Debug)]
+pub struct Arguments {
+    pub args: Box<RawValue>,
+    pub kwargs: Box<RawValue>,
+}
+
+/// How a call ended, and the job's arguments (absent when the job never reached a thread).
+#[derive(Debug)]
+pub struct Returned {
+    pub outcome: CallOutcome,
+    pub arguments: Option<Arguments>,
+}
+
+impl Returned {
+    fn without_arguments(outcome: CallOutcome) -> Returned {
+        Returned {
+            outcome,
+            arguments: None,
+        }
+    }
 }
 
 /// How a call ended.
@@ -175,7 +226,7 @@ pub struct Dispatch {
 struct WorkItem {
     job: Job,
     entry: Arc<Entry>,
-    reply: oneshot::Sender<CallOutcome>,
+    reply: oneshot::Sender<Returned>,
     /// A sync job handed over before its slot was free (see [`Handover`]).
     handover: Option<Handover>,
 }
@@ -258,32 +309,35 @@ impl PythonRuntime {
             },
         )
         .await
+        .outcome
     }
 
-    /// [`call_in`](Self::call_in); with a [`Handover`], a sync job is queued before its slot is
-    /// free: the Python thread that takes it takes the slot, and starts it only if the caller
-    /// has not cancelled it meanwhile (the outcome is then never sent). An `async def` task
-    /// must be called with its slot already held, without a handover.
-    pub async fn dispatch(&self, job: Job, how: Dispatch) -> CallOutcome {
+    /// [`call_in`](Self::call_in), handing the job's arguments back with its outcome; with a
+    /// [`Handover`], a job of an executor that [takes it](Executor::takes_handover) is queued
+    /// before its slot is free: the Python thread that takes it takes the slot, and starts it
+    /// only if the caller has not cancelled it meanwhile (the outcome is then never sent).
+    /// Other jobs must be dispatched with their slot already held, without a handover.
+    pub async fn dispatch(&self, job: Job, how: Dispatch) -> Returned {
         let Dispatch { burst, handover } = how;
         let Some(entry) = self.inner.registry.get(&job.task) else {
-            return CallOutcome::Failure(self.inner.registry.unknown_task(&job.task));
+            return Returned::without_arguments(CallOutcome::Failure(
+                self.inner.registry.unknown_task(&job.task),
+            ));
         };
         debug_assert!(
-            handover.is_none() || !entry.is_async,
-            "async tasks take their slot before the call"
+            handover.is_none() || entry.executor.takes_handover(),
+            "only the thread pool takes a job's slot itself"
         );
-        let (reply, outcome) = oneshot::channel();
+        let (reply, returned) = oneshot::channel();
         let item = WorkItem {
             job,
             entry: Arc::clone(entry),
             reply,
             handover,
         };
-        let accepted = if entry.is_async {
-            self.inner.aio.submit(item).is_ok()
-        } else {
-            match self.inner.pool.submit(item) {
+        let accepted = match entry.executor {
+            Executor::AsyncLoop => self.inner.aio.submit(item).is_ok(),
+            Executor::Threads => match self.inner.pool.submit(item) {
                 Ok(wake) => {
                     if wake.owed() && burst == Burst::WithOthers {
                         // The other tasks ready on this thread queue their jobs first; the
@@ -293,21 +347,21 @@ impl PythonRuntime {
                     true
                 }
                 Err(_) => false,
-            }
+            },
         };
         if !accepted {
-            return internal_failure(
+            return Returned::without_arguments(internal_failure(
                 "the worker's Python runtime is shut down: the task did not run",
-            );
+            ));
         }
-        let outcome = match outcome.await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                internal_failure("the Python thread running the task stopped without an outcome")
-            }
+        let returned = match returned.await {
+            Ok(returned) => returned,
+            Err(_) => Returned::without_arguments(internal_failure(
+                "the Python thread running the task stopped without an outcome",
+            )),
         };
         self.inner.finished.fetch_add(1, Ordering::Relaxed);
-        outcome
+        returned
     }
 
     /// Sync jobs queued for a Python thread and not taken yet.
@@ -379,7 +433,7 @@ impl Inner {
                 "the task was revoked with terminate=True",
             ),
         };
-        if entry.is_async {
+        if entry.executor == Executor::AsyncLoop {
             self.aio.interrupt(py, task_id, aio_kind, message);
             return;
         }

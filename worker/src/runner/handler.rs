@@ -296,9 +296,9 @@ async fn process(
     // wait for their slot here; at shutdown, a message that has not started goes back at once,
     // and one still waiting after RECEIVED_AFTER is recorded RECEIVED meanwhile.
     let info = shared.python.tasks().get(task.task.as_str());
-    let handed_over = info
-        .is_some_and(|t| !t.is_async && !tracks_started(shared, t) && t.rate_limit.is_none())
-        && task.expires.is_none();
+    let handed_over = info.is_some_and(|t| {
+        t.executor.takes_handover() && !tracks_started(shared, t) && t.rate_limit.is_none()
+    }) && task.expires.is_none();
     let slot = if handed_over {
         None
     } else {
@@ -400,7 +400,7 @@ async fn process(
     ticket.stop_waiting();
     // Boxed: a message waiting in the prefetch then holds a small future, not one sized for
     // running the task (a few KB each, times the prefetch).
-    let (stored, record) = Box::pin(execute(&ctx, task, info, payload, slot)).await;
+    let (stored, record) = Box::pin(execute(&ctx, task, info, slot)).await;
     match record {
         Some(record) => workflow(&ctx, flow, &record, stored).await,
         None => stored,
@@ -486,7 +486,7 @@ async fn workflow(
 async fn retry(
     ctx: &Context<'_>,
     record: &mut ResultRecord,
-    payload: &[u8],
+    next: Option<TaskMessage>,
     policy: &crate::retry::RetryPolicy,
     request: crate::retry::Request,
 ) -> Result<(), Disposition> {
@@ -505,8 +505,8 @@ async fn retry(
             error,
         } => (retries, delay, max_retries, error),
     };
-    let Ok(mut next) = TaskMessage::decode(payload) else {
-        // It decoded a moment ago: cannot happen, but never panic on input.
+    let Some(mut next) = next else {
+        // Arguments come back with every outcome the task itself produced: cannot happen.
         record.state = TaskState::Failure;
         record.error = Some(error);
         return Ok(());
@@ -537,7 +537,6 @@ async fn execute(
     ctx: &Context<'_>,
     task: TaskMessage,
     info: &TaskInfo,
-    payload: &[u8],
     slot: Option<Slot<'_>>,
 ) -> (Disposition, Option<ResultRecord>) {
     let (shared, queue) = (ctx.shared, ctx.queue);
@@ -624,8 +623,12 @@ async fn execute(
     if let Some(at) = handover.and_then(|h| h.state.started_at()) {
         started = now_unix() - at.elapsed().as_secs_f64();
     }
+    let mut arguments = None;
     let outcome = match ended {
-        Ended::Done(outcome) => outcome,
+        Ended::Done(returned) => {
+            arguments = returned.arguments;
+            returned.outcome
+        }
         Ended::TimedOut(err) => CallOutcome::Failure(err),
         Ended::Revoked { started } => {
             let why = if started {
@@ -676,7 +679,13 @@ async fn execute(
             record.error = Some(err);
         }
         CallOutcome::Retry(request) => {
-            if let Err(d) = Box::pin(retry(ctx, &mut record, payload, &info.retry, request)).await {
+            // The message, whole again with the arguments the executor handed back.
+            let next = arguments.map(|a| TaskMessage {
+                args: a.args,
+                kwargs: a.kwargs,
+                ..task
+            });
+            if let Err(d) = Box::pin(retry(ctx, &mut record, next, &info.retry, request)).await {
                 return (d, None);
             }
         }
