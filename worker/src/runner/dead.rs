@@ -13,8 +13,8 @@ use dbtask_protocol::{
 };
 use tracing::{error, info, warn};
 
-use super::handler::{identify, Disposition};
-use super::Shared;
+use super::admit::identify;
+use super::{Disposition, Shared};
 use crate::record::Origin;
 
 /// `Some(deliveries)` when a message delivered `delivered` times is on its last allowed delivery.
@@ -31,6 +31,15 @@ pub(super) async fn dead_letter_unreadable(
     why: &str,
 ) -> Disposition {
     let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let head = &msg.message.payload[..msg.message.payload.len().min(120)];
+    error!(
+        subject = %msg.subject,
+        queue,
+        attempt = deliveries,
+        error = %why,
+        body_start = %String::from_utf8_lossy(head),
+        "a message without a task id: nothing to record its failure under; dead-lettering it"
+    );
     let reason = format!("unreadable message without a task id: {why}");
     match publish(shared, queue, msg, &reason, deliveries).await {
         Some(dead_seq) => {

@@ -4,10 +4,13 @@
 //! Everything runs on one thread (a current-thread runtime and a `LocalSet`): Python runs on its
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
+mod admit;
 mod dead;
+mod execute;
 mod handler;
 mod priority;
 mod rate;
+mod settle;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -41,6 +44,17 @@ pub enum WorkerError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// How a message leaves this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disposition {
+    /// The outcome is stored: done.
+    Ack,
+    /// Not run (or not finished) here: NATS delivers it again, to this worker or another.
+    HandBack,
+    /// Cannot ever run and cannot be recorded (no task id): drop it.
+    Term,
 }
 
 /// Where the worker is in its life: each step only moves forward.
