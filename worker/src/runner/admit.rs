@@ -91,6 +91,7 @@ pub(super) async fn admit<'a>(
         queue = ctx.queue,
         "task received"
     );
+    shared.hooks.received(ctx.task_ref(id, name));
 
     // A redelivery may follow a crash between storing the outcome and acking it.
     if ctx.attempt > 1 {

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use super::admit::identify;
 use super::{Disposition, Shared};
+use crate::events::TaskRef;
 use crate::record::Origin;
 
 /// `Some(deliveries)` when a message delivered `delivered` times is on its last allowed delivery.
@@ -43,6 +44,9 @@ pub(super) async fn dead_letter_unreadable(
     let reason = format!("unreadable message without a task id: {why}");
     match publish(shared, queue, msg, &reason, deliveries).await {
         Some(dead_seq) => {
+            shared
+                .hooks
+                .dead_lettered(task_ref("?", None, queue, deliveries), &reason);
             error!(
                 queue,
                 dead_letter_sequence = dead_seq,
@@ -51,6 +55,20 @@ pub(super) async fn dead_letter_unreadable(
             Disposition::Ack
         }
         None => Disposition::Term,
+    }
+}
+
+fn task_ref<'a>(
+    id: &'a str,
+    task: Option<&'a str>,
+    queue: &'a str,
+    deliveries: i64,
+) -> TaskRef<'a> {
+    TaskRef {
+        id,
+        task: task.unwrap_or("?"),
+        queue,
+        attempt: deliveries.clamp(0, u32::MAX as i64) as u32,
     }
 }
 
@@ -152,6 +170,15 @@ pub(super) async fn dead_letter(
         "task dead-lettered: inspect it with `dbtask dead show {dead_seq}`, rerun it with `dbtask dead replay {dead_seq}`"
     );
 
+    shared.hooks.dead_lettered(
+        task_ref(
+            task_id.as_deref().unwrap_or("?"),
+            task.as_deref(),
+            queue,
+            deliveries,
+        ),
+        &reason,
+    );
     let Some(id) = task_id else {
         return Disposition::Ack;
     };

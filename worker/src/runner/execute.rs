@@ -53,6 +53,7 @@ pub(super) async fn execute(
         Burst::Alone
     };
     let handover = slot.is_none().then(|| Handover::new(shared.slots.clone()));
+    shared.hooks.started(ctx.task_ref(id, name));
     let call = limits::call(
         &shared.python,
         &shared.revocations,

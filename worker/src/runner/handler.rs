@@ -19,6 +19,7 @@ use super::execute::execute;
 use super::settle::{settle, How, Policy, Settled};
 use super::{reached, Disposition, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
+use crate::events::TaskRef;
 use crate::python::Job;
 use crate::record::Origin;
 
@@ -175,6 +176,16 @@ pub(super) struct Context<'a> {
 }
 
 impl Context<'_> {
+    /// Task `id` (named `task`) of this message, as events name it.
+    pub(super) fn task_ref<'t>(&'t self, id: &'t str, task: &'t str) -> TaskRef<'t> {
+        TaskRef {
+            id,
+            task,
+            queue: self.queue,
+            attempt: self.attempt,
+        }
+    }
+
     /// Stores `record`; `HandBack` if the worker stops before Redis has it.
     pub(super) async fn store(&self, record: &ResultRecord) -> Disposition {
         match self.shared.writer.write(record).await {
@@ -305,7 +316,34 @@ async fn follow_up(
         How::AlreadyFinished => Disposition::Ack,
         _ => ctx.store(&record).await,
     };
+    if stored == Disposition::Ack {
+        emit(ctx, &record, how);
+    }
     workflow(ctx, flow, &record, stored).await
+}
+
+/// Tells the hooks how a message was settled, once its record is stored.
+fn emit(ctx: &Context<'_>, record: &ResultRecord, how: How) {
+    let hooks = &ctx.shared.hooks;
+    if hooks.is_empty() {
+        return;
+    }
+    let task = ctx.task_ref(&record.id, record.task.as_deref().unwrap_or("?"));
+    let error = record.error.as_ref();
+    match (how, error) {
+        (How::Succeeded, _) => {
+            let runtime = match (record.date_started, record.date_done) {
+                (Some(started), Some(done)) => (done - started).max(0.0),
+                _ => 0.0,
+            };
+            hooks.succeeded(task, runtime);
+        }
+        (How::Failed | How::Exhausted { .. }, Some(error)) => hooks.failed(task, error),
+        (How::Retry(next), Some(error)) => hooks.retried(task, error, next.delay),
+        (How::Revoked, Some(error)) => hooks.revoked(task, error),
+        (How::Rejected, Some(error)) => hooks.rejected(task, error),
+        _ => {}
+    }
 }
 
 /// One line per settled message, at a level that says whether anyone should look.

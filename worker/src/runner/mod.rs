@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
+use crate::events::Hooks;
 use crate::python::PythonRuntime;
 use crate::revoke::Revocations;
 use crate::store::{Store, StoreError, Writer};
@@ -82,6 +83,8 @@ struct Shared {
     revocations: Revocations,
     /// `hostname:pid`, recorded in every result.
     worker: String,
+    /// Who hears of each task's lifecycle events (nobody by default).
+    hooks: Hooks,
     /// One permit per task allowed to run.
     slots: Arc<Semaphore>,
     /// Messages received but still waiting for a slot.
@@ -177,6 +180,16 @@ pub async fn run(
     python: PythonRuntime,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    run_with_hooks(config, python, Hooks::default(), shutdown).await
+}
+
+/// [`run`], telling `hooks` what happens to each task (see [`crate::events`]).
+pub async fn run_with_hooks(
+    config: Config,
+    python: PythonRuntime,
+    hooks: Hooks,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
     let worker = worker_identity();
     let broker = Broker::connect(&config.nats_url, &worker).await?;
     let store = Store::connect(&config.redis_url, config.result_ttl).await?;
@@ -234,6 +247,7 @@ pub async fn run(
             revocations,
             levels,
             worker,
+            hooks,
             shutdown,
         ))
         .await;
@@ -249,6 +263,7 @@ async fn serve(
     revocations: Revocations,
     levels: Vec<priority::Levels>,
     worker: String,
+    hooks: Hooks,
     shutdown: impl Future<Output = ()>,
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
@@ -263,6 +278,7 @@ async fn serve(
         broker,
         revocations,
         worker,
+        hooks,
         waiting: Cell::new(0),
         freed: Notify::new(),
         in_flight: Cell::new(0),
