@@ -1,5 +1,5 @@
 //! Time limits and termination of a running task: timers on the worker's tokio thread
-//! around [`PythonRuntime::call`], no polling.
+//! around [`PythonRuntime::dispatch`], no polling.
 //!
 //! - Soft limit: `dbtask.SoftTimeLimitExceeded` is raised in the task, which may catch it and
 //!   return; the call goes on.

@@ -7,6 +7,8 @@
 //! Every path ends in exactly one [`Disposition`]; the message is acked only once its outcome
 //! is in Redis, and in-progress acks keep NATS from redelivering it while it is held here.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -210,27 +212,32 @@ async fn process(
         attempt,
         origin: Origin::delivery(&shared.worker, queue, attempt, now_unix()),
     };
+    // What follows admission is boxed: a message waiting in the prefetch then holds a small
+    // future, not one sized for running the task and storing its outcome (a few KB each,
+    // times the prefetch). One allocation per message, made once it has its slot.
+    let next: Pin<Box<dyn Future<Output = Disposition> + '_>> =
+        match admit(&ctx, ticket, msg).await {
+            Admission::Run(admitted) => Box::pin(run(&ctx, admitted)),
+            Admission::Settled(settled, flow) => Box::pin(follow_up(&ctx, settled, flow, None)),
+            Admission::Leave(disposition) => return disposition,
+            Admission::Unrecordable(why) => Box::pin(async move {
+                super::dead::dead_letter_unreadable(shared, queue, msg, &why).await
+            }),
+        };
+    next.await
+}
 
+/// Runs an admitted message's job, settles how it ended, and follows up.
+async fn run(ctx: &Context<'_>, admitted: Admitted<'_>) -> Disposition {
     let Admitted {
         task,
         info,
         slot,
         flow,
-    } = match admit(&ctx, ticket, msg).await {
-        Admission::Run(admitted) => admitted,
-        Admission::Settled(settled, flow) => return follow_up(&ctx, settled, flow, None).await,
-        Admission::Leave(disposition) => return disposition,
-        Admission::Unrecordable(why) => {
-            return Box::pin(super::dead::dead_letter_unreadable(
-                shared, queue, msg, &why,
-            ))
-            .await;
-        }
-    };
-
+    } = admitted;
+    let config = &ctx.shared.config;
     // `result_extended`: the record keeps the arguments (copied only when asked for).
-    let extended = shared
-        .config
+    let extended = config
         .result_extended
         .then(|| (task.args.clone(), task.kwargs.clone()));
     let job = Job {
@@ -238,13 +245,10 @@ async fn process(
         task: task.task.clone(),
         args: task.args,
         kwargs: task.kwargs,
-        attempt,
+        attempt: ctx.attempt,
         retries: task.retries,
     };
-    // Boxed: a message waiting in the prefetch then holds a small future, not one sized for
-    // running the task (a few KB each, times the prefetch).
-    let ran = Box::pin(execute(&ctx, job, (&task.id, &task.task), info, slot)).await;
-    let Some(ran) = ran else {
+    let Some(ran) = execute(ctx, job, (&task.id, &task.task), info, slot).await else {
         return Disposition::HandBack;
     };
 
@@ -259,7 +263,7 @@ async fn process(
     }
     let policy = Policy {
         retry: &info.retry,
-        max_result_bytes: shared.config.max_result_bytes,
+        max_result_bytes: config.max_result_bytes,
     };
     let settled = settle(record, ran.ended, &policy, ran.done);
     // A retry publishes the message again, whole with the arguments the executor handed back.
@@ -271,7 +275,7 @@ async fn process(
         }),
         _ => None,
     };
-    follow_up(&ctx, settled, flow, next).await
+    follow_up(ctx, settled, flow, next).await
 }
 
 /// What follows a settled message, in this order: the next attempt of a retry is published
