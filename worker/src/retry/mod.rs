@@ -159,6 +159,22 @@ pub async fn publish_at(
     ack.await.map(|_| ()).map_err(|e| e.to_string())
 }
 
+/// Publishes the next attempt of a task that asked for a retry: its message as it came, as
+/// retry number `retries`, due at `eta` (at once when `None`). Deduplicated per retry number,
+/// so that a redelivery of the failed attempt that publishes it again schedules it once.
+pub async fn publish_retry(
+    js: &jetstream::Context,
+    queue: &str,
+    mut task: TaskMessage,
+    retries: u32,
+    eta: Option<f64>,
+) -> Result<(), String> {
+    task.retries = retries;
+    task.eta = eta;
+    let msg_id = format!("{}:retry:{retries}", task.id);
+    publish_at(js, queue, &task, &msg_id).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -293,13 +293,11 @@ async fn follow_up(
     } = settled;
     if let How::Retry(next) = how {
         match message {
-            Some(mut message) => {
-                message.retries = next.retries;
-                message.eta = next.eta;
-                let msg_id = format!("{}:retry:{}", record.id, next.retries);
+            Some(message) => {
                 let js = ctx.shared.broker.jetstream();
-                let published =
-                    Box::pin(crate::retry::publish_at(js, ctx.queue, &message, &msg_id)).await;
+                let publish =
+                    crate::retry::publish_retry(js, ctx.queue, message, next.retries, next.eta);
+                let published = Box::pin(publish).await;
                 if let Err(e) = published {
                     warn!(task_id = %record.id, task = record.task.as_deref().unwrap_or("?"), error = %e, "cannot publish the retry of a task; NATS will deliver the failed attempt again");
                     return Disposition::HandBack;
