@@ -4,11 +4,14 @@
 //! its own thread: a task's [`Executor`]. Tokio threads never hold the GIL: `dispatch` sends
 //! the job to a Python thread and awaits a oneshot reply.
 //!
-//! Layout: `interpreter` (PEP 587 start-up, `sys.path`), `registry` (the tasks read from
-//! `dbtask._registry.TASKS`, with their cached function and signature), `invoke` (arguments,
-//! the call itself), `convert` (exceptions and return values into owned Rust values),
-//! `queue` (the hand-over queue), `pool` (sync threads), `asyncio` (the event loop thread),
-//! and `support.py` (the few helpers written in Python).
+//! Layout: `interpreter` (PEP 587 start-up, `sys.path`, `lazy_ssl.py`), `registry` (the tasks
+//! read from `dbtask._registry.TASKS`, with their cached function and signature), `retry` (a
+//! task's retry options and a raised `Retry`, read into Rust values), `invoke` (arguments, the
+//! call itself), `convert` (exceptions and return values into owned Rust values), `queue`
+//! (the job queue between tokio and the Python threads), `handover` (sync jobs queued before
+//! their slot is free), `pool` (sync threads), `running` (which thread runs which sync job,
+//! for interrupts), `asyncio` and `epoll` (the event loop thread and its selector), and
+//! `support.py` (the few helpers written in Python).
 //!
 //! The interpreter is never finalized: it lives until the process exits.
 
