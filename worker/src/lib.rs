@@ -8,9 +8,11 @@ pub mod broker;
 pub mod canvas;
 pub mod cli;
 pub mod config;
+pub mod events;
 pub mod limits;
 pub mod memory;
 pub mod python;
+pub mod record;
 pub mod retry;
 pub mod revoke;
 pub mod runner;
@@ -19,4 +21,4 @@ pub mod store;
 pub mod telemetry;
 
 pub use config::Config;
-pub use runner::{run, WorkerError};
+pub use runner::{run, run_with_hooks, WorkerError};

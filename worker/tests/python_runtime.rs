@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use dbtask_protocol::TaskError;
 use dbtask_worker::python::{
-    CallOutcome, Job, PythonConfig, PythonError, PythonRuntime, INTERNAL_ERROR,
+    CallOutcome, Executor, Job, PythonConfig, PythonError, PythonRuntime, INTERNAL_ERROR,
 };
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
@@ -251,11 +251,11 @@ fn reads_the_registry() {
     let rt = runtime();
     assert!(rt.version().starts_with("3."), "{}", rt.version());
     let add = &rt.tasks()["add"];
-    assert!(!add.is_async);
+    assert_eq!(add.executor, Executor::Threads);
     assert_eq!(add.queue, "math");
     assert_eq!(add.track_started, Some(true));
     let aadd = &rt.tasks()["aadd"];
-    assert!(aadd.is_async);
+    assert_eq!(aadd.executor, Executor::AsyncLoop);
     assert_eq!(aadd.queue, "default");
     assert_eq!(aadd.track_started, None);
 }

@@ -29,6 +29,7 @@ use serde_json::value::RawValue;
 use tracing::{debug, error, info, warn};
 
 use crate::broker::Broker;
+use crate::record::Origin;
 use crate::store::{Store, Writer};
 
 /// Records one chord member's result and says whether this member fires the callback.
@@ -197,11 +198,13 @@ impl Canvas<'_> {
             return;
         };
         for id in last.final_ids() {
-            let mut failed = ResultRecord::new(id, TaskState::Failure);
-            failed.error = Some(error.clone());
-            failed.worker = record.worker.clone();
-            failed.date_done = Some(now_unix());
-            failures.push(failed);
+            failures.push(Origin::workflow(record.worker.as_deref()).ended(
+                id,
+                None,
+                TaskState::Failure,
+                0,
+                error.clone(),
+            ));
         }
         // The chord this chain belongs to can never complete either.
         if let Some(chord) = &flow.chord {
@@ -282,16 +285,21 @@ impl Canvas<'_> {
                 ids.extend(last.final_ids());
             }
             for id in ids {
-                let mut failed = ResultRecord::new(id, TaskState::Failure);
-                failed.task = Some(m.task.clone());
-                failed.error = Some(error.clone());
-                failed.worker = record.worker.clone();
-                failed.date_done = Some(now_unix());
-                failures.push(failed);
+                failures.push(Origin::workflow(record.worker.as_deref()).ended(
+                    id,
+                    Some(&m.task),
+                    TaskState::Failure,
+                    0,
+                    error.clone(),
+                ));
             }
             if let Some(chord) = &m.chord {
-                let mut member = ResultRecord::new(m.id.clone(), TaskState::Failure);
-                member.task = Some(m.task.clone());
+                let member = Origin::workflow(record.worker.as_deref()).record(
+                    m.id.clone(),
+                    Some(&m.task),
+                    TaskState::Failure,
+                    0,
+                );
                 fail_chord(chord, &member, &error, failures);
             }
         }
@@ -405,15 +413,17 @@ fn fail_chord(
     let mut current = Some(chord);
     while let Some(c) = current {
         for id in c.callback.final_ids() {
-            let mut failed = ResultRecord::new(id, TaskState::Failure);
-            failed.error = Some(TaskError {
-                exc_type: CHORD_ERROR.to_owned(),
-                message: message.clone(),
-                traceback: error.traceback.clone(),
-            });
-            failed.worker = record.worker.clone();
-            failed.date_done = Some(now_unix());
-            failures.push(failed);
+            failures.push(Origin::workflow(record.worker.as_deref()).ended(
+                id,
+                None,
+                TaskState::Failure,
+                0,
+                TaskError {
+                    exc_type: CHORD_ERROR.to_owned(),
+                    message: message.clone(),
+                    traceback: error.traceback.clone(),
+                },
+            ));
         }
         current = c.outer.as_deref();
     }

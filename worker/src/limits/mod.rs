@@ -1,5 +1,5 @@
 //! Time limits and termination of a running task: timers on the worker's tokio thread
-//! around [`PythonRuntime::call`], no polling.
+//! around [`PythonRuntime::dispatch`], no polling.
 //!
 //! - Soft limit: `dbtask.SoftTimeLimitExceeded` is raised in the task, which may catch it and
 //!   return; the call goes on.
@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use tracing::warn;
 
 use crate::config::Config;
-use crate::python::{CallOutcome, Dispatch, Interrupt, Job, JobState, PythonRuntime, TaskInfo};
+use crate::python::{
+    Arguments, CallOutcome, Dispatch, Interrupt, Job, JobState, PythonRuntime, TaskInfo,
+};
 use crate::revoke::Revocations;
 
 /// The limits of one call; `None`: no limit.
@@ -59,7 +61,7 @@ async fn at(deadline: Option<Instant>) {
 }
 
 /// Runs `job` (task `task`, id `id`) within `limits`, watching for a revocation with
-/// terminate.
+/// terminate. The job's arguments come back when the task returned or raised.
 ///
 /// With a [`Handover`](crate::python::Handover) (a sync job queued before its slot is free),
 /// the limits count from the moment a Python thread starts the job, and until then any
@@ -73,11 +75,11 @@ pub async fn call(
     id: &str,
     limits: Limits,
     how: Dispatch,
-) -> Ended {
+) -> (Ended, Option<Arguments>) {
     // The watch also sees a terminate that arrives between this check and the call.
     let watch = revocations.watch(id);
     if revocations.is_revoked(id) {
-        return Ended::Revoked { started: false };
+        return (Ended::Revoked { started: false }, None);
     }
     let state = how.handover.as_ref().map(|h| h.state.clone());
     let start = Instant::now();
@@ -91,7 +93,7 @@ pub async fn call(
     let ended = loop {
         tokio::select! {
             biased;
-            outcome = &mut call => return Ended::Done(outcome),
+            returned = &mut call => return (Ended::Done(returned.outcome), returned.arguments),
             terminate = watch.revoked(cancellable) => {
                 // Not started yet: it never will, whatever kind of revocation this is.
                 if state.as_ref().is_some_and(|s| s.cancel()) {
@@ -134,7 +136,7 @@ pub async fn call(
     if let Some(state) = &state {
         state.release();
     }
-    ended
+    (ended, None)
 }
 
 /// For a handed-over job whose limit timer fired: the time its limit really ends, when that
@@ -156,7 +158,7 @@ mod tests {
     fn info(soft: Option<f64>, hard: Option<f64>) -> TaskInfo {
         TaskInfo {
             name: "t".into(),
-            is_async: false,
+            executor: crate::python::Executor::Threads,
             queue: "default".into(),
             track_started: None,
             time_limit: hard,

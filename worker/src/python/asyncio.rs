@@ -22,7 +22,7 @@ use super::invoke::invoke;
 use super::pool::ThreadCount;
 use super::queue::JobQueue;
 use super::registry::Entry;
-use super::{CallOutcome, PythonError, WorkItem};
+use super::{Arguments, CallOutcome, PythonError, Returned, WorkItem};
 
 pub(crate) struct AsyncLoop {
     shared: Arc<Shared>,
@@ -221,57 +221,69 @@ impl Drainer {
             return;
         }
         let mut reply = Some(reply);
-        let started = catch_unwind(AssertUnwindSafe(|| match invoke(py, &entry, &job) {
-            Err(outcome) => send(&mut reply, outcome),
-            Ok(coroutine) => {
-                let tx = Mutex::new(reply.take());
-                let handle = match Bound::new(
-                    py,
-                    TaskReply {
-                        tx,
-                        entry: Arc::clone(&entry),
-                    },
-                ) {
-                    Ok(handle) => handle,
-                    Err(e) => return send_err(py, &mut reply, e),
-                };
-                if let Err(e) = self
-                    .submit
-                    .bind(py)
-                    .call1((coroutine, &handle, &job.task_id))
-                {
-                    handle.get().send(CallOutcome::Failure(error_from(py, e)));
+        let started = catch_unwind(AssertUnwindSafe(|| {
+            let called = invoke(py, &entry, &job);
+            let arguments = Some(Arguments {
+                args: job.args,
+                kwargs: job.kwargs,
+            });
+            match called {
+                Err(outcome) => send(&mut reply, outcome, arguments),
+                Ok(coroutine) => {
+                    let tx = Mutex::new(reply.take().map(|tx| (tx, arguments)));
+                    let handle = match Bound::new(
+                        py,
+                        TaskReply {
+                            tx,
+                            entry: Arc::clone(&entry),
+                        },
+                    ) {
+                        Ok(handle) => handle,
+                        Err(e) => return send_err(py, &mut reply, e),
+                    };
+                    if let Err(e) = self
+                        .submit
+                        .bind(py)
+                        .call1((coroutine, &handle, &job.task_id))
+                    {
+                        handle.get().send(CallOutcome::Failure(error_from(py, e)));
+                    }
                 }
             }
         }));
         if let Err(panic) = started {
-            send(&mut reply, panic_outcome(panic));
+            send(&mut reply, panic_outcome(panic), None);
         }
     }
 }
 
-fn send(reply: &mut Option<oneshot::Sender<CallOutcome>>, outcome: CallOutcome) {
+fn send(
+    reply: &mut Option<oneshot::Sender<Returned>>,
+    outcome: CallOutcome,
+    arguments: Option<Arguments>,
+) {
     if let Some(reply) = reply.take() {
-        let _ = reply.send(outcome);
+        let _ = reply.send(Returned { outcome, arguments });
     }
 }
 
-fn send_err(py: Python<'_>, reply: &mut Option<oneshot::Sender<CallOutcome>>, e: PyErr) {
-    send(reply, CallOutcome::Failure(error_from(py, e)));
+fn send_err(py: Python<'_>, reply: &mut Option<oneshot::Sender<Returned>>, e: PyErr) {
+    send(reply, CallOutcome::Failure(error_from(py, e)), None);
 }
 
 /// Where an async task's outcome goes; called by the wrapper coroutine in support.py.
 #[pyclass(frozen, name = "TaskReply", module = "_dbtask_worker")]
 struct TaskReply {
-    tx: Mutex<Option<oneshot::Sender<CallOutcome>>>,
+    /// Where the outcome goes, with the job's arguments to hand back.
+    tx: Mutex<Option<(oneshot::Sender<Returned>, Option<Arguments>)>>,
     entry: Arc<Entry>,
 }
 
 impl TaskReply {
     fn send(&self, outcome: CallOutcome) {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(tx) = tx {
-            let _ = tx.send(outcome);
+        if let Some((tx, arguments)) = tx {
+            let _ = tx.send(Returned { outcome, arguments });
         }
     }
 }

@@ -1,15 +1,17 @@
 //! The embedded CPython interpreter: start-up, the task registry, and running tasks.
 //!
-//! INTERFACE CONTRACT (used by `runner`): the signatures below are fixed; bodies are filled in
-//! by the python-module work. Sync `def` tasks run on a pool of Python threads, `async def`
-//! tasks on one asyncio loop on its own thread. Tokio threads never hold the GIL: `call`
-//! sends the job to a Python thread and awaits a oneshot reply.
+//! Sync `def` tasks run on a pool of Python threads, `async def` tasks on one asyncio loop on
+//! its own thread: a task's [`Executor`]. Tokio threads never hold the GIL: `dispatch` sends
+//! the job to a Python thread and awaits a oneshot reply.
 //!
-//! Layout: `interpreter` (PEP 587 start-up, `sys.path`), `registry` (the tasks read from
-//! `dbtask._registry.TASKS`, with their cached function and signature), `invoke` (arguments,
-//! the call itself), `convert` (exceptions and return values into owned Rust values),
-//! `queue` (the hand-over queue), `pool` (sync threads), `asyncio` (the event loop thread),
-//! and `support.py` (the few helpers written in Python).
+//! Layout: `interpreter` (PEP 587 start-up, `sys.path`, `lazy_ssl.py`), `registry` (the tasks
+//! read from `dbtask._registry.TASKS`, with their cached function and signature), `retry` (a
+//! task's retry options and a raised `Retry`, read into Rust values), `invoke` (arguments, the
+//! call itself), `convert` (exceptions and return values into owned Rust values), `queue`
+//! (the job queue between tokio and the Python threads), `handover` (sync jobs queued before
+//! their slot is free), `pool` (sync threads), `running` (which thread runs which sync job,
+//! for interrupts), `asyncio` and `epoll` (the event loop thread and its selector), and
+//! `support.py` (the few helpers written in Python).
 //!
 //! The interpreter is never finalized: it lives until the process exits.
 
@@ -59,7 +61,8 @@ pub struct PythonConfig {
 #[derive(Debug, Clone)]
 pub struct TaskInfo {
     pub name: String,
-    pub is_async: bool,
+    /// What runs its jobs (`async def` or not).
+    pub executor: Executor,
     /// The task's default queue (informational: the worker consumes the queues it is told).
     pub queue: String,
     /// `track_started` from the task's options, if it set one.
@@ -72,6 +75,33 @@ pub struct TaskInfo {
     pub soft_time_limit: Option<f64>,
     /// `rate_limit` from the task's options: starts allowed across the whole cluster.
     pub rate_limit: Option<dbtask_protocol::Rate>,
+}
+
+/// What runs a task's jobs. The runner hands every job to [`PythonRuntime::dispatch`] and
+/// never looks inside: admission, settlement and acks are the same for every executor, and a
+/// new one (a pool of processes) is a new variant here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Executor {
+    /// Sync `def` tasks: the pool of Python threads (`pool`).
+    Threads,
+    /// `async def` tasks: the asyncio loop on its own thread (`asyncio`).
+    AsyncLoop,
+}
+
+impl Executor {
+    pub fn of(is_async: bool) -> Executor {
+        if is_async {
+            Executor::AsyncLoop
+        } else {
+            Executor::Threads
+        }
+    }
+
+    /// Whether a job may be queued before its slot is free, the executor taking the slot
+    /// when it starts the job (see [`Handover`]).
+    pub fn takes_handover(self) -> bool {
+        self == Executor::Threads
+    }
 }
 
 /// How to interrupt a running task (time limits, revocation with terminate).
@@ -111,6 +141,30 @@ pub struct Job {
     pub retries: u32,
 }
 
+/// A job's arguments, handed back with its outcome: a retry publishes them again as they came,
+/// without a copy or a second decoding of the message.
+#[derive(Debug)]
+pub struct Arguments {
+    pub args: Box<RawValue>,
+    pub kwargs: Box<RawValue>,
+}
+
+/// How a call ended, and the job's arguments (absent when the job never reached a thread).
+#[derive(Debug)]
+pub struct Returned {
+    pub outcome: CallOutcome,
+    pub arguments: Option<Arguments>,
+}
+
+impl Returned {
+    fn without_arguments(outcome: CallOutcome) -> Returned {
+        Returned {
+            outcome,
+            arguments: None,
+        }
+    }
+}
+
 /// How a call ended.
 #[derive(Debug)]
 pub enum CallOutcome {
@@ -120,17 +174,8 @@ pub enum CallOutcome {
     /// return value is not JSON-serializable. The error says which.
     Failure(TaskError),
     /// The task asked for a retry (`raise dbtask.Retry(...)`, `self.retry()`) or raised an
-    /// exception of its `autoretry_for`: run it again later if the policy leaves a retry.
-    Retry {
-        /// Seconds until the next attempt; `None`: the task's policy decides.
-        countdown: Option<f64>,
-        /// Overrides the task's `max_retries` for this decision.
-        max_retries: Option<u32>,
-        /// The error recorded (RETRY now, FAILURE when no retry is left).
-        error: TaskError,
-        /// A bare `Retry` without `exc`: its error is only a request, not a task failure.
-        explicit: bool,
-    },
+    /// exception of its `autoretry_for`: [`crate::retry::decide`] says whether it runs again.
+    Retry(crate::retry::Request),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,7 +229,7 @@ pub struct Dispatch {
 struct WorkItem {
     job: Job,
     entry: Arc<Entry>,
-    reply: oneshot::Sender<CallOutcome>,
+    reply: oneshot::Sender<Returned>,
     /// A sync job handed over before its slot was free (see [`Handover`]).
     handover: Option<Handover>,
 }
@@ -267,32 +312,35 @@ impl PythonRuntime {
             },
         )
         .await
+        .outcome
     }
 
-    /// [`call_in`](Self::call_in); with a [`Handover`], a sync job is queued before its slot is
-    /// free: the Python thread that takes it takes the slot, and starts it only if the caller
-    /// has not cancelled it meanwhile (the outcome is then never sent). An `async def` task
-    /// must be called with its slot already held, without a handover.
-    pub async fn dispatch(&self, job: Job, how: Dispatch) -> CallOutcome {
+    /// [`call_in`](Self::call_in), handing the job's arguments back with its outcome; with a
+    /// [`Handover`], a job of an executor that [takes it](Executor::takes_handover) is queued
+    /// before its slot is free: the Python thread that takes it takes the slot, and starts it
+    /// only if the caller has not cancelled it meanwhile (the outcome is then never sent).
+    /// Other jobs must be dispatched with their slot already held, without a handover.
+    pub async fn dispatch(&self, job: Job, how: Dispatch) -> Returned {
         let Dispatch { burst, handover } = how;
         let Some(entry) = self.inner.registry.get(&job.task) else {
-            return CallOutcome::Failure(self.inner.registry.unknown_task(&job.task));
+            return Returned::without_arguments(CallOutcome::Failure(
+                self.inner.registry.unknown_task(&job.task),
+            ));
         };
         debug_assert!(
-            handover.is_none() || !entry.is_async,
-            "async tasks take their slot before the call"
+            handover.is_none() || entry.executor.takes_handover(),
+            "only the thread pool takes a job's slot itself"
         );
-        let (reply, outcome) = oneshot::channel();
+        let (reply, returned) = oneshot::channel();
         let item = WorkItem {
             job,
             entry: Arc::clone(entry),
             reply,
             handover,
         };
-        let accepted = if entry.is_async {
-            self.inner.aio.submit(item).is_ok()
-        } else {
-            match self.inner.pool.submit(item) {
+        let accepted = match entry.executor {
+            Executor::AsyncLoop => self.inner.aio.submit(item).is_ok(),
+            Executor::Threads => match self.inner.pool.submit(item) {
                 Ok(wake) => {
                     if wake.owed() && burst == Burst::WithOthers {
                         // The other tasks ready on this thread queue their jobs first; the
@@ -302,21 +350,21 @@ impl PythonRuntime {
                     true
                 }
                 Err(_) => false,
-            }
+            },
         };
         if !accepted {
-            return internal_failure(
+            return Returned::without_arguments(internal_failure(
                 "the worker's Python runtime is shut down: the task did not run",
-            );
+            ));
         }
-        let outcome = match outcome.await {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                internal_failure("the Python thread running the task stopped without an outcome")
-            }
+        let returned = match returned.await {
+            Ok(returned) => returned,
+            Err(_) => Returned::without_arguments(internal_failure(
+                "the Python thread running the task stopped without an outcome",
+            )),
         };
         self.inner.finished.fetch_add(1, Ordering::Relaxed);
-        outcome
+        returned
     }
 
     /// Sync jobs queued for a Python thread and not taken yet.
@@ -388,7 +436,7 @@ impl Inner {
                 "the task was revoked with terminate=True",
             ),
         };
-        if entry.is_async {
+        if entry.executor == Executor::AsyncLoop {
             self.aio.interrupt(py, task_id, aio_kind, message);
             return;
         }

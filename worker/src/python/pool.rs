@@ -23,7 +23,7 @@ use super::convert::{encode_result, panic_outcome};
 use super::invoke::invoke;
 use super::queue::JobQueue;
 use super::running::Running;
-use super::{PythonError, WorkItem};
+use super::{Arguments, PythonError, Returned, WorkItem};
 
 pub(crate) struct Pool {
     queue: Arc<JobQueue<WorkItem>>,
@@ -224,7 +224,11 @@ fn run(py: Python<'_>, item: WorkItem, ctx: &ThreadCtx, ident: c_ulong) {
         handover.state.release();
     }
     // The caller may have given up waiting (its future dropped): nothing to do then.
-    let _ = reply.send(outcome);
+    let arguments = Some(Arguments {
+        args: job.args,
+        kwargs: job.kwargs,
+    });
+    let _ = reply.send(Returned { outcome, arguments });
 }
 
 /// Counts the live threads of a runtime, so that its owner can wait for them to exit.

@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use super::convert::{error_from, support};
-use super::{PythonError, TaskInfo};
+use super::{Executor, PythonError, TaskInfo};
 
 /// How many names the "unknown task" message lists.
 const LISTED_NAMES: usize = 20;
@@ -20,7 +20,7 @@ const MAX_SHOWN_NAME: usize = 200;
 pub(crate) struct Entry {
     pub name: String,
     pub func: Py<PyAny>,
-    pub is_async: bool,
+    pub executor: Executor,
     /// `inspect.signature(func)`, when it has one.
     pub signature: Option<Py<PyAny>>,
     /// Calling `func` checks the arguments exactly as `signature.bind` does, before running
@@ -140,7 +140,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
             name.clone(),
             TaskInfo {
                 name: name.clone(),
-                is_async,
+                executor: Executor::of(is_async),
                 queue,
                 track_started,
                 retry: retry_options.policy,
@@ -154,7 +154,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
             Arc::new(Entry {
                 name,
                 func: func.unbind(),
-                is_async,
+                executor: Executor::of(is_async),
                 signature,
                 precise,
                 display,

@@ -1,6 +1,7 @@
-//! What a raised exception means for a task with retry options: an explicit
-//! `dbtask.Retry`, an exception listed in `autoretry_for`, or a plain failure. The worker's
-//! runner then decides, from the task's policy, whether a retry is left.
+//! The Python side of retries: reading a raised exception (an explicit `dbtask.Retry`, an
+//! exception listed in `autoretry_for`, or a plain failure) and a task's retry options into
+//! owned values. What they mean (whether a retry is left, and when) is decided in
+//! [`crate::retry`].
 
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -8,6 +9,7 @@ use pyo3::sync::PyOnceLock;
 use super::convert::task_error;
 use super::registry::Entry;
 use super::CallOutcome;
+use crate::retry::{Request, RetryPolicy};
 
 /// `dbtask._retry` (`Retry`, `bound`), imported on first use.
 struct RetryModule {
@@ -44,22 +46,22 @@ pub(crate) fn outcome_of(py: Python<'_>, entry: &Entry, exc: &Bound<'_, PyAny>) 
                 .map(|n| n.clamp(0, u32::MAX as i64) as u32);
             let cause = exc.getattr("exc").ok().filter(|c| !c.is_none());
             let error = task_error(py, cause.as_ref().unwrap_or(exc));
-            return CallOutcome::Retry {
+            return CallOutcome::Retry(Request {
                 countdown,
                 max_retries,
                 error,
                 explicit: cause.is_none(),
-            };
+            });
         }
     }
     if let Some(types) = &entry.autoretry_for {
         if exc.is_instance(types.bind(py)).unwrap_or(false) {
-            return CallOutcome::Retry {
+            return CallOutcome::Retry(Request {
                 countdown: None,
                 max_retries: None,
                 error: task_error(py, exc),
                 explicit: false,
-            };
+            });
         }
     }
     CallOutcome::Failure(task_error(py, exc))
@@ -81,7 +83,7 @@ pub(crate) fn bound_self<'py>(
 
 /// The retry options of a registered task, read from its `options` dict.
 pub(crate) struct RetryOptions {
-    pub policy: crate::retry::RetryPolicy,
+    pub policy: RetryPolicy,
     pub bind: bool,
     pub autoretry_for: Option<Py<PyAny>>,
 }
@@ -90,7 +92,7 @@ pub(crate) struct RetryOptions {
 /// `retry_backoff_max` and `retry_jitter` from `task.options` (absent: the defaults).
 pub(crate) fn read_options(py: Python<'_>, task: &Bound<'_, PyAny>) -> PyResult<RetryOptions> {
     let mut out = RetryOptions {
-        policy: crate::retry::RetryPolicy::default(),
+        policy: RetryPolicy::default(),
         bind: false,
         autoretry_for: None,
     };

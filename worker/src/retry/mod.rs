@@ -1,5 +1,7 @@
-//! Retries and delayed runs: a task's retry policy, the delay of its next attempt, and the
-//! message that carries a task to a later time.
+//! Retries and delayed runs: a task's retry policy, the decision whether a failed call runs
+//! again and when, and the message that carries a task to a later time. The Python side only
+//! reads a raised `dbtask.Retry`'s fields and a task's options (`python/retry.rs`); what they
+//! mean is decided here.
 //!
 //! A task waiting for a later time (countdown, eta, retry) lives in JetStream as a NATS message
 //! schedule (ADR-51, nats-server 2.12+) on `dbtask.sched.<queue>.<id>`: at its time the server
@@ -7,7 +9,9 @@
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
-use dbtask_protocol::{now_unix, TaskMessage, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID};
+use dbtask_protocol::{
+    error_types, now_unix, TaskError, TaskMessage, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID,
+};
 
 /// Defaults, as documented in the README (Celery's `max_retries` default; a shorter delay).
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
@@ -58,6 +62,64 @@ impl RetryPolicy {
     }
 }
 
+/// A task's request to run again: `raise dbtask.Retry(...)`, `self.retry()`, or an exception
+/// listed in its `autoretry_for`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    /// Seconds until the next attempt; `None`: the task's policy decides.
+    pub countdown: Option<f64>,
+    /// Overrides the task's `max_retries` for this decision.
+    pub max_retries: Option<u32>,
+    /// The error recorded (RETRY now, FAILURE when no retry is left).
+    pub error: TaskError,
+    /// A bare `Retry` without `exc`: its error is only a request, not a task failure.
+    pub explicit: bool,
+}
+
+/// What becomes of a retry request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Run again in `delay` seconds (>= 0) as retry number `retries`; record RETRY with `error`.
+    Again {
+        retries: u32,
+        delay: f64,
+        max_retries: u32,
+        error: TaskError,
+    },
+    /// No retry left: record FAILURE with `error`.
+    Exhausted { max_retries: u32, error: TaskError },
+}
+
+/// Decides a retry request of a call that had `retries` retries before it.
+pub fn decide(policy: &RetryPolicy, retries: u32, request: Request) -> Decision {
+    let max = request.max_retries.unwrap_or(policy.max_retries);
+    if retries >= max {
+        let error = if request.explicit {
+            TaskError::new(
+                error_types::MAX_RETRIES_EXCEEDED,
+                format!(
+                    "the task asked for a retry after {retries} retries, its max_retries is {max}"
+                ),
+            )
+        } else {
+            request.error
+        };
+        return Decision::Exhausted {
+            max_retries: max,
+            error,
+        };
+    }
+    Decision::Again {
+        retries: retries + 1,
+        delay: request
+            .countdown
+            .unwrap_or_else(|| policy.delay(retries))
+            .max(0.0),
+        max_retries: max,
+        error: request.error,
+    }
+}
+
 /// A number in [0, 1), good enough for jitter (no crate needed).
 fn random_unit() -> f64 {
     use std::collections::hash_map::RandomState;
@@ -97,6 +159,22 @@ pub async fn publish_at(
     ack.await.map(|_| ()).map_err(|e| e.to_string())
 }
 
+/// Publishes the next attempt of a task that asked for a retry: its message as it came, as
+/// retry number `retries`, due at `eta` (at once when `None`). Deduplicated per retry number,
+/// so that a redelivery of the failed attempt that publishes it again schedules it once.
+pub async fn publish_retry(
+    js: &jetstream::Context,
+    queue: &str,
+    mut task: TaskMessage,
+    retries: u32,
+    eta: Option<f64>,
+) -> Result<(), String> {
+    task.retries = retries;
+    task.eta = eta;
+    let msg_id = format!("{}:retry:{retries}", task.id);
+    publish_at(js, queue, &task, &msg_id).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,5 +208,59 @@ mod tests {
                 "{r}: {d}"
             );
         }
+    }
+
+    fn request(countdown: Option<f64>, max_retries: Option<u32>, explicit: bool) -> Request {
+        Request {
+            countdown,
+            max_retries,
+            error: TaskError::new("ValueError", "boom"),
+            explicit,
+        }
+    }
+
+    #[test]
+    fn a_retry_is_granted_while_retries_are_left() {
+        let policy = RetryPolicy {
+            max_retries: 2,
+            retry_delay: 3.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            decide(&policy, 1, request(None, None, false)),
+            Decision::Again {
+                retries: 2,
+                delay: 3.0,
+                max_retries: 2,
+                error: TaskError::new("ValueError", "boom"),
+            }
+        );
+        // The task's countdown wins over the policy; a negative one means now.
+        let Decision::Again { delay, .. } = decide(&policy, 0, request(Some(-5.0), None, true))
+        else {
+            panic!("a retry is left")
+        };
+        assert_eq!(delay, 0.0);
+    }
+
+    #[test]
+    fn no_retry_left_fails_with_the_error_or_max_retries_exceeded() {
+        let policy = RetryPolicy::default();
+        // An exception (autoretry_for, or Retry(exc=...)) fails as itself.
+        assert_eq!(
+            decide(&policy, 3, request(None, None, false)),
+            Decision::Exhausted {
+                max_retries: 3,
+                error: TaskError::new("ValueError", "boom"),
+            }
+        );
+        // A bare Retry request fails as MaxRetriesExceeded; its max_retries overrides.
+        let Decision::Exhausted { max_retries, error } =
+            decide(&policy, 1, request(Some(1.0), Some(1), true))
+        else {
+            panic!("no retry left")
+        };
+        assert_eq!(max_retries, 1);
+        assert_eq!(error.exc_type, error_types::MAX_RETRIES_EXCEEDED);
     }
 }

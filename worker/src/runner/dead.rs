@@ -8,13 +8,15 @@
 use async_nats::jetstream::Message;
 use async_nats::HeaderMap;
 use dbtask_protocol::{
-    dead_headers, now_unix, ResultRecord, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM,
-    HEADER_TASK, HEADER_TASK_ID,
+    dead_headers, now_unix, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM, HEADER_TASK,
+    HEADER_TASK_ID,
 };
 use tracing::{error, info, warn};
 
-use super::handler::{identify, Disposition};
-use super::Shared;
+use super::admit::identify;
+use super::{Disposition, Shared};
+use crate::events::TaskRef;
+use crate::record::Origin;
 
 /// `Some(deliveries)` when a message delivered `delivered` times is on its last allowed delivery.
 pub(super) fn last_delivery(delivered: i64, max_deliver: i64) -> Option<i64> {
@@ -30,9 +32,21 @@ pub(super) async fn dead_letter_unreadable(
     why: &str,
 ) -> Disposition {
     let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let head = &msg.message.payload[..msg.message.payload.len().min(120)];
+    error!(
+        subject = %msg.subject,
+        queue,
+        attempt = deliveries,
+        error = %why,
+        body_start = %String::from_utf8_lossy(head),
+        "a message without a task id: nothing to record its failure under; dead-lettering it"
+    );
     let reason = format!("unreadable message without a task id: {why}");
     match publish(shared, queue, msg, &reason, deliveries).await {
         Some(dead_seq) => {
+            shared
+                .hooks
+                .dead_lettered(task_ref("?", None, queue, deliveries), &reason);
             error!(
                 queue,
                 dead_letter_sequence = dead_seq,
@@ -41,6 +55,20 @@ pub(super) async fn dead_letter_unreadable(
             Disposition::Ack
         }
         None => Disposition::Term,
+    }
+}
+
+fn task_ref<'a>(
+    id: &'a str,
+    task: Option<&'a str>,
+    queue: &'a str,
+    deliveries: i64,
+) -> TaskRef<'a> {
+    TaskRef {
+        id,
+        task: task.unwrap_or("?"),
+        queue,
+        attempt: deliveries.clamp(0, u32::MAX as i64) as u32,
     }
 }
 
@@ -142,19 +170,34 @@ pub(super) async fn dead_letter(
         "task dead-lettered: inspect it with `dbtask dead show {dead_seq}`, rerun it with `dbtask dead replay {dead_seq}`"
     );
 
+    shared.hooks.dead_lettered(
+        task_ref(
+            task_id.as_deref().unwrap_or("?"),
+            task.as_deref(),
+            queue,
+            deliveries,
+        ),
+        &reason,
+    );
     let Some(id) = task_id else {
         return Disposition::Ack;
     };
-    let mut record = ResultRecord::new(id, TaskState::Failure);
-    record.task = task;
-    record.attempts = deliveries.clamp(0, u32::MAX as i64) as u32;
-    record.worker = Some(shared.worker.clone());
-    record.queue = Some(queue.to_owned());
-    record.date_done = Some(now_unix());
-    record.error = Some(TaskError::new(
-        DEAD_LETTERED,
-        format!("{reason}; the message is in stream {DEAD_STREAM} at sequence {dead_seq}: `dbtask dead show {dead_seq}` shows it, `dbtask dead replay {dead_seq}` runs it again"),
-    ));
+    let origin = Origin {
+        worker: Some(&shared.worker),
+        queue: Some(queue),
+        attempt: deliveries.clamp(0, u32::MAX as i64) as u32,
+        received: None,
+    };
+    let record = origin.ended(
+        id,
+        task.as_deref(),
+        TaskState::Failure,
+        0,
+        TaskError::new(
+            DEAD_LETTERED,
+            format!("{reason}; the message is in stream {DEAD_STREAM} at sequence {dead_seq}: `dbtask dead show {dead_seq}` shows it, `dbtask dead replay {dead_seq}` runs it again"),
+        ),
+    );
     match shared.writer.write(&record).await {
         Ok(()) => Disposition::Ack,
         Err(_) => {

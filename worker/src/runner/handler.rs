@@ -1,36 +1,29 @@
-//! One message, from delivery to ack: decode, wait for a slot (or hand a sync task to the
-//! Python threads, which take its slot when they start it), skip what already succeeded,
-//! refuse what cannot run (with a FAILURE record), run the task, store the outcome, then ack.
+//! One message, from delivery to ack, read top to bottom in [`process`]: admit it (decoded
+//! once; refused, revoked, expired, already finished or not yet due, it is settled by a record
+//! without running), run it, settle how the call ended into a record and maybe a next attempt,
+//! then the follow-ups (publish the retry, store the record, the workflow's next steps), and
+//! finally the one ack.
 //!
 //! Every path ends in exactly one [`Disposition`]; the message is acked only once its outcome
 //! is in Redis, and in-progress acks keep NATS from redelivering it while it is held here.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
-use dbtask_protocol::{
-    error_types, now_unix, validate_task_id, ResultRecord, TaskError, TaskMessage, TaskState,
-    HEADER_TASK, HEADER_TASK_ID,
-};
-use serde::Deserialize;
+use dbtask_protocol::{now_unix, ResultRecord, TaskMessage, TaskState};
 use tracing::{debug, error, info, warn};
 
-use super::{reached, Phase, Shared};
+use super::admit::{admit, Admission, Admitted};
+use super::execute::execute;
+use super::settle::{settle, How, Policy, Settled};
+use super::{reached, Disposition, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
-use crate::limits::{self, Ended, Limits};
-use crate::python::{Burst, CallOutcome, Dispatch, Handover, Job, TaskInfo};
-
-/// How a message leaves this worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Disposition {
-    /// The outcome is stored: done.
-    Ack,
-    /// Not run (or not finished) here: NATS delivers it again, to this worker or another.
-    HandBack,
-    /// Cannot ever run and cannot be recorded (no task id): drop it.
-    Term,
-}
+use crate::events::TaskRef;
+use crate::python::Job;
+use crate::record::Origin;
 
 /// A handler's claim on the worker: counts it in flight (and waiting for a slot) until dropped.
 pub(super) struct Ticket {
@@ -48,7 +41,7 @@ impl Ticket {
         }
     }
 
-    fn stop_waiting(&mut self) {
+    pub(super) fn stop_waiting(&mut self) {
         if self.waiting {
             self.waiting = false;
             self.shared.waiting.set(self.shared.waiting.get() - 1);
@@ -72,9 +65,18 @@ impl Drop for Ticket {
 }
 
 /// A running task's slot; releasing it wakes the pull loops when they have work to do.
-struct Slot<'a> {
+pub(super) struct Slot<'a> {
     shared: &'a Shared,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<'a> Slot<'a> {
+    pub(super) fn new(shared: &'a Shared, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Slot {
+            shared,
+            permit: Some(permit),
+        }
+    }
 }
 
 impl Drop for Slot<'_> {
@@ -165,82 +167,37 @@ async fn keep_alive(msg: &Message, every: Duration) {
     }
 }
 
-/// Common fields of every record this worker writes for a message.
-struct Context<'a> {
-    shared: &'a Shared,
-    queue: &'a str,
-    attempt: u32,
-    received: f64,
+/// What every step of a message's handling shares.
+pub(super) struct Context<'a> {
+    pub shared: &'a Shared,
+    pub queue: &'a str,
+    /// Deliveries of this message (1 on the first).
+    pub attempt: u32,
+    /// The fields of every record written for this message.
+    pub origin: Origin<'a>,
 }
 
 impl Context<'_> {
-    fn record(&self, id: &str, task: Option<&str>, state: TaskState, retries: u32) -> ResultRecord {
-        let mut record = ResultRecord::new(id, state);
-        record.task = task.map(str::to_owned);
-        // Deliveries of this task id: earlier retries each ran once (at least), plus this one.
-        record.attempts = self.attempt.saturating_add(retries);
-        record.retries = retries;
-        record.worker = Some(self.shared.worker.clone());
-        record.queue = Some(self.queue.to_owned());
-        record.date_received = Some(self.received);
-        record
+    /// Task `id` (named `task`) of this message, as events name it.
+    pub(super) fn task_ref<'t>(&'t self, id: &'t str, task: &'t str) -> TaskRef<'t> {
+        TaskRef {
+            id,
+            task,
+            queue: self.queue,
+            attempt: self.attempt,
+        }
     }
 
     /// Stores `record`; `HandBack` if the worker stops before Redis has it.
-    async fn store(&self, record: &ResultRecord) -> Disposition {
+    pub(super) async fn store(&self, record: &ResultRecord) -> Disposition {
         match self.shared.writer.write(record).await {
             Ok(()) => Disposition::Ack,
             Err(_) => Disposition::HandBack,
         }
     }
-
-    /// A FAILURE record for a message the worker refuses to run.
-    async fn refuse(
-        &self,
-        id: &str,
-        task: Option<&str>,
-        exc_type: &str,
-        message: String,
-        retries: u32,
-    ) -> Disposition {
-        warn!(task_id = id, task = task.unwrap_or("?"), attempt = self.attempt, queue = self.queue, error_type = exc_type, error = %message, "task refused");
-        let mut record = self.record(id, task, TaskState::Failure, retries);
-        record.date_done = Some(now_unix());
-        record.error = Some(TaskError::new(exc_type, message));
-        self.store(&record).await
-    }
-
-    /// A REVOKED record: the task was revoked before it started, or terminated.
-    /// Stores a REVOKED record; returns it too, so that a workflow waiting on this task moves on.
-    async fn revoked(
-        &self,
-        id: &str,
-        task: &str,
-        retries: u32,
-        why: &str,
-    ) -> (Disposition, ResultRecord) {
-        info!(
-            task_id = id,
-            task,
-            attempt = self.attempt,
-            queue = self.queue,
-            reason = why,
-            "task revoked"
-        );
-        let mut record = self.record(id, Some(task), TaskState::Revoked, retries);
-        record.date_done = Some(now_unix());
-        record.error = Some(TaskError::new(error_types::REVOKED, why));
-        (self.store(&record).await, record)
-    }
 }
 
-const REVOKED_BEFORE_START: &str = "the task was revoked before it started";
-
-/// A message that waits this long in the prefetch for a slot gets a RECEIVED record. Not at
-/// once: on a busy worker every message waits a few milliseconds, and a record for each would
-/// double the Redis writes for a state nobody would see.
-const RECEIVED_AFTER: Duration = Duration::from_millis(100);
-
+/// The pipeline: admit -> run -> settle -> follow-ups. The caller acks.
 async fn process(
     shared: &Shared,
     ticket: &mut Ticket,
@@ -248,209 +205,219 @@ async fn process(
     msg: &Message,
     delivered: i64,
 ) -> Disposition {
-    let received = now_unix();
+    let attempt = delivered.clamp(1, u32::MAX as i64) as u32;
     let ctx = Context {
         shared,
         queue,
-        attempt: delivered.clamp(1, u32::MAX as i64) as u32,
-        received,
+        attempt,
+        origin: Origin::delivery(&shared.worker, queue, attempt, now_unix()),
     };
-    let payload: &[u8] = &msg.message.payload;
-    let header = |name: &str| {
-        msg.message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
-
-    if payload.len() > shared.config.max_message_bytes {
-        let why = format!(
-            "the task message is {} bytes, more than max_message_bytes ({}): pass large data by reference",
-            payload.len(),
-            shared.config.max_message_bytes
-        );
-        return Box::pin(refuse_unreadable(
-            &ctx,
-            msg,
-            error_types::TOO_LARGE,
-            why,
-            header(HEADER_TASK_ID),
-            header(HEADER_TASK),
-        ))
-        .await;
-    }
-    let task = match TaskMessage::decode(payload) {
-        Ok(task) => task,
-        Err(e) => {
-            return Box::pin(refuse_unreadable(
-                &ctx,
-                msg,
-                error_types::MALFORMED,
-                e.to_string(),
-                header(HEADER_TASK_ID),
-                header(HEADER_TASK),
-            ))
-            .await;
-        }
-    };
-
-    // A sync task with nothing to do between getting its slot and running (no STARTED record,
-    // no rate limit, no expiry to check) is handed to the Python threads without waiting for
-    // its slot: the thread that takes it takes the slot (see `python::Handover`). The others
-    // wait for their slot here; at shutdown, a message that has not started goes back at once,
-    // and one still waiting after RECEIVED_AFTER is recorded RECEIVED meanwhile.
-    let info = shared.python.tasks().get(task.task.as_str());
-    let handed_over = info
-        .is_some_and(|t| !t.is_async && !tracks_started(shared, t) && t.rate_limit.is_none())
-        && task.expires.is_none();
-    let slot = if handed_over {
-        None
-    } else {
-        let Some(permit) = wait_for_slot(shared, queue, msg, delivered, received).await else {
-            return Disposition::HandBack;
+    // What follows admission is boxed: a message waiting in the prefetch then holds a small
+    // future, not one sized for running the task and storing its outcome (a few KB each,
+    // times the prefetch). One allocation per message, made once it has its slot.
+    let next: Pin<Box<dyn Future<Output = Disposition> + '_>> =
+        match admit(&ctx, ticket, msg).await {
+            Admission::Run(admitted) => Box::pin(run(&ctx, admitted)),
+            Admission::Settled(settled, flow) => Box::pin(follow_up(&ctx, settled, flow, None)),
+            Admission::Leave(disposition) => return disposition,
+            Admission::Unrecordable(why) => Box::pin(async move {
+                super::dead::dead_letter_unreadable(shared, queue, msg, &why).await
+            }),
         };
-        // Held while the task runs; `execute` lets it go as soon as the task function returns,
-        // so that storing the outcome and acking (round trips) never keep another task from
-        // running.
-        ticket.stop_waiting();
-        Some(Slot {
-            shared,
-            permit: Some(permit),
-        })
+    next.await
+}
+
+/// Runs an admitted message's job, settles how it ended, and follows up.
+async fn run(ctx: &Context<'_>, admitted: Admitted<'_>) -> Disposition {
+    let Admitted {
+        task,
+        info,
+        slot,
+        flow,
+    } = admitted;
+    let config = &ctx.shared.config;
+    // `result_extended`: the record keeps the arguments (copied only when asked for).
+    let extended = config
+        .result_extended
+        .then(|| (task.args.clone(), task.kwargs.clone()));
+    let job = Job {
+        task_id: task.id.clone(),
+        task: task.task.clone(),
+        args: task.args,
+        kwargs: task.kwargs,
+        attempt: ctx.attempt,
+        retries: task.retries,
     };
-
-    let flow = Flow::of(&task);
-    let id = task.id.as_str();
-    let name = task.task.as_str();
-    debug!(
-        task_id = id,
-        task = name,
-        attempt = ctx.attempt,
-        queue,
-        "task received"
-    );
-
-    // A redelivery may follow a crash between storing the outcome and acking it.
-    if ctx.attempt > 1 {
-        let store = &shared.store;
-        let existing = Box::pin(store.retrying("read a task's record", || store.get(id))).await;
-        if let Some(done) = existing.filter(|r| r.state.is_ready()) {
-            info!(task_id = id, task = name, attempt = ctx.attempt, queue, state = %done.state, "task already finished: acking the redelivery without running it");
-            // The crash may have come before the workflow's next steps were published.
-            return workflow(&ctx, flow, &done, Disposition::Ack).await;
-        }
-    }
-
-    if shared.revocations.is_revoked(id) {
-        let (stored, record) = ctx
-            .revoked(id, name, task.retries, REVOKED_BEFORE_START)
-            .await;
-        return workflow(&ctx, flow, &record, stored).await;
-    }
-
-    // Not its time yet (a publish straight to the queue, or a clock ahead of the server's):
-    // back into a message schedule, never run early.
-    if let Some(eta) = task.eta.filter(|eta| *eta > now_unix()) {
-        let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-        return Box::pin(reschedule(&ctx, &task, eta, &format!("{id}:eta:{seq}"))).await;
-    }
-    if let Some(expires) = task.expires.filter(|at| *at < now_unix()) {
-        info!(
-            task_id = id,
-            task = name,
-            queue,
-            expires,
-            "task expired before it ran: recording REVOKED"
-        );
-        let mut record = ctx.record(id, Some(name), TaskState::Revoked, task.retries);
-        record.date_done = Some(now_unix());
-        record.error = Some(TaskError::new(
-            error_types::EXPIRED,
-            "expired: the task was delivered after its expires time and did not run",
-        ));
-        let stored = ctx.store(&record).await;
-        return workflow(&ctx, flow, &record, stored).await;
-    }
-
-    let Some(info) = info else {
-        let why = format!(
-            "no task named {name:?} is registered in this worker (modules imported: {}); is its module passed with -A?",
-            shared.config.apps.join(", ")
-        );
-        let mut record = ctx.record(id, Some(name), TaskState::Failure, task.retries);
-        record.error = Some(TaskError::new(error_types::UNKNOWN_TASK, why.clone()));
-        let stored = ctx
-            .refuse(id, Some(name), error_types::UNKNOWN_TASK, why, task.retries)
-            .await;
-        return workflow(&ctx, flow, &record, stored).await;
-    };
-    if let Some(rate) = info.rate_limit {
-        if !Box::pin(super::rate::wait_turn(shared, id, name, rate)).await {
-            return Disposition::HandBack;
-        }
-    }
-    if shared.phase() != Phase::Running {
+    let Some(ran) = execute(ctx, job, (&task.id, &task.task), info, slot).await else {
         return Disposition::HandBack;
+    };
+
+    let mut record =
+        ctx.origin
+            .record(&task.id, Some(&task.task), TaskState::Success, task.retries);
+    record.date_started = Some(ran.started);
+    record.date_done = Some(ran.done);
+    if let Some((args, kwargs)) = extended {
+        record.args = Some(args);
+        record.kwargs = Some(kwargs);
     }
-    // A handed-over task counts as waiting for a slot from here through the Python threads'
-    // queue (`Shared::waiting_for_slots`).
-    ticket.stop_waiting();
-    // Boxed: a message waiting in the prefetch then holds a small future, not one sized for
-    // running the task (a few KB each, times the prefetch).
-    let (stored, record) =
-        Box::pin(execute(&ctx, task, info, payload, slot, (msg, delivered))).await;
-    match record {
-        Some(record) => workflow(&ctx, flow, &record, stored).await,
-        None => stored,
-    }
+    let policy = Policy {
+        retry: &info.retry,
+        max_result_bytes: config.max_result_bytes,
+    };
+    let settled = settle(record, ran.ended, &policy, ran.done);
+    // A retry publishes the message again, whole with the arguments the executor handed back.
+    let next = match (settled.how, ran.arguments) {
+        (How::Retry(_), Some(arguments)) => Some(TaskMessage {
+            args: arguments.args,
+            kwargs: arguments.kwargs,
+            ..task
+        }),
+        _ => None,
+    };
+    follow_up(ctx, settled, flow, next).await
 }
 
-/// Whether a STARTED record is written before the task runs: its own option, else the worker's.
-fn tracks_started(shared: &Shared, info: &TaskInfo) -> bool {
-    info.track_started.unwrap_or(shared.config.track_started)
-}
-
-/// Waits for a slot; `None` once the worker is stopping. A message still waiting after
-/// [`RECEIVED_AFTER`] is recorded RECEIVED meanwhile.
-async fn wait_for_slot(
-    shared: &Shared,
-    queue: &str,
-    msg: &Message,
-    delivered: i64,
-    received: f64,
-) -> Option<tokio::sync::OwnedSemaphorePermit> {
-    if let Ok(permit) = shared.slots.clone().try_acquire_owned() {
-        return Some(permit);
-    }
-    let mut phase = shared.phase.subscribe();
-    let acquire = shared.slots.clone().acquire_owned();
-    tokio::pin!(acquire);
-    let mut marked = false;
-    loop {
-        tokio::select! {
-            biased;
-            _ = reached(&mut phase, Phase::Draining) => return None,
-            permit = &mut acquire => return Some(permit.expect("the slot semaphore is never closed")),
-            _ = tokio::time::sleep(RECEIVED_AFTER), if !marked => {
-                marked = true;
-                mark_received(shared, queue, msg, delivered, received);
+/// What follows a settled message, in this order: the next attempt of a retry is published
+/// (JetStream stores it first), the record is stored, then the workflow's next steps run.
+/// `message`: the task's message, for a retry to publish again.
+async fn follow_up(
+    ctx: &Context<'_>,
+    settled: Settled,
+    flow: Option<Flow>,
+    message: Option<TaskMessage>,
+) -> Disposition {
+    let Settled {
+        mut record,
+        mut how,
+    } = settled;
+    if let How::Retry(next) = how {
+        match message {
+            Some(message) => {
+                let js = ctx.shared.broker.jetstream();
+                let publish =
+                    crate::retry::publish_retry(js, ctx.queue, message, next.retries, next.eta);
+                let published = Box::pin(publish).await;
+                if let Err(e) = published {
+                    warn!(task_id = %record.id, task = record.task.as_deref().unwrap_or("?"), error = %e, "cannot publish the retry of a task; NATS will deliver the failed attempt again");
+                    return Disposition::HandBack;
+                }
+            }
+            None => {
+                // The executor hands the arguments back with every outcome the task produced
+                // itself: cannot happen, but never panic.
+                record.state = TaskState::Failure;
+                record.eta = None;
+                record.date_done = Some(now_unix());
+                how = How::Failed;
             }
         }
     }
+    log_settled(ctx, &record, how);
+    let stored = match how {
+        How::AlreadyFinished => Disposition::Ack,
+        _ => ctx.store(&record).await,
+    };
+    if stored == Disposition::Ack {
+        emit(ctx, &record, how);
+    }
+    workflow(ctx, flow, &record, stored).await
 }
 
-/// Publishes the task again as a message schedule for `eta`, then acks this delivery.
-async fn reschedule(ctx: &Context<'_>, task: &TaskMessage, eta: f64, msg_id: &str) -> Disposition {
-    let js = ctx.shared.broker.jetstream();
-    match crate::retry::publish_at(js, ctx.queue, task, msg_id).await {
-        Ok(()) => {
-            debug!(task_id = %task.id, task = %task.task, queue = ctx.queue, eta, "task delivered before its eta: scheduled again");
-            Disposition::Ack
+/// Tells the hooks how a message was settled, once its record is stored.
+fn emit(ctx: &Context<'_>, record: &ResultRecord, how: How) {
+    let hooks = &ctx.shared.hooks;
+    if hooks.is_empty() {
+        return;
+    }
+    let task = ctx.task_ref(&record.id, record.task.as_deref().unwrap_or("?"));
+    let error = record.error.as_ref();
+    match (how, error) {
+        (How::Succeeded, _) => {
+            let runtime = match (record.date_started, record.date_done) {
+                (Some(started), Some(done)) => (done - started).max(0.0),
+                _ => 0.0,
+            };
+            hooks.succeeded(task, runtime);
         }
-        Err(e) => {
-            warn!(task_id = %task.id, task = %task.task, queue = ctx.queue, error = %e, "cannot schedule a task delivered before its eta; NATS will deliver it again");
-            Disposition::HandBack
+        (How::Failed | How::Exhausted { .. }, Some(error)) => hooks.failed(task, error),
+        (How::Retry(next), Some(error)) => hooks.retried(task, error, next.delay),
+        (How::Revoked, Some(error)) => hooks.revoked(task, error),
+        (How::Rejected, Some(error)) => hooks.rejected(task, error),
+        _ => {}
+    }
+}
+
+/// One line per settled message, at a level that says whether anyone should look.
+fn log_settled(ctx: &Context<'_>, record: &ResultRecord, how: How) {
+    let (id, task, attempt, queue) = (
+        record.id.as_str(),
+        record.task.as_deref().unwrap_or("?"),
+        ctx.attempt,
+        ctx.queue,
+    );
+    let runtime_ms = match (record.date_started, record.date_done) {
+        (Some(started), Some(done)) => ((done - started) * 1000.0).max(0.0),
+        _ => 0.0,
+    };
+    let (error_type, error) = record
+        .error
+        .as_ref()
+        .map_or(("", ""), |e| (e.exc_type.as_str(), e.message.as_str()));
+    match how {
+        How::Succeeded => {
+            debug!(
+                task_id = id,
+                task, attempt, queue, runtime_ms, "task succeeded"
+            );
+        }
+        How::Failed => {
+            warn!(
+                task_id = id,
+                task, attempt, queue, runtime_ms, error_type, error, "task failed"
+            );
+        }
+        How::Exhausted { max_retries } => {
+            warn!(
+                task_id = id,
+                task,
+                retries = record.retries,
+                max_retries,
+                error_type,
+                error,
+                "task failed: no retry left"
+            );
+        }
+        How::Retry(next) => {
+            info!(
+                task_id = id,
+                task,
+                retry = next.retries,
+                max_retries = next.max_retries,
+                delay_secs = next.delay,
+                error_type,
+                error,
+                "task will be retried"
+            );
+        }
+        How::Revoked => {
+            info!(
+                task_id = id,
+                task,
+                attempt,
+                queue,
+                reason = error,
+                "task revoked"
+            );
+        }
+        How::Rejected => {
+            warn!(
+                task_id = id,
+                task, attempt, queue, error_type, error, "task refused"
+            );
+        }
+        How::AlreadyFinished => {
+            info!(task_id = id, task, attempt, queue, state = %record.state, "task already finished: acking the redelivery without running it");
         }
     }
 }
@@ -479,342 +446,5 @@ async fn workflow(
             warn!(task_id = %record.id, queue = ctx.queue, error = %e, "workflow step not done: handing the message back to redo it");
             Disposition::HandBack
         }
-    }
-}
-
-/// A task asked for a retry: schedule the next attempt (a new message for the same id, stored
-/// by JetStream first), then record RETRY; with no retry left, FAILURE with the last error.
-async fn retry(
-    ctx: &Context<'_>,
-    record: &mut ResultRecord,
-    payload: &[u8],
-    countdown: Option<f64>,
-    max_retries: Option<u32>,
-    error: TaskError,
-    explicit: bool,
-) -> Result<(), Disposition> {
-    let (id, name) = (record.id.clone(), record.task.clone().unwrap_or_default());
-    let policy = ctx
-        .shared
-        .python
-        .tasks()
-        .get(&name)
-        .map(|t| t.retry.clone())
-        .unwrap_or_default();
-    let retries = record.retries;
-    let max = max_retries.unwrap_or(policy.max_retries);
-    if retries >= max {
-        warn!(task_id = %id, task = %name, retries, max_retries = max, error_type = %error.exc_type, error = %error.message, "task failed: no retry left");
-        record.state = TaskState::Failure;
-        record.error = Some(if explicit {
-            TaskError::new(
-                error_types::MAX_RETRIES_EXCEEDED,
-                format!(
-                    "the task asked for a retry after {retries} retries, its max_retries is {max}"
-                ),
-            )
-        } else {
-            error
-        });
-        return Ok(());
-    }
-    let delay = countdown.unwrap_or_else(|| policy.delay(retries)).max(0.0);
-    let Ok(mut next) = TaskMessage::decode(payload) else {
-        // It decoded a moment ago: cannot happen, but never panic on input.
-        record.state = TaskState::Failure;
-        record.error = Some(error);
-        return Ok(());
-    };
-    let eta = now_unix() + delay;
-    next.retries = retries + 1;
-    next.eta = (delay > 0.0).then_some(eta);
-    let msg_id = format!("{id}:retry:{}", next.retries);
-    if let Err(e) =
-        crate::retry::publish_at(ctx.shared.broker.jetstream(), ctx.queue, &next, &msg_id).await
-    {
-        warn!(task_id = %id, task = %name, error = %e, "cannot publish the retry of a task; NATS will deliver the failed attempt again");
-        return Err(Disposition::HandBack);
-    }
-    info!(task_id = %id, task = %name, retry = next.retries, max_retries = max, delay_secs = delay, error_type = %error.exc_type, error = %error.message, "task will be retried");
-    record.state = TaskState::Retry;
-    record.error = Some(error);
-    record.eta = Some(eta);
-    record.date_done = None;
-    Ok(())
-}
-
-/// Runs a decoded, registered task in `slot` and stores its outcome (returned once stored).
-/// The slot is released once the task function has returned, before the outcome is stored.
-/// Without a slot, the task is handed over to the Python threads (see [`process`]), and until
-/// one starts it, it is RECEIVED after [`RECEIVED_AFTER`] and handed back at shutdown.
-async fn execute(
-    ctx: &Context<'_>,
-    task: TaskMessage,
-    info: &TaskInfo,
-    payload: &[u8],
-    slot: Option<Slot<'_>>,
-    (msg, delivered): (&Message, i64),
-) -> (Disposition, Option<ResultRecord>) {
-    let (shared, queue) = (ctx.shared, ctx.queue);
-    let id = task.id.as_str();
-    let name = task.task.as_str();
-    let mut started = now_unix();
-    if tracks_started(shared, info) {
-        let mut record = ctx.record(id, Some(name), TaskState::Started, task.retries);
-        record.date_started = Some(started);
-        if ctx.store(&record).await != Disposition::Ack {
-            return (Disposition::HandBack, None);
-        }
-    }
-
-    // `result_extended`: the record keeps the arguments (copied only when asked for).
-    let extended = shared
-        .config
-        .result_extended
-        .then(|| (task.args.clone(), task.kwargs.clone()));
-    let job = Job {
-        task_id: task.id.clone(),
-        task: task.task.clone(),
-        args: task.args,
-        kwargs: task.kwargs,
-        attempt: ctx.attempt,
-        retries: task.retries,
-    };
-    let limits = Limits::of(Some(info), &shared.config);
-    // Other handlers alive: their jobs are likely being queued in the same turn (a drain).
-    let burst = if shared.in_flight.get() > 1 {
-        Burst::WithOthers
-    } else {
-        Burst::Alone
-    };
-    let handover = slot.is_none().then(|| Handover::new(shared.slots.clone()));
-    let call = limits::call(
-        &shared.python,
-        &shared.revocations,
-        job,
-        name,
-        id,
-        limits,
-        Dispatch {
-            burst,
-            handover: handover.clone(),
-        },
-    );
-    let ended = match &handover {
-        None => call.await,
-        Some(handover) => {
-            tokio::pin!(call);
-            let mut phase = shared.phase.subscribe();
-            let received = tokio::time::sleep(RECEIVED_AFTER);
-            tokio::pin!(received);
-            let (mut marked, mut draining) = (false, false);
-            loop {
-                tokio::select! {
-                    biased;
-                    ended = &mut call => break ended,
-                    _ = reached(&mut phase, Phase::Draining), if !draining => {
-                        draining = true;
-                        if handover.state.cancel() {
-                            return (Disposition::HandBack, None);
-                        }
-                    }
-                    _ = &mut received, if !marked => {
-                        marked = true;
-                        if handover.state.started_at().is_none() {
-                            mark_received(shared, queue, msg, delivered, ctx.received);
-                        }
-                    }
-                }
-            }
-        }
-    };
-    // The slot is free: with a handover its thread gave it back already.
-    match slot {
-        Some(slot) => drop(slot),
-        None => shared.wake_pull_loops(),
-    }
-    // Handed over, the task started when a thread took it, not when it was queued.
-    if let Some(at) = handover.and_then(|h| h.state.started_at()) {
-        started = now_unix() - at.elapsed().as_secs_f64();
-    }
-    let outcome = match ended {
-        Ended::Done(outcome) => outcome,
-        Ended::TimedOut(err) => CallOutcome::Failure(err),
-        Ended::Revoked { started } => {
-            let why = if started {
-                "the task was revoked with terminate=True while it ran"
-            } else {
-                REVOKED_BEFORE_START
-            };
-            let (stored, record) = ctx.revoked(id, name, task.retries, why).await;
-            return (stored, Some(record));
-        }
-    };
-    let done = now_unix();
-    let mut record = ctx.record(id, Some(name), TaskState::Success, task.retries);
-    record.date_started = Some(started);
-    record.date_done = Some(done);
-    if let Some((args, kwargs)) = extended {
-        record.args = Some(args);
-        record.kwargs = Some(kwargs);
-    }
-    let runtime_ms = ((done - started) * 1000.0).max(0.0);
-    match outcome {
-        CallOutcome::Success(result) if result.get().len() > shared.config.max_result_bytes => {
-            let why = format!(
-                "the result is {} bytes of JSON, more than max_result_bytes ({}): return a smaller value, or store it elsewhere and return a reference",
-                result.get().len(),
-                shared.config.max_result_bytes
-            );
-            warn!(task_id = id, task = name, attempt = ctx.attempt, queue, error_type = error_types::TOO_LARGE, error = %why, "task failed");
-            record.state = TaskState::Failure;
-            record.error = Some(TaskError::new(error_types::TOO_LARGE, why));
-        }
-        CallOutcome::Success(result) => {
-            debug!(
-                task_id = id,
-                task = name,
-                attempt = ctx.attempt,
-                queue,
-                runtime_ms,
-                "task succeeded"
-            );
-            record.result = Some(result);
-        }
-        CallOutcome::Failure(err) => {
-            warn!(task_id = id, task = name, attempt = ctx.attempt, queue, runtime_ms, error_type = %err.exc_type, error = %err.message, "task failed");
-            record.state = TaskState::Failure;
-            record.error = Some(err);
-        }
-        CallOutcome::Retry {
-            countdown,
-            max_retries,
-            error,
-            explicit,
-        } => {
-            if let Err(d) = Box::pin(retry(
-                ctx,
-                &mut record,
-                payload,
-                countdown,
-                max_retries,
-                error,
-                explicit,
-            ))
-            .await
-            {
-                return (d, None);
-            }
-        }
-    }
-    (ctx.store(&record).await, Some(record))
-}
-
-/// A task that has waited [`RECEIVED_AFTER`] in this worker for a free slot (prefetched) is
-/// RECEIVED meanwhile.
-/// Only on its first delivery: a redelivery may find a final state that must not be
-/// overwritten. The write is queued behind nothing and awaited by nobody, so the wait costs no
-/// round trip; records of one task reach the writer in order, so it never hides a later state.
-fn mark_received(shared: &Shared, queue: &str, msg: &Message, delivered: i64, received: f64) {
-    if delivered != 1 {
-        return;
-    }
-    let Ok(task) = TaskMessage::decode(&msg.message.payload) else {
-        return; // refused with a FAILURE record once it has a slot
-    };
-    let mut record = ResultRecord::new(task.id, TaskState::Received);
-    record.task = Some(task.task);
-    record.attempts = 1 + task.retries;
-    record.retries = task.retries;
-    record.worker = Some(shared.worker.clone());
-    record.queue = Some(queue.to_owned());
-    record.date_received = Some(received);
-    shared.writer.enqueue(&record);
-}
-
-/// A message that cannot be decoded (or is too large): a FAILURE record if any valid task id
-/// can be found for it, else it is logged and terminated.
-async fn refuse_unreadable(
-    ctx: &Context<'_>,
-    msg: &Message,
-    exc_type: &str,
-    why: String,
-    header_id: Option<String>,
-    header_task: Option<String>,
-) -> Disposition {
-    let (id, task) = identify(&msg.message.payload, header_id, header_task);
-    match id {
-        Some(id) => ctx.refuse(&id, task.as_deref(), exc_type, why, 0).await,
-        None => {
-            let head = &msg.message.payload[..msg.message.payload.len().min(120)];
-            error!(
-                subject = %msg.subject,
-                queue = ctx.queue,
-                attempt = ctx.attempt,
-                error_type = exc_type,
-                error = %why,
-                body_start = %String::from_utf8_lossy(head),
-                "a message without a task id: nothing to record its failure under; dead-lettering it"
-            );
-            super::dead::dead_letter_unreadable(ctx.shared, ctx.queue, msg, &why).await
-        }
-    }
-}
-
-/// The task id and name of a message that did not decode: the `Dbtask-Id` / `Dbtask-Task`
-/// headers, else the body's `id` / `task` fields if the body is JSON at all. Ids that are not
-/// valid task ids are ignored (they would make bad Redis keys).
-pub(super) fn identify(
-    body: &[u8],
-    header_id: Option<String>,
-    header_task: Option<String>,
-) -> (Option<String>, Option<String>) {
-    #[derive(Deserialize)]
-    struct Loose {
-        #[serde(default)]
-        id: Option<serde_json::Value>,
-        #[serde(default)]
-        task: Option<serde_json::Value>,
-    }
-    let loose = serde_json::from_slice::<Loose>(body).ok();
-    let from_body = |pick: fn(&Loose) -> &Option<serde_json::Value>| {
-        loose
-            .as_ref()
-            .and_then(|l| pick(l).as_ref())
-            .and_then(|v| v.as_str())
-            .map(str::to_owned)
-    };
-    let id = header_id
-        .filter(|id| validate_task_id(id).is_ok())
-        .or_else(|| from_body(|l| &l.id).filter(|id| validate_task_id(id).is_ok()));
-    let task = header_task.or_else(|| from_body(|l| &l.task));
-    (id, task)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::identify;
-
-    #[test]
-    fn ids_of_unreadable_messages() {
-        let s = |v: &str| Some(v.to_owned());
-        // Headers first.
-        assert_eq!(identify(b"garbage", s("h1"), s("t")), (s("h1"), s("t")));
-        // Then the body, even when it is not a valid task message.
-        assert_eq!(
-            identify(br#"{"id": "b1", "args": 5}"#, None, None),
-            (s("b1"), None)
-        );
-        assert_eq!(
-            identify(br#"{"id": "b1", "task": "x"}"#, None, None),
-            (s("b1"), s("x"))
-        );
-        // Invalid ids are no keys.
-        assert_eq!(
-            identify(br#"{"id": "a b"}"#, s("bad/id"), None),
-            (None, None)
-        );
-        assert_eq!(identify(br#"{"id": 5}"#, None, None), (None, None));
-        assert_eq!(identify(b"\xff\xfe", None, None), (None, None));
     }
 }

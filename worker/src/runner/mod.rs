@@ -4,10 +4,13 @@
 //! Everything runs on one thread (a current-thread runtime and a `LocalSet`): Python runs on its
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
+mod admit;
 mod dead;
+mod execute;
 mod handler;
 mod priority;
 mod rate;
+mod settle;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -22,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
+use crate::events::Hooks;
 use crate::python::PythonRuntime;
 use crate::revoke::Revocations;
 use crate::store::{Store, StoreError, Writer};
@@ -41,6 +45,17 @@ pub enum WorkerError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// How a message leaves this worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disposition {
+    /// The outcome is stored: done.
+    Ack,
+    /// Not run (or not finished) here: NATS delivers it again, to this worker or another.
+    HandBack,
+    /// Cannot ever run and cannot be recorded (no task id): drop it.
+    Term,
 }
 
 /// Where the worker is in its life: each step only moves forward.
@@ -68,6 +83,8 @@ struct Shared {
     revocations: Revocations,
     /// `hostname:pid`, recorded in every result.
     worker: String,
+    /// Who hears of each task's lifecycle events (nobody by default).
+    hooks: Hooks,
     /// One permit per task allowed to run.
     slots: Arc<Semaphore>,
     /// Messages received but still waiting for a slot.
@@ -163,6 +180,16 @@ pub async fn run(
     python: PythonRuntime,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    run_with_hooks(config, python, Hooks::default(), shutdown).await
+}
+
+/// [`run`], telling `hooks` what happens to each task (see [`crate::events`]).
+pub async fn run_with_hooks(
+    config: Config,
+    python: PythonRuntime,
+    hooks: Hooks,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
     let worker = worker_identity();
     let broker = Broker::connect(&config.nats_url, &worker).await?;
     let store = Store::connect(&config.redis_url, config.result_ttl).await?;
@@ -220,6 +247,7 @@ pub async fn run(
             revocations,
             levels,
             worker,
+            hooks,
             shutdown,
         ))
         .await;
@@ -235,6 +263,7 @@ async fn serve(
     revocations: Revocations,
     levels: Vec<priority::Levels>,
     worker: String,
+    hooks: Hooks,
     shutdown: impl Future<Output = ()>,
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
@@ -249,6 +278,7 @@ async fn serve(
         broker,
         revocations,
         worker,
+        hooks,
         waiting: Cell::new(0),
         freed: Notify::new(),
         in_flight: Cell::new(0),

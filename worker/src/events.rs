@@ -1,0 +1,169 @@
+//! Lifecycle events of the tasks this worker handles (received, started, succeeded, failed,
+//! retried, revoked, rejected, dead-lettered), for whoever listens: metrics, an events
+//! stream. Nobody listens by default, and then an event costs one branch on an `Option`: no
+//! allocation, no clone, no lock.
+
+use std::sync::Arc;
+
+use dbtask_protocol::TaskError;
+
+/// The task an event is about. Borrowed: building one copies nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskRef<'a> {
+    pub id: &'a str,
+    /// The registered task name (`?` when a message did not say).
+    pub task: &'a str,
+    pub queue: &'a str,
+    /// Deliveries of its message (1 on the first).
+    pub attempt: u32,
+}
+
+/// Receives lifecycle events; every method does nothing unless overridden. Called on the
+/// worker's tokio thread, in the order things happen to a task: return quickly, never block.
+#[allow(unused_variables)]
+pub trait Hook: Send + Sync {
+    /// The message is decoded and holds a slot (or waits for one in the Python threads' queue).
+    fn received(&self, task: TaskRef<'_>) {}
+    /// The job is handed to its executor.
+    fn started(&self, task: TaskRef<'_>) {}
+    /// SUCCESS is stored.
+    fn succeeded(&self, task: TaskRef<'_>, runtime_secs: f64) {}
+    /// FAILURE is stored for a task that ran (an exception, a time limit, no retry left).
+    fn failed(&self, task: TaskRef<'_>, error: &TaskError) {}
+    /// RETRY is stored and its next attempt published, due in `delay_secs`.
+    fn retried(&self, task: TaskRef<'_>, error: &TaskError, delay_secs: f64) {}
+    /// REVOKED is stored: revoked before it started, terminated, or expired.
+    fn revoked(&self, task: TaskRef<'_>, error: &TaskError) {}
+    /// FAILURE is stored for a message refused without running (unknown task, unreadable).
+    fn rejected(&self, task: TaskRef<'_>, error: &TaskError) {}
+    /// The message went to the dead-letter stream.
+    fn dead_lettered(&self, task: TaskRef<'_>, reason: &str) {}
+}
+
+/// Where events go: nowhere (the default) or one [`Hook`]. Cheap to clone.
+#[derive(Clone, Default)]
+pub struct Hooks(Option<Arc<dyn Hook>>);
+
+impl Hooks {
+    pub fn new(hook: Arc<dyn Hook>) -> Hooks {
+        Hooks(Some(hook))
+    }
+
+    /// Whether anyone listens; callers need not check before emitting.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    #[inline]
+    pub fn received(&self, task: TaskRef<'_>) {
+        if let Some(hook) = &self.0 {
+            hook.received(task);
+        }
+    }
+
+    #[inline]
+    pub fn started(&self, task: TaskRef<'_>) {
+        if let Some(hook) = &self.0 {
+            hook.started(task);
+        }
+    }
+
+    #[inline]
+    pub fn succeeded(&self, task: TaskRef<'_>, runtime_secs: f64) {
+        if let Some(hook) = &self.0 {
+            hook.succeeded(task, runtime_secs);
+        }
+    }
+
+    #[inline]
+    pub fn failed(&self, task: TaskRef<'_>, error: &TaskError) {
+        if let Some(hook) = &self.0 {
+            hook.failed(task, error);
+        }
+    }
+
+    #[inline]
+    pub fn retried(&self, task: TaskRef<'_>, error: &TaskError, delay_secs: f64) {
+        if let Some(hook) = &self.0 {
+            hook.retried(task, error, delay_secs);
+        }
+    }
+
+    #[inline]
+    pub fn revoked(&self, task: TaskRef<'_>, error: &TaskError) {
+        if let Some(hook) = &self.0 {
+            hook.revoked(task, error);
+        }
+    }
+
+    #[inline]
+    pub fn rejected(&self, task: TaskRef<'_>, error: &TaskError) {
+        if let Some(hook) = &self.0 {
+            hook.rejected(task, error);
+        }
+    }
+
+    #[inline]
+    pub fn dead_lettered(&self, task: TaskRef<'_>, reason: &str) {
+        if let Some(hook) = &self.0 {
+            hook.dead_lettered(task, reason);
+        }
+    }
+}
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_empty() {
+            "Hooks(none)"
+        } else {
+            "Hooks(1)"
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Seen(Mutex<Vec<String>>);
+
+    impl Hook for Seen {
+        fn received(&self, task: TaskRef<'_>) {
+            self.0.lock().unwrap().push(format!("received {}", task.id));
+        }
+        fn failed(&self, task: TaskRef<'_>, error: &TaskError) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("failed {} {}", task.id, error.exc_type));
+        }
+    }
+
+    #[test]
+    fn events_reach_the_hook_and_nothing_else_is_needed() {
+        let task = TaskRef {
+            id: "t1",
+            task: "add",
+            queue: "default",
+            attempt: 1,
+        };
+        let error = TaskError::new("ValueError", "bad");
+        // Nobody listening: every event is a no-op.
+        let none = Hooks::default();
+        assert!(none.is_empty());
+        none.received(task);
+        none.failed(task, &error);
+
+        let seen = Arc::new(Seen::default());
+        let hooks = Hooks::new(seen.clone());
+        hooks.received(task);
+        hooks.started(task); // not overridden: ignored
+        hooks.failed(task, &error);
+        assert_eq!(
+            *seen.0.lock().unwrap(),
+            vec!["received t1".to_owned(), "failed t1 ValueError".to_owned()]
+        );
+    }
+}
