@@ -23,8 +23,12 @@ from ._canvas import Chain, Chord, Group, GroupResult, Signature, signature
 from ._client import close, close_sync, init, init_sync
 from ._errors import (
     ChordError,
+    DeadLettered,
+    Expired,
+    InternalError,
     InvalidArguments,
     MalformedMessage,
+    MaxRetriesExceeded,
     RemoteTraceback,
     TaskError,
     TaskRevoked,
@@ -54,6 +58,10 @@ __all__ = [
     "UnserializableResult",
     "TooLarge",
     "TaskRevoked",
+    "Expired",
+    "MaxRetriesExceeded",
+    "DeadLettered",
+    "InternalError",
     "RemoteTraceback",
     "Retry",
     "revoke",

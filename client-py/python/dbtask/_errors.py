@@ -81,6 +81,25 @@ class TaskRevoked(TaskError):
     """The task was revoked (for example it arrived after its ``expires`` time)."""
 
 
+class Expired(TaskRevoked):
+    """The task was delivered after its ``expires`` time and did not run (state REVOKED)."""
+
+
+class MaxRetriesExceeded(TaskError):
+    """A task raised ``Retry`` without an exception of its own and had no retry left."""
+
+
+class DeadLettered(TaskError):
+    """The message reached its last allowed delivery (``--max-deliver``) without an outcome,
+    typically because the worker running it died each time; it was moved to the dead-letter
+    stream."""
+
+
+class InternalError(TaskError):
+    """The worker could not run the task (its Python runtime was shutting down, or a fault in
+    the worker itself while handling it)."""
+
+
 class ChordError(TaskError):
     """A member of a chord failed, so its callback did not run; the message names the member."""
 
@@ -104,7 +123,8 @@ def _qualified_name(cls: type) -> str:
     return cls.__qualname__ if module == "builtins" else f"{module}.{cls.__qualname__}"
 
 
-# Error type names the worker records when it refuses a message (protocol::error_types).
+# Error type names the worker records itself (protocol::error_types and the few beside it);
+# client-py/tests/test_error_table.py checks that every such name in the Rust code is here.
 _WORKER_ERRORS: dict[str, type[TaskError]] = {
     "dbtask.MalformedMessage": MalformedMessage,
     "dbtask.UnknownTask": UnknownTask,
@@ -112,6 +132,10 @@ _WORKER_ERRORS: dict[str, type[TaskError]] = {
     "dbtask.UnserializableResult": UnserializableResult,
     "dbtask.TooLarge": TooLarge,
     "dbtask.TaskRevoked": TaskRevoked,
+    "dbtask.Expired": Expired,
+    "dbtask.MaxRetriesExceeded": MaxRetriesExceeded,
+    "dbtask.DeadLettered": DeadLettered,
+    "dbtask.InternalError": InternalError,
     "dbtask.ChordError": ChordError,
 }
 
