@@ -1,16 +1,15 @@
 //! Command-line flags of `dbtask-worker`.
 //!
 //! Every flag also reads a `DBTASK_*` environment variable (clap merges the two into one layer:
-//! a flag wins over its variable). Every value is optional here so that [`Config::load`] can
-//! tell "not given" from "given", and apply them over the config file.
-//!
-//! [`Config::load`]: crate::config::Config::load
+//! a flag wins over its variable). Every value is optional here so that
+//! [`Cli::load_config`] can tell "not given" from "given", and apply them over the config file.
 
 use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{Config, LogFormat};
+use crate::config::{Config, ConfigError};
+use crate::telemetry::LogFormat;
 
 /// Runs Python tasks from NATS JetStream and stores their results in Redis.
 ///
@@ -143,6 +142,18 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The configuration: defaults, overridden by the `--config` file, overridden by env vars
+    /// and flags; validated.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        self.apply_to(&mut config);
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Applies the values given as flags or environment variables over `config`.
     pub fn apply_to(&self, config: &mut Config) {
         fn set<T: Clone>(target: &mut T, value: &Option<T>) {
@@ -186,6 +197,81 @@ impl Cli {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+    use std::io::Write;
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut argv = vec!["dbtask-worker"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv).unwrap()
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_flags_override_file() {
+        let f = file(
+            r#"
+            queues = ["math", "io"]
+            apps = ["from_file"]
+            concurrency = 4
+            redis_url = "redis://file:6379"
+            ack_wait = 12.5
+            log_format = "json"
+            track_started = true
+            "#,
+        );
+        let path = f.path().to_str().unwrap();
+
+        // The file alone: its keys win over defaults, the rest keep their defaults.
+        let c = cli(&["--config", path]).load_config().unwrap();
+        assert_eq!(c.queues, ["math", "io"]);
+        assert_eq!(c.apps, ["from_file"]);
+        assert_eq!(c.concurrency, 4);
+        assert_eq!(c.redis_url, "redis://file:6379");
+        assert_eq!(c.ack_wait, 12.5);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert!(c.track_started);
+        assert_eq!(c.nats_url, Config::default().nats_url);
+        assert_eq!(c.result_ttl, 86_400);
+
+        // Flags win over the file, field by field.
+        let c = cli(&[
+            "--config",
+            path,
+            "--concurrency",
+            "9",
+            "-Q",
+            "only",
+            "-A",
+            "from_flag",
+            "--log-format",
+            "text",
+            "--track-started=false",
+        ])
+        .load_config()
+        .unwrap();
+        assert_eq!(c.concurrency, 9);
+        assert_eq!(c.queues, ["only"]);
+        assert_eq!(c.apps, ["from_flag"]);
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert!(!c.track_started);
+        assert_eq!(
+            c.redis_url, "redis://file:6379",
+            "not given as a flag: the file's value stays"
+        );
+    }
+
+    #[test]
+    fn missing_config_file_names_the_path() {
+        let err = cli(&["--config", "/nonexistent/w.toml"])
+            .load_config()
+            .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/w.toml"), "{err}");
+    }
 
     #[test]
     fn every_flag_has_help_and_an_env_var() {

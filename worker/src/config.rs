@@ -5,20 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cli::Cli;
 use crate::python::PythonConfig;
-
-/// How logs are written on stderr.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    // One human-readable line per event. (Plain comments: doc comments would turn clap's
-    // --help into its long multi-paragraph form.)
-    #[default]
-    Text,
-    // One JSON object per event.
-    Json,
-}
+pub use crate::telemetry::LogFormat;
 
 /// Everything the worker can be told. Field names are the TOML keys and, upper-cased with a
 /// `DBTASK_` prefix, the environment variables.
@@ -127,17 +115,6 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
-    /// Defaults, overridden by the `--config` file, overridden by env vars and flags; validated.
-    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
-        let mut config = match &cli.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
-        cli.apply_to(&mut config);
-        config.validate()?;
-        Ok(config)
-    }
-
     /// Defaults overridden by the keys present in a TOML file.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -311,20 +288,6 @@ pub use dbtask_protocol::redact_url;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-    use std::io::Write;
-
-    fn cli(args: &[&str]) -> Cli {
-        let mut argv = vec!["dbtask-worker"];
-        argv.extend_from_slice(args);
-        Cli::try_parse_from(argv).unwrap()
-    }
-
-    fn file(text: &str) -> tempfile::NamedTempFile {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(text.as_bytes()).unwrap();
-        f
-    }
 
     #[test]
     fn defaults_are_the_documented_ones() {
@@ -344,59 +307,6 @@ mod tests {
         assert_eq!(c.duplicate_window(), Duration::from_secs(120));
         assert_eq!(c.max_result_bytes, 8 * 1024 * 1024);
         assert_eq!(c.log_format, LogFormat::Text);
-    }
-
-    #[test]
-    fn file_overrides_defaults_and_flags_override_file() {
-        let f = file(
-            r#"
-            queues = ["math", "io"]
-            apps = ["from_file"]
-            concurrency = 4
-            redis_url = "redis://file:6379"
-            ack_wait = 12.5
-            log_format = "json"
-            track_started = true
-            "#,
-        );
-        let path = f.path().to_str().unwrap();
-
-        // The file alone: its keys win over defaults, the rest keep their defaults.
-        let c = Config::load(&cli(&["--config", path])).unwrap();
-        assert_eq!(c.queues, ["math", "io"]);
-        assert_eq!(c.apps, ["from_file"]);
-        assert_eq!(c.concurrency, 4);
-        assert_eq!(c.redis_url, "redis://file:6379");
-        assert_eq!(c.ack_wait, 12.5);
-        assert_eq!(c.log_format, LogFormat::Json);
-        assert!(c.track_started);
-        assert_eq!(c.nats_url, Config::default().nats_url);
-        assert_eq!(c.result_ttl, 86_400);
-
-        // Flags win over the file, field by field.
-        let c = Config::load(&cli(&[
-            "--config",
-            path,
-            "--concurrency",
-            "9",
-            "-Q",
-            "only",
-            "-A",
-            "from_flag",
-            "--log-format",
-            "text",
-            "--track-started=false",
-        ]))
-        .unwrap();
-        assert_eq!(c.concurrency, 9);
-        assert_eq!(c.queues, ["only"]);
-        assert_eq!(c.apps, ["from_flag"]);
-        assert_eq!(c.log_format, LogFormat::Text);
-        assert!(!c.track_started);
-        assert_eq!(
-            c.redis_url, "redis://file:6379",
-            "not given as a flag: the file's value stays"
-        );
     }
 
     #[test]
@@ -520,12 +430,6 @@ mod tests {
         assert!(err.contains("concurrency"), "{err}");
         // Whole seconds are accepted where fractions are.
         assert_eq!(Config::from_toml("ack_wait = 5").unwrap().ack_wait, 5.0);
-    }
-
-    #[test]
-    fn missing_config_file_names_the_path() {
-        let err = Config::load(&cli(&["--config", "/nonexistent/w.toml"])).unwrap_err();
-        assert!(err.to_string().contains("/nonexistent/w.toml"), "{err}");
     }
 
     #[test]

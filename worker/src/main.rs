@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use dbtask_worker::cli::Cli;
 use dbtask_worker::python::PythonRuntime;
-use dbtask_worker::{memory, run, shutdown, telemetry, Config};
+use dbtask_worker::{memory, run, shutdown, telemetry};
 
 /// Exit code for settings that cannot be used (as sysexits' EX_USAGE... close enough: 2 is
 /// what clap uses for a bad command line).
@@ -20,7 +20,7 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(&cli) {
+    let config = match cli.load_config() {
         Ok(config) => config,
         Err(e) => return fail(EXIT_CONFIG, e),
     };
@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         print!("{}", config.to_redacted_toml());
         return ExitCode::SUCCESS;
     }
-    telemetry::init(&config);
+    telemetry::init(&config.log_level, config.log_format);
 
     // The interpreter starts on this thread, before any tokio thread exists.
     let python = match PythonRuntime::start(&config.python_config()) {

@@ -5,9 +5,20 @@
 
 use std::io::IsTerminal;
 
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Config, LogFormat};
+/// How logs are written on stderr.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    // One human-readable line per event. (Plain comments: doc comments would turn clap's
+    // --help into its long multi-paragraph form.)
+    #[default]
+    Text,
+    // One JSON object per event.
+    Json,
+}
 
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
@@ -34,15 +45,16 @@ pub fn filter_for(level: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(&directives).map_err(|e| format!("invalid log filter {directives:?}: {e}"))
 }
 
-/// Installs the global subscriber. Call once, before anything logs.
-pub fn init(config: &Config) {
-    let filter = filter_for(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+/// Installs the global subscriber for a `log_level` setting (see [`filter_for`]) and a format.
+/// Call once, before anything logs.
+pub fn init(log_level: &str, format: LogFormat) {
+    let filter = filter_for(log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false);
     // A second init (tests) keeps the first subscriber; that is fine.
-    let _ = match config.log_format {
+    let _ = match format {
         LogFormat::Text => builder
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
