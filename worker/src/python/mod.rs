@@ -5,7 +5,7 @@
 //! the job to a Python thread and awaits a oneshot reply.
 //!
 //! Layout: `interpreter` (PEP 587 start-up, `sys.path`, `lazy_ssl.py`), `registry` (the tasks
-//! read from `dbtask._registry.TASKS`, with their cached function and signature), `retry` (a
+//! read from `dbtask._worker.TASKS`, with their cached function and signature), `retry` (a
 //! task's retry options and a raised `Retry`, read into Rust values), `invoke` (arguments, the
 //! call itself), `convert` (exceptions and return values into owned Rust values), `queue`
 //! (the job queue between tokio and the Python threads), `handover` (sync jobs queued before
@@ -191,6 +191,10 @@ pub enum PythonError {
 /// Error type recorded when the runtime could not run a job at all: `call` after `shutdown`,
 /// or a Rust panic while handling the job (a bug, or a pyo3 extension panicking in the task).
 pub const INTERNAL_ERROR: &str = "dbtask.InternalError";
+
+/// The one module of the `dbtask` package the worker imports: its docstring is the contract
+/// (`TASKS`, `Retry`, `bound`, and the time-limit exceptions).
+pub(crate) const CONTRACT_MODULE: &str = "dbtask._worker";
 
 /// Handle to the running interpreter and its threads. Cheap to clone.
 #[derive(Clone)]
@@ -440,11 +444,11 @@ impl Inner {
             self.aio.interrupt(py, task_id, aio_kind, message);
             return;
         }
-        let exc = match py.import("dbtask._limits").and_then(|m| m.getattr(class)) {
+        let exc = match py.import(CONTRACT_MODULE).and_then(|m| m.getattr(class)) {
             Ok(exc) => exc,
             Err(e) => {
                 let error = convert::error_from(py, e);
-                tracing::error!(task_id, error = %error.message, "cannot interrupt a task: dbtask._limits is missing (is the dbtask package up to date?)");
+                tracing::error!(task_id, error = %error.message, "cannot interrupt a task: dbtask._worker lacks the exception (is the dbtask package up to date?)");
                 return;
             }
         };

@@ -1,4 +1,4 @@
-//! The registered tasks: imported once at start-up from `dbtask._registry.TASKS`, with the
+//! The registered tasks: imported once at start-up from `dbtask._worker.TASKS`, with the
 //! Python objects each call needs (function, signature) kept ready.
 
 use std::collections::HashMap;
@@ -45,7 +45,7 @@ impl Registry {
     /// Imports `dbtask`, then each app module (whose `@task`s register), and reads the registry.
     pub fn load(apps: &[String]) -> Result<Registry, PythonError> {
         Python::attach(|py| {
-            let registry = py.import("dbtask._registry").map_err(|e| {
+            let registry = py.import(super::CONTRACT_MODULE).map_err(|e| {
                 PythonError::Registry(format!(
                     "importing dbtask failed:\n{}",
                     error_from(py, e).traceback.unwrap_or_default()

@@ -11,7 +11,7 @@ use super::registry::Entry;
 use super::CallOutcome;
 use crate::retry::{Request, RetryPolicy};
 
-/// `dbtask._retry` (`Retry`, `bound`), imported on first use.
+/// `Retry` and `bound` of the contract module, imported on first use.
 struct RetryModule {
     retry: Py<PyAny>,
     bound: Py<PyAny>,
@@ -21,7 +21,7 @@ static MODULE: PyOnceLock<RetryModule> = PyOnceLock::new();
 
 fn module(py: Python<'_>) -> PyResult<&'static RetryModule> {
     MODULE.get_or_try_init(py, || {
-        let m = py.import("dbtask._retry")?;
+        let m = py.import(super::CONTRACT_MODULE)?;
         Ok(RetryModule {
             retry: m.getattr("Retry")?.unbind(),
             bound: m.getattr("bound")?.unbind(),

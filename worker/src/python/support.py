@@ -138,7 +138,7 @@ def start_loop(loop):
         if t is None or t.done():
             return
         if kind == "soft":
-            from dbtask._limits import SoftTimeLimitExceeded
+            from dbtask._worker import SoftTimeLimitExceeded
 
             inject(t, SoftTimeLimitExceeded(message), 0)
         else:
