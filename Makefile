@@ -11,7 +11,7 @@ WORKER_BIN := $(ROOT)/target/release/dbtask-worker
 MATURIN_TARGET := $(ROOT)/target/maturin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv build build-worker build-client demo test test-chaos test-rust test-py lint bench clean distclean
+.PHONY: help setup venv build build-worker build-client demo test test-fast test-chaos test-rust test-py lint bench clean distclean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,6 +35,10 @@ demo: build ## Start private NATS + Redis + a worker on examples/, run the examp
 
 test: build ## Set up, build, then run cargo test and every pytest suite; non-zero on any failure
 	@bash $(ROOT)/scripts/test.sh
+
+test-fast: build ## Under a minute once built: Rust unit tests and the client's tests without the slow ones
+	cd $(ROOT) && $(CARGO) test --workspace --lib
+	cd $(ROOT) && $(VENV)/bin/pytest client-py/tests -q -p no:cacheprovider -m "not slow"
 
 test-chaos: build ## The chaos tests: servers killed under load (a few minutes; CI runs them after make test)
 	@bash $(ROOT)/scripts/test.sh --chaos
