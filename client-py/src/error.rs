@@ -74,23 +74,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn passwords_are_hidden() {
-        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(redact_url("nats://u:s3cr3t@h:4222"), "nats://u:***@h:4222");
-        assert_eq!(redact_url("nats://t0ken@h:4222"), "nats://***@h:4222");
-        assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
-        assert_eq!(redact_url("redis://user@h:6379"), "redis://user@h:6379");
-        assert_eq!(
-            redact_url("rediss://a:b@c@h/1?x=y"),
-            "rediss://a:***@h/1?x=y"
-        );
-        assert_eq!(
-            redact_url("nats://a:p@h1:4222,nats://b:q@h2:4222"),
-            "nats://a:***@h1:4222,nats://b:***@h2:4222"
-        );
-    }
-
-    #[test]
     fn user_info_is_percent_decoded() {
         assert_eq!(percent_decode("p%40ss%3Aw"), "p@ss:w");
         assert_eq!(percent_decode("100%"), "100%");

@@ -70,6 +70,10 @@ mod tests {
         );
         assert_eq!(redact_url("redis://:p@ss@h:6379"), "redis://:***@h:6379");
         assert_eq!(redact_url("nats://u:a:b@h"), "nats://u:***@h");
+        assert_eq!(
+            redact_url("rediss://a:b@c@h/1?x=y"),
+            "rediss://a:***@h/1?x=y"
+        );
         assert_eq!(redact_url("nats://h/x:y@z"), "nats://***@z");
     }
 
