@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::config::redact_url;
-use crate::store::StoreError;
+use crate::store::{Cause, StoreError};
 
 /// How often expired revocations are dropped from memory.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -85,7 +85,7 @@ impl Revocations {
         let safe = redact_url(redis_url);
         let client = redis::Client::open(redis_url).map_err(|e| StoreError::BadUrl {
             url: safe.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         let revocations = Revocations {
             state: Arc::new(Mutex::new(State::default())),
@@ -97,7 +97,10 @@ impl Revocations {
                 .await
                 .map_err(|e| StoreError::Unreachable {
                     url: safe.clone(),
-                    reason: format!("loading the revoked task ids: {e}"),
+                    source: Cause::While {
+                        context: "loading the revoked task ids",
+                        source: e,
+                    },
                 })?;
         info!(
             revoked = revocations.lock().revoked.len(),

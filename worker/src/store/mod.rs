@@ -18,17 +18,39 @@ use crate::config::redact_url;
 
 pub use writer::{Writer, WriterClosed, MAX_BATCH};
 
-/// Why Redis could not do what was asked.
+/// Why Redis could not do what was asked: what the worker was doing, at which (redacted)
+/// URL, and the underlying error as the `source`.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("invalid Redis URL {url}: {reason}")]
-    BadUrl { url: String, reason: String },
-    #[error("cannot reach Redis at {url} ({reason}): is redis-server running?")]
-    Unreachable { url: String, reason: String },
-    #[error("Redis at {url} refused the connection ({reason}): check the user and password in the Redis URL")]
-    Refused { url: String, reason: String },
-    #[error("Redis at {url} failed: {reason}")]
-    Command { url: String, reason: String },
+    #[error("invalid Redis URL {url}: {source}")]
+    BadUrl { url: String, source: Cause },
+    #[error("cannot reach Redis at {url} ({source}): is redis-server running?")]
+    Unreachable { url: String, source: Cause },
+    #[error("Redis at {url} refused the connection ({source}): check the user and password in the Redis URL")]
+    Refused { url: String, source: Cause },
+    #[error("Redis at {url} failed: {source}")]
+    Command { url: String, source: Cause },
+}
+
+/// The error underneath a [`StoreError`], kept as it came (the Redis client's or the pool's),
+/// with a short description for the common cases.
+#[derive(Debug, thiserror::Error)]
+pub enum Cause {
+    #[error("connection refused")]
+    ConnectionRefused(#[source] redis::RedisError),
+    #[error("timed out")]
+    TimedOut(#[source] Option<redis::RedisError>),
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Build(#[from] deadpool_redis::BuildError),
+    #[error("{context}: {source}")]
+    While {
+        context: &'static str,
+        source: redis::RedisError,
+    },
 }
 
 /// One record to store, as the commands that store it: `SET dbtask:result:<id> json EX ttl`,
@@ -108,7 +130,7 @@ impl Store {
         let url = redact_url(redis_url);
         let bad = |e: redis::RedisError| StoreError::BadUrl {
             url: url.clone(),
-            reason: e.to_string(),
+            source: e.into(),
         };
         // redis-rs times a request out after 500 ms by default: too short for a result of
         // several megabytes on a busy server. Failures are retried by the callers anyway.
@@ -124,7 +146,7 @@ impl Store {
             .build()
             .map_err(|e| StoreError::BadUrl {
                 url: url.clone(),
-                reason: e.to_string(),
+                source: e.into(),
             })?;
         let store = Store {
             pool,
@@ -249,11 +271,11 @@ impl Store {
             PoolError::Backend(e) => self.redis_error(e),
             PoolError::Timeout(_) => StoreError::Unreachable {
                 url: self.url.clone(),
-                reason: "timed out".into(),
+                source: Cause::TimedOut(None),
             },
             other => StoreError::Command {
                 url: self.url.clone(),
-                reason: other.to_string(),
+                source: other.into(),
             },
         })
     }
@@ -273,29 +295,29 @@ impl Store {
         if e.is_connection_refusal() {
             StoreError::Unreachable {
                 url,
-                reason: "connection refused".into(),
+                source: Cause::ConnectionRefused(e),
             }
         } else if e.is_timeout() {
             StoreError::Unreachable {
                 url,
-                reason: "timed out".into(),
+                source: Cause::TimedOut(Some(e)),
             }
         } else if e.kind() == redis::ErrorKind::AuthenticationFailed
             || e.code().is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS")
         {
             StoreError::Refused {
                 url,
-                reason: e.to_string(),
+                source: e.into(),
             }
         } else if e.is_io_error() || e.is_connection_dropped() {
             StoreError::Unreachable {
                 url,
-                reason: e.to_string(),
+                source: e.into(),
             }
         } else {
             StoreError::Command {
                 url,
-                reason: e.to_string(),
+                source: e.into(),
             }
         }
     }
