@@ -18,9 +18,7 @@ use std::time::Duration;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use dbtask_protocol::canvas::{
-    chord_fired_key, chord_key, expand, group_key, prepend_args, Carry, Expanded, CHORD_ERROR,
-};
+use dbtask_protocol::canvas::{expand, prepend_args, Carry, Expanded, CHORD_ERROR};
 use dbtask_protocol::{
     error_types, now_unix, ChordRef, ResultRecord, Route, Signature, TaskError, TaskMessage,
     TaskState, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID,
@@ -31,22 +29,6 @@ use tracing::{debug, error, info, warn};
 use crate::broker::Broker;
 use crate::record::Origin;
 use crate::store::{Store, Writer};
-
-/// Records one chord member's result and says whether this member fires the callback.
-/// KEYS: hash, fired flag. ARGV: index, result JSON, size, ttl. Returns the results in member
-/// order when this member (or an earlier delivery of it) completed the chord, else nil.
-const CHORD_SCRIPT: &str = r#"
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-local size = tonumber(ARGV[3])
-if redis.call('HLEN', KEYS[1]) < size then return false end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[4]) then
-  if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
-end
-local out = {}
-for i = 0, size - 1 do out[#out + 1] = redis.call('HGET', KEYS[1], tostring(i)) end
-return out
-"#;
 
 /// How many times a publish is tried before the message is handed back to NATS.
 const PUBLISH_ATTEMPTS: u32 = 3;
@@ -220,24 +202,9 @@ impl Canvas<'_> {
             error!(chord_id = %chord.id, index = chord.index, size = chord.size, "chord member index out of range: not counted");
             return None;
         }
-        let store = self.store;
-        let ttl = self.result_ttl.max(1);
-        let reply: Option<Vec<Vec<u8>>> = store
-            .retrying("count a chord member", || async {
-                let mut conn = store.conn().await?;
-                redis::cmd("EVAL")
-                    .arg(CHORD_SCRIPT)
-                    .arg(2)
-                    .arg(chord_key(&chord.id))
-                    .arg(chord_fired_key(&chord.id))
-                    .arg(chord.index)
-                    .arg(result.get())
-                    .arg(chord.size)
-                    .arg(ttl)
-                    .query_async(&mut conn)
-                    .await
-                    .map_err(|e| store.redis_error(e))
-            })
+        let reply = self
+            .store
+            .count_chord_member(chord, result.get(), self.result_ttl.max(1))
             .await;
         let results = reply?;
         let mut list = Vec::with_capacity(results.iter().map(|r| r.len() + 1).sum::<usize>() + 2);
@@ -308,19 +275,8 @@ impl Canvas<'_> {
     /// Records the groups, then publishes every message (all sent, then all confirmed).
     async fn publish(&self, out: Expanded) -> Result<(), CanvasError> {
         if !out.groups.is_empty() {
-            let store = self.store;
-            let ttl = self.result_ttl.max(1);
-            store
-                .retrying("record a group", || async {
-                    let mut pipe = redis::pipe();
-                    for (id, members) in &out.groups {
-                        pipe.set_ex(group_key(id), members.as_str(), ttl).ignore();
-                    }
-                    let mut conn = store.conn().await?;
-                    pipe.exec_async(&mut conn)
-                        .await
-                        .map_err(|e| store.redis_error(e))
-                })
+            self.store
+                .record_groups(&out.groups, self.result_ttl.max(1))
                 .await;
         }
         if out.messages.is_empty() {

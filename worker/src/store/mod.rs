@@ -1,6 +1,7 @@
 //! Redis: result records (`dbtask:result:<id>`, with a TTL) and the done notifications
 //! (`dbtask:done:<id>`). Key and channel names come from the protocol crate only.
 
+mod canvas;
 mod rate;
 mod writer;
 
