@@ -254,7 +254,7 @@ impl Store {
     }
 
     /// The shared connection (see [`Store`]); taken from the pool when there is none.
-    pub(crate) async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
+    async fn conn(&self) -> Result<MultiplexedConnection, StoreError> {
         if let Some(conn) = self.lock_shared().as_ref() {
             return Ok(conn.clone());
         }
@@ -283,7 +283,7 @@ impl Store {
 
     /// Turns a command's error into a [`StoreError`]; after a connection error the shared
     /// connection is dropped, so that the next command takes a fresh one.
-    pub(crate) fn redis_error(&self, e: redis::RedisError) -> StoreError {
+    fn redis_error(&self, e: redis::RedisError) -> StoreError {
         if e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
