@@ -24,7 +24,9 @@ pub struct TaskRef<'a> {
 pub trait Hook: Send + Sync {
     /// The message is decoded and holds a slot (or waits for one in the Python threads' queue).
     fn received(&self, task: TaskRef<'_>) {}
-    /// The job is handed to its executor.
+    /// The job is handed to its executor. Not yet proof that its code runs: a job handed over
+    /// to the Python threads' queue may still be revoked before a thread takes it (then
+    /// `revoked` follows), or handed back at shutdown (then nothing follows for this delivery).
     fn started(&self, task: TaskRef<'_>) {}
     /// SUCCESS is stored.
     fn succeeded(&self, task: TaskRef<'_>, runtime_secs: f64) {}
