@@ -433,18 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
-        assert_eq!(
-            redact_url("redis://:s3cret@h:6379/0"),
-            "redis://:***@h:6379/0"
-        );
-        assert_eq!(
-            redact_url("nats://bob:s3cret@h:4222"),
-            "nats://bob:***@h:4222"
-        );
-        assert_eq!(redact_url("nats://tok3n@h:4222"), "nats://***@h:4222");
-        assert_eq!(redact_url("not a url://a:b@c"), "not a url://a:***@c");
+    fn printed_config_hides_passwords_and_reads_back() {
         let shown = Config {
             redis_url: "redis://u:pw@h".into(),
             ..Config::default()

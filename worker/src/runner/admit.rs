@@ -288,18 +288,7 @@ async fn reschedule(ctx: &Context<'_>, task: &TaskMessage, eta: f64, msg_id: &st
 /// A message that cannot be decoded (or is too large): a FAILURE record if any valid task id
 /// can be found for it, else it is for the dead-letter stream.
 fn unreadable<'a>(ctx: &Context<'a>, msg: &Message, error: TaskError) -> Admission<'a> {
-    let header = |name: &str| {
-        msg.message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
-    let (id, task) = identify(
-        &msg.message.payload,
-        header(HEADER_TASK_ID),
-        header(HEADER_TASK),
-    );
+    let (id, task) = identify_message(msg);
     let Some(id) = id else {
         return Admission::Unrecordable(error.message);
     };
@@ -316,6 +305,22 @@ fn unreadable<'a>(ctx: &Context<'a>, msg: &Message, error: TaskError) -> Admissi
 /// The task id and name of a message that did not decode: the `Dbtask-Id` / `Dbtask-Task`
 /// headers, else the body's `id` / `task` fields if the body is JSON at all. Ids that are not
 /// valid task ids are ignored (they would make bad Redis keys).
+/// [`identify`] for a delivered message: its body and its `Dbtask-*` headers.
+pub(super) fn identify_message(msg: &Message) -> (Option<String>, Option<String>) {
+    let header = |name: &str| {
+        msg.message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_owned())
+    };
+    identify(
+        &msg.message.payload,
+        header(HEADER_TASK_ID),
+        header(HEADER_TASK),
+    )
+}
+
 pub(super) fn identify(
     body: &[u8],
     header_id: Option<String>,

@@ -7,13 +7,10 @@
 
 use async_nats::jetstream::Message;
 use async_nats::HeaderMap;
-use dbtask_protocol::{
-    dead_headers, now_unix, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM, HEADER_TASK,
-    HEADER_TASK_ID,
-};
+use dbtask_protocol::{dead_headers, now_unix, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM};
 use tracing::{error, info, warn};
 
-use super::admit::identify;
+use super::admit::identify_message;
 use super::{Disposition, Shared};
 use crate::events::TaskRef;
 use crate::record::Origin;
@@ -130,18 +127,7 @@ pub(super) async fn dead_letter(
     deliveries: i64,
 ) -> Disposition {
     let max_deliver = shared.config.max_deliver;
-    let header = |name: &str| {
-        msg.message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(name))
-            .map(|v| v.as_str().to_owned())
-    };
-    let (task_id, task) = identify(
-        &msg.message.payload,
-        header(HEADER_TASK_ID),
-        header(HEADER_TASK),
-    );
+    let (task_id, task) = identify_message(msg);
 
     // A task that finished but whose ack got lost every time is not a dead letter.
     if let Some(id) = task_id.as_deref() {
