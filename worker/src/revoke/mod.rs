@@ -15,13 +15,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dbtask_protocol::{now_unix, RevokeNotice, REVOKED_SET_KEY, REVOKE_CHANNEL};
+use dbtask_protocol::{now_unix, RevokeNotice};
 use futures::StreamExt;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::config::redact_url;
-use crate::store::{Cause, StoreError};
+use crate::store::{Notices, RevocationFeed, StoreError};
 
 /// How often expired revocations are dropped from memory.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -82,91 +81,56 @@ impl Revocations {
     /// Subscribes to `dbtask:revoke`, loads `dbtask:revoked`, and keeps following the channel
     /// on a background task (reconnecting with backoff) for as long as the runtime lives.
     pub async fn start(redis_url: &str) -> Result<Revocations, StoreError> {
-        let safe = redact_url(redis_url);
-        let client = redis::Client::open(redis_url).map_err(|e| StoreError::BadUrl {
-            url: safe.clone(),
-            source: e.into(),
-        })?;
+        let feed = RevocationFeed::open(redis_url)?;
         let revocations = Revocations {
             state: Arc::new(Mutex::new(State::default())),
             notices: Arc::new(Notify::new()),
         };
-        let pubsub =
-            revocations
-                .subscribe_and_load(&client)
-                .await
-                .map_err(|e| StoreError::Unreachable {
-                    url: safe.clone(),
-                    source: Cause::While {
-                        context: "loading the revoked task ids",
-                        source: e,
-                    },
-                })?;
+        let notices = revocations.subscribe_and_load(&feed).await?;
         info!(
             revoked = revocations.lock().revoked.len(),
             "loaded the revoked task ids"
         );
-        tokio::spawn(revocations.clone().follow(client, pubsub, safe));
+        tokio::spawn(revocations.clone().follow(feed, notices));
         Ok(revocations)
     }
 
-    async fn subscribe_and_load(
-        &self,
-        client: &redis::Client,
-    ) -> Result<redis::aio::PubSub, redis::RedisError> {
-        let connect = async {
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(REVOKE_CHANNEL).await?;
-            let mut conn = client.get_multiplexed_async_connection().await?;
-            let members: Vec<(String, f64)> = redis::cmd("ZRANGEBYSCORE")
-                .arg(REVOKED_SET_KEY)
-                .arg(now_unix())
-                .arg("+inf")
-                .arg("WITHSCORES")
-                .query_async(&mut conn)
-                .await?;
-            Ok::<_, redis::RedisError>((pubsub, members))
-        };
-        let (pubsub, members) = tokio::time::timeout(Duration::from_secs(10), connect)
-            .await
-            .map_err(|_| redis::RedisError::from((redis::ErrorKind::Io, "timed out")))??;
+    async fn subscribe_and_load(&self, feed: &RevocationFeed) -> Result<Notices, StoreError> {
+        let (notices, members) = feed.subscribe_and_load().await?;
         let mut state = self.lock();
         for (id, expires) in members {
             let at = state.revoked.entry(id).or_insert(expires);
             *at = at.max(expires);
         }
-        Ok(pubsub)
+        Ok(notices)
     }
 
-    async fn follow(self, client: redis::Client, mut pubsub: redis::aio::PubSub, safe: String) {
+    async fn follow(self, feed: RevocationFeed, mut notices: Notices) {
         let mut prune = tokio::time::interval(PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            {
-                let mut messages = pubsub.on_message();
-                loop {
-                    tokio::select! {
-                        message = messages.next() => match message {
-                            Some(message) => self.notice(message.get_payload_bytes()),
-                            None => break,
-                        },
-                        _ = prune.tick() => self.prune(),
-                    }
+            loop {
+                tokio::select! {
+                    notice = notices.next() => match notice {
+                        Some(payload) => self.notice(&payload),
+                        None => break,
+                    },
+                    _ = prune.tick() => self.prune(),
                 }
             }
-            warn!(url = %safe, "lost the Redis subscription to revocations; reconnecting");
+            warn!(url = %feed.url(), "lost the Redis subscription to revocations; reconnecting");
             let mut delay = Duration::from_millis(100);
-            pubsub = loop {
+            notices = loop {
                 tokio::time::sleep(delay).await;
-                match self.subscribe_and_load(&client).await {
-                    Ok(pubsub) => break pubsub,
+                match self.subscribe_and_load(&feed).await {
+                    Ok(notices) => break notices,
                     Err(e) => {
-                        warn!(url = %safe, error = %e, "cannot follow revocations yet; retrying");
+                        warn!(url = %feed.url(), error = %e, "cannot follow revocations yet; retrying");
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
                 }
             };
-            info!(url = %safe, "following revocations again");
+            info!(url = %feed.url(), "following revocations again");
         }
     }
 

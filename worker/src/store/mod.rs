@@ -3,6 +3,7 @@
 
 mod canvas;
 mod rate;
+mod revoke;
 mod writer;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use tracing::{info, warn};
 
 use crate::config::redact_url;
 
+pub use revoke::{Notices, RevocationFeed};
 pub use writer::{Writer, WriterClosed, MAX_BATCH};
 
 /// Why Redis could not do what was asked: what the worker was doing, at which (redacted)
