@@ -148,7 +148,8 @@ async fn tasks_are_pulled_acked_redelivered_and_shared_between_workers() {
     a.ensure_stream(&cfg).await.unwrap();
     let ca = a.ensure_consumer("default", &cfg).await.unwrap();
     let cb = b.ensure_consumer("default", &cfg).await.unwrap();
-    let js = a.jetstream();
+    // The client side: its own connection, as a real client has.
+    let js = &async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
 
     for i in 0..6 {
         assert!(!publish(js, "default", &format!("t{i}")).await.duplicate);

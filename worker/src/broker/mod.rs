@@ -5,6 +5,7 @@
 //! stream and consumers at the same moment.
 
 mod dead;
+mod publish;
 
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ pub enum BrokerError {
         reason: String,
     },
 }
+
+pub use publish::{BatchError, Outgoing};
 
 /// A connection to NATS with JetStream, checked to be able to serve dbtask.
 #[derive(Clone)]
@@ -155,10 +158,6 @@ impl Broker {
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
-    }
-
-    pub fn jetstream(&self) -> &jetstream::Context {
-        &self.js
     }
 
     /// Creates the task stream, or brings an existing one in line with `config`: it must be a

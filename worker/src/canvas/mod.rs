@@ -15,7 +15,6 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::message::PublishMessage;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use dbtask_protocol::canvas::{expand, prepend_args, Carry, Expanded, CHORD_ERROR};
@@ -26,7 +25,7 @@ use dbtask_protocol::{
 use serde_json::value::RawValue;
 use tracing::{debug, error, info, warn};
 
-use crate::broker::Broker;
+use crate::broker::{BatchError, Broker, Outgoing};
 use crate::record::Origin;
 use crate::store::{Store, Writer};
 
@@ -65,8 +64,8 @@ impl Flow {
 /// Why the workflow step could not be completed now (the message is handed back and retried).
 #[derive(Debug, thiserror::Error)]
 pub enum CanvasError {
-    #[error("cannot publish workflow task {id}: {reason}")]
-    Publish { id: String, reason: String },
+    #[error("cannot publish a workflow step: {0}")]
+    Publish(#[from] BatchError),
     #[error("the result writer has stopped")]
     Stopped,
 }
@@ -283,7 +282,7 @@ impl Canvas<'_> {
             return Ok(());
         }
         let routes: Vec<Route> = out.routes(now_unix()).collect();
-        let prepared: Vec<(String, String, HeaderMap, Bytes)> = out
+        let batch: Vec<Outgoing> = out
             .messages
             .iter()
             .zip(routes)
@@ -295,57 +294,26 @@ impl Canvas<'_> {
                 for (name, value) in route.headers() {
                     headers.insert(name, value);
                 }
-                (
-                    m.id.clone(),
-                    route.subject,
+                Outgoing {
+                    id: m.id.clone(),
+                    subject: route.subject,
                     headers,
-                    Bytes::from(m.encode()),
-                )
+                    body: Bytes::from(m.encode()),
+                }
             })
             .collect();
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.publish_all(&prepared).await {
+            match self.broker.publish_batch(&batch).await {
                 Ok(()) => return Ok(()),
                 Err(e) if attempt < PUBLISH_ATTEMPTS => {
                     warn!(error = %e, attempt, "cannot publish a workflow step; trying again");
                     tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         }
-    }
-
-    async fn publish_all(
-        &self,
-        prepared: &[(String, String, HeaderMap, Bytes)],
-    ) -> Result<(), CanvasError> {
-        let js = self.broker.jetstream();
-        let mut acks = Vec::with_capacity(prepared.len());
-        for (id, subject, headers, body) in prepared {
-            let failed = |e: &dyn std::fmt::Display| CanvasError::Publish {
-                id: id.clone(),
-                reason: e.to_string(),
-            };
-            let ack = js
-                .send_publish(
-                    subject.clone(),
-                    PublishMessage::build()
-                        .payload(body.clone())
-                        .headers(headers.clone()),
-                )
-                .await
-                .map_err(|e| failed(&e))?;
-            acks.push((id, ack));
-        }
-        for (id, ack) in acks {
-            ack.await.map_err(|e| CanvasError::Publish {
-                id: id.clone(),
-                reason: e.to_string(),
-            })?;
-        }
-        Ok(())
     }
 }
 

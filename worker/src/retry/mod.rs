@@ -7,13 +7,12 @@
 //! schedule (ADR-51, nats-server 2.12+) on `dbtask.sched.<queue>.<id>`: at its time the server
 //! publishes it to `dbtask.tasks.<queue>`. Nothing waits in the worker's memory.
 
-use async_nats::jetstream;
-use async_nats::HeaderMap;
-use dbtask_protocol::{
-    error_types, now_unix, TaskError, TaskMessage, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID,
-};
+use async_nats::jetstream::context::PublishError;
+use dbtask_protocol::{error_types, TaskError, TaskMessage};
 
-/// Defaults, as documented in the README (Celery's `max_retries` default; a shorter delay).
+use crate::broker::Broker;
+
+/// Defaults, as documented in docs/retries.md (Celery's `max_retries` default; a shorter delay).
 pub const DEFAULT_MAX_RETRIES: u32 = 3;
 pub const DEFAULT_RETRY_DELAY: f64 = 1.0;
 pub const DEFAULT_RETRY_BACKOFF_MAX: f64 = 600.0;
@@ -134,45 +133,20 @@ fn random_unit() -> f64 {
     (h.finish() >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Publishes `task` so that it runs at `task.eta` (at once when it is absent or past):
-/// a message schedule on `dbtask.sched.<queue>.<id>`, or the queue's subject directly.
-/// `msg_id` deduplicates a second publish (after a crash) within the stream's window.
-/// Returns once JetStream has stored it.
-pub async fn publish_at(
-    js: &jetstream::Context,
-    queue: &str,
-    task: &TaskMessage,
-    msg_id: &str,
-) -> Result<(), String> {
-    let mut headers = HeaderMap::new();
-    headers.insert(HEADER_MSG_ID, msg_id);
-    headers.insert(HEADER_TASK_ID, task.id.as_str());
-    headers.insert(HEADER_TASK, task.task.as_str());
-    let route = task.route(queue, now_unix());
-    for (name, value) in route.headers() {
-        headers.insert(name, value);
-    }
-    let ack = js
-        .publish_with_headers(route.subject, headers, task.encode().into())
-        .await
-        .map_err(|e| e.to_string())?;
-    ack.await.map(|_| ()).map_err(|e| e.to_string())
-}
-
 /// Publishes the next attempt of a task that asked for a retry: its message as it came, as
 /// retry number `retries`, due at `eta` (at once when `None`). Deduplicated per retry number,
 /// so that a redelivery of the failed attempt that publishes it again schedules it once.
 pub async fn publish_retry(
-    js: &jetstream::Context,
+    broker: &Broker,
     queue: &str,
     mut task: TaskMessage,
     retries: u32,
     eta: Option<f64>,
-) -> Result<(), String> {
+) -> Result<(), PublishError> {
     task.retries = retries;
     task.eta = eta;
     let msg_id = format!("{}:retry:{retries}", task.id);
-    publish_at(js, queue, &task, &msg_id).await
+    broker.publish_task(queue, &task, &msg_id).await
 }
 
 #[cfg(test)]

@@ -272,8 +272,12 @@ pub(super) fn mark_received(
 
 /// Publishes the task again as a message schedule for `eta`, then acks this delivery.
 async fn reschedule(ctx: &Context<'_>, task: &TaskMessage, eta: f64, msg_id: &str) -> Disposition {
-    let js = ctx.shared.broker.jetstream();
-    match crate::retry::publish_at(js, ctx.queue, task, msg_id).await {
+    match ctx
+        .shared
+        .broker
+        .publish_task(ctx.queue, task, msg_id)
+        .await
+    {
         Ok(()) => {
             debug!(task_id = %task.id, task = %task.task, queue = ctx.queue, eta, "task delivered before its eta: scheduled again");
             Disposition::Ack

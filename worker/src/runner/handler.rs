@@ -294,9 +294,13 @@ async fn follow_up(
     if let How::Retry(next) = how {
         match message {
             Some(message) => {
-                let js = ctx.shared.broker.jetstream();
-                let publish =
-                    crate::retry::publish_retry(js, ctx.queue, message, next.retries, next.eta);
+                let publish = crate::retry::publish_retry(
+                    &ctx.shared.broker,
+                    ctx.queue,
+                    message,
+                    next.retries,
+                    next.eta,
+                );
                 let published = Box::pin(publish).await;
                 if let Err(e) = published {
                     warn!(task_id = %record.id, task = record.task.as_deref().unwrap_or("?"), error = %e, "cannot publish the retry of a task; NATS will deliver the failed attempt again");

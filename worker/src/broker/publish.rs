@@ -1,0 +1,82 @@
+//! Publishing task messages: the only place the worker writes to JetStream (retries, tasks
+//! delivered before their eta, workflow steps). Each publish returns once JetStream stored the
+//! message, so the delivery that caused it is acked only after.
+
+use async_nats::jetstream::context::PublishError;
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use dbtask_protocol::{now_unix, TaskMessage, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID};
+
+use super::Broker;
+
+/// One message of a batch: its task id (for the error), subject, headers and body.
+pub struct Outgoing {
+    pub id: String,
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Which message of a batch could not be published, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot publish task {id}: {source}")]
+pub struct BatchError {
+    pub id: String,
+    pub source: PublishError,
+}
+
+impl Broker {
+    /// Publishes `task` so that it runs at `task.eta` (at once when it is absent or past):
+    /// a message schedule on `dbtask.sched.<queue>.<id>`, or the queue's subject directly.
+    /// `msg_id` deduplicates a second publish (after a crash) within the stream's window.
+    pub async fn publish_task(
+        &self,
+        queue: &str,
+        task: &TaskMessage,
+        msg_id: &str,
+    ) -> Result<(), PublishError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(HEADER_MSG_ID, msg_id);
+        headers.insert(HEADER_TASK_ID, task.id.as_str());
+        headers.insert(HEADER_TASK, task.task.as_str());
+        let route = task.route(queue, now_unix());
+        for (name, value) in route.headers() {
+            headers.insert(name, value);
+        }
+        self.js
+            .publish_with_headers(route.subject, headers, task.encode().into())
+            .await?
+            .await
+            .map(|_| ())
+    }
+
+    /// Publishes every message, all sent first and then all confirmed; the first failure
+    /// names its task.
+    pub async fn publish_batch(&self, batch: &[Outgoing]) -> Result<(), BatchError> {
+        let mut acks = Vec::with_capacity(batch.len());
+        for m in batch {
+            let ack = self
+                .js
+                .send_publish(
+                    m.subject.clone(),
+                    PublishMessage::build()
+                        .payload(m.body.clone())
+                        .headers(m.headers.clone()),
+                )
+                .await
+                .map_err(|source| BatchError {
+                    id: m.id.clone(),
+                    source,
+                })?;
+            acks.push((&m.id, ack));
+        }
+        for (id, ack) in acks {
+            ack.await.map_err(|source| BatchError {
+                id: id.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
