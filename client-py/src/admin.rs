@@ -212,7 +212,7 @@ impl Admin {
             // A fresh id: the task id may still be in the task stream's duplicate window.
             headers.insert(
                 protocol::HEADER_MSG_ID,
-                format!("replay.{DEAD_STREAM}.{sequence}.{}", protocol::now_unix()),
+                protocol::replay_msg_id(sequence, protocol::now_unix()),
             );
             let ack = this
                 .js

@@ -156,30 +156,47 @@ pub(crate) async fn connect_nats(
     })
 }
 
-fn stream_config() -> StreamConfig {
+/// The async-nats configuration of the stream `spec` describes (the worker's twin is
+/// worker/src/broker/mapping.rs).
+fn stream_config(spec: &protocol::StreamSpec) -> StreamConfig {
     StreamConfig {
-        name: protocol::TASK_STREAM.to_owned(),
-        subjects: vec![
-            protocol::TASK_SUBJECT_WILDCARD.to_owned(),
-            protocol::SCHEDULE_SUBJECT_WILDCARD.to_owned(),
-        ],
-        retention: RetentionPolicy::WorkQueue,
-        storage: StorageType::File,
-        duplicate_window: Duration::from_secs(120),
-        allow_message_schedules: true,
+        name: spec.name.to_owned(),
+        description: Some(spec.description.to_owned()),
+        subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
+        retention: match spec.retention {
+            protocol::Retention::WorkQueue => RetentionPolicy::WorkQueue,
+            protocol::Retention::Limits => RetentionPolicy::Limits,
+        },
+        storage: match spec.storage {
+            protocol::Storage::File => StorageType::File,
+            protocol::Storage::Memory => StorageType::Memory,
+        },
+        allow_message_schedules: spec.allow_msg_schedules,
+        duplicate_window: spec.duplicate_window.unwrap_or_default(),
+        max_message_size: spec.max_msg_size_i32(),
         ..Default::default()
     }
 }
 
 /// Creates the task stream when it is missing; an existing one is left as it is (the worker
-/// owns its settings).
+/// owns its settings and brings the stream in line with its config when it starts).
+///
+/// Why the client creates it at all rather than refusing until a worker has run: tasks may be
+/// enqueued before any worker starts (a deploy that starts the web app first, a test that
+/// publishes and then starts a worker), and JetStream keeps them until one does. The stream
+/// is made from the same description as the worker's ([`protocol::StreamSpec::tasks`]) with
+/// the same default limits, so a default worker finds nothing to change, and one configured
+/// otherwise updates the window and the size in place (a work queue keeps its messages).
 async fn ensure_stream(js: &async_nats::jetstream::Context, safe: &str) -> Result<(), ClientError> {
     let no_js = || {
         ClientError::Connection(format!(
             "NATS at {safe} has no JetStream: start nats-server with -js (version 2.12 or later)"
         ))
     };
-    match js.get_or_create_stream(stream_config()).await {
+    match js
+        .get_or_create_stream(stream_config(&protocol::StreamSpec::tasks()))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) => match e.kind() {
             // Created by a worker or another client between our lookup and our create.
@@ -366,12 +383,11 @@ impl Outgoing {
     }
 }
 
+/// The headers of a first publish of `message` (see [`protocol::task_headers`]; the worker's
+/// twin is worker/src/broker/mapping.rs).
 fn task_headers(message: &TaskMessage, route: &protocol::Route) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    headers.insert(protocol::HEADER_MSG_ID, message.id.as_str());
-    headers.insert(protocol::HEADER_TASK_ID, message.id.as_str());
-    headers.insert(protocol::HEADER_TASK, message.task.as_str());
-    for (name, value) in route.headers() {
+    for (name, value) in protocol::task_headers(message, route, &message.id) {
         headers.insert(name, value);
     }
     headers

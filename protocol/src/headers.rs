@@ -1,4 +1,7 @@
-//! Header names and the `Nats-Schedule` value format.
+//! Header names, the `Nats-Schedule` value format, and the one builder of a task message's
+//! headers, which the client and the worker both turn into their `HeaderMap`.
+
+use crate::{Route, TaskMessage};
 
 /// Header carrying the task id: JetStream drops a second publish of the same id inside the
 /// stream's duplicate window, so a client that retries a publish never enqueues a task twice.
@@ -54,6 +57,24 @@ pub mod dead_headers {
     pub const WORKER: &str = "Dbtask-Dead-Worker";
 }
 
+/// The headers of `message` published under `route`: `Nats-Msg-Id` (`msg_id`: the task id for
+/// a first publish, so that JetStream drops a duplicate inside the stream's duplicate window),
+/// the task id and name (for a worker that cannot read the body), then the route's schedule
+/// headers. Borrowed pairs, no allocation: each side inserts them into its own header map.
+pub fn task_headers<'a>(
+    message: &'a TaskMessage,
+    route: &'a Route,
+    msg_id: &'a str,
+) -> impl Iterator<Item = (&'static str, &'a str)> + 'a {
+    [
+        (HEADER_MSG_ID, msg_id),
+        (HEADER_TASK_ID, message.id.as_str()),
+        (HEADER_TASK, message.task.as_str()),
+    ]
+    .into_iter()
+    .chain(route.headers())
+}
+
 #[cfg(test)]
 mod tests {
     use crate::*;
@@ -67,5 +88,34 @@ mod tests {
         );
         assert_eq!(schedule_at(951_825_600.0), "@at 2000-02-29T12:00:00.000Z");
         assert_eq!(schedule_subject("q", "a.b"), "dbtask.sched.q.a.b");
+    }
+
+    #[test]
+    fn a_task_message_carries_its_ids_its_name_and_its_schedule() {
+        let mut msg = TaskMessage::decode(br#"{"id": "t1", "task": "add", "eta": 20.0}"#).unwrap();
+        let route = msg.route("q", 10.0);
+        let headers: Vec<_> = task_headers(&msg, &route, &msg.id).collect();
+        assert_eq!(
+            headers,
+            [
+                (HEADER_MSG_ID, "t1"),
+                (HEADER_TASK_ID, "t1"),
+                (HEADER_TASK, "add"),
+                (HEADER_SCHEDULE, "@at 1970-01-01T00:00:20.000Z"),
+                (HEADER_SCHEDULE_TARGET, "dbtask.tasks.q"),
+            ]
+        );
+        msg.eta = None;
+        let route = msg.route("q", 10.0);
+        let retry_id = retry_msg_id(&msg.id, 1);
+        let headers: Vec<_> = task_headers(&msg, &route, &retry_id).collect();
+        assert_eq!(
+            headers,
+            [
+                (HEADER_MSG_ID, "t1:retry:1"),
+                (HEADER_TASK_ID, "t1"),
+                (HEADER_TASK, "add")
+            ]
+        );
     }
 }

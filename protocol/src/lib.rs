@@ -23,6 +23,7 @@ pub mod message;
 pub mod names;
 pub mod rate;
 pub mod record;
+pub mod stream;
 pub mod validation;
 
 pub use canvas::{ChordRef, Signature};
@@ -31,6 +32,7 @@ pub use message::*;
 pub use names::*;
 pub use rate::*;
 pub use record::*;
+pub use stream::*;
 pub use validation::*;
 
 /// Version of the message format; a worker rejects messages with a newer major version.

@@ -23,12 +23,12 @@ use dbtask_protocol::canvas::{
 };
 use dbtask_protocol::{
     error_types, now_unix, ChordRef, ResultRecord, Route, Signature, TaskError, TaskMessage,
-    TaskState, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID,
+    TaskState,
 };
 use serde_json::value::RawValue;
 use tracing::{debug, error, info, warn};
 
-use crate::broker::Broker;
+use crate::broker::{task_header_map, Broker};
 use crate::store::{Store, Writer};
 
 /// Records one chord member's result and says whether this member fires the callback.
@@ -324,13 +324,7 @@ impl Canvas<'_> {
             .iter()
             .zip(routes)
             .map(|(m, route)| {
-                let mut headers = HeaderMap::new();
-                headers.insert(HEADER_MSG_ID, m.id.as_str());
-                headers.insert(HEADER_TASK_ID, m.id.as_str());
-                headers.insert(HEADER_TASK, m.task.as_str());
-                for (name, value) in route.headers() {
-                    headers.insert(name, value);
-                }
+                let headers = task_header_map(m, &route, &m.id);
                 (
                     m.id.clone(),
                     route.subject,
