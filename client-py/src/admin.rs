@@ -12,7 +12,7 @@ use dbtask_protocol as protocol;
 use protocol::{dead_headers, DEAD_STREAM, DEAD_SUBJECT_WILDCARD, TASK_STREAM};
 use pyo3::prelude::*;
 
-use crate::client::connect_nats;
+use crate::connection::connect_nats;
 use crate::error::{redact_url, ClientError};
 use crate::runtime;
 
