@@ -12,7 +12,7 @@ use dbtask_protocol as protocol;
 use protocol::{dead_headers, DEAD_STREAM, DEAD_SUBJECT_WILDCARD, TASK_STREAM};
 use pyo3::prelude::*;
 
-use crate::client::connect_nats;
+use crate::connection::connect_nats;
 use crate::error::{redact_url, ClientError};
 use crate::runtime;
 
@@ -212,7 +212,7 @@ impl Admin {
             // A fresh id: the task id may still be in the task stream's duplicate window.
             headers.insert(
                 protocol::HEADER_MSG_ID,
-                format!("replay.{DEAD_STREAM}.{sequence}.{}", protocol::now_unix()),
+                protocol::replay_msg_id(sequence, protocol::now_unix()),
             );
             let ack = this
                 .js

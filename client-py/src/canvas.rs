@@ -8,8 +8,9 @@ use std::time::Duration;
 use dbtask_protocol as protocol;
 use protocol::canvas::{expand, group_key, Carry, Expanded, Signature};
 
-use crate::client::{publish_all, redis_error, Inner, Outgoing, Publishing};
+use crate::connection::{redis_error, Inner, Publishing};
 use crate::error::ClientError;
+use crate::publish::{publish_all, Outgoing};
 
 /// The messages and groups of a workflow, checked and encoded.
 pub(crate) struct Prepared {

@@ -4,6 +4,14 @@
 //! runtime (one I/O thread per process). Python sees one class, [`client::Client`], whose
 //! methods come in pairs: an awaitable one for asyncio and a blocking `*_sync` twin that
 //! releases the GIL while it waits. The public API lives in the pure-Python package `dbtask`.
+//!
+//! Modules, one concern each (no module imports one that imports it back):
+//! - [`client`]: the Python class, its argument checks, the hand-over to the bridge;
+//! - [`connection`]: the NATS and Redis connections, the task stream, `close`;
+//! - [`publish`]: task messages checked, encoded and published, confirmations in order;
+//! - [`results`]: reading a record, waiting for a ready one;
+//! - [`canvas`]: workflows; [`revoke`]: revocations; [`admin`]: dead letters;
+//! - [`bridge`], [`runtime`], [`notify`], [`json`], [`ids`], [`error`]: the plumbing.
 
 use pyo3::prelude::*;
 
@@ -18,10 +26,14 @@ mod admin;
 mod bridge;
 mod canvas;
 mod client;
+mod connection;
 mod error;
 mod ids;
 mod json;
 mod notify;
+mod publish;
+mod results;
+mod revoke;
 mod runtime;
 
 /// Resets process-wide state in a forked child (called from `os.register_at_fork`): the

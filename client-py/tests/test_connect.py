@@ -58,6 +58,33 @@ def test_init_creates_the_stream_and_is_idempotent(nats, redis):
     dbtask.close_sync()  # twice is fine
 
 
+def test_a_stream_made_by_a_client_has_the_worker_defaults(redis, tmp_path):
+    # A client that finds no stream makes it from the worker's description: a 1 MiB message
+    # limit and a 120 s duplicate window, not the server's unlimited size (-1).
+    import nats as nats_py
+    from conftest import start_nats
+
+    fresh = start_nats(tmp_path)
+    try:
+        dbtask.init_sync(nats_url=fresh.url, redis_url=redis.url)
+        dbtask.close_sync()
+
+        async def read():
+            nc = await nats_py.connect(fresh.url)
+            try:
+                return (await nc.jetstream().stream_info("DBTASK_TASKS")).config
+            finally:
+                await nc.close()
+
+        config = asyncio.run(read())
+        assert config.max_msg_size == 1024 * 1024
+        assert config.duplicate_window == 120
+        assert config.description == "dbtask: queued task messages"
+        assert sorted(config.subjects) == ["dbtask.sched.>", "dbtask.tasks.>"]
+    finally:
+        fresh.stop()
+
+
 def test_init_sync_then_async_use_and_sync_from_a_thread(nats, redis):
     dbtask.init_sync(nats_url=nats.url, redis_url=redis.url)
     try:

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use async_nats::jetstream::stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use dbtask_protocol::{dead_subject, DEAD_STREAM, DEAD_SUBJECT_WILDCARD};
+use dbtask_protocol::{dead_subject, StreamSpec, DEAD_STREAM};
 use tracing::info;
 
 use super::Broker;
@@ -17,16 +17,7 @@ static READY: AtomicBool = AtomicBool::new(false);
 
 /// The dead-letter stream's configuration (also created by the `dbtask` command line).
 pub fn dead_stream_config() -> stream::Config {
-    stream::Config {
-        name: DEAD_STREAM.to_owned(),
-        description: Some(
-            "dbtask: dead letters (messages that exhausted their deliveries)".to_owned(),
-        ),
-        subjects: vec![DEAD_SUBJECT_WILDCARD.to_owned()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    }
+    super::stream_config(&StreamSpec::dead_letters())
 }
 
 impl Broker {

@@ -5,15 +5,17 @@
 //! stream and consumers at the same moment.
 
 mod dead;
+mod mapping;
 mod publish;
+
+pub use mapping::{stream_config, task_header_map};
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{ConnectErrorKind, ConnectOptions};
 use dbtask_protocol::{
-    priority_consumer_name, priority_subject, DEFAULT_PRIORITY, SCHEDULE_SUBJECT_WILDCARD,
-    TASK_STREAM, TASK_SUBJECT_WILDCARD,
+    priority_consumer_name, priority_subject, StreamSpec, DEFAULT_PRIORITY, TASK_STREAM,
 };
 use tracing::{debug, info, warn};
 
@@ -160,13 +162,19 @@ impl Broker {
         &self.client
     }
 
-    /// Creates the task stream, or brings an existing one in line with `config`: it must be a
-    /// work queue over `dbtask.tasks.>`; the duplicate window and the largest message size are
-    /// updated from the config. The stream is read back and checked, because a server that does
-    /// not know an option accepts it silently.
+    /// Creates the task stream ([`StreamSpec::tasks`] with the duplicate window and the largest
+    /// message size of `config`), or brings an existing one in line with it: it must be a work
+    /// queue; its subjects and message schedules are added, its limits updated from the config.
+    /// The stream is read back and checked, because a server that does not know an option
+    /// accepts it silently.
     pub async fn ensure_stream(&self, config: &Config) -> Result<stream::Info, BrokerError> {
+        let spec = StreamSpec {
+            duplicate_window: Some(config.duplicate_window()),
+            max_msg_size: Some(config.max_message_bytes),
+            ..StreamSpec::tasks()
+        };
         let wanted_window = config.duplicate_window();
-        let wanted_size = i32::try_from(config.max_message_bytes).unwrap_or(i32::MAX);
+        let wanted_size = spec.max_msg_size_i32();
         let mut info = None;
         // Two rounds: the stream may appear between our look-up and our create.
         for _ in 0..2 {
@@ -178,20 +186,7 @@ impl Broker {
                 Err(e) if is_stream_not_found(&e) => {}
                 Err(e) => return Err(self.stream_error(e)),
             }
-            let desired = stream::Config {
-                name: TASK_STREAM.to_owned(),
-                description: Some("dbtask: queued task messages".to_owned()),
-                subjects: vec![
-                    TASK_SUBJECT_WILDCARD.to_owned(),
-                    SCHEDULE_SUBJECT_WILDCARD.to_owned(),
-                ],
-                retention: stream::RetentionPolicy::WorkQueue,
-                storage: stream::StorageType::File,
-                duplicate_window: wanted_window,
-                max_message_size: wanted_size,
-                allow_message_schedules: true,
-                ..Default::default()
-            };
+            let desired = stream_config(&spec);
             match self.js.create_stream(desired).await {
                 Ok(created) => {
                     info!(
@@ -213,18 +208,14 @@ impl Broker {
         self.check_stream(&info.config)?;
 
         let mut wanted = info.config.clone();
-        if !wanted.subjects.iter().any(|s| s == TASK_SUBJECT_WILDCARD) {
-            wanted.subjects.push(TASK_SUBJECT_WILDCARD.to_owned());
+        // Subjects a stream made by an older dbtask lacks, e.g. `dbtask.sched.>`: countdowns
+        // and retries wait there as message schedules (nats-server 2.12+).
+        for subject in spec.subjects {
+            if !wanted.subjects.iter().any(|s| s == subject) {
+                wanted.subjects.push((*subject).to_owned());
+            }
         }
-        // Countdowns and retries wait as message schedules on `dbtask.sched.>` (nats-server 2.12+).
-        if !wanted
-            .subjects
-            .iter()
-            .any(|s| s == SCHEDULE_SUBJECT_WILDCARD)
-        {
-            wanted.subjects.push(SCHEDULE_SUBJECT_WILDCARD.to_owned());
-        }
-        wanted.allow_message_schedules = true;
+        wanted.allow_message_schedules = spec.allow_msg_schedules;
         wanted.duplicate_window = wanted_window;
         wanted.max_message_size = wanted_size;
         if wanted == info.config {

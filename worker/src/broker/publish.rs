@@ -6,9 +6,9 @@ use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use dbtask_protocol::{now_unix, TaskMessage, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID};
+use dbtask_protocol::{now_unix, TaskMessage};
 
-use super::Broker;
+use super::{task_header_map, Broker};
 
 /// One message of a batch: its task id (for the error), subject, headers and body.
 pub struct Outgoing {
@@ -36,14 +36,8 @@ impl Broker {
         task: &TaskMessage,
         msg_id: &str,
     ) -> Result<(), PublishError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(HEADER_MSG_ID, msg_id);
-        headers.insert(HEADER_TASK_ID, task.id.as_str());
-        headers.insert(HEADER_TASK, task.task.as_str());
         let route = task.route(queue, now_unix());
-        for (name, value) in route.headers() {
-            headers.insert(name, value);
-        }
+        let headers = task_header_map(task, &route, msg_id);
         self.js
             .publish_with_headers(route.subject, headers, task.encode().into())
             .await?

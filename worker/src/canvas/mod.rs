@@ -15,17 +15,16 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
 use bytes::Bytes;
 use dbtask_protocol::canvas::{expand, prepend_args, Carry, Expanded, CHORD_ERROR};
 use dbtask_protocol::{
     error_types, now_unix, ChordRef, ResultRecord, Route, Signature, TaskError, TaskMessage,
-    TaskState, HEADER_MSG_ID, HEADER_TASK, HEADER_TASK_ID,
+    TaskState,
 };
 use serde_json::value::RawValue;
 use tracing::{debug, error, info, warn};
 
-use crate::broker::{BatchError, Broker, Outgoing};
+use crate::broker::{task_header_map, BatchError, Broker, Outgoing};
 use crate::record::Origin;
 use crate::store::{Store, Writer};
 
@@ -287,13 +286,7 @@ impl Canvas<'_> {
             .iter()
             .zip(routes)
             .map(|(m, route)| {
-                let mut headers = HeaderMap::new();
-                headers.insert(HEADER_MSG_ID, m.id.as_str());
-                headers.insert(HEADER_TASK_ID, m.id.as_str());
-                headers.insert(HEADER_TASK, m.task.as_str());
-                for (name, value) in route.headers() {
-                    headers.insert(name, value);
-                }
+                let headers = task_header_map(m, &route, &m.id);
                 Outgoing {
                     id: m.id.clone(),
                     subject: route.subject,

@@ -8,7 +8,7 @@
 //! publishes it to `dbtask.tasks.<queue>`. Nothing waits in the worker's memory.
 
 use async_nats::jetstream::context::PublishError;
-use dbtask_protocol::{error_types, TaskError, TaskMessage};
+use dbtask_protocol::{error_types, retry_msg_id, TaskError, TaskMessage};
 
 use crate::broker::Broker;
 
@@ -145,7 +145,7 @@ pub async fn publish_retry(
 ) -> Result<(), PublishError> {
     task.retries = retries;
     task.eta = eta;
-    let msg_id = format!("{}:retry:{retries}", task.id);
+    let msg_id = retry_msg_id(&task.id, retries);
     broker.publish_task(queue, &task, &msg_id).await
 }
 

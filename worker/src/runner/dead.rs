@@ -7,7 +7,9 @@
 
 use async_nats::jetstream::Message;
 use async_nats::HeaderMap;
-use dbtask_protocol::{dead_headers, now_unix, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM};
+use dbtask_protocol::{
+    dead_headers, dead_msg_id, now_unix, TaskError, TaskState, DEAD_LETTERED, DEAD_STREAM,
+};
 use tracing::{error, info, warn};
 
 use super::admit::identify_message;
@@ -98,7 +100,7 @@ async fn publish(
     headers.insert(dead_headers::DELIVERIES, deliveries.to_string());
     headers.insert(dead_headers::AT, format!("{:.6}", now_unix()));
     headers.insert(dead_headers::WORKER, shared.worker.as_str());
-    let msg_id = format!("dead.{queue}.{stream_seq}");
+    let msg_id = dead_msg_id(queue, stream_seq);
     let dead_seq = match shared
         .broker
         .publish_dead(queue, &msg_id, headers, msg.message.payload.clone())

@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use dbtask_protocol::{now_unix, RevokeNotice, REVOKED_SET_KEY, REVOKE_CHANNEL};
 
-use super::{redis_error, ClientError, Inner};
+use crate::connection::{redis_error, Inner};
+use crate::error::ClientError;
 
-pub(super) async fn revoke(
+pub(crate) async fn revoke(
     inner: Arc<Inner>,
     id: String,
     terminate: bool,

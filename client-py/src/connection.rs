@@ -1,0 +1,313 @@
+//! The connection of a client process: one NATS connection (with its JetStream context), one
+//! multiplexed Redis connection for commands and one Redis pub/sub connection for
+//! notifications, shared by every call of the process; the task stream, created when missing;
+//! and the count of publishes in progress that `close` waits for.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::context::{ContextBuilder, CreateStreamErrorKind};
+use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
+use async_nats::jetstream::ErrorCode;
+use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
+use dbtask_protocol as protocol;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::time::Instant;
+
+use crate::error::{percent_decode, redact_url, ClientError};
+use crate::notify::Notifier;
+
+/// How long JetStream may take to confirm a publish (and to answer API requests).
+pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Publishes awaiting their confirmation at once, per client; more wait for a slot.
+const MAX_ACK_INFLIGHT: usize = 32_768;
+/// Redis answers slower than this are an error (redis-rs's default of 500 ms is too short
+/// for a large record on a busy server).
+const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) struct Inner {
+    pub(crate) nats: async_nats::Client,
+    pub(crate) js: async_nats::jetstream::Context,
+    pub(crate) redis: ConnectionManager,
+    pub(crate) notifier: Notifier,
+    /// The URLs as given (with secrets), only compared, never shown.
+    pub(crate) nats_given: String,
+    pub(crate) redis_given: String,
+    pub(crate) nats_safe: String,
+    pub(crate) redis_safe: String,
+    pub(crate) closed: AtomicBool,
+    /// Publishes in progress, and a wake-up for `close` when the last one ends.
+    publishing: AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// Counts one publish in progress for as long as it lives. Taken on the caller's thread,
+/// before the work is handed to tokio, so that `close` cannot slip in between.
+pub(crate) struct Publishing(Arc<Inner>);
+
+impl Publishing {
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Drop for Publishing {
+    fn drop(&mut self) {
+        if self.0.publishing.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+fn nats_options(
+    url: &str,
+    safe: &str,
+    timeout: Duration,
+) -> Result<(ConnectOptions, Vec<ServerAddr>), ClientError> {
+    let invalid = |why: String| ClientError::Value(format!("invalid NATS URL {safe}: {why}"));
+    let mut servers = Vec::new();
+    let mut credentials: Option<(String, Option<String>)> = None;
+    for part in url.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let text = if part.contains("://") {
+            part.to_owned()
+        } else {
+            format!("nats://{part}")
+        };
+        let mut parsed = url::Url::parse(&text).map_err(|e| invalid(e.to_string()))?;
+        if !parsed.username().is_empty() {
+            let user = percent_decode(parsed.username());
+            let password = parsed.password().map(percent_decode);
+            credentials = Some((user, password));
+            let _ = parsed.set_username("");
+            let _ = parsed.set_password(None);
+        }
+        servers.push(
+            parsed
+                .as_str()
+                .parse::<ServerAddr>()
+                .map_err(|e| invalid(e.to_string()))?,
+        );
+    }
+    if servers.is_empty() {
+        return Err(invalid("no server".into()));
+    }
+    let options = match credentials {
+        Some((user, Some(password))) => ConnectOptions::with_user_and_password(user, password),
+        Some((token, None)) => ConnectOptions::with_token(token),
+        None => ConnectOptions::new(),
+    };
+    let options = options
+        .name("dbtask-client")
+        .connection_timeout(timeout)
+        .client_capacity(16_384);
+    Ok((options, servers))
+}
+
+pub(crate) async fn connect_nats(
+    url: &str,
+    safe: &str,
+    timeout: Duration,
+) -> Result<async_nats::Client, ClientError> {
+    let (options, servers) = nats_options(url, safe, timeout)?;
+    // No retry_on_initial_connect: a closed port fails at once. Later disconnections are
+    // retried forever in the background (publishes then wait up to PUBLISH_TIMEOUT).
+    options.connect(servers).await.map_err(|e| match e.kind() {
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => ClientError::Connection(format!(
+            "NATS at {safe} refused the connection ({e}): check the user, password or token in the URL"
+        )),
+        ConnectErrorKind::TimedOut => ClientError::Connection(format!(
+            "cannot reach NATS at {safe} (no answer within {:.1} s): is nats-server running?",
+            timeout.as_secs_f64()
+        )),
+        ConnectErrorKind::ServerParse => ClientError::Value(format!("invalid NATS URL {safe}: {e}")),
+        _ => ClientError::Connection(format!("cannot reach NATS at {safe} ({e}): is nats-server running?")),
+    })
+}
+
+/// The async-nats configuration of the stream `spec` describes (the worker's twin is
+/// worker/src/broker/mapping.rs).
+fn stream_config(spec: &protocol::StreamSpec) -> StreamConfig {
+    StreamConfig {
+        name: spec.name.to_owned(),
+        description: Some(spec.description.to_owned()),
+        subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
+        retention: match spec.retention {
+            protocol::Retention::WorkQueue => RetentionPolicy::WorkQueue,
+            protocol::Retention::Limits => RetentionPolicy::Limits,
+        },
+        storage: match spec.storage {
+            protocol::Storage::File => StorageType::File,
+            protocol::Storage::Memory => StorageType::Memory,
+        },
+        allow_message_schedules: spec.allow_msg_schedules,
+        duplicate_window: spec.duplicate_window.unwrap_or_default(),
+        max_message_size: spec.max_msg_size_i32(),
+        ..Default::default()
+    }
+}
+
+/// Creates the task stream when it is missing; an existing one is left as it is (the worker
+/// owns its settings and brings the stream in line with its config when it starts).
+///
+/// Why the client creates it at all rather than refusing until a worker has run: tasks may be
+/// enqueued before any worker starts (a deploy that starts the web app first, a test that
+/// publishes and then starts a worker), and JetStream keeps them until one does. The stream
+/// is made from the same description as the worker's ([`protocol::StreamSpec::tasks`]) with
+/// the same default limits, so a default worker finds nothing to change, and one configured
+/// otherwise updates the window and the size in place (a work queue keeps its messages).
+pub(crate) async fn ensure_stream(
+    js: &async_nats::jetstream::Context,
+    safe: &str,
+) -> Result<(), ClientError> {
+    let no_js = || {
+        ClientError::Connection(format!(
+            "NATS at {safe} has no JetStream: start nats-server with -js (version 2.12 or later)"
+        ))
+    };
+    match js
+        .get_or_create_stream(stream_config(&protocol::StreamSpec::tasks()))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) => match e.kind() {
+            // Created by a worker or another client between our lookup and our create.
+            CreateStreamErrorKind::JetStream(err)
+                if err.error_code() == ErrorCode::STREAM_NAME_EXIST =>
+            {
+                Ok(())
+            }
+            CreateStreamErrorKind::JetStream(err)
+                if err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED
+                    || err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT =>
+            {
+                Err(no_js())
+            }
+            CreateStreamErrorKind::JetStreamUnavailable => Err(no_js()),
+            _ => Err(ClientError::Connection(format!(
+                "cannot create the JetStream stream {} on NATS at {safe}: {e}",
+                protocol::TASK_STREAM
+            ))),
+        },
+    }
+}
+
+pub(crate) fn redis_error(e: &redis::RedisError, safe: &str) -> ClientError {
+    if e.is_timeout() {
+        ClientError::Connection(format!("Redis at {safe} did not answer in time ({e})"))
+    } else {
+        ClientError::Connection(format!("Redis at {safe} failed: {e}"))
+    }
+}
+
+async fn connect_redis(
+    url: &str,
+    safe: &str,
+    timeout: Duration,
+) -> Result<(redis::Client, ConnectionManager, redis::aio::PubSub), ClientError> {
+    let client = redis::Client::open(url)
+        .map_err(|e| ClientError::Value(format!("invalid Redis URL {safe}: {e}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+        // Reconnection attempts after a failure (the first connection is tried once more
+        // with these too, which keeps a closed port's error under a second).
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    let unreachable = |e: String| {
+        ClientError::Connection(format!(
+            "cannot reach Redis at {safe} ({e}): is redis-server running?"
+        ))
+    };
+    let budget = timeout + Duration::from_secs(1);
+    let commands = async {
+        tokio::time::timeout(
+            budget,
+            ConnectionManager::new_with_config(client.clone(), config),
+        )
+        .await
+        .map_err(|_| unreachable("timed out".into()))?
+        .map_err(|e| unreachable(e.to_string()))
+    };
+    let pubsub = async {
+        tokio::time::timeout(budget, client.get_async_pubsub())
+            .await
+            .map_err(|_| unreachable("timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))
+    };
+    let (commands, pubsub) = tokio::try_join!(commands, pubsub)?;
+    Ok((client, commands, pubsub))
+}
+
+impl Inner {
+    pub(crate) async fn connect(
+        nats_url: String,
+        redis_url: String,
+        timeout: Duration,
+    ) -> Result<Inner, ClientError> {
+        let nats_safe = redact_url(&nats_url);
+        let redis_safe = redact_url(&redis_url);
+        let (nats, (redis_client, redis, pubsub)) = tokio::try_join!(
+            connect_nats(&nats_url, &nats_safe, timeout),
+            connect_redis(&redis_url, &redis_safe, timeout)
+        )?;
+        let js = ContextBuilder::new()
+            .timeout(PUBLISH_TIMEOUT)
+            .max_ack_inflight(MAX_ACK_INFLIGHT)
+            .backpressure_on_inflight(true)
+            .build(nats.clone());
+        ensure_stream(&js, &nats_safe).await?;
+        let notifier = Notifier::start(redis_client, pubsub, timeout, redis_safe.clone());
+        Ok(Inner {
+            nats,
+            js,
+            redis,
+            notifier,
+            nats_given: nats_url,
+            redis_given: redis_url,
+            nats_safe,
+            redis_safe,
+            closed: AtomicBool::new(false),
+            publishing: AtomicUsize::new(0),
+            idle: tokio::sync::Notify::new(),
+        })
+    }
+
+    pub(crate) fn check_open(&self) -> Result<(), ClientError> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(ClientError::Runtime(
+                "this dbtask client is closed: call dbtask.init(...) again".into(),
+            ))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers a publish; refused once the client is closed.
+    pub(crate) fn start_publishing(self: &Arc<Self>) -> Result<Publishing, ClientError> {
+        self.publishing.fetch_add(1, Ordering::SeqCst);
+        let guard = Publishing(self.clone());
+        self.check_open()?;
+        Ok(guard)
+    }
+
+    pub(crate) async fn close(&self) {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Publishes in progress get their confirmation (or their error) first.
+        let deadline = Instant::now() + PUBLISH_TIMEOUT;
+        loop {
+            let idle = self.idle.notified();
+            if self.publishing.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                break;
+            }
+        }
+        let _ = tokio::time::timeout(PUBLISH_TIMEOUT, self.nats.flush()).await;
+        let _ = self.nats.drain().await;
+        self.notifier.close();
+    }
+}

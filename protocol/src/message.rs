@@ -1,0 +1,289 @@
+//! What a client publishes: the task message (and where it goes), and a revocation notice.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::canvas::{ChordRef, Signature};
+use crate::{
+    is_zero, priority_subject, schedule_at, schedule_subject, validate_task_id, validate_task_name,
+    ProtocolError, DEFAULT_PRIORITY, HEADER_SCHEDULE, HEADER_SCHEDULE_TARGET, MAX_PRIORITY,
+    PROTOCOL_VERSION,
+};
+
+fn empty_args() -> Box<RawValue> {
+    RawValue::from_string("[]".to_owned()).expect("literal JSON")
+}
+
+fn empty_kwargs() -> Box<RawValue> {
+    RawValue::from_string("{}".to_owned()).expect("literal JSON")
+}
+
+fn default_version() -> u32 {
+    PROTOCOL_VERSION
+}
+
+/// The subject of a task message and, for a delayed one, its `Nats-Schedule` header value and
+/// `Nats-Schedule-Target` subject.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub subject: String,
+    pub schedule: Option<(String, String)>,
+}
+
+impl Route {
+    /// The schedule headers to add to the message, if any.
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.schedule.iter().flat_map(|(at, target)| {
+            [
+                (HEADER_SCHEDULE, at.as_str()),
+                (HEADER_SCHEDULE_TARGET, target.as_str()),
+            ]
+        })
+    }
+}
+
+/// One task to run: the body of a JetStream message on `dbtask.tasks.<queue>`.
+///
+/// Times are Unix seconds (UTC) as floats. Unknown fields are ignored, so a newer client can add
+/// optional fields without breaking older workers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskMessage {
+    /// Format version ([`PROTOCOL_VERSION`]).
+    #[serde(default = "default_version")]
+    pub v: u32,
+    /// Task id (a UUID unless the caller chose one); also the result key and `Nats-Msg-Id`.
+    pub id: String,
+    /// Registered task name.
+    pub task: String,
+    /// Positional arguments: a JSON array.
+    #[serde(default = "empty_args")]
+    pub args: Box<RawValue>,
+    /// Keyword arguments: a JSON object.
+    #[serde(default = "empty_kwargs")]
+    pub kwargs: Box<RawValue>,
+    /// Queue the message was published to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<String>,
+    /// Run no earlier than this time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<f64>,
+    /// Do not run after this time (the task becomes REVOKED).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<f64>,
+    /// How many times this task was retried before this message (0 on the first publish).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+    /// Priority level 0..=9 (9 first); `None` is [`DEFAULT_PRIORITY`]. Decides the subject
+    /// (see [`TaskMessage::route`]), and rides along so that retries keep their level.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<u8>,
+    /// When the client published the message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<f64>,
+    /// Workflow: the chain steps still to run after this task ([`canvas`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<Signature>,
+    /// Workflow: the chord this task completes a member of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chord: Option<ChordRef>,
+    /// Workflow: callbacks published with the result on success.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link: Vec<Signature>,
+    /// Workflow: callbacks published with `(task id, error)` on failure.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub link_error: Vec<Signature>,
+}
+
+impl TaskMessage {
+    /// Decodes and validates a message body. The error says what is wrong in words a person
+    /// reading the FAILURE record can act on.
+    pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
+        let msg: TaskMessage =
+            serde_json::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        if msg.v > PROTOCOL_VERSION {
+            return Err(ProtocolError::UnsupportedVersion(msg.v));
+        }
+        validate_task_id(&msg.id)?;
+        validate_task_name(&msg.task)?;
+        if !msg.args.get().trim_start().starts_with('[') {
+            return Err(ProtocolError::Malformed(
+                "`args` must be a JSON array".into(),
+            ));
+        }
+        if !msg.kwargs.get().trim_start().starts_with('{') {
+            return Err(ProtocolError::Malformed(
+                "`kwargs` must be a JSON object".into(),
+            ));
+        }
+        if msg.priority.is_some_and(|p| p > MAX_PRIORITY) {
+            return Err(ProtocolError::Malformed(format!(
+                "`priority` must be 0 to {MAX_PRIORITY}"
+            )));
+        }
+        Ok(msg)
+    }
+
+    /// Where to publish this message for `queue` at time `now`: the subject of its priority
+    /// level, or, while its `eta` is ahead, a message schedule that the server publishes to
+    /// that subject at the eta. The one routing rule for the client, retries and workflows.
+    pub fn route(&self, queue: &str, now: f64) -> Route {
+        let target = priority_subject(queue, self.priority.unwrap_or(DEFAULT_PRIORITY));
+        match self.eta {
+            Some(at) if at > now => Route {
+                subject: schedule_subject(queue, &self.id),
+                schedule: Some((schedule_at(at), target)),
+            },
+            _ => Route {
+                subject: target,
+                schedule: None,
+            },
+        }
+    }
+
+    /// Encodes the message as its wire JSON.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a TaskMessage always serializes")
+    }
+}
+
+/// What a client publishes on [`REVOKE_CHANNEL`] after adding the id to [`REVOKED_SET_KEY`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevokeNotice {
+    pub id: String,
+    /// Stop the task if it is running (cancel an `async def`, raise in a sync one).
+    #[serde(default)]
+    pub terminate: bool,
+    /// Unix time after which the revocation is forgotten.
+    pub expires: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::*;
+    use serde_json::value::RawValue;
+
+    fn raw(s: &str) -> Box<RawValue> {
+        RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn task_message_round_trips_with_raw_arguments_untouched() {
+        let msg = TaskMessage {
+            v: PROTOCOL_VERSION,
+            id: "0b1c-42".into(),
+            task: "myapp.tasks.add".into(),
+            args: raw(r#"[1, 2.5, "x", null, [1, {"a": 1}]]"#),
+            kwargs: raw(r#"{"flag": true}"#),
+            queue: Some("math".into()),
+            eta: Some(1_700_000_000.25),
+            expires: None,
+            retries: 2,
+            priority: Some(7),
+            sent_at: Some(1_700_000_000.0),
+            chain: Vec::new(),
+            chord: None,
+            link: Vec::new(),
+            link_error: Vec::new(),
+        };
+        let back = TaskMessage::decode(&msg.encode()).unwrap();
+        assert_eq!(back.id, "0b1c-42");
+        assert_eq!(back.task, "myapp.tasks.add");
+        assert_eq!(back.args.get(), r#"[1, 2.5, "x", null, [1, {"a": 1}]]"#);
+        assert_eq!(back.kwargs.get(), r#"{"flag": true}"#);
+        assert_eq!(back.queue.as_deref(), Some("math"));
+        assert_eq!(back.eta, Some(1_700_000_000.25));
+        assert_eq!(back.expires, None);
+        assert_eq!(back.retries, 2);
+    }
+
+    #[test]
+    fn revoke_notice_round_trips_and_terminate_defaults_to_false() {
+        let notice = RevokeNotice {
+            id: "t-1".into(),
+            terminate: true,
+            expires: 1_700_000_000.5,
+        };
+        let back: RevokeNotice =
+            serde_json::from_slice(&serde_json::to_vec(&notice).unwrap()).unwrap();
+        assert_eq!(back, notice);
+        let minimal: RevokeNotice =
+            serde_json::from_str(r#"{"id": "t-2", "expires": 1.0}"#).unwrap();
+        assert!(!minimal.terminate);
+    }
+
+    #[test]
+    fn minimal_message_gets_defaults() {
+        let msg = TaskMessage::decode(br#"{"id": "a1", "task": "add"}"#).unwrap();
+        assert_eq!(msg.v, PROTOCOL_VERSION);
+        assert_eq!(msg.args.get(), "[]");
+        assert_eq!(msg.kwargs.get(), "{}");
+        assert_eq!(msg.retries, 0);
+        // Optional fields are left out on the wire rather than sent as nulls.
+        let wire = String::from_utf8(msg.encode()).unwrap();
+        assert!(!wire.contains("eta"), "{wire}");
+        assert!(!wire.contains("retries"), "{wire}");
+    }
+
+    #[test]
+    fn malformed_messages_are_refused_with_a_reason() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "not a dbtask task message"),
+            (br#"{"task": "add"}"#, "missing field `id`"),
+            (
+                br#"{"id": "a", "task": "add", "args": {"x": 1}}"#,
+                "must be a JSON array",
+            ),
+            (
+                br#"{"id": "a", "task": "add", "kwargs": [1]}"#,
+                "must be a JSON object",
+            ),
+            (br#"{"id": "a b", "task": "add"}"#, "invalid task id"),
+            (br#"{"id": "a", "task": ""}"#, "invalid task name"),
+            (
+                br#"{"v": 99, "id": "a", "task": "add"}"#,
+                "protocol version 99",
+            ),
+        ];
+        for (body, expected) in cases {
+            let err = TaskMessage::decode(body).unwrap_err().to_string();
+            assert!(
+                err.contains(expected),
+                "{:?}: {err}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_routes_to_its_level_or_to_a_schedule_targeting_it() {
+        let mut msg = TaskMessage::decode(br#"{"id": "t1", "task": "add"}"#).unwrap();
+        assert_eq!(
+            msg.route("q", 10.0),
+            Route {
+                subject: "dbtask.tasks.q".into(),
+                schedule: None
+            }
+        );
+        msg.priority = Some(9);
+        assert_eq!(msg.route("q", 10.0).subject, "dbtask.tasks.q.p9");
+        msg.eta = Some(5.0); // in the past: straight to the level
+        assert_eq!(msg.route("q", 10.0).subject, "dbtask.tasks.q.p9");
+        msg.eta = Some(20.0);
+        let route = msg.route("q", 10.0);
+        assert_eq!(route.subject, "dbtask.sched.q.t1");
+        let headers: Vec<_> = route.headers().collect();
+        assert_eq!(
+            headers,
+            [
+                (HEADER_SCHEDULE, "@at 1970-01-01T00:00:20.000Z"),
+                (HEADER_SCHEDULE_TARGET, "dbtask.tasks.q.p9")
+            ]
+        );
+        // The level rides along in the body, so a retry keeps it.
+        assert_eq!(
+            TaskMessage::decode(&msg.encode()).unwrap().priority,
+            Some(9)
+        );
+        assert!(TaskMessage::decode(br#"{"id": "t", "task": "a", "priority": 10}"#).is_err());
+    }
+}
