@@ -158,8 +158,25 @@ impl Broker {
         &self.url
     }
 
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
+    /// The largest message the server accepts (its `max_payload`).
+    pub fn max_payload(&self) -> usize {
+        self.client.server_info().max_payload
+    }
+
+    /// A core NATS subscription to every task published on `queue`'s subjects (any priority
+    /// level), confirmed by the server before it returns: a wake-up for a worker waiting on
+    /// empty levels. Confirming is best effort; an unconfirmed subscription is still returned,
+    /// with a warning.
+    pub async fn watch_queue(
+        &self,
+        queue: &str,
+    ) -> Result<async_nats::Subscriber, async_nats::SubscribeError> {
+        let subject = format!("{}.{queue}.*", dbtask_protocol::TASK_SUBJECT_PREFIX);
+        let sub = self.client.subscribe(subject.clone()).await?;
+        if let Err(e) = self.client.flush().await {
+            warn!(queue, subject, error = %e, "cannot confirm the priority wake-up subscription; priority tasks may wait up to a few seconds on an idle worker");
+        }
+        Ok(sub)
     }
 
     /// Creates the task stream ([`StreamSpec::tasks`] with the duplicate window and the largest

@@ -209,7 +209,7 @@ pub async fn run_with_hooks(
             priority::Levels::default_only(consumer)
         });
     }
-    let max_payload = broker.client().server_info().max_payload;
+    let max_payload = broker.max_payload();
     if max_payload > 0 && config.max_message_bytes > max_payload {
         warn!(
             max_message_bytes = config.max_message_bytes,

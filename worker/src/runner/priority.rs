@@ -21,7 +21,7 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use dbtask_protocol::{subject_priority, DEFAULT_PRIORITY, MAX_PRIORITY, TASK_SUBJECT_PREFIX};
+use dbtask_protocol::{subject_priority, DEFAULT_PRIORITY, MAX_PRIORITY};
 use futures::{FutureExt, StreamExt};
 use tracing::{debug, warn};
 
@@ -88,19 +88,11 @@ pub(super) async fn ensure_levels(
     }
     // Subscribed (and confirmed by the server with a flush) before the first fetch round, so
     // a priority task published at any moment after that round is either fetched or wakes us.
-    let wake_subject = format!("{TASK_SUBJECT_PREFIX}.{queue}.*");
-    let client = broker.client();
-    let wake = match client.subscribe(wake_subject.clone()).await {
-        Ok(sub) => match client.flush().await {
-            Ok(()) => Some(sub),
-            Err(e) => {
-                warn!(queue = %queue, subject = wake_subject, error = %e, "cannot confirm the priority wake-up subscription; priority tasks may wait up to a few seconds on an idle worker");
-                Some(sub)
-            }
-        },
+    let wake = match broker.watch_queue(&queue).await {
+        Ok(sub) => Some(sub),
         Err(e) => {
             // Still correct without it: empty levels are asked again every RECHECK.
-            warn!(queue = %queue, subject = wake_subject, error = %e, "cannot subscribe to priority wake-ups; priority tasks may wait up to a few seconds on an idle worker");
+            warn!(queue = %queue, error = %e, "cannot subscribe to priority wake-ups; priority tasks may wait up to a few seconds on an idle worker");
             None
         }
     };
