@@ -8,13 +8,16 @@
 //! sides so that they are decoded once, straight into Python objects, never into an
 //! intermediate `serde_json::Value`.
 //!
-//! One module per concept, every public item re-exported here:
+//! One module per concept, every public item re-exported here (this file keeps only the
+//! protocol version and the clock, `now_unix`):
 //! - [`names`]: streams, subjects, consumers, Redis keys and channels, `Nats-Msg-Id` formats;
+//! - [`stream`]: the task and dead-letter streams' description, one for the worker and client;
 //! - [`headers`]: header names, the `Nats-Schedule` value, the task-message header builder;
 //! - [`message`]: the task message, its route, the revocation notice;
 //! - [`record`]: task states, errors and the result record;
 //! - [`validation`]: queue, task name and id checks, [`ProtocolError`];
 //! - [`rate`]: rate limits;
+//! - `redact`: [`redact_url`], server URLs as they may be printed;
 //! - [`canvas`]: workflows (signatures, chains, groups, chords).
 
 pub mod canvas;

@@ -119,6 +119,12 @@ pub fn retry_msg_id(task_id: &str, retries: u32) -> String {
     format!("{task_id}:retry:{retries}")
 }
 
+/// The `Nats-Msg-Id` of a task delivered before its eta and scheduled again: one per delivered
+/// message (`stream_seq`), so a crash between that publish and the ack schedules it once.
+pub fn eta_msg_id(task_id: &str, stream_seq: u64) -> String {
+    format!("{task_id}:eta:{stream_seq}")
+}
+
 /// The `Nats-Msg-Id` of a dead letter: one per message of the task stream, so a second
 /// dead-lettering of the same message (a crash before the ack) is dropped.
 pub fn dead_msg_id(queue: &str, stream_seq: u64) -> String {

@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::stream;
 use async_nats::HeaderMap;
 use bytes::Bytes;
@@ -12,11 +13,21 @@ use tracing::info;
 
 use super::Broker;
 
+/// Why a dead letter could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum DeadLetterError {
+    #[error("cannot create stream {DEAD_STREAM}: {0}")]
+    Create(#[source] async_nats::jetstream::context::CreateStreamError),
+    #[error("cannot publish to {DEAD_STREAM}: {0}")]
+    Publish(#[source] PublishError),
+}
+
 /// Set once this process made sure the stream exists (it is created on first use).
 static READY: AtomicBool = AtomicBool::new(false);
 
-/// The dead-letter stream's configuration (also created by the `dbtask` command line).
-pub fn dead_stream_config() -> stream::Config {
+/// The dead-letter stream's configuration. Only the worker creates the stream (on its first
+/// dead letter); the `dbtask dead` command reads a missing one as empty.
+fn dead_stream_config() -> stream::Config {
     super::stream_config(&StreamSpec::dead_letters())
 }
 
@@ -30,27 +41,28 @@ impl Broker {
         msg_id: &str,
         mut headers: HeaderMap,
         body: Bytes,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, DeadLetterError> {
         headers.insert(dbtask_protocol::HEADER_MSG_ID, msg_id);
-        for attempt in 0..2 {
+        let mut attempt = 0;
+        loop {
             if !READY.load(Ordering::Relaxed) {
                 let created = self
                     .js
                     .get_or_create_stream(dead_stream_config())
                     .await
-                    .map_err(|e| format!("cannot create stream {DEAD_STREAM}: {e}"))?;
+                    .map_err(DeadLetterError::Create)?;
                 if created.cached_info().state.messages == 0 {
                     info!(stream = DEAD_STREAM, "dead-letter stream ready");
                 }
                 READY.store(true, Ordering::Relaxed);
             }
-            let result: Result<u64, String> = match self
+            let result = match self
                 .js
                 .publish_with_headers(dead_subject(queue), headers.clone(), body.clone())
                 .await
             {
-                Ok(ack) => ack.await.map(|a| a.sequence).map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+                Ok(ack) => ack.await.map(|a| a.sequence),
+                Err(e) => Err(e),
             };
             match result {
                 Ok(sequence) => return Ok(sequence),
@@ -58,10 +70,10 @@ impl Broker {
                 Err(e) if attempt == 0 => {
                     tracing::debug!(error = %e, "dead-letter publish failed; checking the stream");
                     READY.store(false, Ordering::Relaxed);
+                    attempt += 1;
                 }
-                Err(e) => return Err(format!("cannot publish to {DEAD_STREAM}: {e}")),
+                Err(e) => return Err(DeadLetterError::Publish(e)),
             }
         }
-        Err(format!("cannot publish to {DEAD_STREAM}"))
     }
 }

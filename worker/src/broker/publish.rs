@@ -1,5 +1,5 @@
-//! Publishing task messages: the only place the worker writes to JetStream (retries, tasks
-//! delivered before their eta, workflow steps). Each publish returns once JetStream stored the
+//! Publishing task messages: retries, tasks delivered before their eta, workflow steps. With
+//! `dead.rs` (dead letters), the only places the worker writes to JetStream. Each publish returns once JetStream stored the
 //! message, so the delivery that caused it is acked only after.
 
 use async_nats::jetstream::context::PublishError;

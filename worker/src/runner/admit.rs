@@ -114,7 +114,7 @@ pub(super) async fn admit<'a>(
             // A publish straight to the queue, or a clock ahead of the server's: back into a
             // message schedule, never run early.
             let seq = msg.info().map(|i| i.stream_sequence).unwrap_or(0);
-            let msg_id = format!("{id}:eta:{seq}");
+            let msg_id = dbtask_protocol::eta_msg_id(id, seq);
             return Admission::Leave(Box::pin(reschedule(ctx, &task, eta, &msg_id)).await);
         }
         Check::Refuse(state, error) => {
