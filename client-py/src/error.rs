@@ -38,45 +38,5 @@ impl From<dbtask_protocol::ProtocolError> for ClientError {
     }
 }
 
-/// A URL as it may be printed: the one implementation, shared with the worker.
-pub use dbtask_protocol::redact_url;
-
-/// Percent-decodes URL user info (`%40` -> `@`).
-pub fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push(h * 16 + l);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn user_info_is_percent_decoded() {
-        assert_eq!(percent_decode("p%40ss%3Aw"), "p@ss:w");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%zz"), "%zz");
-    }
-}
+/// URL redaction and user-info decoding: the one implementation of each, shared with the worker.
+pub use dbtask_protocol::{percent_decode, redact_url};

@@ -17,7 +17,7 @@
 //! - [`record`]: task states, errors and the result record;
 //! - [`validation`]: queue, task name and id checks, [`ProtocolError`];
 //! - [`rate`]: rate limits;
-//! - `redact`: [`redact_url`], server URLs as they may be printed;
+//! - `redact`: [`redact_url`] and [`percent_decode`], server URLs and their credentials;
 //! - [`canvas`]: workflows (signatures, chains, groups, chords).
 
 pub mod canvas;
@@ -38,7 +38,7 @@ pub use record::*;
 pub use stream::*;
 pub use validation::*;
 mod redact;
-pub use redact::redact_url;
+pub use redact::{percent_decode, redact_url};
 
 /// Version of the message format; a worker rejects messages with a newer major version.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -1,5 +1,7 @@
-//! Server URLs as they may be printed. The worker and the client both name servers in logs,
-//! errors and `--print-config`; this one function decides what of a URL is a secret.
+//! Server URLs as they may be printed, and the credentials in them. The worker and the client
+//! both name servers in logs, errors and `--print-config` ([`redact_url`] decides what of a
+//! URL is a secret), and both hand a URL's user and password to async-nats, which does not read
+//! them from the URL ([`percent_decode`]).
 
 /// `url` with its secrets replaced by `***`: a password becomes `user:***`, and a lone user
 /// name (which NATS reads as a token) becomes `***`. Comma-separated server lists are redacted
@@ -29,9 +31,37 @@ fn redact_one(url: &str) -> String {
     format!("{scheme}{hidden}{}", &rest[at..])
 }
 
+/// Percent-decodes URL user info (`p%40ss` -> `p@ss`); an invalid escape stays as it is.
+pub fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{percent_decode, redact_url};
+
+    #[test]
+    fn user_info_is_percent_decoded() {
+        assert_eq!(percent_decode("p%40ss%3Aw"), "p@ss:w");
+        assert_eq!(percent_decode("100%"), "100%");
+        assert_eq!(percent_decode("%4"), "%4");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
 
     #[test]
     fn urls_without_secrets_are_unchanged() {

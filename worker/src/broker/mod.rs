@@ -478,8 +478,8 @@ fn connect_options(raw: &str, shown: &str) -> Result<(url::Url, ConnectOptions),
     if url.host_str().is_none_or(str::is_empty) {
         return Err(bad(Cause::said("no host")));
     }
-    let user = percent_decode(url.username());
-    let password = url.password().map(percent_decode);
+    let user = dbtask_protocol::percent_decode(url.username());
+    let password = url.password().map(dbtask_protocol::percent_decode);
     let options = match (user.is_empty(), password) {
         (_, Some(pass)) => ConnectOptions::with_user_and_password(user, pass),
         (false, None) => ConnectOptions::with_token(user),
@@ -488,25 +488,6 @@ fn connect_options(raw: &str, shown: &str) -> Result<(url::Url, ConnectOptions),
     let _ = url.set_username("");
     let _ = url.set_password(None);
     Ok((url, options))
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if bytes[i] == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The most telling part of a connect error: "connection refused", "timed out", ...
@@ -574,9 +555,6 @@ mod tests {
     fn credentials_leave_the_url() {
         let (url, _) = connect_options("nats://bob:p%40ss@h:4222", "x").unwrap();
         assert_eq!(url.as_str(), "nats://h:4222");
-        assert_eq!(percent_decode("p%40ss"), "p@ss");
-        assert_eq!(percent_decode("100%"), "100%");
-        assert_eq!(percent_decode("%4"), "%4");
         assert!(connect_options("nats://", "x").is_err());
     }
 }
