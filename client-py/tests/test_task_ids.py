@@ -8,13 +8,19 @@ import subprocess
 from conftest import PY
 
 
-def test_forked_child_must_init_again(nats, redis):
-    code = (
+def _initialized(nats, redis) -> str:
+    """The start of a child script: a task `add` registered, the client connected, one task sent."""
+    return (
         "import os, sys, dbtask\n"
         "@dbtask.task(name='t.add', queue='math')\n"
         "def add(x, y): return x + y\n"
         f"dbtask.init_sync({nats.url!r}, {redis.url!r})\n"
         "add.delay_sync(1, 2)\n"
+    )
+
+
+def test_forked_child_must_init_again(nats, redis):
+    code = _initialized(nats, redis) + (
         "pid = os.fork()\n"
         "if pid == 0:\n"
         "    try:\n"
@@ -57,12 +63,7 @@ def test_a_forked_child_does_not_repeat_the_parents_task_ids(nats, redis):
     # Ids come from a per-thread buffer of random bytes; a child inherits the forking
     # thread's buffer, and must not hand out the ids the parent hands out next (JetStream
     # would drop one of two messages with the same id as a duplicate).
-    code = (
-        "import os, sys, dbtask\n"
-        "@dbtask.task(name='t.add', queue='math')\n"
-        "def add(x, y): return x + y\n"
-        f"dbtask.init_sync({nats.url!r}, {redis.url!r})\n"
-        "add.delay_sync(1, 2)\n"
+    code = _initialized(nats, redis) + (
         "r, w = os.pipe()\n"
         "pid = os.fork()\n"
         "if pid == 0:\n"
