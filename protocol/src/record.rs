@@ -96,6 +96,9 @@ pub mod error_types {
     pub const TIME_LIMIT: &str = "dbtask.TimeLimitExceeded";
     /// The task was revoked (`dbtask.revoke`) before or while it ran.
     pub const REVOKED: &str = "dbtask.TaskRevoked";
+    /// The pool process running the task died (a crash, `os._exit`, the OOM killer): the
+    /// task did not finish (Celery's `WorkerLostError`).
+    pub const WORKER_LOST: &str = "dbtask.WorkerLost";
 }
 
 /// What Redis holds for a task at `dbtask:result:<id>`, and what the worker publishes on

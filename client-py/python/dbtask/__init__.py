@@ -35,6 +35,7 @@ from ._errors import (
     TooLarge,
     UnknownTask,
     UnserializableResult,
+    WorkerLost,
 )
 from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from ._result import AsyncResult
@@ -62,6 +63,7 @@ __all__ = [
     "MaxRetriesExceeded",
     "DeadLettered",
     "InternalError",
+    "WorkerLost",
     "RemoteTraceback",
     "Retry",
     "revoke",

@@ -95,6 +95,13 @@ class DeadLettered(TaskError):
     stream."""
 
 
+class WorkerLost(TaskError):
+    """The process running the task died before it finished: a crash (a segmentation fault in
+    a C extension), ``os._exit``, or the kernel's OOM killer (with ``--pool processes``; the
+    message says which signal or exit code). Celery's ``WorkerLostError``. Name it in a
+    task's ``autoretry_for`` to run such a task again instead of recording the failure."""
+
+
 class InternalError(TaskError):
     """The worker could not run the task (its Python runtime was shutting down, or a fault in
     the worker itself while handling it)."""
@@ -136,6 +143,7 @@ _WORKER_ERRORS: dict[str, type[TaskError]] = {
     "dbtask.MaxRetriesExceeded": MaxRetriesExceeded,
     "dbtask.DeadLettered": DeadLettered,
     "dbtask.InternalError": InternalError,
+    "dbtask.WorkerLost": WorkerLost,
     "dbtask.ChordError": ChordError,
 }
 

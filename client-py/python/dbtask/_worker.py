@@ -15,12 +15,15 @@ What the worker reads:
 - ``SoftTimeLimitExceeded``, ``TimeLimitExceeded`` and ``Terminated``: the exceptions the
   worker raises inside a running task for its soft limit, its hard limit and
   ``revoke(terminate=True)``.
+- ``WorkerLost``: the error of a task whose pool process died; the worker checks whether a
+  task's ``autoretry_for`` names it.
 """
 
 from __future__ import annotations
 
+from ._errors import WorkerLost
 from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from ._registry import TASKS
 from ._retry import Retry, bound
 
-__all__ = ["TASKS", "Retry", "bound", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Terminated"]
+__all__ = ["TASKS", "Retry", "bound", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Terminated", "WorkerLost"]
