@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, PoolKind};
 use crate::telemetry::LogFormat;
 
 /// Runs Python tasks from NATS JetStream and stores their results in Redis.
@@ -136,6 +136,18 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_PRIORITIES", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub priorities: Option<bool>,
 
+    /// What runs sync tasks: threads, or processes (one task at a time each, killed at a hard time limit) [default: threads]
+    #[arg(long, env = "DBTASK_POOL", value_name = "POOL")]
+    pub pool: Option<PoolKind>,
+
+    /// With --pool processes: replace a child process after N tasks [default: 0, never]
+    #[arg(long, env = "DBTASK_MAX_TASKS_PER_CHILD", value_name = "N")]
+    pub max_tasks_per_child: Option<u64>,
+
+    /// With --pool processes: replace a child process after the task that took it past MiB of resident memory [default: 0, never]
+    #[arg(long, env = "DBTASK_MAX_MEMORY_PER_CHILD", value_name = "MiB")]
+    pub max_memory_per_child: Option<u64>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -190,6 +202,9 @@ impl Cli {
         set(&mut config.time_limit, &self.time_limit);
         set(&mut config.soft_time_limit, &self.soft_time_limit);
         set(&mut config.priorities, &self.priorities);
+        set(&mut config.pool, &self.pool);
+        set(&mut config.max_tasks_per_child, &self.max_tasks_per_child);
+        set(&mut config.max_memory_per_child, &self.max_memory_per_child);
     }
 }
 

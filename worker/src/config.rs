@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::python::PythonConfig;
+use crate::python::{Executor, ProcessOptions, PythonConfig};
 pub use crate::telemetry::LogFormat;
 
 /// Everything the worker can be told. Field names are the TOML keys and, upper-cased with a
@@ -58,6 +58,25 @@ pub struct Config {
     pub soft_time_limit: f64,
     /// Consume the priority levels 0-9 of each queue (one consumer per level), highest first.
     pub priorities: bool,
+    /// What runs sync tasks: `threads` (one process; a task past its hard limit is abandoned)
+    /// or `processes` (`concurrency` child processes; such a task's process is killed).
+    pub pool: PoolKind,
+    /// With `pool = "processes"`: replace a child process after it ran this many tasks (0: never).
+    pub max_tasks_per_child: u64,
+    /// With `pool = "processes"`: replace a child process after the task that took its
+    /// resident memory past this many MiB (0: never).
+    pub max_memory_per_child: u64,
+}
+
+/// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    /// Python threads in the worker process.
+    #[default]
+    Threads,
+    /// Child processes, one task at a time each.
+    Processes,
 }
 
 impl Default for Config {
@@ -86,6 +105,9 @@ impl Default for Config {
             time_limit: 0.0,
             soft_time_limit: 0.0,
             priorities: true,
+            pool: PoolKind::Threads,
+            max_tasks_per_child: 0,
+            max_memory_per_child: 0,
         }
     }
 }
@@ -210,6 +232,22 @@ impl Config {
                 ));
             }
         }
+        if self.pool == PoolKind::Threads {
+            for (field, value) in [
+                ("max_tasks_per_child", self.max_tasks_per_child),
+                ("max_memory_per_child", self.max_memory_per_child),
+            ] {
+                if value > 0 {
+                    return Err(invalid(
+                        field,
+                        "replaces child processes: it needs --pool processes (threads are never recycled)",
+                    ));
+                }
+            }
+        }
+        if self.max_memory_per_child > u64::MAX >> 20 {
+            return Err(invalid("max_memory_per_child", "is in MiB: too large"));
+        }
         Ok(())
     }
 
@@ -227,11 +265,28 @@ impl Config {
 
     /// How to start the embedded interpreter.
     pub fn python_config(&self) -> PythonConfig {
+        let (threads, sync_executor) = match self.pool {
+            PoolKind::Threads => (self.concurrency, Executor::Threads),
+            // One thread, never used: sync tasks go to the children.
+            PoolKind::Processes => (1, Executor::Processes),
+        };
         PythonConfig {
             python: self.python.clone(),
             apps: self.apps.clone(),
-            threads: self.concurrency,
+            threads,
+            sync_executor,
         }
+    }
+
+    /// The pool of processes, with `pool = "processes"`.
+    pub fn process_options(&self) -> Option<ProcessOptions> {
+        (self.pool == PoolKind::Processes).then(|| ProcessOptions {
+            size: self.concurrency,
+            max_tasks: self.max_tasks_per_child,
+            max_memory: self.max_memory_per_child << 20,
+            log_level: self.log_level.clone(),
+            log_format: self.log_format,
+        })
     }
 
     /// The configuration as TOML, with URL passwords replaced by `***`.

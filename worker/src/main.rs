@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dbtask_worker::cli::Cli;
-use dbtask_worker::python::PythonRuntime;
+use dbtask_worker::python::{self, PythonRuntime};
 use dbtask_worker::{memory, run, shutdown, telemetry};
 
 /// Exit code for settings that cannot be used (as sysexits' EX_USAGE... close enough: 2 is
@@ -19,6 +19,10 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // The worker starts its pool processes (`--pool processes`) as itself again.
+    if python::is_pool_process() {
+        return python::pool_process_main();
+    }
     let cli = Cli::parse();
     let config = match cli.load_config() {
         Ok(config) => config,
@@ -49,6 +53,13 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         let shutdown =
             shutdown::signals().map_err(|e| format!("cannot listen for SIGTERM/SIGINT: {e}"))?;
+        // On this thread, which lives as long as the worker: its children die with it.
+        if let Some(options) = config.process_options() {
+            python
+                .start_processes(options)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         // Freed heap memory goes back to the OS whenever the worker is idle (after start-up,
         // then after each burst of tasks).
         let trimmer = tokio::spawn(memory::trim_when_idle(python.finished_calls()));

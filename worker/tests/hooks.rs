@@ -92,6 +92,7 @@ fn python() -> PythonRuntime {
         python: Some(root.join(".venv/bin/python")),
         apps: vec!["dbtask_hook_tasks".into()],
         threads: 2,
+        ..PythonConfig::default()
     };
     PythonRuntime::start_with_sys_path(&config, &[root.join("client-py/python"), dir])
         .unwrap_or_else(|e| panic!("{e}"))

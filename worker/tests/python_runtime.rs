@@ -191,6 +191,7 @@ fn config(apps: &[&str]) -> PythonConfig {
         python: Some(root().join(".venv/bin/python")),
         apps: apps.iter().map(|s| s.to_string()).collect(),
         threads: 4,
+        ..PythonConfig::default()
     }
 }
 

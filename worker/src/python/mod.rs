@@ -22,6 +22,7 @@ mod handover;
 mod interpreter;
 mod invoke;
 mod pool;
+mod process;
 mod queue;
 mod registry;
 mod retry;
@@ -30,7 +31,7 @@ mod running;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use dbtask_protocol::TaskError;
@@ -38,14 +39,17 @@ use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
 pub use self::handover::{Handover, JobState};
+pub use self::process::child::{main as pool_process_main, requested as is_pool_process};
+pub use self::process::ProcessOptions;
 
 use self::asyncio::AsyncLoop;
 use self::pool::{Pool, ThreadCount};
+use self::process::ProcessPool;
 use self::registry::{Entry, Registry};
 use self::running::Running;
 
 /// How to start the interpreter.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct PythonConfig {
     /// The interpreter executable whose environment (venv) to use. `None`: `$VIRTUAL_ENV/bin/python`
     /// when set, else CPython's own search (`python3` on `PATH`, then the prefix libpython was
@@ -55,6 +59,20 @@ pub struct PythonConfig {
     pub apps: Vec<String>,
     /// Size of the thread pool for sync tasks (the worker passes its concurrency).
     pub threads: usize,
+    /// What runs sync tasks: [`Executor::Threads`], or [`Executor::Processes`] once
+    /// [`PythonRuntime::start_processes`] has started them.
+    pub sync_executor: Executor,
+}
+
+impl Default for PythonConfig {
+    fn default() -> Self {
+        PythonConfig {
+            python: None,
+            apps: Vec::new(),
+            threads: 0,
+            sync_executor: Executor::Threads,
+        }
+    }
 }
 
 /// What the worker knows of a registered task.
@@ -86,14 +104,18 @@ pub enum Executor {
     Threads,
     /// `async def` tasks: the asyncio loop on its own thread (`asyncio`).
     AsyncLoop,
+    /// Sync `def` tasks with `--pool processes`: child processes, one task at a time each
+    /// (`process`).
+    Processes,
 }
 
 impl Executor {
-    pub fn of(is_async: bool) -> Executor {
+    /// The executor of an `async def` task, else `sync` (the worker's pool for sync tasks).
+    pub fn of(is_async: bool, sync: Executor) -> Executor {
         if is_async {
             Executor::AsyncLoop
         } else {
-            Executor::Threads
+            sync
         }
     }
 
@@ -110,10 +132,10 @@ pub enum Interrupt {
     /// Raise `dbtask.SoftTimeLimitExceeded` in it; the task may catch it and go on.
     Soft,
     /// Hard time limit: cancel an `async def` task; raise `dbtask.TimeLimitExceeded` in a
-    /// sync one and abandon its thread (a new thread takes its place).
+    /// sync one and abandon its thread (a new thread takes its place), or kill its process.
     Hard,
     /// Revoked with terminate: cancel an `async def` task; raise `dbtask.Terminated` in a
-    /// sync one and abandon its thread.
+    /// sync one and abandon its thread, or kill its process.
     Terminate,
 }
 
@@ -210,6 +232,12 @@ struct Inner {
     threads: Arc<ThreadCount>,
     running: Arc<Running>,
     finished: Arc<AtomicU64>,
+    /// The pool of processes, once started.
+    processes: OnceLock<ProcessPool>,
+    /// What a pool process needs to start like this one.
+    python: Option<PathBuf>,
+    apps: Vec<String>,
+    sys_path: Vec<PathBuf>,
 }
 
 /// How many calls of a [`PythonRuntime`] ran to their outcome so far.
@@ -266,7 +294,7 @@ impl PythonRuntime {
         if interpreter::defer_ssl() {
             tracing::debug!("asyncio imported; ssl loads on first use");
         }
-        let registry = Registry::load(&cfg.apps)?;
+        let registry = Registry::load(&cfg.apps, cfg.sync_executor)?;
         let threads = Arc::new(ThreadCount::default());
         let running = Arc::new(Running::default());
         let pool = Pool::start(cfg.threads.max(1), &threads, &running)?;
@@ -280,8 +308,37 @@ impl PythonRuntime {
                 threads,
                 running,
                 finished: Arc::default(),
+                processes: OnceLock::new(),
+                python: cfg.python.clone(),
+                apps: cfg.apps.clone(),
+                sys_path: extra_sys_path.to_vec(),
             }),
         })
+    }
+
+    /// Starts the pool of processes that runs sync tasks when the runtime was started with
+    /// [`Executor::Processes`], and waits until each child has imported the task modules.
+    /// Call it once, on the tokio thread that lives as long as the worker.
+    pub async fn start_processes(&self, options: ProcessOptions) -> Result<(), PythonError> {
+        let pool = ProcessPool::start(
+            options,
+            self.inner.python.clone(),
+            self.inner.apps.clone(),
+            self.inner.sys_path.clone(),
+            &self.inner.threads,
+        )
+        .await?;
+        if self.inner.processes.set(pool).is_err() {
+            return Err(PythonError::Init(
+                "the pool of processes was started twice".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pool processes started in place of others so far (recycled, killed or dead).
+    pub fn processes_replaced(&self) -> u64 {
+        self.inner.processes.get().map_or(0, ProcessPool::replaced)
     }
 
     /// The registered tasks, by name.
@@ -344,6 +401,11 @@ impl PythonRuntime {
         };
         let accepted = match entry.executor {
             Executor::AsyncLoop => self.inner.aio.submit(item).is_ok(),
+            Executor::Processes => self
+                .inner
+                .processes
+                .get()
+                .is_some_and(|pool| pool.submit(item).is_ok()),
             Executor::Threads => match self.inner.pool.submit(item) {
                 Ok(wake) => {
                     if wake.owed() && burst == Burst::WithOthers {
@@ -390,6 +452,13 @@ impl PythonRuntime {
         let Some(entry) = self.inner.registry.get(task).cloned() else {
             return;
         };
+        if entry.executor == Executor::Processes {
+            // No GIL needed: a message to the child's driver.
+            if let Some(pool) = self.inner.processes.get() {
+                pool.interrupt(task_id, kind);
+            }
+            return;
+        }
         let inner = Arc::clone(&self.inner);
         let task_id = task_id.to_owned();
         let work = move || {
@@ -409,8 +478,7 @@ impl PythonRuntime {
     /// `async def`, the loop) alive; nothing is cancelled, the process exit ends them. Use
     /// [`wait_stopped`](Self::wait_stopped) to wait for the threads with a limit.
     pub fn shutdown(&self) {
-        self.inner.pool.close();
-        self.inner.aio.close();
+        self.inner.close();
     }
 
     /// Blocks until every thread of this runtime has exited, at most `timeout`; true if they
@@ -421,6 +489,14 @@ impl PythonRuntime {
 }
 
 impl Inner {
+    fn close(&self) {
+        self.pool.close();
+        self.aio.close();
+        if let Some(processes) = self.processes.get() {
+            processes.close();
+        }
+    }
+
     fn interrupt(&self, py: pyo3::Python<'_>, entry: &Entry, task_id: &str, kind: Interrupt) {
         use pyo3::types::PyAnyMethods;
         let (class, aio_kind, message) = match kind {
@@ -465,8 +541,7 @@ impl Inner {
 impl Drop for Inner {
     /// The last handle is gone: nobody can hand over jobs any more, let the threads end.
     fn drop(&mut self) {
-        self.pool.close();
-        self.aio.close();
+        self.close();
     }
 }
 

@@ -32,6 +32,8 @@ pub(crate) struct Entry {
     pub bind: Option<Py<PyAny>>,
     /// `autoretry_for`, as a tuple of exception types.
     pub autoretry_for: Option<Py<PyAny>>,
+    /// `autoretry_for` names `dbtask.WorkerLost`: a task whose pool process died is retried.
+    pub retry_on_lost: bool,
 }
 
 pub(crate) struct Registry {
@@ -43,7 +45,7 @@ pub(crate) struct Registry {
 
 impl Registry {
     /// Imports `dbtask`, then each app module (whose `@task`s register), and reads the registry.
-    pub fn load(apps: &[String]) -> Result<Registry, PythonError> {
+    pub fn load(apps: &[String], sync: Executor) -> Result<Registry, PythonError> {
         Python::attach(|py| {
             let registry = py.import(super::CONTRACT_MODULE).map_err(|e| {
                 PythonError::Registry(format!(
@@ -58,7 +60,7 @@ impl Registry {
                         traceback: error_from(py, e).traceback.unwrap_or_default(),
                     })?;
             }
-            read(py, &registry).map_err(|e| PythonError::Registry(e.to_string()))
+            read(py, &registry, sync).map_err(|e| PythonError::Registry(e.to_string()))
         })
     }
 
@@ -86,7 +88,8 @@ impl Registry {
     }
 }
 
-fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
+fn read(py: Python<'_>, registry: &Bound<'_, PyModule>, sync: Executor) -> PyResult<Registry> {
+    let worker_lost = registry.getattr("WorkerLost")?;
     let support = support(py)?;
     let tasks = registry.getattr("TASKS")?.cast_into::<PyDict>()?;
     let mut infos = HashMap::new();
@@ -140,7 +143,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
             name.clone(),
             TaskInfo {
                 name: name.clone(),
-                executor: Executor::of(is_async),
+                executor: Executor::of(is_async, sync),
                 queue,
                 track_started,
                 retry: retry_options.policy,
@@ -154,11 +157,17 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>) -> PyResult<Registry> {
             Arc::new(Entry {
                 name,
                 func: func.unbind(),
-                executor: Executor::of(is_async),
+                executor: Executor::of(is_async, sync),
                 signature,
                 precise,
                 display,
                 bind: retry_options.bind.then(|| task.clone().unbind()),
+                retry_on_lost: match &retry_options.autoretry_for {
+                    Some(types) => worker_lost
+                        .cast::<pyo3::types::PyType>()?
+                        .is_subclass(types.bind(py))?,
+                    None => false,
+                },
                 autoretry_for: retry_options.autoretry_for,
             }),
         );

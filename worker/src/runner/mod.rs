@@ -325,13 +325,17 @@ async fn serve(
         warn!("results still unstored at exit: their messages were handed back and will rerun");
     }
     if finished {
-        // Joins the Python threads, which are idle by now; off this thread all the same.
-        let stop = tokio::task::spawn_blocking(move || python.shutdown());
-        if tokio::time::timeout(Duration::from_secs(5), stop)
-            .await
-            .is_err()
-        {
-            warn!("the Python threads did not stop within 5 s; exiting anyway");
+        // Joins the Python threads and the pool processes, idle by now; off this thread all
+        // the same (the processes' drivers run on it).
+        let stop = tokio::task::spawn_blocking(move || {
+            python.shutdown();
+            python.wait_stopped(Duration::from_secs(6))
+        });
+        if !matches!(
+            tokio::time::timeout(Duration::from_secs(7), stop).await,
+            Ok(Ok(true))
+        ) {
+            warn!("the Python threads or pool processes did not stop within 6 s; exiting anyway");
         }
     }
     info!("worker stopped");

@@ -1,0 +1,594 @@
+//! The pool of processes (`--pool processes`): sync tasks run in child processes, one task at
+//! a time each, so that CPU-bound tasks use every core and a task past its hard time limit, or
+//! revoked with terminate, can really be stopped (its process is killed and replaced).
+//!
+//! The worker stays the only process that talks to NATS and Redis; a child only runs Python
+//! (see [`child`]). Each child has a *driver*, a task on the worker's tokio thread that takes
+//! the next job from the pool's queue, sends it over the child's socket ([`wire`]), and waits
+//! for its outcome, for a control (soft limit, kill) or for the child's death.
+//!
+//! Children are started with exec, never with a bare fork: the worker has threads (tokio, the
+//! Python threads), and a fork of a threaded process that holds an interpreter is unsafe. Each
+//! child is `/proc/self/exe` again, so it runs exactly the worker's code, and it dies with the
+//! worker (`PR_SET_PDEATHSIG`, and the end of its socket).
+
+pub mod child;
+mod wire;
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dbtask_protocol::{error_types, TaskError};
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::mpsc;
+use tracing::{debug, error, info, warn};
+
+use self::child::{ChildSpec, CHILD_ENV};
+use self::wire::{FromChild, JobFrame, ToChild};
+use super::pool::{Alive, ThreadCount};
+use super::{Arguments, CallOutcome, Interrupt, PythonError, Returned, WorkItem};
+
+/// How the pool is sized and when a child is replaced.
+#[derive(Debug, Clone)]
+pub struct ProcessOptions {
+    /// Children, each running one task at a time.
+    pub size: usize,
+    /// Replace a child after it ran this many tasks (`--max-tasks-per-child`); 0: never.
+    pub max_tasks: u64,
+    /// Replace a child once its resident memory passes this many bytes after a task
+    /// (`--max-memory-per-child`); 0: never.
+    pub max_memory: u64,
+    pub log_level: String,
+    pub log_format: crate::telemetry::LogFormat,
+}
+
+/// How a child's death is reported, at most once per this interval (with a count).
+const CRASH_REPORT_EVERY: Duration = Duration::from_secs(10);
+/// A child told to exit (the worker stops, or recycles it) that is still alive after this is
+/// killed.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
+pub(crate) struct ProcessPool {
+    shared: Arc<Shared>,
+    sender: Mutex<Option<mpsc::UnboundedSender<WorkItem>>>,
+}
+
+struct Shared {
+    options: ProcessOptions,
+    /// What every child is told at start, but its socket.
+    python: Option<PathBuf>,
+    apps: Vec<String>,
+    sys_path: Vec<PathBuf>,
+    jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<WorkItem>>,
+    /// The driver of each running job, by task id, for its controls.
+    running: Mutex<HashMap<String, mpsc::UnboundedSender<Control>>>,
+    closed: AtomicBool,
+    /// Children that died on their own in a row (reset by a task that ends normally): the
+    /// delay before the next start grows with it.
+    crashes_in_a_row: AtomicU32,
+    reports: Mutex<CrashReports>,
+    /// Children started to replace another, for any reason.
+    replaced: AtomicU64,
+}
+
+#[derive(Default)]
+struct CrashReports {
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+/// What a driver is told about the job its child runs.
+#[derive(Debug, Clone, Copy)]
+enum Control {
+    Soft,
+    Kill(Interrupt),
+}
+
+/// A running child and its socket.
+struct Child {
+    process: tokio::process::Child,
+    pid: u32,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    tasks: u64,
+}
+
+impl ProcessPool {
+    /// Starts `options.size` children and waits until each has imported the task modules;
+    /// the first that fails stops the start with its error. Call it on the worker's tokio
+    /// thread (children die with the thread that started them, see `PR_SET_PDEATHSIG`).
+    pub async fn start(
+        options: ProcessOptions,
+        python: Option<PathBuf>,
+        apps: Vec<String>,
+        sys_path: Vec<PathBuf>,
+        threads: &Arc<ThreadCount>,
+    ) -> Result<ProcessPool, PythonError> {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared {
+            options,
+            python,
+            apps,
+            sys_path,
+            jobs: tokio::sync::Mutex::new(receiver),
+            running: Mutex::default(),
+            closed: AtomicBool::new(false),
+            crashes_in_a_row: AtomicU32::new(0),
+            reports: Mutex::default(),
+            replaced: AtomicU64::new(0),
+        });
+        let began = Instant::now();
+        let started =
+            futures::future::join_all((0..shared.options.size).map(|_| shared.spawn_child())).await;
+        let mut children = Vec::with_capacity(started.len());
+        for child in started {
+            match child {
+                Ok(child) => children.push(child),
+                Err(why) => {
+                    return Err(PythonError::Init(format!(
+                        "a pool process could not start: {why}"
+                    )))
+                }
+            }
+        }
+        info!(
+            processes = children.len(),
+            start_ms = began.elapsed().as_millis() as u64,
+            "pool processes ready"
+        );
+        for child in children {
+            let alive = ThreadCount::enter(threads);
+            tokio::spawn(drive(Arc::clone(&shared), child, alive));
+        }
+        Ok(ProcessPool {
+            shared,
+            sender: Mutex::new(Some(sender)),
+        })
+    }
+
+    /// Queues a job for the next free child; gives it back once the pool is closed.
+    pub fn submit(&self, item: WorkItem) -> Result<(), WorkItem> {
+        let sender = self.sender.lock().unwrap_or_else(|e| e.into_inner());
+        match sender.as_ref() {
+            Some(sender) => sender.send(item).map_err(|e| e.0),
+            None => Err(item),
+        }
+    }
+
+    /// Interrupts the job `task_id` if a child runs it: a soft limit raises
+    /// `SoftTimeLimitExceeded` in it, a hard limit or a terminate kills its child (the
+    /// caller has given up on it; a new child takes its place).
+    pub fn interrupt(&self, task_id: &str, kind: Interrupt) {
+        let control = match kind {
+            Interrupt::Soft => Control::Soft,
+            hard => Control::Kill(hard),
+        };
+        let running = self
+            .shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(driver) = running.get(task_id) {
+            let _ = driver.send(control);
+        }
+    }
+
+    /// Children started in place of others so far (recycled, killed or dead).
+    pub fn replaced(&self) -> u64 {
+        self.shared.replaced.load(Ordering::Relaxed)
+    }
+
+    /// Refuses new jobs: each child finishes its job, then exits.
+    pub fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.sender.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// One child's life: run jobs until the pool closes, replacing the child when it dies, is
+/// killed, or reaches a recycling limit.
+async fn drive(shared: Arc<Shared>, first: Child, _alive: Alive) {
+    let mut child = Some(first);
+    let mut frame = Vec::new();
+    loop {
+        let mut current = match child.take() {
+            Some(current) => current,
+            None => match shared.respawn().await {
+                Some(fresh) => fresh,
+                None => return, // the pool closed meanwhile
+            },
+        };
+        let item = tokio::select! {
+            item = async { shared.jobs.lock().await.recv().await } => item,
+            // An idle child says nothing: readable means it died (or is broken). Found now, it
+            // costs no task a delivery.
+            _ = tokio::io::AsyncBufReadExt::fill_buf(&mut current.reader) => {
+                let how = current.process.wait().await.map_or_else(|e| e.to_string(), describe_exit);
+                warn!(pid = current.pid, "an idle pool process {how}: starting another");
+                let _ = current.process.start_kill();
+                shared.replaced.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let Some(item) = item else {
+            stop(current).await;
+            return;
+        };
+        if item.reply.is_closed() {
+            // Given up on (revoked, or its hard limit passed) before it started.
+            child = Some(current);
+            continue;
+        }
+        if shared.run(&mut current, item, &mut frame).await {
+            current.tasks += 1;
+            if let Some(why) = shared.worn_out(&current) {
+                debug!(
+                    pid = current.pid,
+                    tasks = current.tasks,
+                    "{why}: replacing the pool process"
+                );
+                shared.replaced.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(stop(current));
+            } else {
+                child = Some(current);
+            }
+        } else {
+            shared.replaced.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Shared {
+    /// Runs one job in `child`; false when the child is gone afterwards (it died, or was
+    /// killed for the job's hard limit or terminate).
+    async fn run(&self, child: &mut Child, item: WorkItem, frame: &mut Vec<u8>) -> bool {
+        let WorkItem {
+            job, entry, reply, ..
+        } = item;
+        let (controls, mut control) = mpsc::unbounded_channel();
+        self.lock_running().insert(job.task_id.clone(), controls);
+        let request = ToChild::Job(JobFrame {
+            id: job.task_id.clone(),
+            task: job.task.clone(),
+            args: &job.args,
+            kwargs: &job.kwargs,
+            attempt: job.attempt,
+            retries: job.retries,
+        });
+        let mut out = Vec::new();
+        let sent = match wire::encode(&request, &mut out) {
+            Ok(()) => child.writer.write_all(&out).await,
+            Err(e) => Err(e),
+        };
+        let mut killed = None;
+        let read = match sent {
+            Ok(()) => {
+                let Child {
+                    reader,
+                    writer,
+                    process,
+                    ..
+                } = child;
+                let read = wire::read(reader, frame);
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        read = &mut read => break read,
+                        Some(order) = control.recv() => match order {
+                            Control::Soft => {
+                                let mut soft = Vec::new();
+                                if wire::encode(&ToChild::Soft(job.task_id.clone()), &mut soft).is_ok() {
+                                    let _ = writer.write_all(&soft).await;
+                                }
+                            }
+                            Control::Kill(why) => {
+                                killed = Some(why);
+                                let _ = process.start_kill();
+                            }
+                        },
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        self.lock_running().remove(&job.task_id);
+        let outcome = match read {
+            Ok(true) => match serde_json::from_slice::<FromChild>(frame) {
+                Ok(FromChild::Done { outcome, .. }) => Some(CallOutcome::from(outcome)),
+                _ => {
+                    error!(pid = child.pid, "a pool process answered nonsense: replacing it (is the worker binary being upgraded under it?)");
+                    let _ = child.process.start_kill();
+                    killed = Some(Interrupt::Terminate);
+                    None
+                }
+            },
+            Ok(false) | Err(_) => None,
+        };
+        if let Some(outcome) = outcome {
+            self.crashes_in_a_row.store(0, Ordering::Relaxed);
+            let arguments = Some(Arguments {
+                args: job.args,
+                kwargs: job.kwargs,
+            });
+            let _ = reply.send(Returned { outcome, arguments });
+            return true;
+        }
+        // The child is gone, or going: reap it.
+        let status = child.process.wait().await;
+        let how = status.map_or_else(|e| format!("cannot be waited for ({e})"), describe_exit);
+        match killed {
+            Some(why) => {
+                debug!(pid = child.pid, task_id = %job.task_id, reason = ?why, "pool process killed: starting another")
+            }
+            None => {
+                let message = format!(
+                    "the pool process (pid {}) running the task died: {how}; the task did not finish",
+                    child.pid
+                );
+                self.report_crash(&job.task, &job.task_id, &message);
+                let error = TaskError::new(error_types::WORKER_LOST, message);
+                let outcome = if entry.retry_on_lost {
+                    CallOutcome::Retry(crate::retry::Request {
+                        countdown: None,
+                        max_retries: None,
+                        error,
+                        explicit: false,
+                    })
+                } else {
+                    CallOutcome::Failure(error)
+                };
+                let arguments = Some(Arguments {
+                    args: job.args,
+                    kwargs: job.kwargs,
+                });
+                let _ = reply.send(Returned { outcome, arguments });
+            }
+        }
+        false
+    }
+
+    /// Why `child` is due for replacement after its last task, if it is.
+    fn worn_out(&self, child: &Child) -> Option<&'static str> {
+        let options = &self.options;
+        if options.max_tasks > 0 && child.tasks >= options.max_tasks {
+            return Some("--max-tasks-per-child reached");
+        }
+        if options.max_memory > 0
+            && resident_bytes(child.pid).is_some_and(|rss| rss > options.max_memory)
+        {
+            info!(
+                pid = child.pid,
+                max_memory_mib = options.max_memory >> 20,
+                "pool process over --max-memory-per-child after its task: replacing it"
+            );
+            return Some("--max-memory-per-child passed");
+        }
+        None
+    }
+
+    /// A child in place of one that is gone, once the delay its predecessors' crashes call
+    /// for has passed; `None` once the pool is closed. Retries until one starts.
+    async fn respawn(&self) -> Option<Child> {
+        loop {
+            let crashes = self.crashes_in_a_row.load(Ordering::Relaxed);
+            if crashes > 1 {
+                // 50 ms, 100 ms... up to 5 s between starts while children keep dying.
+                let delay = Duration::from_millis(50u64 << (crashes - 2).min(7))
+                    .min(Duration::from_secs(5));
+                tokio::time::sleep(delay).await;
+            }
+            if self.closed.load(Ordering::Acquire) {
+                return None;
+            }
+            match self.spawn_child().await {
+                Ok(child) => return Some(child),
+                Err(why) => {
+                    self.crashes_in_a_row.fetch_add(1, Ordering::Relaxed);
+                    error!(error = %why, "cannot start a pool process: trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Logs a child's death at once if none was reported in the last [`CRASH_REPORT_EVERY`],
+    /// else counts it for the next report: a task that kills its process over and over
+    /// writes one line per interval, not one per death.
+    fn report_crash(&self, task: &str, task_id: &str, message: &str) {
+        self.crashes_in_a_row.fetch_add(1, Ordering::Relaxed);
+        let mut reports = self.reports.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if reports
+            .last
+            .is_some_and(|last| now.duration_since(last) < CRASH_REPORT_EVERY)
+        {
+            reports.unreported += 1;
+            debug!(task, task_id, "{message}");
+            return;
+        }
+        let earlier = std::mem::take(&mut reports.unreported);
+        reports.last = Some(now);
+        error!(
+            task,
+            task_id,
+            unreported_earlier = earlier,
+            "{message}: recorded as dbtask.WorkerLost, starting another pool process"
+        );
+    }
+
+    fn lock_running(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<Control>>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts a child and waits until it has imported the task modules.
+    async fn spawn_child(&self) -> Result<Child, String> {
+        let began = Instant::now();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| format!("cannot create a socket pair: {e}"))?;
+        let fd = theirs.as_raw_fd();
+        let spec = ChildSpec {
+            fd,
+            python: self.python.clone(),
+            apps: self.apps.clone(),
+            sys_path: self.sys_path.clone(),
+            log_level: self.options.log_level.clone(),
+            log_format: self.options.log_format,
+        };
+        let spec = serde_json::to_string(&spec).map_err(|e| e.to_string())?;
+        let parent = std::process::id();
+        let mut command = tokio::process::Command::new("/proc/self/exe");
+        command
+            .env(CHILD_ENV, spec)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // Dies with the worker's thread that started it (the tokio thread, which lives
+                // as long as the worker)...
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // ...including when the worker died before the line above.
+                if libc::getppid() != parent as libc::pid_t {
+                    libc::_exit(1);
+                }
+                // The socket is the one descriptor the child inherits.
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut process = command.spawn().map_err(|e| {
+            format!(
+                "cannot start {} again as a pool process: {e}",
+                "dbtask-worker"
+            )
+        })?;
+        drop(theirs);
+        let pid = process.id().unwrap_or_default();
+        let stream = ours
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::UnixStream::from_std(ours))
+            .map_err(|e| format!("cannot use the pool process's socket: {e}"))?;
+        let (reader, writer) = stream.into_split();
+        let mut reader = BufReader::new(reader);
+        let mut frame = Vec::new();
+        let first = wire::read(&mut reader, &mut frame).await;
+        match first.map(|more| more.then(|| serde_json::from_slice::<FromChild>(&frame))) {
+            Ok(Some(Ok(FromChild::Ready))) => {}
+            Ok(Some(Ok(FromChild::Failed(why)))) => {
+                let _ = process.wait().await;
+                return Err(why);
+            }
+            _ => {
+                let how = process
+                    .wait()
+                    .await
+                    .map_or_else(|e| e.to_string(), describe_exit);
+                return Err(format!("it {how} before it was ready"));
+            }
+        }
+        debug!(
+            pid,
+            start_ms = began.elapsed().as_millis() as u64,
+            "pool process started"
+        );
+        Ok(Child {
+            process,
+            pid,
+            reader,
+            writer,
+            tasks: 0,
+        })
+    }
+}
+
+/// Tells an idle child to exit (its socket closes) and reaps it; kills it if it is still
+/// there after [`EXIT_GRACE`].
+async fn stop(child: Child) {
+    let Child {
+        mut process,
+        writer,
+        reader,
+        ..
+    } = child;
+    drop(writer);
+    drop(reader);
+    if tokio::time::timeout(EXIT_GRACE, process.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            pid = process.id(),
+            "a pool process did not exit when told to: killing it"
+        );
+        let _ = process.kill().await;
+    }
+}
+
+/// "exited with code 1", "was killed by signal 11 (SIGSEGV: a segmentation fault)".
+fn describe_exit(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exited with code {code}");
+    }
+    match status.signal() {
+        Some(signal) => {
+            let name = match signal {
+                libc::SIGKILL => " (SIGKILL: the kernel's OOM killer, or kill -9)",
+                libc::SIGSEGV => " (SIGSEGV: a segmentation fault)",
+                libc::SIGABRT => " (SIGABRT: aborted)",
+                libc::SIGBUS => " (SIGBUS: a bus error)",
+                libc::SIGFPE => " (SIGFPE: an arithmetic fault)",
+                libc::SIGILL => " (SIGILL: an illegal instruction)",
+                libc::SIGTERM => " (SIGTERM)",
+                _ => "",
+            };
+            format!("was killed by signal {signal}{name}")
+        }
+        None => format!("ended ({status})"),
+    }
+}
+
+/// Resident memory of process `pid`, from `/proc/<pid>/statm`.
+fn resident_bytes(pid: u32) -> Option<u64> {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf is always safe to call.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    Some(pages * u64::try_from(page).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exits_are_described_for_people() {
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(1 << 8)),
+            "exited with code 1"
+        );
+        assert_eq!(
+            describe_exit(ExitStatus::from_raw(libc::SIGSEGV)),
+            "was killed by signal 11 (SIGSEGV: a segmentation fault)"
+        );
+        assert!(describe_exit(ExitStatus::from_raw(libc::SIGKILL)).contains("OOM"));
+    }
+
+    #[test]
+    fn this_process_has_a_resident_size() {
+        assert!(resident_bytes(std::process::id()).is_some_and(|b| b > 0));
+        assert_eq!(resident_bytes(u32::MAX), None);
+    }
+}
