@@ -198,3 +198,13 @@ async def wait_for_lines(path: Path, count: int, timeout: float = 30.0) -> list[
                 return lines
         await asyncio.sleep(0.05)
     raise AssertionError(f"{path} has {len(lines)} lines after {timeout} s, expected {count}: {lines}")
+
+
+async def wait_until_line(path: Path, line: str, timeout: float = 15.0) -> None:
+    """Waits until the text file has the line `line`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and line in path.read_text().splitlines():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{path} never got the line {line!r}: {path.read_text() if path.exists() else ''}")

@@ -10,7 +10,7 @@ import signal
 import pytest
 
 import dbtask
-from e2e_support import wait_for_lines
+from e2e_support import wait_for_lines, wait_until_line
 from limit_tasks import async_long, quick, sync_long
 
 APP = "limit_tasks"
@@ -145,12 +145,3 @@ async def test_revoke_refuses_bad_input(client):
     with pytest.raises(ValueError, match="invalid task id"):
         await dbtask.revoke("bad id")
 
-
-async def wait_until_line(path, line, timeout=15.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if path.exists() and line in path.read_text().splitlines():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{path} never got the line {line!r}: {path.read_text() if path.exists() else ''}")

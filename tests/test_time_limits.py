@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 import dbtask
-from e2e_support import wait_for_lines
+from e2e_support import wait_for_lines, wait_until_line
 from limit_tasks import (
     async_hard,
     async_long,
@@ -181,12 +181,3 @@ def test_limits_must_be_positive_seconds():
     with pytest.raises(TypeError, match="soft_time_limit"):
         dbtask.task(soft_time_limit="5")(lambda: None)
 
-
-async def wait_until_line(path, line, timeout=15.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        if path.exists() and line in path.read_text().splitlines():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{path} never got the line {line!r}: {path.read_text() if path.exists() else ''}")
