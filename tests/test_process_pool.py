@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import dbtask
-from e2e_support import wait_for_lines, wait_until_line
+from e2e_support import wait_for_lines
+from limit_tasks import sync_timed
 from pool_tasks import (
     async_whoami,
     burn,
@@ -56,16 +57,17 @@ def alive(pid: int) -> bool:
         return False
 
 
-async def wait_children(pid: int, count: int, timeout: float = 15.0) -> set[int]:
-    """Waits until the worker `pid` has exactly `count` children again."""
+async def wait_children(pid: int, count: int, replacing: int | None = None, timeout: float = 15.0) -> set[int]:
+    """Waits until the worker `pid` has exactly `count` children again, `replacing` not among
+    them (it is gone, and another has taken its place)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
         found = children(pid)
-        if len(found) == count:
+        if len(found) == count and replacing not in found:
             return found
         await asyncio.sleep(0.05)
-    raise AssertionError(f"the worker has children {children(pid)}, expected {count} of them")
+    raise AssertionError(f"the worker has children {children(pid)}, expected {count} of them, not {replacing}")
 
 
 async def test_sync_tasks_run_in_child_processes_async_ones_in_the_worker(worker_factory, client):
@@ -91,8 +93,8 @@ async def test_a_task_past_its_hard_limit_is_killed_with_its_process(worker_fact
     assert "hard time limit of 1" in caught.value.message
     # It ignored the soft limit; at the hard limit its process was killed, not abandoned.
     assert marker.read_text().splitlines() == [f"start {first}", "ignored SoftTimeLimitExceeded"]
-    (second,) = await wait_children(w.pid, 1)
-    assert second != first and not alive(first)
+    (second,) = await wait_children(w.pid, 1, replacing=first)
+    assert not alive(first)
     assert await (await whoami.delay(1)).get(timeout=15) == [1, second]
 
 
@@ -112,7 +114,7 @@ async def test_terminate_kills_the_running_task_s_process(worker_factory, client
     with pytest.raises(dbtask.TaskRevoked):
         await result.get(timeout=15)
     assert (await result.info())["state"] == "REVOKED"
-    await wait_children(w.pid, 1)
+    await wait_children(w.pid, 1, replacing=pid)
     assert not alive(pid)
     assert "finished" not in marker.read_text()
     assert await (await whoami.delay(2)).get(timeout=15) == [2, next(iter(children(w.pid)))]
@@ -137,7 +139,8 @@ async def test_a_task_that_kills_its_process_fails_alone_as_worker_lost(worker_f
     assert info["state"] == "FAILURE" and info["attempts"] == 1, "failed once, not redelivered"
     assert await beside.get(timeout=15) == "finished"
     assert [(await r.get(timeout=15))[0] for r in innocents] == list(range(20))
-    await wait_children(w.pid, 2)
+    crashed = int((tmp_path / "m.txt").read_text().split()[1])
+    await wait_children(w.pid, 2, replacing=crashed)
     assert w.proc.poll() is None, "the worker itself stays up"
 
 
@@ -164,8 +167,7 @@ async def test_a_child_past_max_memory_per_child_is_replaced_after_its_task(work
     assert await (await grow.delay(1)).get(timeout=15) == small, "under the bound: kept"
     big = await grow.delay(150)
     assert await big.get(timeout=15) == small, "the task that passed the bound keeps its result"
-    (fresh,) = await wait_children(w.pid, 1)
-    assert fresh != small
+    (fresh,) = await wait_children(w.pid, 1, replacing=small)
     assert (await (await whoami.delay(3)).get(timeout=15)) == [3, fresh]
 
 
@@ -207,3 +209,13 @@ async def test_sync_tasks_see_the_worker_s_environment(worker_factory, client):
     w = worker_factory(APP, concurrency=1, args=POOL, env={"DBTASK_TEST_MARK": "seen"})
     seen = await (await environment.delay()).get(timeout=15)
     assert seen == {"cwd": os.readlink(f"/proc/{w.pid}/cwd"), "mark": "seen", "child_var": None}
+
+
+async def test_limits_count_from_the_start_in_a_child_not_from_the_queue(worker_factory, client):
+    # Concurrency 1: the tasks wait for the one child. Each runs 0.5 s, within its soft limit
+    # of 0.8 s and hard limit of 1 s; the last one waits 1 s before it starts.
+    worker_factory(APP, "limit_tasks", concurrency=1, args=POOL)
+    results = [await sync_timed.delay(0.5) for _ in range(3)]
+    assert [await r.get(timeout=15) for r in results] == [0.5, 0.5, 0.5]
+    infos = [await r.info() for r in results]
+    assert infos[-1]["date_started"] - infos[-1]["date_received"] >= 0.9, "the last one waited"

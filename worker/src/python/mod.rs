@@ -122,7 +122,7 @@ impl Executor {
     /// Whether a job may be queued before its slot is free, the executor taking the slot
     /// when it starts the job (see [`Handover`]).
     pub fn takes_handover(self) -> bool {
-        self == Executor::Threads
+        matches!(self, Executor::Threads | Executor::Processes)
     }
 }
 
@@ -318,7 +318,7 @@ impl PythonRuntime {
 
     /// Starts the pool of processes that runs sync tasks when the runtime was started with
     /// [`Executor::Processes`], and waits until each child has imported the task modules.
-    /// Call it once, on the tokio thread that lives as long as the worker.
+    /// Call it once.
     pub async fn start_processes(&self, options: ProcessOptions) -> Result<(), PythonError> {
         let pool = ProcessPool::start(
             options,

@@ -3,10 +3,11 @@
 //! jobs the worker sends over its socket one at a time on its main thread, and answers each
 //! with its outcome. It never talks to NATS or Redis.
 //!
-//! A second thread reads the socket: jobs go to the main thread, a soft time limit raises
-//! `SoftTimeLimitExceeded` in the running job. When the worker closes the socket (it stops, or
-//! replaces this process) or dies, the process exits: at once when idle, within
-//! [`ORPHAN_GRACE`] when a task is still running. SIGINT and SIGTERM are ignored: the worker
+//! The main thread reads its jobs from the job socket itself (one wake-up per job); a second
+//! thread reads the control socket, where a soft time limit raises `SoftTimeLimitExceeded` in
+//! the running job. When the worker closes the sockets (it stops, or replaces this process) or
+//! dies, the process exits: at once when idle, within [`ORPHAN_GRACE`] when a task is still
+//! running. SIGINT and SIGTERM are ignored: the worker
 //! owns them (a Ctrl-C in a terminal reaches the whole process group), and it kills a pool
 //! process with SIGKILL when it must.
 
@@ -14,7 +15,6 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,8 +39,9 @@ const ORPHAN_GRACE: Duration = Duration::from_secs(1);
 /// What a pool process is told at start.
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct ChildSpec {
-    /// The socket to the worker (inherited).
+    /// The sockets to the worker (inherited): jobs and outcomes, and controls.
     pub fd: RawFd,
+    pub control_fd: RawFd,
     pub python: Option<PathBuf>,
     pub apps: Vec<String>,
     pub sys_path: Vec<PathBuf>,
@@ -70,11 +71,18 @@ pub fn main() -> ExitCode {
         libc::signal(libc::SIGTERM, libc::SIG_IGN);
     }
     crate::telemetry::init(&spec.log_level, spec.log_format);
-    // SAFETY: the worker passed this descriptor, open, for this process alone.
-    let socket = unsafe { UnixStream::from_raw_fd(spec.fd) };
-    // Subprocesses of the tasks must not inherit it.
-    // SAFETY: plain fcntl on a descriptor this process owns.
-    unsafe { libc::fcntl(spec.fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: the worker passed these descriptors, open, for this process alone.
+    let (socket, control) = unsafe {
+        (
+            UnixStream::from_raw_fd(spec.fd),
+            UnixStream::from_raw_fd(spec.control_fd),
+        )
+    };
+    // Subprocesses of the tasks must not inherit them.
+    for fd in [spec.fd, spec.control_fd] {
+        // SAFETY: plain fcntl on a descriptor this process owns.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
     let mut out = match socket.try_clone() {
         Ok(out) => out,
         Err(e) => {
@@ -93,24 +101,31 @@ pub fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     let running = Arc::new(Running::default());
-    let (jobs, queued) = mpsc::channel::<Vec<u8>>();
     {
         let running = Arc::clone(&running);
         std::thread::Builder::new()
-            .name("dbtask-pool-reader".into())
-            .spawn(move || read_socket(socket, jobs, &running))
-            .expect("a pool process starts its reader thread");
+            .name("dbtask-pool-control".into())
+            .spawn(move || read_controls(control, &running))
+            .expect("a pool process starts its control thread");
     }
     // SAFETY: a plain query of the calling thread's id.
     let ident = unsafe { pyo3::ffi::PyThread_get_thread_ident() };
     let retired = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    while let Ok(body) = queued.recv() {
-        let Ok(ToChild::Job(frame)) = serde_json::from_slice::<ToChild>(&body) else {
-            continue;
+    let mut jobs = std::io::BufReader::new(socket);
+    let mut body = Vec::new();
+    // Until the worker closes the socket (or a broken frame: the process ends, the worker
+    // sees it and starts another).
+    while let Ok(true) = wire::read_blocking(&mut jobs, &mut body) {
+        let frame = match serde_json::from_slice::<ToChild>(&body) {
+            Ok(ToChild::Job(frame)) => frame,
+            Ok(ToChild::Soft(_)) | Err(_) => {
+                tracing::error!("pool process: unreadable job from the worker (versions differ?)");
+                break;
+            }
         };
         let job = Job {
-            task_id: frame.id,
-            task: frame.task,
+            task_id: frame.id.into_owned(),
+            task: frame.task.into_owned(),
             args: frame.args.to_owned(),
             kwargs: frame.kwargs.to_owned(),
             attempt: frame.attempt,
@@ -151,25 +166,21 @@ fn start(spec: &ChildSpec) -> Result<Registry, String> {
     Registry::load(&spec.apps, crate::python::Executor::Processes).map_err(|e| e.to_string())
 }
 
-/// Hands jobs to the main thread and raises soft limits, until the worker closes the socket.
-fn read_socket(mut socket: UnixStream, jobs: mpsc::Sender<Vec<u8>>, running: &Running) {
+/// Raises soft limits, until the worker closes the control socket.
+fn read_controls(mut control: UnixStream, running: &Running) {
     let mut body = Vec::new();
-    while let Ok(true) = wire::read_blocking(&mut socket, &mut body) {
+    while let Ok(true) = wire::read_blocking(&mut control, &mut body) {
         match serde_json::from_slice::<ToChild>(&body) {
             Ok(ToChild::Soft(task_id)) => soft_limit(running, &task_id),
-            Ok(ToChild::Job(_)) => {
-                if jobs.send(std::mem::take(&mut body)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "pool process: unreadable frame from the worker (versions differ?)")
+            Ok(ToChild::Job(_)) | Err(_) => {
+                tracing::error!(
+                    "pool process: unreadable control from the worker (versions differ?)"
+                )
             }
         }
     }
     // The worker closed the socket or died. The main thread exits when it next waits for a
     // job; a task still running gets a moment, then the process ends regardless.
-    drop(jobs);
     std::thread::sleep(ORPHAN_GRACE);
     flush_stdio();
     // SAFETY: ends the process at once, as after a crash; nothing is left to write.

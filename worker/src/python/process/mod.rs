@@ -3,7 +3,8 @@
 //! revoked with terminate, can really be stopped (its process is killed and replaced).
 //!
 //! The worker stays the only process that talks to NATS and Redis; a child only runs Python
-//! (see [`child`]). Each child has a *driver*, a task on the worker's tokio thread that takes
+//! (see [`child`]). Each child has a *driver*, a task on the pool's own thread (a tokio
+//! runtime of its own, so that the children's sockets are polled at once) that takes
 //! the next job from the pool's queue, sends it over the child's socket ([`wire`]), and waits
 //! for its outcome, for a control (soft limit, kill) or for the child's death.
 //!
@@ -15,6 +16,7 @@
 pub mod child;
 mod wire;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
@@ -91,19 +93,33 @@ enum Control {
     Kill(Interrupt),
 }
 
-/// A running child and its socket.
+/// A running child and its sockets: jobs and their outcomes on one, controls (soft limits) on
+/// the other, so that the child's main thread reads its jobs itself and a job costs one
+/// wake-up on each side.
 struct Child {
     process: tokio::process::Child,
     pid: u32,
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
+    control: tokio::net::UnixStream,
     tasks: u64,
+}
+
+/// How [`Shared::run`] left the child.
+enum Ran {
+    /// The job ended (or was never started: cancelled while it waited for its slot); the
+    /// child is ready for the next.
+    Kept,
+    /// The child is gone: it died, or was killed for the job's hard limit or terminate.
+    Gone,
+    /// The child died before it could take the job, which did not start: give it to another.
+    NotSent(WorkItem),
 }
 
 impl ProcessPool {
     /// Starts `options.size` children and waits until each has imported the task modules;
-    /// the first that fails stops the start with its error. Call it on the worker's tokio
-    /// thread (children die with the thread that started them, see `PR_SET_PDEATHSIG`).
+    /// the first that fails stops the start with its error. The children are started and
+    /// driven by the pool's own thread, which lives until the pool is closed.
     pub async fn start(
         options: ProcessOptions,
         python: Option<PathBuf>,
@@ -124,33 +140,23 @@ impl ProcessPool {
             reports: Mutex::default(),
             replaced: AtomicU64::new(0),
         });
-        let began = Instant::now();
-        let started =
-            futures::future::join_all((0..shared.options.size).map(|_| shared.spawn_child())).await;
-        let mut children = Vec::with_capacity(started.len());
-        for child in started {
-            match child {
-                Ok(child) => children.push(child),
-                Err(why) => {
-                    return Err(PythonError::Init(format!(
-                        "a pool process could not start: {why}"
-                    )))
-                }
-            }
+        let (ready, started) = tokio::sync::oneshot::channel();
+        let alive = ThreadCount::enter(threads);
+        let pool = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("dbtask-pool".into())
+            .spawn(move || pool_thread(pool, ready, alive))
+            .map_err(|e| PythonError::Init(format!("cannot start the pool's thread: {e}")))?;
+        match started.await {
+            Ok(Ok(())) => Ok(ProcessPool {
+                shared,
+                sender: Mutex::new(Some(sender)),
+            }),
+            Ok(Err(why)) => Err(PythonError::Init(format!(
+                "a pool process could not start: {why}"
+            ))),
+            Err(_) => Err(PythonError::Init("the pool's thread ended at start".into())),
         }
-        info!(
-            processes = children.len(),
-            start_ms = began.elapsed().as_millis() as u64,
-            "pool processes ready"
-        );
-        for child in children {
-            let alive = ThreadCount::enter(threads);
-            tokio::spawn(drive(Arc::clone(&shared), child, alive));
-        }
-        Ok(ProcessPool {
-            shared,
-            sender: Mutex::new(Some(sender)),
-        })
     }
 
     /// Queues a job for the next free child; gives it back once the pool is closed.
@@ -192,9 +198,57 @@ impl ProcessPool {
     }
 }
 
+/// The pool's own thread, with a tokio runtime of its own: it starts the children and runs
+/// their drivers until the pool closes. The children's sockets get its whole attention (the
+/// worker's tokio thread, busy with NATS and Redis, would poll them late), and the children
+/// die with it (`PR_SET_PDEATHSIG` follows the thread that started them), that is, with the
+/// worker.
+fn pool_thread(
+    shared: Arc<Shared>,
+    ready: tokio::sync::oneshot::Sender<Result<(), String>>,
+    _alive: Alive,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            let _ = ready.send(Err(format!("cannot build the pool's runtime: {e}")));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let began = Instant::now();
+        let started =
+            futures::future::join_all((0..shared.options.size).map(|_| shared.spawn_child())).await;
+        let mut children = Vec::with_capacity(started.len());
+        for child in started {
+            match child {
+                Ok(child) => children.push(child),
+                Err(why) => {
+                    let _ = ready.send(Err(why));
+                    return;
+                }
+            }
+        }
+        info!(
+            processes = children.len(),
+            start_ms = began.elapsed().as_millis() as u64,
+            "pool processes ready"
+        );
+        let drivers: Vec<_> = children
+            .into_iter()
+            .map(|child| tokio::spawn(drive(Arc::clone(&shared), child)))
+            .collect();
+        let _ = ready.send(Ok(()));
+        futures::future::join_all(drivers).await;
+    });
+}
+
 /// One child's life: run jobs until the pool closes, replacing the child when it dies, is
 /// killed, or reaches a recycling limit.
-async fn drive(shared: Arc<Shared>, first: Child, _alive: Alive) {
+async fn drive(shared: Arc<Shared>, first: Child) {
     let mut child = Some(first);
     let mut frame = Vec::new();
     loop {
@@ -210,131 +264,185 @@ async fn drive(shared: Arc<Shared>, first: Child, _alive: Alive) {
             // An idle child says nothing: readable means it died (or is broken). Found now, it
             // costs no task a delivery.
             _ = tokio::io::AsyncBufReadExt::fill_buf(&mut current.reader) => {
-                let how = current.process.wait().await.map_or_else(|e| e.to_string(), describe_exit);
-                warn!(pid = current.pid, "an idle pool process {how}: starting another");
-                let _ = current.process.start_kill();
-                shared.replaced.fetch_add(1, Ordering::Relaxed);
+                shared.lost_idle(current).await;
                 continue;
             }
         };
-        let Some(item) = item else {
+        let Some(mut item) = item else {
             stop(current).await;
             return;
         };
-        if item.reply.is_closed() {
-            // Given up on (revoked, or its hard limit passed) before it started.
+        if !take_slot(&item).await {
             child = Some(current);
             continue;
         }
-        if shared.run(&mut current, item, &mut frame).await {
-            current.tasks += 1;
-            if let Some(why) = shared.worn_out(&current) {
-                debug!(
-                    pid = current.pid,
-                    tasks = current.tasks,
-                    "{why}: replacing the pool process"
-                );
-                shared.replaced.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(stop(current));
-            } else {
-                child = Some(current);
+        loop {
+            match shared.run(&mut current, item, &mut frame).await {
+                Ran::Kept => {
+                    current.tasks += 1;
+                    if let Some(why) = shared.worn_out(&current) {
+                        debug!(
+                            pid = current.pid,
+                            tasks = current.tasks,
+                            "{why}: replacing the pool process"
+                        );
+                        shared.replaced.fetch_add(1, Ordering::Relaxed);
+                        tokio::spawn(stop(current));
+                    } else {
+                        child = Some(current);
+                    }
+                }
+                Ran::Gone => {
+                    shared.replaced.fetch_add(1, Ordering::Relaxed);
+                }
+                Ran::NotSent(unsent) => {
+                    // It died idle, just before the job reached it: the job goes to its
+                    // replacement, uncharged.
+                    shared.lost_idle(current).await;
+                    match shared.respawn().await {
+                        Some(fresh) => {
+                            current = fresh;
+                            item = unsent;
+                            continue;
+                        }
+                        None => {
+                            // The pool closed meanwhile: the job never ran.
+                            if let Some(handover) = &unsent.handover {
+                                handover.state.release();
+                            }
+                            return;
+                        }
+                    }
+                }
             }
-        } else {
-            shared.replaced.fetch_add(1, Ordering::Relaxed);
+            break;
         }
     }
 }
 
+/// Whether `item` may start now. A job whose caller gave up on it (revoked, or its hard limit
+/// passed) never starts; a job handed over before its slot was free takes its slot first and
+/// counts as started (its time limits run) from then on.
+async fn take_slot(item: &WorkItem) -> bool {
+    if item.reply.is_closed() {
+        return false;
+    }
+    let Some(handover) = &item.handover else {
+        return true;
+    };
+    let Ok(permit) = handover.slots.clone().acquire_owned().await else {
+        return false; // closed: never happens, but then nothing may run
+    };
+    if !handover.state.start(permit) {
+        return false; // cancelled while it waited (revoked, or the worker is stopping)
+    }
+    if item.reply.is_closed() {
+        handover.state.release();
+        return false;
+    }
+    true
+}
+
+/// Sends a job's outcome, its slot free first.
+fn finish(item: WorkItem, outcome: CallOutcome) {
+    let WorkItem {
+        job,
+        reply,
+        handover,
+        ..
+    } = item;
+    if let Some(handover) = &handover {
+        handover.state.release();
+    }
+    let arguments = Some(Arguments {
+        args: job.args,
+        kwargs: job.kwargs,
+    });
+    // The caller may have given up waiting: nothing to do then.
+    let _ = reply.send(Returned { outcome, arguments });
+}
+
 impl Shared {
-    /// Runs one job in `child`; false when the child is gone afterwards (it died, or was
-    /// killed for the job's hard limit or terminate).
-    async fn run(&self, child: &mut Child, item: WorkItem, frame: &mut Vec<u8>) -> bool {
-        let WorkItem {
-            job, entry, reply, ..
-        } = item;
-        let (controls, mut control) = mpsc::unbounded_channel();
-        self.lock_running().insert(job.task_id.clone(), controls);
-        let request = ToChild::Job(JobFrame {
-            id: job.task_id.clone(),
-            task: job.task.clone(),
-            args: &job.args,
-            kwargs: &job.kwargs,
-            attempt: job.attempt,
-            retries: job.retries,
-        });
+    /// Runs one job in `child` and sends its outcome.
+    async fn run(&self, child: &mut Child, item: WorkItem, frame: &mut Vec<u8>) -> Ran {
         let mut out = Vec::new();
-        let sent = match wire::encode(&request, &mut out) {
-            Ok(()) => child.writer.write_all(&out).await,
-            Err(e) => Err(e),
-        };
+        let request = ToChild::Job(JobFrame {
+            id: Cow::Borrowed(&item.job.task_id),
+            task: Cow::Borrowed(&item.job.task),
+            args: &item.job.args,
+            kwargs: &item.job.kwargs,
+            attempt: item.job.attempt,
+            retries: item.job.retries,
+        });
+        if let Err(e) = wire::encode(&request, &mut out) {
+            // Never happens (the job is JSON already); the job fails rather than vanish.
+            let message = format!("cannot pass the job to a pool process: {e}");
+            finish(
+                item,
+                CallOutcome::Failure(TaskError::new(super::INTERNAL_ERROR, message)),
+            );
+            return Ran::Kept;
+        }
+        if child.writer.write_all(&out).await.is_err() {
+            return Ran::NotSent(item);
+        }
+        let task_id = item.job.task_id.clone();
+        let (controls, mut control) = mpsc::unbounded_channel();
+        self.lock_running().insert(task_id.clone(), controls);
         let mut killed = None;
-        let read = match sent {
-            Ok(()) => {
-                let Child {
-                    reader,
-                    writer,
-                    process,
-                    ..
-                } = child;
-                let read = wire::read(reader, frame);
-                tokio::pin!(read);
-                loop {
-                    tokio::select! {
-                        read = &mut read => break read,
-                        Some(order) = control.recv() => match order {
-                            Control::Soft => {
-                                let mut soft = Vec::new();
-                                if wire::encode(&ToChild::Soft(job.task_id.clone()), &mut soft).is_ok() {
-                                    let _ = writer.write_all(&soft).await;
-                                }
+        let read = {
+            let read = wire::read(&mut child.reader, frame);
+            tokio::pin!(read);
+            loop {
+                tokio::select! {
+                    read = &mut read => break read,
+                    Some(order) = control.recv() => match order {
+                        Control::Soft => {
+                            if wire::encode(&ToChild::Soft(Cow::Borrowed(&task_id)), &mut out).is_ok() {
+                                let _ = child.control.write_all(&out).await;
                             }
-                            Control::Kill(why) => {
-                                killed = Some(why);
-                                let _ = process.start_kill();
-                            }
-                        },
-                    }
+                        }
+                        Control::Kill(why) => {
+                            killed = Some(why);
+                            let _ = child.process.start_kill();
+                        }
+                    },
                 }
             }
-            Err(e) => Err(e),
         };
-        self.lock_running().remove(&job.task_id);
-        let outcome = match read {
-            Ok(true) => match serde_json::from_slice::<FromChild>(frame) {
-                Ok(FromChild::Done { outcome, .. }) => Some(CallOutcome::from(outcome)),
-                _ => {
-                    error!(pid = child.pid, "a pool process answered nonsense: replacing it (is the worker binary being upgraded under it?)");
-                    let _ = child.process.start_kill();
-                    killed = Some(Interrupt::Terminate);
-                    None
-                }
-            },
-            Ok(false) | Err(_) => None,
-        };
-        if let Some(outcome) = outcome {
-            self.crashes_in_a_row.store(0, Ordering::Relaxed);
-            let arguments = Some(Arguments {
-                args: job.args,
-                kwargs: job.kwargs,
-            });
-            let _ = reply.send(Returned { outcome, arguments });
-            return true;
+        self.lock_running().remove(&task_id);
+        match read.map(|more| more.then(|| serde_json::from_slice::<FromChild>(frame))) {
+            Ok(Some(Ok(FromChild::Done { outcome, .. }))) => {
+                self.crashes_in_a_row.store(0, Ordering::Relaxed);
+                finish(item, CallOutcome::from(outcome));
+                return Ran::Kept;
+            }
+            Ok(Some(_)) => {
+                error!(pid = child.pid, "a pool process answered nonsense: replacing it (is the worker binary being upgraded under it?)");
+                let _ = child.process.start_kill();
+                killed = Some(Interrupt::Terminate);
+            }
+            Ok(None) | Err(_) => {}
         }
         // The child is gone, or going: reap it.
         let status = child.process.wait().await;
         let how = status.map_or_else(|e| format!("cannot be waited for ({e})"), describe_exit);
         match killed {
             Some(why) => {
-                debug!(pid = child.pid, task_id = %job.task_id, reason = ?why, "pool process killed: starting another")
+                debug!(pid = child.pid, task_id, reason = ?why, "pool process killed: starting another");
+                // Its caller gave up on it and recorded why; only the slot is left to free.
+                if let Some(handover) = &item.handover {
+                    handover.state.release();
+                }
             }
             None => {
                 let message = format!(
                     "the pool process (pid {}) running the task died: {how}; the task did not finish",
                     child.pid
                 );
-                self.report_crash(&job.task, &job.task_id, &message);
+                self.report_crash(&item.job.task, &task_id, &message);
                 let error = TaskError::new(error_types::WORKER_LOST, message);
-                let outcome = if entry.retry_on_lost {
+                let outcome = if item.entry.retry_on_lost {
                     CallOutcome::Retry(crate::retry::Request {
                         countdown: None,
                         max_retries: None,
@@ -344,14 +452,25 @@ impl Shared {
                 } else {
                     CallOutcome::Failure(error)
                 };
-                let arguments = Some(Arguments {
-                    args: job.args,
-                    kwargs: job.kwargs,
-                });
-                let _ = reply.send(Returned { outcome, arguments });
+                finish(item, outcome);
             }
         }
-        false
+        Ran::Gone
+    }
+
+    /// Reaps a child found dead while it had no job, and says so; the driver starts another.
+    async fn lost_idle(&self, mut child: Child) {
+        let how = child
+            .process
+            .wait()
+            .await
+            .map_or_else(|e| e.to_string(), describe_exit);
+        warn!(
+            pid = child.pid,
+            "an idle pool process {how}: starting another"
+        );
+        let _ = child.process.start_kill();
+        self.replaced.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Why `child` is due for replacement after its last task, if it is.
@@ -432,11 +551,16 @@ impl Shared {
     /// Starts a child and waits until it has imported the task modules.
     async fn spawn_child(&self) -> Result<Child, String> {
         let began = Instant::now();
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-            .map_err(|e| format!("cannot create a socket pair: {e}"))?;
-        let fd = theirs.as_raw_fd();
+        let pair = || {
+            std::os::unix::net::UnixStream::pair()
+                .map_err(|e| format!("cannot create a socket pair: {e}"))
+        };
+        let (ours, theirs) = pair()?;
+        let (control, their_control) = pair()?;
+        let (fd, control_fd) = (theirs.as_raw_fd(), their_control.as_raw_fd());
         let spec = ChildSpec {
             fd,
+            control_fd,
             python: self.python.clone(),
             apps: self.apps.clone(),
             sys_path: self.sys_path.clone(),
@@ -453,8 +577,8 @@ impl Shared {
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             command.pre_exec(move || {
-                // Dies with the worker's thread that started it (the tokio thread, which lives
-                // as long as the worker)...
+                // Dies with the thread that started it (the pool's thread, which lives as long
+                // as the pool)...
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
@@ -462,9 +586,11 @@ impl Shared {
                 if libc::getppid() != parent as libc::pid_t {
                     libc::_exit(1);
                 }
-                // The socket is the one descriptor the child inherits.
-                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
+                // The sockets are the descriptors the child inherits.
+                for fd in [fd, control_fd] {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -476,11 +602,16 @@ impl Shared {
             )
         })?;
         drop(theirs);
+        drop(their_control);
         let pid = process.id().unwrap_or_default();
-        let stream = ours
-            .set_nonblocking(true)
-            .and_then(|()| tokio::net::UnixStream::from_std(ours))
-            .map_err(|e| format!("cannot use the pool process's socket: {e}"))?;
+        let tokio_stream = |socket: std::os::unix::net::UnixStream| {
+            socket
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(socket))
+                .map_err(|e| format!("cannot use the pool process's socket: {e}"))
+        };
+        let stream = tokio_stream(ours)?;
+        let control = tokio_stream(control)?;
         let (reader, writer) = stream.into_split();
         let mut reader = BufReader::new(reader);
         let mut frame = Vec::new();
@@ -509,6 +640,7 @@ impl Shared {
             pid,
             reader,
             writer,
+            control,
             tasks: 0,
         })
     }
@@ -521,10 +653,10 @@ async fn stop(child: Child) {
         mut process,
         writer,
         reader,
+        control,
         ..
     } = child;
-    drop(writer);
-    drop(reader);
+    drop((writer, reader, control));
     if tokio::time::timeout(EXIT_GRACE, process.wait())
         .await
         .is_err()

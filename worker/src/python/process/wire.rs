@@ -2,6 +2,7 @@
 //! little-endian `u32` length and a JSON body. The arguments and the return value travel as
 //! the raw JSON they already are (no decoding in the parent, one `json.loads` in the child).
 
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 
 use dbtask_protocol::TaskError;
@@ -21,14 +22,18 @@ pub(crate) enum ToChild<'a> {
     /// Run this job, then answer with [`FromChild::Done`].
     #[serde(borrow)]
     Job(JobFrame<'a>),
-    /// Raise `SoftTimeLimitExceeded` in the job `task_id`, if it still runs.
-    Soft(String),
+    /// Raise `SoftTimeLimitExceeded` in the job `task_id`, if it still runs (on the control
+    /// socket).
+    #[serde(borrow)]
+    Soft(Cow<'a, str>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct JobFrame<'a> {
-    pub id: String,
-    pub task: String,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub task: Cow<'a, str>,
     #[serde(borrow)]
     pub args: &'a RawValue,
     #[serde(borrow)]
