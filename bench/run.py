@@ -1,4 +1,4 @@
-"""`make bench`: the shared workloads (bench/WORKLOADS.md, W1-W6) against the real
+"""`make bench`: the shared workloads (bench/WORKLOADS.md, W1-W7) against the real
 dbtask-worker and client, next to a Rust-only baseline (bench/baseline) on the same servers.
 
 Starts a private nats-server (-js, file storage in a temp dir) and redis-server on free ports,
@@ -34,7 +34,7 @@ sys.path.insert(0, str(BENCH / "apps"))
 from e2e_support import NATS_BIN, REDIS_BIN, WORKER_BIN, start_nats, start_redis, worker_env  # noqa: E402
 
 import dbtask  # noqa: E402
-from bench_tasks import add, nap, tsum  # noqa: E402
+from bench_tasks import add, crunch, nap, tsum  # noqa: E402
 
 BASELINE_BIN = REPO / "target" / "release" / "dbtask-bench-baseline"
 REPEATS = int(os.environ.get("DBTASK_BENCH_REPEATS", "3"))
@@ -44,6 +44,10 @@ ROUND_TRIPS = 1_000
 W4_TASKS = 2_000
 W4_CONCURRENCY = 200
 CHORD_SIZE = 1_000
+W7_TASKS = 400
+W7_ROUNDS = 130_000  # crunch(W7_ROUNDS) takes about 10 ms of one core here
+W7_RESULT = crunch(W7_ROUNDS)
+CORES = os.cpu_count() or 1
 IDLE_SETTLE = 2.5  # seconds the worker stays idle after W2 before W6's settled figure
 TIMEOUT = 120.0
 
@@ -232,6 +236,17 @@ def rss_mib(pid: int) -> float:
     return total / 1024
 
 
+def pss_mib(pid: int) -> float:
+    """Proportional set size of a process tree: pages shared between its processes (the
+    worker binary, libpython) counted once in all, not once per process as RSS does."""
+    total = 0
+    for p in [pid, *descendants(pid)]:
+        for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
 class CpuMeter:
     """CPU seconds used by each process of the benchmark between start() and stop()."""
 
@@ -256,8 +271,10 @@ class CpuMeter:
 
 
 class WorkerProc:
-    def __init__(self, nats_url: str, redis_url: str, workdir: Path, concurrency: int | None = None) -> None:
-        cmd = [str(WORKER_BIN), "-A", "bench_tasks", "--queues", "default",
+    def __init__(
+        self, nats_url: str, redis_url: str, workdir: Path, concurrency: int | None = None, pool: str = "threads"
+    ) -> None:
+        cmd = [str(WORKER_BIN), "-A", "bench_tasks", "--queues", "default", "--pool", pool,
                "--nats-url", nats_url, "--redis-url", redis_url, "--log-level", "warn,dbtask_worker=info"]  # fmt: skip
         if concurrency is not None:
             cmd += ["--concurrency", str(concurrency)]
@@ -488,6 +505,40 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     idle.wait_ready()
     fig["W6 rss idle"] = rss_mib(idle.proc.pid)
     idle.stop()
+
+    # W2 and W6 again with the pool of processes (concurrency = cores): what the hand-over to a
+    # child costs on trivial tasks, and what the children weigh.
+    redis.call("FLUSHALL")
+    results = await add.apply_many([(i, i) for i in range(N)])
+    ids = [r.id for r in results]
+    worker = WorkerProc(nats.url, redis_srv.url, workdir, concurrency=CORES, pool="processes")
+    worker.wait_ready()
+    first, last = redis.wait_done(ids, TIMEOUT)
+    fig["W2 steady processes"] = (N - 1) / (last - first) if last > first else float("nan")
+    fig["W6 rss processes"] = rss_mib(worker.proc.pid)
+    fig["W6 pss processes"] = pss_mib(worker.proc.pid)
+    checked += check_results(redis, ids, [2 * i for i in range(N)], "W2 processes")
+    worker.stop()
+
+    # W7: CPU-bound sync tasks, pre-queued, drained by the thread pool, then by the pool of
+    # processes, both with concurrency = cores; timed from `worker ready` to the last result.
+    for pool in ("threads", "processes"):
+        redis.call("FLUSHALL")
+        results = await crunch.apply_many([(W7_ROUNDS,)] * W7_TASKS)
+        ids = [r.id for r in results]
+        worker = WorkerProc(nats.url, redis_srv.url, workdir, concurrency=CORES, pool=pool)
+        ready = worker.wait_ready()
+        _, last = redis.wait_done(ids, TIMEOUT)
+        fig[f"W7 {pool} s"] = last - ready
+        checked += check_results(redis, ids, [W7_RESULT] * W7_TASKS, f"W7 {pool}")
+        worker.stop()
+    fig["W7 speed-up"] = fig["W7 threads s"] / fig["W7 processes s"]
+    # The ideal: the same calls made here, one after another, spread perfectly over the cores.
+    t0 = time.perf_counter()
+    for _ in range(20):
+        crunch(W7_ROUNDS)
+    fig["W7 ideal s"] = W7_TASKS * (time.perf_counter() - t0) / 20 / CORES
+    fig["W7 vs ideal"] = fig["W7 processes s"] / fig["W7 ideal s"]
     return fig, checked
 
 
@@ -542,6 +593,8 @@ def fmt(v: float, unit: str) -> str:
         return f"{v:.2f}"
     if unit == "s":
         return f"{v:.3f}"
+    if unit == "×":
+        return f"{v:.2f}"
     return f"{v:.1f}"
 
 
@@ -560,16 +613,24 @@ ROWS = [
     ("W5 s", "W5 chord of 1,000 `add` + `tsum`", "s", 0.1, False, None),
     ("W6 rss", "W6 worker RSS after W2 (process tree)", "MiB", 30, False, None),
     ("W6 rss settled", "W6 worker RSS after W2, then 2.5 s idle", "MiB", None, False, None),
+    ("W2 steady processes", "W2 drain, first to last result, `--pool processes`, concurrency = cores", "/s", None, True, "drain_per_s"),
+    ("W6 rss processes", "W6 RSS of the process tree after W2, `--pool processes`", "MiB", None, False, None),
+    ("W6 pss processes", "W6 PSS of the process tree after W2, `--pool processes`", "MiB", None, False, None),
+    ("W7 threads s", "W7 400 × 10 ms CPU, `--pool threads`, concurrency = cores", "s", None, False, None),
+    ("W7 processes s", "W7 400 × 10 ms CPU, `--pool processes`, concurrency = cores", "s", None, False, None),
+    ("W7 speed-up", "W7 threads ÷ processes (target on 2 cores)", "×", 1.8, True, None),
+    ("W7 ideal s", "W7 ideal: 400 calls timed in the bench process ÷ cores", "s", None, False, None),
+    ("W7 vs ideal", "W7 processes ÷ ideal", "×", 1.15, False, None),
 ]
 
-UNIT_NAME = {"/s": "tasks/s", "ms": "ms", "s": "s", "MiB": "MiB"}
+UNIT_NAME = {"/s": "tasks/s", "ms": "ms", "s": "s", "MiB": "MiB", "×": "×"}
 
 
 def report(figs: list[dict], base: list[dict], checked: int, vers: dict, started: datetime, took: float) -> str:
     lines = [
         f"# dbtask benchmark, {started:%Y-%m-%d %H:%M} UTC",
         "",
-        "Workloads: bench/WORKLOADS.md (W1-W6). Reproduce with `make bench`.",
+        "Workloads: bench/WORKLOADS.md (W1-W7). Reproduce with `make bench`.",
         f"Each figure: median of {len(figs)} runs (min-max). N = {N:,} tasks for W1/W2. "
         f"**{checked:,} results checked**, all correct.",
         "",

@@ -22,3 +22,13 @@ async def nap(i):
 @task
 def tsum(values):
     return sum(values)
+
+
+@task
+def crunch(n):
+    """W7: `n` rounds of pure-Python arithmetic (it holds the GIL throughout); the same work
+    and the same result every run."""
+    x = 0
+    for i in range(n):
+        x = (x * 31 + i) % 1000003
+    return x
