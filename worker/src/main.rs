@@ -53,7 +53,6 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         let shutdown =
             shutdown::signals().map_err(|e| format!("cannot listen for SIGTERM/SIGINT: {e}"))?;
-        // On this thread, which lives as long as the worker: its children die with it.
         if let Some(options) = config.process_options() {
             python
                 .start_processes(options)
