@@ -512,7 +512,7 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     results = await add.apply_many([(i, i) for i in range(N)])
     ids = [r.id for r in results]
     worker = WorkerProc(nats.url, redis_srv.url, workdir, concurrency=CORES, pool="processes")
-    worker.wait_ready()
+    fig["W2 startup s processes"] = worker.wait_ready() - worker.spawned
     first, last = redis.wait_done(ids, TIMEOUT)
     fig["W2 steady processes"] = (N - 1) / (last - first) if last > first else float("nan")
     fig["W6 rss processes"] = rss_mib(worker.proc.pid)
@@ -614,6 +614,7 @@ ROWS = [
     ("W6 rss", "W6 worker RSS after W2 (process tree)", "MiB", 30, False, None),
     ("W6 rss settled", "W6 worker RSS after W2, then 2.5 s idle", "MiB", None, False, None),
     ("W2 steady processes", "W2 drain, first to last result, `--pool processes`, concurrency = cores", "/s", None, True, "drain_per_s"),
+    ("W2 startup s processes", "W2 worker start until `worker ready`, `--pool processes` (children started and ready)", "s", None, False, None),
     ("W6 rss processes", "W6 RSS of the process tree after W2, `--pool processes`", "MiB", None, False, None),
     ("W6 pss processes", "W6 PSS of the process tree after W2, `--pool processes`", "MiB", None, False, None),
     ("W7 threads s", "W7 400 × 10 ms CPU, `--pool threads`, concurrency = cores", "s", None, False, None),

@@ -219,3 +219,22 @@ async def test_limits_count_from_the_start_in_a_child_not_from_the_queue(worker_
     assert [await r.get(timeout=15) for r in results] == [0.5, 0.5, 0.5]
     infos = [await r.info() for r in results]
     assert infos[-1]["date_started"] - infos[-1]["date_received"] >= 0.9, "the last one waited"
+
+
+async def test_a_second_signal_stops_the_worker_and_its_children_at_once(worker_factory, client, tmp_path):
+    w = worker_factory(APP, concurrency=1, args=(*POOL, "--shutdown-timeout", "60"))
+    marker = tmp_path / "m.txt"
+    result = await long.delay(30, marker=str(marker))
+    (line,) = await wait_for_lines(marker, 1)
+    pid = int(line.split()[1])
+    w.send(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    assert w.proc.poll() is None and alive(pid), "the first signal waits for the running task"
+    w.send(signal.SIGTERM)
+    await w.wait_async(10)
+    for _ in range(100):
+        if not alive(pid):
+            break
+        await asyncio.sleep(0.05)
+    assert not alive(pid), "the child running the task outlived its worker"
+    assert await result.ready() is False, "not acked: it stays pending for another worker"
