@@ -88,9 +88,9 @@ async def test_sigterm_hands_unstarted_tasks_back_to_other_workers(worker_factor
     assert await w.wait_async(30) == 0
     assert await running.get(timeout=1) == "running"
 
-    # The default ack wait is far longer than this: the tasks the stopped worker had not
-    # started must be available again at once, not after an ack timeout.
-    worker_factory(concurrency=1)
+    # An ack wait far longer than this: the tasks the stopped worker had not started must be
+    # available again at once, not after an ack timeout.
+    worker_factory(concurrency=1, args=["--ack-wait", "60"])
     values = await asyncio.gather(*(r.get(timeout=10) for r in waiting))
     assert values == [i + 100 for i in range(5)]
     # Run by the second worker: the first one, stopping, started none of them.

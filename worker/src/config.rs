@@ -29,7 +29,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Seconds running tasks get to finish after the first SIGTERM/SIGINT.
     pub shutdown_timeout: f64,
-    /// Seconds NATS waits for an ack before redelivering; in-progress acks extend it.
+    /// Seconds NATS waits for an ack before redelivering; in-progress acks (every third of it)
+    /// extend it. Short, so that the tasks of a worker that died run again within seconds.
     pub ack_wait: f64,
     /// Seconds a result record lives in Redis.
     pub result_ttl: u64,
@@ -91,7 +92,7 @@ impl Default for Config {
             log_level: "info".to_owned(),
             log_format: LogFormat::Text,
             shutdown_timeout: 30.0,
-            ack_wait: 30.0,
+            ack_wait: 3.0,
             result_ttl: 86_400,
             track_started: false,
             max_deliver: 10,
@@ -352,7 +353,7 @@ mod tests {
         assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
         assert_eq!(c.redis_url, "redis://127.0.0.1:6379");
         assert_eq!(c.shutdown_timeout(), Duration::from_secs(30));
-        assert_eq!(c.ack_wait(), Duration::from_secs(30));
+        assert_eq!(c.ack_wait(), Duration::from_secs(3));
         assert_eq!(c.result_ttl, 86_400);
         assert!(!c.track_started);
         assert_eq!(c.max_deliver, 10);

@@ -116,7 +116,7 @@ async fn stream_and_consumers_are_set_up_idempotently_by_several_workers() {
         );
         assert_eq!(c.config.filter_subject, task_subject(queue));
         assert_eq!(c.config.ack_policy, consumer::AckPolicy::Explicit);
-        assert_eq!(c.config.ack_wait, Duration::from_secs(30));
+        assert_eq!(c.config.ack_wait, Duration::from_secs(3));
         assert_eq!(c.config.max_deliver, 10);
         assert_eq!(c.config.max_ack_pending, 10_000);
     }
