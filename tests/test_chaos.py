@@ -4,6 +4,7 @@ the `chaos` marker: `make test` leaves them out, `make test-chaos` runs them, an
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import signal
@@ -16,6 +17,8 @@ from e2e_support import APPS, start_nats, tail_text, wait_for_lines
 from e2e_tasks import sleep_then
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
+
+TASKS_MID_DRAIN = 5000
 
 # A fresh client process, as in the report of issue 23: it gathers `get(timeout=120)` of
 # every id and prints how each one ended.
@@ -97,3 +100,25 @@ async def test_the_tasks_of_a_killed_worker_run_again_within_seconds(worker_fact
     # 160 × 0.2 s / 16 = 2 s of work; the rest is margin for a busy 2-core machine. Before
     # ack_wait was 3 s this took over 30 s.
     assert took < 8, f"the last result came {took:.1f} s after the new worker was ready"
+
+
+async def test_no_task_runs_twice_across_a_nats_restart_mid_drain(worker_factory, client, nats, redis, tmp_path):
+    """Tasks that finished while NATS was going down lost their acks; NATS, restarted, hands
+    them out again as first deliveries. The worker must find their stored outcomes and not run
+    them again, and `attempts` must count real runs."""
+    marker = tmp_path / "runs.txt"
+    sent = await sleep_then.apply_many([(0, n, str(marker)) for n in range(TASKS_MID_DRAIN)])
+    worker_factory(concurrency=4)
+    await wait_for_lines(marker, TASKS_MID_DRAIN // 10)
+    nats.proc.send_signal(signal.SIGKILL)
+    nats.proc.wait()
+    await asyncio.sleep(1)
+    back = start_nats(nats.log.parent, port=nats.port)
+    nats.proc = back.proc  # the fixture stops whichever process serves the port at the end
+    values = await asyncio.gather(*(r.get(timeout=120) for r in sent))
+    assert values == list(range(TASKS_MID_DRAIN))
+    runs = collections.Counter(line.split()[1] for line in marker.read_text().splitlines())
+    twice = sorted((int(n) for n, count in runs.items() if count > 1))
+    assert twice == [], f"{len(twice)} of {TASKS_MID_DRAIN} tasks ran twice, e.g. {twice[:10]}"
+    attempts = collections.Counter([(await r.info())["attempts"] for r in sent[:200]])
+    assert attempts == {1: 200}, f"attempts of the first 200: {attempts}"

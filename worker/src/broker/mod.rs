@@ -10,6 +10,8 @@ mod publish;
 
 pub use mapping::{stream_config, task_header_map};
 
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -117,7 +119,25 @@ pub struct Broker {
     /// The URL with its secrets hidden, for logs and errors.
     url: String,
     version: String,
+    /// When the connection last came back after a loss (see [`Outages`]).
+    outages: Arc<Outages>,
 }
+
+/// What the worker remembers of NATS outages. Acks sent while the connection is down are lost,
+/// and a restarted server may also have lost its record of the latest deliveries: it hands
+/// such messages out again as *first* deliveries, though their tasks ran and their outcomes
+/// are stored. A first delivery of a message published before the connection came back is
+/// therefore checked against the stored outcomes, like any redelivery.
+#[derive(Default)]
+struct Outages {
+    /// Disconnected since the last (re)connection.
+    down: AtomicBool,
+    /// Unix milliseconds of the last reconnection after a loss; 0: none yet.
+    back_at_ms: AtomicI64,
+}
+
+/// Server and worker clocks may differ by this much.
+const CLOCK_MARGIN_MS: i64 = 5_000;
 
 impl Broker {
     /// Connects, then checks the server's version and that JetStream is enabled.
@@ -126,16 +146,25 @@ impl Broker {
         let shown = redact_url(nats_url);
         let (address, options) = connect_options(nats_url, &shown)?;
         let event_url = shown.clone();
+        let outages = Arc::new(Outages::default());
+        let events = Arc::clone(&outages);
         let options = options
             .name(format!("dbtask-worker {name}"))
             .connection_timeout(Duration::from_secs(5))
             .event_callback(move |event| {
                 let url = event_url.clone();
+                let outages = Arc::clone(&events);
                 async move {
                     use async_nats::Event;
                     match event {
-                        Event::Connected => info!(url, "connected to NATS"),
+                        Event::Connected => {
+                            if outages.down.swap(false, Ordering::AcqRel) {
+                                outages.back_at_ms.store(now_ms(), Ordering::Release);
+                            }
+                            info!(url, "connected to NATS")
+                        }
                         Event::Disconnected => {
+                            outages.down.store(true, Ordering::Release);
                             warn!(url, "lost the connection to NATS; reconnecting")
                         }
                         // One per failed reconnect attempt: the warning above says it already.
@@ -194,7 +223,22 @@ impl Broker {
             js,
             url: shown,
             version,
+            outages,
         })
+    }
+
+    /// Whether a message delivered for the first time may have been handled already, its ack
+    /// lost to a NATS outage: it was published (`published_ms`, Unix milliseconds by the
+    /// server's clock) before the connection last came back, or the connection is down now.
+    /// Costs two atomic loads when there was no outage.
+    pub fn maybe_handled_before_outage(&self, published_ms: impl FnOnce() -> Option<i64>) -> bool {
+        if self.outages.down.load(Ordering::Acquire) {
+            return true;
+        }
+        match self.outages.back_at_ms.load(Ordering::Acquire) {
+            0 => false,
+            back => published_ms().is_none_or(|at| at <= back + CLOCK_MARGIN_MS),
+        }
     }
 
     /// The server's version, e.g. `2.14.6`.
@@ -534,6 +578,13 @@ pub fn parse_version(version: &str) -> Option<(u64, u64, u64)> {
     let minor = parts.next()?.ok()?;
     let patch = parts.next().and_then(Result::ok).unwrap_or(0);
     Some((major, minor, patch))
+}
+
+/// Now, in Unix milliseconds.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]

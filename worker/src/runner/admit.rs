@@ -93,8 +93,13 @@ pub(super) async fn admit<'a>(
     );
     shared.hooks.received(ctx.task_ref(id, name));
 
-    // A redelivery may follow a crash between storing the outcome and acking it.
-    if ctx.attempt > 1 {
+    // A redelivery may follow a crash between storing the outcome and acking it; a first
+    // delivery may follow a NATS outage that lost the ack.
+    let published_ms = || {
+        let published = msg.info().ok()?.published;
+        i64::try_from(published.unix_timestamp_nanos() / 1_000_000).ok()
+    };
+    if ctx.attempt > 1 || shared.broker.maybe_handled_before_outage(published_ms) {
         let store = &shared.store;
         let existing = Box::pin(store.retrying("read a task's record", || store.get(id))).await;
         if let Some(done) = existing.filter(|r| r.state.is_ready()) {
