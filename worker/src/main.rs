@@ -19,6 +19,7 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    memory::configure();
     // The worker starts its pool processes (`--pool processes`) as itself again.
     if python::is_pool_process() {
         return python::pool_process_main();

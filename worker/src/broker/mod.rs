@@ -451,6 +451,7 @@ impl Broker {
             queue: queue.to_owned(),
             url: self.url.clone(),
             consumer,
+            max_batch_bytes: max_batch_bytes(config.max_message_bytes),
         })
     }
 }
@@ -460,6 +461,18 @@ pub struct QueueConsumer {
     queue: String,
     url: String,
     consumer: consumer::PullConsumer,
+    /// Bytes one pull may bring at most (see [`max_batch_bytes`]).
+    max_batch_bytes: usize,
+}
+
+/// What one pull may bring: 4 MiB, or one message of the largest size allowed (a message the
+/// server cannot fit in a pull would never be delivered; headers add to the body, hence the
+/// margin). The client reads
+/// a batch into one buffer and keeps that buffer's size for later reads, so an unbounded batch
+/// of large messages (arguments of a megabyte) left tens of MiB held for good; a batch of
+/// small messages is bounded by its count long before this.
+pub fn max_batch_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_add(64 << 10).max(4 << 20)
 }
 
 impl QueueConsumer {
@@ -473,6 +486,7 @@ impl QueueConsumer {
         self.consumer
             .batch()
             .max_messages(max)
+            .max_bytes(self.max_batch_bytes)
             .expires(expires)
             .messages()
             .await
@@ -502,6 +516,7 @@ impl QueueConsumer {
         self.consumer
             .fetch()
             .max_messages(max)
+            .max_bytes(self.max_batch_bytes)
             .messages()
             .await
             .map_err(|e| BrokerError::Pull {
@@ -590,6 +605,16 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pull_always_fits_the_largest_message_allowed() {
+        assert_eq!(max_batch_bytes(1 << 20), 4 << 20, "small messages: 4 MiB");
+        assert!(
+            max_batch_bytes(64 << 20) > 64 << 20,
+            "room for the headers too"
+        );
+        assert_eq!(max_batch_bytes(usize::MAX), usize::MAX);
+    }
 
     #[test]
     fn versions_parse_and_compare() {

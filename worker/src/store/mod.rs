@@ -64,6 +64,8 @@ pub enum Cause {
 pub struct RecordWrite {
     set: redis::Cmd,
     publish: Option<redis::Cmd>,
+    /// About how many bytes the commands take on the wire (the JSON, once or twice).
+    bytes: usize,
 }
 
 /// Room for a typical record's JSON in a command's buffer (more grows it).
@@ -97,7 +99,16 @@ impl RecordWrite {
             publish.arg(json);
             publish
         });
-        RecordWrite { set, publish }
+        let json = match set.args_iter().nth(2) {
+            Some(redis::Arg::Simple(json)) => json.len(),
+            _ => 0,
+        };
+        let bytes = json * if publish.is_some() { 2 } else { 1 } + 64;
+        RecordWrite {
+            set,
+            publish,
+            bytes,
+        }
     }
 }
 

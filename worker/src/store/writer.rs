@@ -14,6 +14,10 @@ use super::{RecordWrite, Store};
 
 /// Most records in one pipeline.
 pub const MAX_BATCH: usize = 256;
+/// Most bytes in one pipeline, but for a single record larger than this. The connection keeps
+/// a buffer the size of the largest pipeline it sent: 256 large results in one pipeline left a
+/// worker tens of MiB larger for good. A MiB is well past where batching stops paying.
+const MAX_PIPELINE_BYTES: usize = 1 << 20;
 
 struct Pending {
     write: RecordWrite,
@@ -70,22 +74,34 @@ async fn run(store: Store, mut rx: mpsc::UnboundedReceiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(MAX_BATCH);
     let mut waiters: Vec<oneshot::Sender<()>> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        // The commands move into the pipeline: nothing is copied, and a retry sends the same.
-        let mut pipe = redis::Pipeline::with_capacity(2 * batch.len());
-        for Pending { write, stored } in batch.drain(..) {
-            let RecordWrite { set, publish } = write;
-            pipe.add_command(set);
-            if let Some(publish) = publish {
-                pipe.add_command(publish);
+        let mut queued = batch.drain(..).peekable();
+        while queued.peek().is_some() {
+            // The commands move into the pipeline: nothing is copied, and a retry sends the same.
+            let mut pipe = redis::Pipeline::with_capacity(2 * queued.len());
+            let mut bytes = 0;
+            while let Some(Pending { write, stored }) =
+                queued.next_if(|p| bytes == 0 || bytes + p.write.bytes <= MAX_PIPELINE_BYTES)
+            {
+                let RecordWrite {
+                    set,
+                    publish,
+                    bytes: size,
+                } = write;
+                bytes += size;
+                pipe.add_command(set);
+                if let Some(publish) = publish {
+                    pipe.add_command(publish);
+                }
+                waiters.push(stored);
             }
-            waiters.push(stored);
-        }
-        // Records whose waiter gave up (its message was handed back at shutdown) are still
-        // written: they are correct, and a redelivery then finds the outcome instead of rerunning.
-        store.retrying("store results", || store.put(&pipe)).await;
-        tracing::trace!(records = waiters.len(), "stored a batch of records");
-        for stored in waiters.drain(..) {
-            let _ = stored.send(());
+            // Records whose waiter gave up (its message was handed back at shutdown) are still
+            // written: they are correct, and a redelivery then finds the outcome instead of
+            // rerunning.
+            store.retrying("store results", || store.put(&pipe)).await;
+            tracing::trace!(records = waiters.len(), bytes, "stored a batch of records");
+            for stored in waiters.drain(..) {
+                let _ = stored.send(());
+            }
         }
     }
 }
