@@ -40,7 +40,7 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-@pytest.mark.parametrize("countdown", [0.5, 2.0])
+@pytest.mark.parametrize("countdown", [0.2, 0.5, 1.3, 2.0])
 async def test_countdown_runs_on_time(worker_factory, client, countdown):
     worker_factory(APP)
     await (await noop.delay(0)).get(timeout=10)  # the worker is warm and idle

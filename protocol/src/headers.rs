@@ -101,7 +101,7 @@ mod tests {
                 (HEADER_MSG_ID, "t1"),
                 (HEADER_TASK_ID, "t1"),
                 (HEADER_TASK, "add"),
-                (HEADER_SCHEDULE, "@at 1970-01-01T00:00:20.000Z"),
+                (HEADER_SCHEDULE, "@at 1970-01-01T00:00:19.700Z"),
                 (HEADER_SCHEDULE_TARGET, "dbtask.tasks.q"),
             ]
         );

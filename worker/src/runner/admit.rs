@@ -62,6 +62,9 @@ pub(super) async fn admit<'a>(
         Ok(task) => task,
         Err(error) => return unreadable(ctx, msg, error),
     };
+    if !hold_until_eta(shared, &task).await {
+        return Admission::Leave(Disposition::HandBack);
+    }
 
     // A sync task with nothing to do between getting its slot and running (no STARTED record,
     // no rate limit, no expiry to check) is handed to the Python threads without waiting for
@@ -164,6 +167,28 @@ pub(super) fn read(payload: &[u8], max_message_bytes: usize) -> Result<TaskMessa
         ));
     }
     TaskMessage::decode(payload).map_err(|e| TaskError::new(error_types::MALFORMED, e.to_string()))
+}
+
+/// A task released at most this long before its eta is held until then; one further ahead
+/// goes back to a message schedule. More than the lead the server is given
+/// ([`dbtask_protocol::SCHEDULE_LEAD`]), less than a pause anyone would mind at shutdown.
+const HOLD_BEFORE_ETA: f64 = 1.0;
+
+/// Holds a task that arrived shortly before its eta (the server releases scheduled tasks a
+/// little early, since its timer fires late) until the eta, without a slot: it starts within a
+/// millisecond or two of its eta, never before. False when the worker began to stop meanwhile
+/// (the message goes back).
+async fn hold_until_eta(shared: &Shared, task: &TaskMessage) -> bool {
+    let Some(eta) = task.eta else { return true };
+    let wait = eta - now_unix();
+    if !(wait > 0.0 && wait <= HOLD_BEFORE_ETA) {
+        return true;
+    }
+    let mut phase = shared.phase.subscribe();
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs_f64(wait)) => true,
+        _ = reached(&mut phase, Phase::Draining) => false,
+    }
 }
 
 /// Whether `task` goes to the Python threads before its slot is free: a registered task whose
