@@ -102,6 +102,12 @@ def test_non_serializable_arguments_are_value_errors(client):
         add.delay_sync(b"raw", 1)
 
 
+def test_a_str_that_does_not_encode_keeps_its_unicode_error_as_the_cause(client):
+    with pytest.raises(ValueError, match=r"args\[0\] cannot be sent: str is not valid UTF-8") as caught:
+        add.delay_sync("\ud800", 1)
+    assert isinstance(caught.value.__cause__, UnicodeEncodeError)
+
+
 def test_too_large_message_is_a_value_error(client):
     with pytest.raises(ValueError, match="max_payload"):
         add.delay_sync("x" * (2 * 1024 * 1024), 1)
