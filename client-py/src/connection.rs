@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::{ContextBuilder, CreateStreamErrorKind};
-use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::jetstream::ErrorCode;
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use dbtask_protocol as protocol;
@@ -125,28 +124,6 @@ pub(crate) async fn connect_nats(
     })
 }
 
-/// The async-nats configuration of the stream `spec` describes (the worker's twin is
-/// worker/src/broker/mapping.rs).
-fn stream_config(spec: &protocol::StreamSpec) -> StreamConfig {
-    StreamConfig {
-        name: spec.name.to_owned(),
-        description: Some(spec.description.to_owned()),
-        subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
-        retention: match spec.retention {
-            protocol::Retention::WorkQueue => RetentionPolicy::WorkQueue,
-            protocol::Retention::Limits => RetentionPolicy::Limits,
-        },
-        storage: match spec.storage {
-            protocol::Storage::File => StorageType::File,
-            protocol::Storage::Memory => StorageType::Memory,
-        },
-        allow_message_schedules: spec.allow_msg_schedules,
-        duplicate_window: spec.duplicate_window.unwrap_or_default(),
-        max_message_size: spec.max_msg_size_i32(),
-        ..Default::default()
-    }
-}
-
 /// Creates the task stream when it is missing; an existing one is left as it is (the worker
 /// owns its settings and brings the stream in line with its config when it starts).
 ///
@@ -166,7 +143,7 @@ pub(crate) async fn ensure_stream(
         ))
     };
     match js
-        .get_or_create_stream(stream_config(&protocol::StreamSpec::tasks()))
+        .get_or_create_stream(protocol::nats::stream_config(&protocol::StreamSpec::tasks()))
         .await
     {
         Ok(_) => Ok(()),

@@ -11,6 +11,7 @@ use async_nats::jetstream::publish::PublishAck;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use dbtask_protocol as protocol;
+use protocol::nats::task_header_map;
 use protocol::TaskMessage;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -40,7 +41,7 @@ impl Outgoing {
     /// (`Nats-Msg-Id` for JetStream's de-duplication, and for a worker that cannot read the
     /// body), its task name, and the route's schedule headers.
     pub(crate) fn new(message: TaskMessage, route: protocol::Route) -> Outgoing {
-        let headers = task_headers(&message, &route);
+        let headers = task_header_map(&message, &route, &message.id);
         let body = Bytes::from(message.encode());
         Outgoing {
             id: message.id,
@@ -59,18 +60,8 @@ impl Outgoing {
             .map_err(|e| ClientError::Runtime(format!("dbtask internal error: {e}")))?;
         let queue = message.queue.clone().unwrap_or_default();
         let route = message.route(&queue, message.sent_at.unwrap_or_else(protocol::now_unix));
-        Ok(task_headers(&message, &route))
+        Ok(task_header_map(&message, &route, &message.id))
     }
-}
-
-/// The headers of a first publish of `message` (see [`protocol::task_headers`]; the worker's
-/// twin is worker/src/broker/mapping.rs).
-fn task_headers(message: &TaskMessage, route: &protocol::Route) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (name, value) in protocol::task_headers(message, route, &message.id) {
-        headers.insert(name, value);
-    }
-    headers
 }
 
 /// The options a publish call gives every message it makes (the task id is per message).

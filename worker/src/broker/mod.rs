@@ -5,10 +5,9 @@
 //! stream and consumers at the same moment.
 
 mod dead;
-mod mapping;
 mod publish;
 
-pub use mapping::{stream_config, task_header_map};
+pub use dbtask_protocol::nats::{stream_config, task_header_map};
 
 use std::time::Duration;
 
