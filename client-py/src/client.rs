@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dbtask_protocol as protocol;
+use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::bridge;
 use crate::canvas;
@@ -100,67 +102,61 @@ impl Client {
     /// its id (or to `wrap(id)`) once JetStream confirmed it. The message is validated and
     /// encoded here, before this returns, and handed to the I/O thread at once: the publish
     /// goes ahead whether or not the future is awaited.
-    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None, wrap=None))]
-    // One Rust parameter per Python parameter of the signature in _dbtask.pyi: the options
-    // go on to `prepare` as one PublishOptions.
-    #[allow(clippy::too_many_arguments)]
+    ///
+    /// The options are keywords, read once into a [`PublishCall`]: `task_id`, `eta`,
+    /// `expires`, `priority`, and `wrap`.
+    #[pyo3(
+        signature = (queue, task, args, kwargs=None, **options),
+        text_signature = "($self, queue, task, args, kwargs=None, *, task_id=None, eta=None, expires=None, priority=None, wrap=None)"
+    )]
     fn publish<'py>(
         &self,
-        py: Python<'py>,
         queue: &str,
         task: &str,
         args: &Bound<'py, PyAny>,
         kwargs: Option<&Bound<'py, PyAny>>,
-        task_id: Option<String>,
-        eta: Option<f64>,
-        expires: Option<f64>,
-        priority: Option<i64>,
-        wrap: Option<Py<PyAny>>,
+        options: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let options = publish_options(eta, expires, priority)?;
+        let call = PublishCall::read("publish", options, true)?;
         let out = prepare(
             queue,
             task,
             args,
             kwargs,
-            task_id,
-            options,
+            call.task_id,
+            call.options,
             protocol::now_unix(),
         )?;
         let publishing = self.inner.start_publishing()?;
-        let (py_future, pending) = bridge::Pending::new(py)?;
-        self.publisher.submit(publishing, out, pending, wrap)?;
+        let (py_future, pending) = bridge::Pending::new(args.py())?;
+        self.publisher.submit(publishing, out, pending, call.wrap)?;
         Ok(py_future)
     }
 
     /// Blocking form of `publish` (without `wrap`).
-    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None))]
-    // One Rust parameter per Python parameter of the signature in _dbtask.pyi: the options
-    // go on to `prepare` as one PublishOptions.
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(
+        signature = (queue, task, args, kwargs=None, **options),
+        text_signature = "($self, queue, task, args, kwargs=None, *, task_id=None, eta=None, expires=None, priority=None)"
+    )]
     fn publish_sync(
         &self,
-        py: Python<'_>,
         queue: &str,
         task: &str,
         args: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyAny>>,
-        task_id: Option<String>,
-        eta: Option<f64>,
-        expires: Option<f64>,
-        priority: Option<i64>,
+        options: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<String> {
-        let options = publish_options(eta, expires, priority)?;
+        let call = PublishCall::read("publish_sync", options, false)?;
         let out = prepare(
             queue,
             task,
             args,
             kwargs,
-            task_id,
-            options,
+            call.task_id,
+            call.options,
             protocol::now_unix(),
         )?;
-        runtime::block_on(py, publish_one(self.inner.start_publishing()?, out))
+        runtime::block_on(args.py(), publish_one(self.inner.start_publishing()?, out))
     }
 
     /// Publishes one task per `(args, kwargs)` item of `calls`; resolves to their ids, in order.
@@ -394,6 +390,55 @@ impl Client {
 }
 
 /// The options of a publish call as Python gave them, checked.
+/// The keyword options of one `publish` / `publish_sync` call, read once from Python's
+/// keywords: the task id, the [`PublishOptions`] that go on to `prepare`, and what the
+/// future resolves to (`wrap(id)` rather than the id).
+struct PublishCall {
+    task_id: Option<String>,
+    options: PublishOptions,
+    wrap: Option<Py<PyAny>>,
+}
+
+impl PublishCall {
+    /// Reads the keywords of `method` (`wrap` only where `takes_wrap`); None is the same as
+    /// leaving a keyword out, and another keyword is a `TypeError`, as Python's own.
+    fn read(
+        method: &str,
+        keywords: Option<&Bound<'_, PyDict>>,
+        takes_wrap: bool,
+    ) -> PyResult<PublishCall> {
+        let (mut task_id, mut eta, mut expires, mut priority, mut wrap) =
+            (None, None, None, None, None);
+        for (name, value) in keywords.into_iter().flatten() {
+            if value.is_none() {
+                continue;
+            }
+            let argument = |e: PyErr| {
+                let err = PyTypeError::new_err(format!("{method}() argument {name}: {e}"));
+                err.set_cause(value.py(), Some(e));
+                err
+            };
+            match name.extract::<&str>()? {
+                "task_id" => task_id = Some(value.extract::<String>().map_err(argument)?),
+                "eta" => eta = Some(value.extract::<f64>().map_err(argument)?),
+                "expires" => expires = Some(value.extract::<f64>().map_err(argument)?),
+                "priority" => priority = Some(value.extract::<i64>().map_err(argument)?),
+                "wrap" if takes_wrap => wrap = Some(value.unbind()),
+                other => {
+                    return Err(PyTypeError::new_err(format!(
+                        "{method}() got an unexpected keyword argument '{other}'"
+                    )))
+                }
+            }
+        }
+        Ok(PublishCall {
+            task_id,
+            options: publish_options(eta, expires, priority)?,
+            wrap,
+        })
+    }
+}
+
 fn publish_options(
     eta: Option<f64>,
     expires: Option<f64>,

@@ -108,6 +108,16 @@ def test_a_str_that_does_not_encode_keeps_its_unicode_error_as_the_cause(client)
     assert isinstance(caught.value.__cause__, UnicodeEncodeError)
 
 
+def test_the_compiled_publish_takes_its_options_as_keywords(client):
+    compiled = dbtask._client.current()
+    task_id = compiled.publish_sync("math", "t.add", (1, 2), None, task_id="own-id", priority=None)
+    assert task_id == "own-id"
+    with pytest.raises(TypeError, match="unexpected keyword argument 'countdown'"):
+        compiled.publish_sync("math", "t.add", (1, 2), countdown=3)
+    with pytest.raises(TypeError, match="publish_sync\\(\\) argument eta"):
+        compiled.publish_sync("math", "t.add", (1, 2), eta="soon")
+
+
 def test_too_large_message_is_a_value_error(client):
     with pytest.raises(ValueError, match="max_payload"):
         add.delay_sync("x" * (2 * 1024 * 1024), 1)

@@ -130,15 +130,13 @@ class Task(Generic[P, R]):
         know the task is stored; ``await dbtask.close()`` waits for every publish in flight.
         """
         return _client.current().publish(
-            self.queue, self.name, args, kwargs, None, None, None, self.options.get("priority"), AsyncResult
+            self.queue, self.name, args, kwargs, priority=self.options.get("priority"), wrap=AsyncResult
         )
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Blocking form of :meth:`delay`."""
         return AsyncResult(
-            _client.current().publish_sync(
-                self.queue, self.name, args, kwargs, None, None, None, priority=self.options.get("priority")
-            )
+            _client.current().publish_sync(self.queue, self.name, args, kwargs, priority=self.options.get("priority"))
         )
 
     def apply_async(
@@ -182,8 +180,8 @@ class Task(Generic[P, R]):
         eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
         level = self._priority(priority)
         return _client.current().publish(
-            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
-            level, AsyncResult,
+            queue if queue is not None else self.queue, self.name, pos, kw,
+            task_id=task_id, eta=eta_ts, expires=expires_ts, priority=level, wrap=AsyncResult,
         )  # fmt: skip
 
     def apply_async_sync(
@@ -212,9 +210,9 @@ class Task(Generic[P, R]):
         eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
         level = self._priority(priority)
         tid = _client.current().publish_sync(
-            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
-            priority=level,
-        )
+            queue if queue is not None else self.queue, self.name, pos, kw,
+            task_id=task_id, eta=eta_ts, expires=expires_ts, priority=level,
+        )  # fmt: skip
         return AsyncResult(tid)
 
     # -- workflows (dbtask._canvas) -------------------------------------------------------
