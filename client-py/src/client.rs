@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dbtask_protocol as protocol;
-use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 use crate::bridge;
 use crate::canvas;
@@ -101,59 +99,52 @@ impl Client {
     /// Publishes one task and returns an asyncio future of the running loop that resolves to
     /// its id (or to `wrap(id)`) once JetStream confirmed it. The message is validated and
     /// encoded here, before this returns, and handed to the I/O thread at once: the publish
-    /// goes ahead whether or not the future is awaited.
-    ///
-    /// The options are keywords, read once into a [`PublishCall`]: `task_id`, `eta`,
-    /// `expires`, `priority`, and `wrap`.
-    #[pyo3(
-        signature = (queue, task, args, kwargs=None, **options),
-        text_signature = "($self, queue, task, args, kwargs=None, *, task_id=None, eta=None, expires=None, priority=None, wrap=None)"
-    )]
+    /// goes ahead whether or not the future is awaited. `options`: a [`CallOptions`] (the task
+    /// id, eta, expires and priority), made once and reused by every `delay()` of a task.
+    #[pyo3(signature = (queue, task, args, kwargs=None, options=None, wrap=None))]
     fn publish<'py>(
         &self,
         queue: &str,
         task: &str,
         args: &Bound<'py, PyAny>,
         kwargs: Option<&Bound<'py, PyAny>>,
-        options: Option<&Bound<'py, PyDict>>,
+        options: Option<&Bound<'py, CallOptions>>,
+        wrap: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let call = PublishCall::read("publish", options, true)?;
+        let (task_id, options) = CallOptions::read(options);
         let out = prepare(
             queue,
             task,
             args,
             kwargs,
-            call.task_id,
-            call.options,
+            task_id,
+            options,
             protocol::now_unix(),
         )?;
         let publishing = self.inner.start_publishing()?;
         let (py_future, pending) = bridge::Pending::new(args.py())?;
-        self.publisher.submit(publishing, out, pending, call.wrap)?;
+        self.publisher.submit(publishing, out, pending, wrap)?;
         Ok(py_future)
     }
 
     /// Blocking form of `publish` (without `wrap`).
-    #[pyo3(
-        signature = (queue, task, args, kwargs=None, **options),
-        text_signature = "($self, queue, task, args, kwargs=None, *, task_id=None, eta=None, expires=None, priority=None)"
-    )]
+    #[pyo3(signature = (queue, task, args, kwargs=None, options=None))]
     fn publish_sync(
         &self,
         queue: &str,
         task: &str,
         args: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyAny>>,
-        options: Option<&Bound<'_, PyDict>>,
+        options: Option<&Bound<'_, CallOptions>>,
     ) -> PyResult<String> {
-        let call = PublishCall::read("publish_sync", options, false)?;
+        let (task_id, options) = CallOptions::read(options);
         let out = prepare(
             queue,
             task,
             args,
             kwargs,
-            call.task_id,
-            call.options,
+            task_id,
+            options,
             protocol::now_unix(),
         )?;
         runtime::block_on(args.py(), publish_one(self.inner.start_publishing()?, out))
@@ -390,51 +381,45 @@ impl Client {
 }
 
 /// The options of a publish call as Python gave them, checked.
-/// The keyword options of one `publish` / `publish_sync` call, read once from Python's
-/// keywords: the task id, the [`PublishOptions`] that go on to `prepare`, and what the
-/// future resolves to (`wrap(id)` rather than the id).
-struct PublishCall {
+/// The options of a `publish` / `publish_sync` call, checked once when made, in Python
+/// `dbtask._dbtask.PublishOptions(task_id=None, eta=None, expires=None, priority=None)`: a
+/// task makes one for all its plain `delay()` calls (its priority), `apply_async` one per call.
+#[pyclass(frozen, name = "PublishOptions", module = "dbtask._dbtask")]
+pub struct CallOptions {
     task_id: Option<String>,
     options: PublishOptions,
-    wrap: Option<Py<PyAny>>,
 }
 
-impl PublishCall {
-    /// Reads the keywords of `method` (`wrap` only where `takes_wrap`); None is the same as
-    /// leaving a keyword out, and another keyword is a `TypeError`, as Python's own.
-    fn read(
-        method: &str,
-        keywords: Option<&Bound<'_, PyDict>>,
-        takes_wrap: bool,
-    ) -> PyResult<PublishCall> {
-        let (mut task_id, mut eta, mut expires, mut priority, mut wrap) =
-            (None, None, None, None, None);
-        for (name, value) in keywords.into_iter().flatten() {
-            if value.is_none() {
-                continue;
-            }
-            let argument = |e: PyErr| {
-                let err = PyTypeError::new_err(format!("{method}() argument {name}: {e}"));
-                err.set_cause(value.py(), Some(e));
-                err
-            };
-            match name.extract::<&str>()? {
-                "task_id" => task_id = Some(value.extract::<String>().map_err(argument)?),
-                "eta" => eta = Some(value.extract::<f64>().map_err(argument)?),
-                "expires" => expires = Some(value.extract::<f64>().map_err(argument)?),
-                "priority" => priority = Some(value.extract::<i64>().map_err(argument)?),
-                "wrap" if takes_wrap => wrap = Some(value.unbind()),
-                other => {
-                    return Err(PyTypeError::new_err(format!(
-                        "{method}() got an unexpected keyword argument '{other}'"
-                    )))
-                }
-            }
-        }
-        Ok(PublishCall {
+#[pymethods]
+impl CallOptions {
+    #[new]
+    #[pyo3(signature = (*, task_id=None, eta=None, expires=None, priority=None))]
+    fn new(
+        task_id: Option<String>,
+        eta: Option<f64>,
+        expires: Option<f64>,
+        priority: Option<i64>,
+    ) -> PyResult<CallOptions> {
+        Ok(CallOptions {
             task_id,
             options: publish_options(eta, expires, priority)?,
-            wrap,
+        })
+    }
+
+    /// The priority level these options give (None: the default level).
+    #[getter]
+    fn priority(&self) -> Option<u8> {
+        self.options.priority
+    }
+}
+
+impl CallOptions {
+    /// The task id (copied: the options may serve many calls) and the options `prepare`
+    /// takes; no options are the defaults.
+    fn read(options: Option<&Bound<'_, CallOptions>>) -> (Option<String>, PublishOptions) {
+        options.map_or((None, PublishOptions::default()), |o| {
+            let o = o.get();
+            (o.task_id.clone(), o.options)
         })
     }
 }

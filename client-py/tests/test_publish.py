@@ -108,14 +108,25 @@ def test_a_str_that_does_not_encode_keeps_its_unicode_error_as_the_cause(client)
     assert isinstance(caught.value.__cause__, UnicodeEncodeError)
 
 
-def test_the_compiled_publish_takes_its_options_as_keywords(client):
+def test_publish_options_are_checked_once_and_reused(client):
     compiled = dbtask._client.current()
-    task_id = compiled.publish_sync("math", "t.add", (1, 2), None, task_id="own-id", priority=None)
-    assert task_id == "own-id"
-    with pytest.raises(TypeError, match="unexpected keyword argument 'countdown'"):
-        compiled.publish_sync("math", "t.add", (1, 2), countdown=3)
-    with pytest.raises(TypeError, match="publish_sync\\(\\) argument eta"):
-        compiled.publish_sync("math", "t.add", (1, 2), eta="soon")
+    options = dbtask._dbtask.PublishOptions(task_id="own-id", priority=7)
+    assert options.priority == 7
+    assert compiled.publish_sync("math", "t.add", (1, 2), None, options) == "own-id"
+    with pytest.raises(ValueError, match="priority must be an integer from 0 to 9"):
+        dbtask._dbtask.PublishOptions(priority=10)
+    with pytest.raises(TypeError):
+        dbtask._dbtask.PublishOptions(countdown=3)  # type: ignore[call-arg]
+    # A plain delay() reuses its task's options, made again when the priority option changes.
+    add.delay_sync(1, 2)
+    first = add._plain()
+    add.delay_sync(1, 2)
+    assert add._plain() is first and first.priority is None
+    add.options["priority"] = 3
+    try:
+        assert add._plain().priority == 3
+    finally:
+        del add.options["priority"]
 
 
 def test_too_large_message_is_a_value_error(client):
