@@ -22,7 +22,7 @@ use crate::runtime;
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     if value.is_nan() || value < 0.0 {
-        return Err(ClientError::Value(format!(
+        return Err(ClientError::value(format!(
             "{name} must be a non-negative number of seconds, not {value}"
         ))
         .into());
@@ -443,7 +443,7 @@ fn check_priority(priority: Option<i64>) -> PyResult<Option<u8>> {
         .ok()
         .filter(|l| *l <= protocol::MAX_PRIORITY)
         .ok_or_else(|| {
-            ClientError::Value(format!(
+            ClientError::value(format!(
                 "priority must be an integer from 0 to {} (highest), not {p}",
                 protocol::MAX_PRIORITY
             ))

@@ -128,7 +128,7 @@ impl Notifier {
                 waiter,
                 tx,
             })
-            .map_err(|_| ClientError::Runtime("the client is closed".to_owned()))?;
+            .map_err(|_| ClientError::runtime("the client is closed".to_owned()))?;
         Ok((
             Registration {
                 notifier: self,

@@ -32,9 +32,10 @@ fn record_state(id: &str, body: &[u8]) -> Result<TaskState, ClientError> {
     serde_json::from_slice::<StateOnly>(body)
         .map(|s| s.state)
         .map_err(|e| {
-            ClientError::Runtime(format!(
+            ClientError::runtime(format!(
                 "the record of task {id} in Redis is not a dbtask record: {e}"
             ))
+            .because(e)
         })
 }
 
@@ -172,7 +173,7 @@ pub(crate) async fn wait(
             // No timeout: say so at once rather than hang on a server that may never return.
             Some(Event::Down(why)) if deadline.is_none() => return Err(ClientError::PubSub(why)),
             Some(Event::Down(why)) => down = Some(ClientError::PubSub(why)),
-            None => return Err(ClientError::Runtime("this dbtask client is closed".into())),
+            None => return Err(ClientError::runtime("this dbtask client is closed")),
         }
     }
 }
