@@ -54,16 +54,17 @@ impl Admin {
                 {
                     Ok(None)
                 }
-                _ => Err(ClientError::Connection(format!(
+                _ => Err(ClientError::connection(format!(
                     "cannot read stream {DEAD_STREAM} on NATS at {}: {e}",
                     self.safe
-                ))),
+                ))
+                .because(e)),
             },
         }
     }
 
-    fn failed(&self, what: &str, e: impl std::fmt::Display) -> ClientError {
-        ClientError::Connection(format!("cannot {what} on NATS at {}: {e}", self.safe))
+    fn failed(&self, what: &str, e: impl std::error::Error + Send + Sync + 'static) -> ClientError {
+        ClientError::connection(format!("cannot {what} on NATS at {}: {e}", self.safe)).because(e)
     }
 
     async fn letter(&self, stream: &Stream, sequence: u64) -> Result<Option<Letter>, ClientError> {
@@ -87,7 +88,7 @@ impl Admin {
     #[pyo3(signature = (nats_url, timeout=5.0))]
     fn connect_sync(py: Python<'_>, nats_url: String, timeout: f64) -> PyResult<Admin> {
         if !(timeout.is_finite() && timeout > 0.0) {
-            return Err(ClientError::Value(format!(
+            return Err(ClientError::value(format!(
                 "timeout must be a positive number of seconds, not {timeout}"
             ))
             .into());
@@ -178,7 +179,7 @@ impl Admin {
         };
         runtime::block_on(py, async move {
             let missing = || {
-                ClientError::Value(format!(
+                ClientError::value(format!(
                     "no dead letter {sequence} in stream {DEAD_STREAM} (see `dbtask dead list`)"
                 ))
             };
@@ -194,7 +195,7 @@ impl Admin {
                 .map(|v| v.as_str().to_owned())
                 .filter(|s| s.starts_with(protocol::TASK_SUBJECT_PREFIX))
                 .ok_or_else(|| {
-                    ClientError::Value(format!(
+                    ClientError::value(format!(
                         "dead letter {sequence} has no valid {} header: it was not written by a dbtask worker",
                         dead_headers::SUBJECT
                     ))

@@ -244,8 +244,8 @@ where
 {
     match AssertUnwindSafe(fut).catch_unwind().await {
         Ok(result) => result,
-        Err(_) => Err(ClientError::Runtime(
-            "dbtask internal error: the operation panicked".into(),
+        Err(_) => Err(ClientError::runtime(
+            "dbtask internal error: the operation panicked",
         )),
     }
 }

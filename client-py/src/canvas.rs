@@ -20,7 +20,7 @@ pub(crate) struct Prepared {
 
 pub(crate) fn prepare(signature_json: &str) -> Result<Prepared, ClientError> {
     let sig: Signature = serde_json::from_str(signature_json)
-        .map_err(|e| ClientError::Value(format!("not a dbtask signature: {e}")))?;
+        .map_err(|e| ClientError::value(format!("not a dbtask signature: {e}")).because(e))?;
     let mut expanded = Expanded::default();
     expand(
         &sig,

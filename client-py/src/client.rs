@@ -22,7 +22,7 @@ use crate::runtime;
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     if value.is_nan() || value < 0.0 {
-        return Err(ClientError::Value(format!(
+        return Err(ClientError::value(format!(
             "{name} must be a non-negative number of seconds, not {value}"
         ))
         .into());
@@ -99,25 +99,19 @@ impl Client {
     /// Publishes one task and returns an asyncio future of the running loop that resolves to
     /// its id (or to `wrap(id)`) once JetStream confirmed it. The message is validated and
     /// encoded here, before this returns, and handed to the I/O thread at once: the publish
-    /// goes ahead whether or not the future is awaited.
-    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None, wrap=None))]
-    // One Rust parameter per Python parameter of the signature in _dbtask.pyi: the options
-    // go on to `prepare` as one PublishOptions.
-    #[allow(clippy::too_many_arguments)]
+    /// goes ahead whether or not the future is awaited. `options`: a [`CallOptions`] (the task
+    /// id, eta, expires and priority), made once and reused by every `delay()` of a task.
+    #[pyo3(signature = (queue, task, args, kwargs=None, options=None, wrap=None))]
     fn publish<'py>(
         &self,
-        py: Python<'py>,
         queue: &str,
         task: &str,
         args: &Bound<'py, PyAny>,
         kwargs: Option<&Bound<'py, PyAny>>,
-        task_id: Option<String>,
-        eta: Option<f64>,
-        expires: Option<f64>,
-        priority: Option<i64>,
+        options: Option<&Bound<'py, CallOptions>>,
         wrap: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let options = publish_options(eta, expires, priority)?;
+        let (task_id, options) = CallOptions::read(options);
         let out = prepare(
             queue,
             task,
@@ -128,29 +122,22 @@ impl Client {
             protocol::now_unix(),
         )?;
         let publishing = self.inner.start_publishing()?;
-        let (py_future, pending) = bridge::Pending::new(py)?;
+        let (py_future, pending) = bridge::Pending::new(args.py())?;
         self.publisher.submit(publishing, out, pending, wrap)?;
         Ok(py_future)
     }
 
     /// Blocking form of `publish` (without `wrap`).
-    #[pyo3(signature = (queue, task, args, kwargs=None, task_id=None, eta=None, expires=None, priority=None))]
-    // One Rust parameter per Python parameter of the signature in _dbtask.pyi: the options
-    // go on to `prepare` as one PublishOptions.
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (queue, task, args, kwargs=None, options=None))]
     fn publish_sync(
         &self,
-        py: Python<'_>,
         queue: &str,
         task: &str,
         args: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyAny>>,
-        task_id: Option<String>,
-        eta: Option<f64>,
-        expires: Option<f64>,
-        priority: Option<i64>,
+        options: Option<&Bound<'_, CallOptions>>,
     ) -> PyResult<String> {
-        let options = publish_options(eta, expires, priority)?;
+        let (task_id, options) = CallOptions::read(options);
         let out = prepare(
             queue,
             task,
@@ -160,7 +147,7 @@ impl Client {
             options,
             protocol::now_unix(),
         )?;
-        runtime::block_on(py, publish_one(self.inner.start_publishing()?, out))
+        runtime::block_on(args.py(), publish_one(self.inner.start_publishing()?, out))
     }
 
     /// Publishes one task per `(args, kwargs)` item of `calls`; resolves to their ids, in order.
@@ -394,6 +381,49 @@ impl Client {
 }
 
 /// The options of a publish call as Python gave them, checked.
+/// The options of a `publish` / `publish_sync` call, checked once when made, in Python
+/// `dbtask._dbtask.PublishOptions(task_id=None, eta=None, expires=None, priority=None)`: a
+/// task makes one for all its plain `delay()` calls (its priority), `apply_async` one per call.
+#[pyclass(frozen, name = "PublishOptions", module = "dbtask._dbtask")]
+pub struct CallOptions {
+    task_id: Option<String>,
+    options: PublishOptions,
+}
+
+#[pymethods]
+impl CallOptions {
+    #[new]
+    #[pyo3(signature = (*, task_id=None, eta=None, expires=None, priority=None))]
+    fn new(
+        task_id: Option<String>,
+        eta: Option<f64>,
+        expires: Option<f64>,
+        priority: Option<i64>,
+    ) -> PyResult<CallOptions> {
+        Ok(CallOptions {
+            task_id,
+            options: publish_options(eta, expires, priority)?,
+        })
+    }
+
+    /// The priority level these options give (None: the default level).
+    #[getter]
+    fn priority(&self) -> Option<u8> {
+        self.options.priority
+    }
+}
+
+impl CallOptions {
+    /// The task id (copied: the options may serve many calls) and the options `prepare`
+    /// takes; no options are the defaults.
+    fn read(options: Option<&Bound<'_, CallOptions>>) -> (Option<String>, PublishOptions) {
+        options.map_or((None, PublishOptions::default()), |o| {
+            let o = o.get();
+            (o.task_id.clone(), o.options)
+        })
+    }
+}
+
 fn publish_options(
     eta: Option<f64>,
     expires: Option<f64>,
@@ -413,7 +443,7 @@ fn check_priority(priority: Option<i64>) -> PyResult<Option<u8>> {
         .ok()
         .filter(|l| *l <= protocol::MAX_PRIORITY)
         .ok_or_else(|| {
-            ClientError::Value(format!(
+            ClientError::value(format!(
                 "priority must be an integer from 0 to {} (highest), not {p}",
                 protocol::MAX_PRIORITY
             ))

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::context::{ContextBuilder, CreateStreamErrorKind};
-use async_nats::jetstream::stream::{Config as StreamConfig, RetentionPolicy, StorageType};
 use async_nats::jetstream::ErrorCode;
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use dbtask_protocol as protocol;
@@ -65,7 +64,7 @@ fn nats_options(
     safe: &str,
     timeout: Duration,
 ) -> Result<(ConnectOptions, Vec<ServerAddr>), ClientError> {
-    let invalid = |why: String| ClientError::Value(format!("invalid NATS URL {safe}: {why}"));
+    let invalid = |why: String| ClientError::value(format!("invalid NATS URL {safe}: {why}"));
     let mut servers = Vec::new();
     let mut credentials: Option<(String, Option<String>)> = None;
     for part in url.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -74,7 +73,7 @@ fn nats_options(
         } else {
             format!("nats://{part}")
         };
-        let mut parsed = url::Url::parse(&text).map_err(|e| invalid(e.to_string()))?;
+        let mut parsed = url::Url::parse(&text).map_err(|e| invalid(e.to_string()).because(e))?;
         if !parsed.username().is_empty() {
             let user = percent_decode(parsed.username());
             let password = parsed.password().map(percent_decode);
@@ -86,7 +85,7 @@ fn nats_options(
             parsed
                 .as_str()
                 .parse::<ServerAddr>()
-                .map_err(|e| invalid(e.to_string()))?,
+                .map_err(|e| invalid(e.to_string()).because(e))?,
         );
     }
     if servers.is_empty() {
@@ -112,39 +111,20 @@ pub(crate) async fn connect_nats(
     let (options, servers) = nats_options(url, safe, timeout)?;
     // No retry_on_initial_connect: a closed port fails at once. Later disconnections are
     // retried forever in the background (publishes then wait up to PUBLISH_TIMEOUT).
-    options.connect(servers).await.map_err(|e| match e.kind() {
-        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => ClientError::Connection(format!(
-            "NATS at {safe} refused the connection ({e}): check the user, password or token in the URL"
-        )),
-        ConnectErrorKind::TimedOut => ClientError::Connection(format!(
-            "cannot reach NATS at {safe} (no answer within {:.1} s): is nats-server running?",
-            timeout.as_secs_f64()
-        )),
-        ConnectErrorKind::ServerParse => ClientError::Value(format!("invalid NATS URL {safe}: {e}")),
-        _ => ClientError::Connection(format!("cannot reach NATS at {safe} ({e}): is nats-server running?")),
+    options.connect(servers).await.map_err(|e| {
+        match e.kind() {
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => ClientError::connection(format!(
+                "NATS at {safe} refused the connection ({e}): check the user, password or token in the URL"
+            )),
+            ConnectErrorKind::TimedOut => ClientError::connection(format!(
+                "cannot reach NATS at {safe} (no answer within {:.1} s): is nats-server running?",
+                timeout.as_secs_f64()
+            )),
+            ConnectErrorKind::ServerParse => ClientError::value(format!("invalid NATS URL {safe}: {e}")),
+            _ => ClientError::connection(format!("cannot reach NATS at {safe} ({e}): is nats-server running?")),
+        }
+        .because(e)
     })
-}
-
-/// The async-nats configuration of the stream `spec` describes (the worker's twin is
-/// worker/src/broker/mapping.rs).
-fn stream_config(spec: &protocol::StreamSpec) -> StreamConfig {
-    StreamConfig {
-        name: spec.name.to_owned(),
-        description: Some(spec.description.to_owned()),
-        subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
-        retention: match spec.retention {
-            protocol::Retention::WorkQueue => RetentionPolicy::WorkQueue,
-            protocol::Retention::Limits => RetentionPolicy::Limits,
-        },
-        storage: match spec.storage {
-            protocol::Storage::File => StorageType::File,
-            protocol::Storage::Memory => StorageType::Memory,
-        },
-        allow_message_schedules: spec.allow_msg_schedules,
-        duplicate_window: spec.duplicate_window.unwrap_or_default(),
-        max_message_size: spec.max_msg_size_i32(),
-        ..Default::default()
-    }
 }
 
 /// Creates the task stream when it is missing; an existing one is left as it is (the worker
@@ -161,42 +141,46 @@ pub(crate) async fn ensure_stream(
     safe: &str,
 ) -> Result<(), ClientError> {
     let no_js = || {
-        ClientError::Connection(format!(
+        ClientError::connection(format!(
             "NATS at {safe} has no JetStream: start nats-server with -js (version 2.12 or later)"
         ))
     };
     match js
-        .get_or_create_stream(stream_config(&protocol::StreamSpec::tasks()))
+        .get_or_create_stream(protocol::nats::stream_config(&protocol::StreamSpec::tasks()))
         .await
     {
         Ok(_) => Ok(()),
-        Err(e) => match e.kind() {
-            // Created by a worker or another client between our lookup and our create.
-            CreateStreamErrorKind::JetStream(err)
-                if err.error_code() == ErrorCode::STREAM_NAME_EXIST =>
-            {
-                Ok(())
-            }
-            CreateStreamErrorKind::JetStream(err)
-                if err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED
-                    || err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT =>
-            {
-                Err(no_js())
-            }
-            CreateStreamErrorKind::JetStreamUnavailable => Err(no_js()),
-            _ => Err(ClientError::Connection(format!(
-                "cannot create the JetStream stream {} on NATS at {safe}: {e}",
-                protocol::TASK_STREAM
-            ))),
-        },
+        Err(e) => {
+            let error = match e.kind() {
+                // Created by a worker or another client between our lookup and our create.
+                CreateStreamErrorKind::JetStream(err)
+                    if err.error_code() == ErrorCode::STREAM_NAME_EXIST =>
+                {
+                    return Ok(())
+                }
+                CreateStreamErrorKind::JetStream(err)
+                    if err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED
+                        || err.error_code() == ErrorCode::JETSTREAM_NOT_ENABLED_FOR_ACCOUNT =>
+                {
+                    no_js()
+                }
+                CreateStreamErrorKind::JetStreamUnavailable => no_js(),
+                _ => ClientError::connection(format!(
+                    "cannot create the JetStream stream {} on NATS at {safe}: {e}",
+                    protocol::TASK_STREAM
+                )),
+            };
+            Err(error.because(e))
+        }
     }
 }
 
 pub(crate) fn redis_error(e: &redis::RedisError, safe: &str) -> ClientError {
     if e.is_timeout() {
-        ClientError::Connection(format!("Redis at {safe} did not answer in time ({e})"))
+        ClientError::connection(format!("Redis at {safe} did not answer in time ({e})"))
+            .because(e.clone())
     } else {
-        ClientError::Connection(format!("Redis at {safe} failed: {e}"))
+        ClientError::connection(format!("Redis at {safe} failed: {e}")).because(e.clone())
     }
 }
 
@@ -206,7 +190,7 @@ async fn connect_redis(
     timeout: Duration,
 ) -> Result<(redis::Client, ConnectionManager, redis::aio::PubSub), ClientError> {
     let client = redis::Client::open(url)
-        .map_err(|e| ClientError::Value(format!("invalid Redis URL {safe}: {e}")))?;
+        .map_err(|e| ClientError::value(format!("invalid Redis URL {safe}: {e}")).because(e))?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
@@ -215,7 +199,7 @@ async fn connect_redis(
         .set_number_of_retries(2)
         .set_max_delay(Duration::from_secs(2));
     let unreachable = |e: String| {
-        ClientError::Connection(format!(
+        ClientError::connection(format!(
             "cannot reach Redis at {safe} ({e}): is redis-server running?"
         ))
     };
@@ -227,13 +211,13 @@ async fn connect_redis(
         )
         .await
         .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))
+        .map_err(|e| unreachable(e.to_string()).because(e))
     };
     let pubsub = async {
         tokio::time::timeout(budget, client.get_async_pubsub())
             .await
             .map_err(|_| unreachable("timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))
+            .map_err(|e| unreachable(e.to_string()).because(e))
     };
     let (commands, pubsub) = tokio::try_join!(commands, pubsub)?;
     Ok((client, commands, pubsub))
@@ -275,8 +259,8 @@ impl Inner {
 
     pub(crate) fn check_open(&self) -> Result<(), ClientError> {
         if self.closed.load(Ordering::Acquire) {
-            Err(ClientError::Runtime(
-                "this dbtask client is closed: call dbtask.init(...) again".into(),
+            Err(ClientError::runtime(
+                "this dbtask client is closed: call dbtask.init(...) again",
             ))
         } else {
             Ok(())

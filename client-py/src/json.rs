@@ -32,7 +32,41 @@ enum Step {
 struct Failure {
     /// Path from the failing value up to the root (pushed while unwinding).
     path: Vec<Step>,
-    problem: Option<String>,
+    problem: Option<Problem>,
+}
+
+/// Why one value cannot be written as JSON. A failure of Python itself (a str that does not
+/// encode, an int whose digits cannot be read) keeps the Python exception as its source.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    #[error("object of type {0} is not JSON-serializable")]
+    Type(String),
+    #[error("dict keys must be str, int, float, bool or None, not {0}")]
+    KeyType(String),
+    #[error("float {0} is not valid JSON (NaN and infinities have no JSON form)")]
+    NotFinite(f64),
+    #[error("nested deeper than {MAX_DEPTH} levels (a circular reference?)")]
+    TooDeep,
+    #[error("str is not valid UTF-8 ({0})")]
+    Utf8(#[source] PyErr),
+    #[error("cannot convert int: {0}")]
+    Int(#[source] PyErr),
+    /// The digits of an int beyond 64 bits are not a JSON number (cannot happen with
+    /// Python's int, kept rather than unwrapped).
+    #[error("cannot convert int: {0}")]
+    IntDigits(#[source] serde_json::Error),
+    /// serde_json stopped without one of the problems above.
+    #[error("cannot be written as JSON ({0})")]
+    Json(#[source] serde_json::Error),
+}
+
+/// A task argument that cannot be sent: where it sits (`args[1]['when']`) and why.
+#[derive(Debug, thiserror::Error)]
+#[error("task argument {at} cannot be sent: {problem}; arguments must be JSON-serializable (str, int, float, bool, None, list, tuple, dict)")]
+pub struct ArgumentError {
+    pub at: String,
+    #[source]
+    pub problem: Problem,
 }
 
 struct Value<'a, 'py> {
@@ -42,7 +76,7 @@ struct Value<'a, 'py> {
 }
 
 impl<'py> Value<'_, 'py> {
-    fn fail<E: serde::ser::Error>(&self, problem: String) -> E {
+    fn fail<E: serde::ser::Error>(&self, problem: Problem) -> E {
         self.failure.borrow_mut().problem = Some(problem);
         E::custom("not JSON-serializable")
     }
@@ -67,7 +101,7 @@ fn type_name(obj: &Bound<'_, PyAny>) -> String {
     }
 }
 
-fn int_json(obj: &Bound<'_, PyAny>) -> Result<IntJson, String> {
+fn int_json(obj: &Bound<'_, PyAny>) -> Result<IntJson, Problem> {
     if let Ok(v) = obj.extract::<i64>() {
         return Ok(IntJson::I(v));
     }
@@ -79,8 +113,8 @@ fn int_json(obj: &Bound<'_, PyAny>) -> Result<IntJson, String> {
     let digits = PyInt::type_object(obj.py())
         .call1((obj,))
         .and_then(|i| i.str())
-        .map_err(|e| format!("cannot convert int: {e}"))?;
-    let raw = RawValue::from_string(digits.to_string()).map_err(|e| e.to_string())?;
+        .map_err(Problem::Int)?;
+    let raw = RawValue::from_string(digits.to_string()).map_err(Problem::IntDigits)?;
     Ok(IntJson::Big(raw))
 }
 
@@ -90,19 +124,17 @@ enum IntJson {
     Big(Box<RawValue>),
 }
 
-fn float_json(v: f64) -> Result<f64, String> {
+fn float_json(v: f64) -> Result<f64, Problem> {
     if v.is_finite() {
         Ok(v)
     } else {
-        Err(format!(
-            "float {v} is not valid JSON (NaN and infinities have no JSON form)"
-        ))
+        Err(Problem::NotFinite(v))
     }
 }
 
-fn key_string(key: &Bound<'_, PyAny>) -> Result<String, String> {
+fn key_string(key: &Bound<'_, PyAny>) -> Result<String, Problem> {
     if let Ok(s) = key.cast::<PyString>() {
-        return s.to_str().map(str::to_owned).map_err(|e| e.to_string());
+        return s.to_str().map(str::to_owned).map_err(Problem::Utf8);
     }
     if key.is_none() {
         return Ok("null".into());
@@ -123,10 +155,7 @@ fn key_string(key: &Bound<'_, PyAny>) -> Result<String, String> {
             .map(|n| n.to_string())
             .unwrap_or_default());
     }
-    Err(format!(
-        "dict keys must be str, int, float, bool or None, not {}",
-        type_name(key)
-    ))
+    Err(Problem::KeyType(type_name(key)))
 }
 
 impl Serialize for Value<'_, '_> {
@@ -136,7 +165,7 @@ impl Serialize for Value<'_, '_> {
         if let Ok(s) = obj.cast_exact::<PyString>() {
             return match s.to_str() {
                 Ok(s) => serializer.serialize_str(s),
-                Err(e) => Err(self.fail(format!("str is not valid UTF-8 ({e})"))),
+                Err(e) => Err(self.fail(Problem::Utf8(e))),
             };
         }
         if obj.is_none() {
@@ -202,34 +231,31 @@ impl Serialize for Value<'_, '_> {
             // A str subclass (StrEnum...): its str value.
             return match obj
                 .cast::<PyString>()
-                .map(|s| s.to_str().map(str::to_owned))
+                .map_err(PyErr::from)
+                .and_then(|s| s.to_str().map(str::to_owned))
             {
-                Ok(Ok(s)) => serializer.serialize_str(&s),
-                _ => Err(self.fail("str is not valid UTF-8".into())),
+                Ok(s) => serializer.serialize_str(&s),
+                Err(e) => Err(self.fail(Problem::Utf8(e))),
             };
         }
-        Err(self.fail(format!(
-            "object of type {} is not JSON-serializable",
-            type_name(obj)
-        )))
+        Err(self.fail(Problem::Type(type_name(obj))))
     }
 }
 
 impl Value<'_, '_> {
     fn check_depth<E: serde::ser::Error>(&self) -> Result<(), E> {
         if self.depth >= MAX_DEPTH {
-            Err(self.fail(format!(
-                "nested deeper than {MAX_DEPTH} levels (a circular reference?)"
-            )))
+            Err(self.fail(Problem::TooDeep))
         } else {
             Ok(())
         }
     }
 }
 
-fn describe(root: &str, failure: Failure) -> String {
+/// Where the failing value sits, as Python would index it from `root`: `args[1]['when']`.
+fn path(root: &str, steps: &[Step]) -> String {
     let mut at = root.to_owned();
-    for step in failure.path.iter().rev() {
+    for step in steps.iter().rev() {
         match step {
             Step::Index(i) => {
                 let _ = write!(at, "[{i}]");
@@ -241,10 +267,7 @@ fn describe(root: &str, failure: Failure) -> String {
             }
         }
     }
-    let problem = failure
-        .problem
-        .unwrap_or_else(|| "cannot be written as JSON".into());
-    format!("task argument {at} cannot be sent: {problem}; arguments must be JSON-serializable (str, int, float, bool, None, list, tuple, dict)")
+    at
 }
 
 /// Serializes `obj` (the task's positional arguments, `root` = "args", or keyword arguments,
@@ -256,6 +279,11 @@ pub fn to_raw_json(obj: &Bound<'_, PyAny>, root: &str) -> Result<Box<RawValue>, 
         depth: 0,
         failure: &failure,
     };
-    serde_json::value::to_raw_value(&value)
-        .map_err(|_| ClientError::Value(describe(root, failure.into_inner())))
+    serde_json::value::to_raw_value(&value).map_err(|e| {
+        let failure = failure.into_inner();
+        ClientError::from(ArgumentError {
+            at: path(root, &failure.path),
+            problem: failure.problem.unwrap_or(Problem::Json(e)),
+        })
+    })
 }

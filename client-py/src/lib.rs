@@ -55,6 +55,7 @@ fn new_task_id() -> String {
 #[pymodule]
 fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
+    m.add_class::<client::CallOptions>()?;
     m.add_class::<admin::Admin>()?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(new_task_id, m)?)?;

@@ -10,6 +10,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,6 +18,28 @@ use dbtask_protocol::DONE_CHANNEL_PREFIX;
 use futures::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
+
+use crate::error::ClientError;
+
+/// Why the pub/sub connection is down, with Redis's error when there is one. Shared by every
+/// waiter that hears of it.
+#[derive(Debug, thiserror::Error)]
+pub enum Down {
+    #[error("cannot reach Redis at {url} (timed out)")]
+    ConnectTimedOut { url: String },
+    #[error("cannot reach Redis at {url} ({source})")]
+    Connect {
+        url: String,
+        source: redis::RedisError,
+    },
+    #[error("lost the Redis pub/sub connection to {url} (the connection was closed)")]
+    Closed { url: String },
+    #[error("lost the Redis pub/sub connection to {url} ({source})")]
+    Lost {
+        url: String,
+        source: redis::RedisError,
+    },
+}
 
 /// What a waiter hears.
 #[derive(Debug, Clone)]
@@ -27,7 +50,7 @@ pub enum Event {
     Done(Bytes),
     /// The pub/sub connection is down and could not be re-established yet (the waiter stays
     /// registered and hears `Subscribed` once it is).
-    Down(String),
+    Down(Arc<Down>),
 }
 
 enum Command {
@@ -96,7 +119,7 @@ impl Notifier {
     pub fn register(
         &self,
         id: &str,
-    ) -> Result<(Registration<'_>, mpsc::UnboundedReceiver<Event>), String> {
+    ) -> Result<(Registration<'_>, mpsc::UnboundedReceiver<Event>), ClientError> {
         let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.commands
@@ -105,7 +128,7 @@ impl Notifier {
                 waiter,
                 tx,
             })
-            .map_err(|_| "the client is closed".to_owned())?;
+            .map_err(|_| ClientError::runtime("the client is closed".to_owned()))?;
         Ok((
             Registration {
                 notifier: self,
@@ -137,7 +160,7 @@ struct Owner {
     /// Ids whose last waiter left while subscribed.
     unsubscribe: HashSet<String>,
     /// Why the connection is down, while it is.
-    down: Option<String>,
+    down: Option<Arc<Down>>,
 }
 
 async fn next_message(conn: &mut Option<(PubSubSink, PubSubStream)>) -> Option<redis::Msg> {
@@ -170,7 +193,7 @@ impl Owner {
                 }
                 message = next_message(&mut self.conn), if connected => match message {
                     Some(msg) => self.dispatch(msg),
-                    None => self.lost("the connection was closed".into()),
+                    None => self.lost(None),
                 },
                 () = tokio::time::sleep(backoff), if !connected => {
                     match self.connect().await {
@@ -180,7 +203,7 @@ impl Owner {
                         }
                         Err(e) => {
                             backoff = (backoff * 2).min(BACKOFF_MAX);
-                            self.down = Some(e);
+                            self.down = Some(Arc::new(e));
                         }
                     }
                 }
@@ -188,26 +211,29 @@ impl Owner {
         }
     }
 
-    async fn connect(&mut self) -> Result<(), String> {
+    async fn connect(&mut self) -> Result<(), Down> {
+        let url = || self.safe_url.clone();
         let conn = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
             .await
-            .map_err(|_| format!("cannot reach Redis at {} (timed out)", self.safe_url))?
-            .map_err(|e| format!("cannot reach Redis at {} ({e})", self.safe_url))?;
+            .map_err(|_| Down::ConnectTimedOut { url: url() })?
+            .map_err(|source| Down::Connect { url: url(), source })?;
         self.conn = Some(conn.split());
         self.down = None;
         Ok(())
     }
 
-    fn lost(&mut self, why: String) {
+    /// The connection is gone: closed by the server (`None`), or broken by `error`.
+    fn lost(&mut self, error: Option<redis::RedisError>) {
         self.conn = None;
         self.unsubscribe.clear();
         for entry in self.entries.values_mut() {
             entry.subscribed = false;
         }
-        self.down = Some(format!(
-            "lost the Redis pub/sub connection to {} ({why})",
-            self.safe_url
-        ));
+        let url = self.safe_url.clone();
+        self.down = Some(Arc::new(match error {
+            None => Down::Closed { url },
+            Some(source) => Down::Lost { url, source },
+        }));
     }
 
     /// Applies one command; false means stop.
@@ -219,7 +245,7 @@ impl Owner {
                 // `Subscribed` when the connection is back, if it waits that long.
                 if self.conn.is_none() {
                     if let Some(why) = &self.down {
-                        let _ = tx.send(Event::Down(why.clone()));
+                        let _ = tx.send(Event::Down(Arc::clone(why)));
                     }
                 }
                 // Its last waiter left in this same batch: the subscription is still active.
@@ -261,7 +287,7 @@ impl Owner {
                 .map(|id| format!("{DONE_CHANNEL_PREFIX}{id}"))
                 .collect();
             if let Err(e) = sink.unsubscribe(&channels).await {
-                return self.lost(e.to_string());
+                return self.lost(Some(e));
             }
         }
         let pending: Vec<String> = self
@@ -278,7 +304,7 @@ impl Owner {
             .map(|id| format!("{DONE_CHANNEL_PREFIX}{id}"))
             .collect();
         if let Err(e) = sink.subscribe(&channels).await {
-            return self.lost(e.to_string());
+            return self.lost(Some(e));
         }
         for id in pending {
             if let Some(entry) = self.entries.get_mut(&id) {

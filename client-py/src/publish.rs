@@ -11,6 +11,7 @@ use async_nats::jetstream::publish::PublishAck;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use dbtask_protocol as protocol;
+use protocol::nats::task_header_map;
 use protocol::TaskMessage;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
@@ -40,7 +41,7 @@ impl Outgoing {
     /// (`Nats-Msg-Id` for JetStream's de-duplication, and for a worker that cannot read the
     /// body), its task name, and the route's schedule headers.
     pub(crate) fn new(message: TaskMessage, route: protocol::Route) -> Outgoing {
-        let headers = task_headers(&message, &route);
+        let headers = task_header_map(&message, &route, &message.id);
         let body = Bytes::from(message.encode());
         Outgoing {
             id: message.id,
@@ -56,21 +57,11 @@ impl Outgoing {
     /// keep a copy.
     fn headers_again(&self) -> Result<HeaderMap, ClientError> {
         let message = TaskMessage::decode(&self.body)
-            .map_err(|e| ClientError::Runtime(format!("dbtask internal error: {e}")))?;
+            .map_err(|e| ClientError::runtime(format!("dbtask internal error: {e}")).because(e))?;
         let queue = message.queue.clone().unwrap_or_default();
         let route = message.route(&queue, message.sent_at.unwrap_or_else(protocol::now_unix));
-        Ok(task_headers(&message, &route))
+        Ok(task_header_map(&message, &route, &message.id))
     }
-}
-
-/// The headers of a first publish of `message` (see [`protocol::task_headers`]; the worker's
-/// twin is worker/src/broker/mapping.rs).
-fn task_headers(message: &TaskMessage, route: &protocol::Route) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    for (name, value) in protocol::task_headers(message, route, &message.id) {
-        headers.insert(name, value);
-    }
-    headers
 }
 
 /// The options a publish call gives every message it makes (the task id is per message).
@@ -110,7 +101,7 @@ pub(crate) fn prepare(
         None => crate::ids::new_task_id(),
     };
     if !(args.is_instance_of::<PyTuple>() || args.is_instance_of::<PyList>()) {
-        return Err(ClientError::Value(format!(
+        return Err(ClientError::value(format!(
             "task arguments must be a tuple or a list, not {}",
             args.get_type()
                 .name()
@@ -124,7 +115,7 @@ pub(crate) fn prepare(
         Some(k) if k.is_none() => empty_object(),
         Some(k) => {
             let dict = k.cast::<PyDict>().map_err(|_| {
-                ClientError::Value(format!(
+                ClientError::value(format!(
                     "task keyword arguments must be a dict, not {}",
                     k.get_type()
                         .name()
@@ -136,7 +127,7 @@ pub(crate) fn prepare(
                 empty_object()
             } else {
                 if let Some(key) = dict.keys().iter().find(|k| !k.is_instance_of::<PyString>()) {
-                    return Err(ClientError::Value(format!(
+                    return Err(ClientError::value(format!(
                         "keyword argument names must be str, not {}",
                         key.repr().map(|r| r.to_string()).unwrap_or_default()
                     )));
@@ -146,7 +137,7 @@ pub(crate) fn prepare(
         }
     };
     let check_time = |name: &str, t: Option<f64>| match t {
-        Some(v) if !v.is_finite() => Err(ClientError::Value(format!(
+        Some(v) if !v.is_finite() => Err(ClientError::value(format!(
             "{name} must be a finite time, not {v}"
         ))),
         _ => Ok(()),
@@ -182,19 +173,19 @@ fn empty_object() -> Box<RawValue> {
 
 fn publish_error(inner: &Inner, id: &str, e: PublishError) -> ClientError {
     let safe = &inner.nats_safe;
-    match e.kind() {
-        PublishErrorKind::MaxPayloadExceeded => ClientError::Value(format!(
+    let error = match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => ClientError::value(format!(
             "task {id} is too large to send: {e} (NATS at {safe} accepts at most {} bytes per \
              message, its max_payload): pass large data by reference, e.g. a URL or a key",
             inner.nats.server_info().max_payload
         )),
-        PublishErrorKind::TimedOut => ClientError::Connection(format!(
+        PublishErrorKind::TimedOut => ClientError::connection(format!(
             "JetStream at {safe} did not confirm task {id} within {} s (is NATS reachable?); \
              publishing again with the same task_id is safe: JetStream drops a duplicate id \
              within the stream's duplicate window",
             PUBLISH_TIMEOUT.as_secs()
         )),
-        PublishErrorKind::StreamNotFound => ClientError::Connection(format!(
+        PublishErrorKind::StreamNotFound => ClientError::connection(format!(
             "no JetStream stream on NATS at {safe} takes task subjects ({}, and {} for countdown/eta): \
              the stream {} is missing, or was made by an older dbtask: start a current dbtask worker \
              once, it adds the subjects and enables message schedules (nats-server 2.12+)",
@@ -202,8 +193,9 @@ fn publish_error(inner: &Inner, id: &str, e: PublishError) -> ClientError {
             protocol::SCHEDULE_SUBJECT_WILDCARD,
             protocol::TASK_STREAM
         )),
-        _ => ClientError::Connection(format!("cannot publish task {id} to NATS at {safe}: {e}")),
-    }
+        _ => ClientError::connection(format!("cannot publish task {id} to NATS at {safe}: {e}")),
+    };
+    error.because(e)
 }
 
 /// Sends `out`, moving its headers into the message (the subject and body are shared).
@@ -281,9 +273,7 @@ impl Publisher {
                 pending,
                 wrap,
             })
-            .map_err(|_| {
-                ClientError::Runtime("dbtask internal error: the publisher task stopped".into())
-            })
+            .map_err(|_| ClientError::runtime("dbtask internal error: the publisher task stopped"))
     }
 }
 
@@ -439,9 +429,10 @@ pub(crate) async fn publish_all(
         let text = format!(
             "{msg} (publish_many: {confirmed} of {total} tasks were confirmed before this error)"
         );
-        match err {
-            ClientError::Value(_) => ClientError::Value(text),
-            _ => ClientError::Connection(text),
+        if err.is_value() {
+            ClientError::value(text).because(err)
+        } else {
+            ClientError::connection(text).because(err)
         }
     };
     for index in 0..total {
@@ -486,7 +477,7 @@ pub(crate) fn prepare_many(
         let call = call?;
         let (args, kwargs): (Bound<'_, PyAny>, Option<Bound<'_, PyAny>>) =
             call.extract().map_err(|_| {
-                ClientError::Value(format!(
+                ClientError::value(format!(
                     "publish_many: item {i} must be an (args, kwargs) pair"
                 ))
             })?;

@@ -32,9 +32,10 @@ fn record_state(id: &str, body: &[u8]) -> Result<TaskState, ClientError> {
     serde_json::from_slice::<StateOnly>(body)
         .map(|s| s.state)
         .map_err(|e| {
-            ClientError::Runtime(format!(
+            ClientError::runtime(format!(
                 "the record of task {id} in Redis is not a dbtask record: {e}"
             ))
+            .because(e)
         })
 }
 
@@ -75,7 +76,7 @@ pub(crate) async fn wait(
     let deadline = timeout.map(|t| start + t);
     let first_deadline = timeout.map(|t| start + t.max(FIRST_CHECK_BUDGET));
     // Subscribe first, then read, then wait: a result stored in between is not missed.
-    let (_registration, mut events) = inner.notifier.register(&id).map_err(ClientError::Runtime)?;
+    let (_registration, mut events) = inner.notifier.register(&id)?;
     // Also read once right away, alongside the subscription (another connection): a result
     // already stored, as a short task's often is by the time its caller asks, then takes one
     // round trip instead of two. Not finding it proves nothing; the read after subscribing
@@ -91,7 +92,7 @@ pub(crate) async fn wait(
     let mut checked = false;
     let mut last_state = TaskState::Pending;
     // Why Redis is unreachable, while it is: a wait with a timeout rides out the outage.
-    let mut down: Option<String> = None;
+    let mut down: Option<ClientError> = None;
     // When to read the record again after a read failed during a wait with a timeout.
     let mut recheck: Option<Instant> = None;
     let mut backoff = RECHECK_MIN;
@@ -128,9 +129,11 @@ pub(crate) async fn wait(
         let Some(event) = event else {
             let secs = timeout.unwrap_or_default().as_secs_f64();
             return Err(match down {
-                Some(why) => ClientError::Connection(format!(
-                    "{why}; still unreachable after waiting {secs:.3} s for task {id}"
-                )),
+                Some(why) => ClientError::StillDown {
+                    task_id: id.clone(),
+                    secs,
+                    source: Box::new(why),
+                },
                 None => ClientError::Timeout(format!(
                     "task {id} is not ready after {secs:.3} s (state {last_state})"
                 )),
@@ -153,7 +156,7 @@ pub(crate) async fn wait(
                     }
                     // With a timeout, a read that failed is tried again until the deadline:
                     // Redis may be back before then (a Done message still ends the wait).
-                    Err(ClientError::Connection(why)) if deadline.is_some() => {
+                    Err(why) if why.is_connection() && deadline.is_some() => {
                         down = Some(why);
                         recheck = Some(Instant::now() + backoff);
                         backoff = (backoff * 2).min(RECHECK_MAX);
@@ -168,11 +171,9 @@ pub(crate) async fn wait(
                 }
             }
             // No timeout: say so at once rather than hang on a server that may never return.
-            Some(Event::Down(why)) if deadline.is_none() => {
-                return Err(ClientError::Connection(why))
-            }
-            Some(Event::Down(why)) => down = Some(why),
-            None => return Err(ClientError::Runtime("this dbtask client is closed".into())),
+            Some(Event::Down(why)) if deadline.is_none() => return Err(ClientError::PubSub(why)),
+            Some(Event::Down(why)) => down = Some(ClientError::PubSub(why)),
+            None => return Err(ClientError::runtime("this dbtask client is closed")),
         }
     }
 }

@@ -112,8 +112,8 @@ where
                 }
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                return Err(ClientError::Runtime(
-                    "dbtask internal error: the operation stopped without an outcome".into(),
+                return Err(ClientError::runtime(
+                    "dbtask internal error: the operation stopped without an outcome",
                 )
                 .into())
             }

@@ -102,6 +102,33 @@ def test_non_serializable_arguments_are_value_errors(client):
         add.delay_sync(b"raw", 1)
 
 
+def test_a_str_that_does_not_encode_keeps_its_unicode_error_as_the_cause(client):
+    with pytest.raises(ValueError, match=r"args\[0\] cannot be sent: str is not valid UTF-8") as caught:
+        add.delay_sync("\ud800", 1)
+    assert isinstance(caught.value.__cause__, UnicodeEncodeError)
+
+
+def test_publish_options_are_checked_once_and_reused(client):
+    compiled = dbtask._client.current()
+    options = dbtask._dbtask.PublishOptions(task_id="own-id", priority=7)
+    assert options.priority == 7
+    assert compiled.publish_sync("math", "t.add", (1, 2), None, options) == "own-id"
+    with pytest.raises(ValueError, match="priority must be an integer from 0 to 9"):
+        dbtask._dbtask.PublishOptions(priority=10)
+    with pytest.raises(TypeError):
+        dbtask._dbtask.PublishOptions(countdown=3)  # type: ignore[call-arg]
+    # A plain delay() reuses its task's options, made again when the priority option changes.
+    add.delay_sync(1, 2)
+    first = add._plain()
+    add.delay_sync(1, 2)
+    assert add._plain() is first and first.priority is None
+    add.options["priority"] = 3
+    try:
+        assert add._plain().priority == 3
+    finally:
+        del add.options["priority"]
+
+
 def test_too_large_message_is_a_value_error(client):
     with pytest.raises(ValueError, match="max_payload"):
         add.delay_sync("x" * (2 * 1024 * 1024), 1)

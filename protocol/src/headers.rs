@@ -1,5 +1,6 @@
 //! Header names, the `Nats-Schedule` value format, and the one builder of a task message's
-//! headers, which the client and the worker both turn into their `HeaderMap`.
+//! headers, which the client and the worker both turn into a `HeaderMap` with the one
+//! `nats::task_header_map` (feature `nats`).
 
 use crate::{Route, TaskMessage};
 

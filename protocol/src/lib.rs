@@ -2,7 +2,8 @@
 //!
 //! Everything that crosses a process boundary is defined here and nowhere else: the JSON task
 //! message published to JetStream, the JSON result record stored in Redis, the subject, stream,
-//! consumer, header and key names. No tokio, no pyo3: plain data and names.
+//! consumer, header and key names. No tokio, no pyo3: plain data and names (the optional
+//! `nats` feature adds async-nats, only to map those onto its types).
 //!
 //! Arguments and results stay raw JSON ([`RawValue`](serde_json::value::RawValue)) on both
 //! sides so that they are decoded once, straight into Python objects, never into an
@@ -13,6 +14,7 @@
 //! - [`names`]: streams, subjects, consumers, Redis keys and channels, `Nats-Msg-Id` formats;
 //! - [`stream`]: the task and dead-letter streams' description, one for the worker and client;
 //! - [`headers`]: header names, the `Nats-Schedule` value, the task-message header builder;
+//! - `nats` (feature `nats`): the stream description and the headers as async-nats types;
 //! - [`message`]: the task message, its route, the revocation notice;
 //! - [`record`]: task states, errors and the result record;
 //! - [`validation`]: queue, task name and id checks, [`ProtocolError`];
@@ -24,6 +26,8 @@ pub mod canvas;
 pub mod headers;
 pub mod message;
 pub mod names;
+#[cfg(feature = "nats")]
+pub mod nats;
 pub mod rate;
 pub mod record;
 pub mod stream;

@@ -104,8 +104,7 @@ impl TaskMessage {
     /// Decodes and validates a message body. The error says what is wrong in words a person
     /// reading the FAILURE record can act on.
     pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {
-        let msg: TaskMessage =
-            serde_json::from_slice(body).map_err(|e| ProtocolError::Malformed(e.to_string()))?;
+        let msg: TaskMessage = serde_json::from_slice(body).map_err(ProtocolError::Json)?;
         if msg.v > PROTOCOL_VERSION {
             return Err(ProtocolError::UnsupportedVersion(msg.v));
         }

@@ -7,30 +7,66 @@ pub struct Rate {
     pub period_secs: f64,
 }
 
-impl Rate {
+/// Why a `rate_limit` text was refused. Each variant keeps the text; a count that is not a
+/// whole number keeps the parser's error as its source.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RateError {
+    #[error("invalid rate_limit {text:?}: the count is not a whole number ({source}); {HOW}")]
+    Count {
+        text: String,
+        source: std::num::ParseIntError,
+    },
+    #[error("invalid rate_limit {text:?}: the count must be at least 1; {HOW}")]
+    Zero { text: String },
+    #[error("invalid rate_limit {text:?}: unknown unit {unit:?}; {HOW}")]
+    Unit { text: String, unit: String },
+}
+
+/// What every [`RateError`] message ends with: what to write instead.
+const HOW: &str = "use \"<count>/s\", \"<count>/m\" or \"<count>/h\" with a whole count of at least 1, e.g. \"100/s\"";
+
+impl std::str::FromStr for Rate {
+    type Err = RateError;
+
     /// Parses `"100/s"`, `"10/m"`, `"1000/h"` (also `sec`, `min`, `hour`, and a bare number,
     /// which means per second as in Celery).
-    pub fn parse(text: &str) -> Result<Rate, String> {
-        let bad = || {
-            format!(
-                "invalid rate_limit {text:?}: use \"<count>/s\", \"<count>/m\" or \"<count>/h\" with a whole count of at least 1, e.g. \"100/s\""
-            )
-        };
+    fn from_str(text: &str) -> Result<Rate, RateError> {
         let (count, unit) = match text.trim().split_once('/') {
             Some((c, u)) => (c.trim(), u.trim()),
             None => (text.trim(), "s"),
         };
-        let count: u64 = count.parse().map_err(|_| bad())?;
+        let count: u64 = count.parse().map_err(|source| RateError::Count {
+            text: text.to_owned(),
+            source,
+        })?;
         let period_secs = match unit {
             "s" | "sec" | "second" => 1.0,
             "m" | "min" | "minute" => 60.0,
             "h" | "hour" => 3600.0,
-            _ => return Err(bad()),
+            _ => {
+                return Err(RateError::Unit {
+                    text: text.to_owned(),
+                    unit: unit.to_owned(),
+                })
+            }
         };
         if count == 0 {
-            return Err(bad());
+            return Err(RateError::Zero {
+                text: text.to_owned(),
+            });
         }
         Ok(Rate { count, period_secs })
+    }
+}
+
+impl Rate {
+    /// `text.parse::<Rate>()` with the error as its message.
+    ///
+    /// Kept for its one caller, the worker's task registry (`rate_limit_option` in
+    /// worker/src/python/registry.rs), which hands the message to `PyValueError::new_err`;
+    /// new code parses with [`str::parse`] and keeps the [`RateError`].
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        text.parse().map_err(|e: RateError| e.to_string())
     }
 
     /// Time between two starts, in microseconds.
@@ -63,5 +99,14 @@ mod tests {
                 "{bad}"
             );
         }
+        assert!(matches!(
+            "1.5/s".parse::<Rate>(),
+            Err(RateError::Count { source, .. }) if source.to_string().contains("invalid digit")
+        ));
+        assert!(matches!("0/s".parse::<Rate>(), Err(RateError::Zero { .. })));
+        assert!(matches!(
+            "10/d".parse::<Rate>(),
+            Err(RateError::Unit { unit, .. }) if unit == "d"
+        ));
     }
 }

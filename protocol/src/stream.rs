@@ -1,8 +1,8 @@
 //! The JetStream streams dbtask uses, described once as plain values. The worker creates the
 //! task stream from [`StreamSpec::tasks`] (with its configured limits) and brings an existing
 //! one in line with it; the client creates the same stream, with the default limits, when it
-//! finds none. Each side maps a description onto async-nats' `stream::Config` in one small
-//! function: this crate has no NATS dependency.
+//! finds none. Both map a description onto async-nats' `stream::Config` with the one
+//! `nats::stream_config` (feature `nats`).
 
 use std::time::Duration;
 

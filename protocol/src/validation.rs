@@ -10,7 +10,7 @@ pub const MAX_TASK_NAME_LEN: usize = 200;
 pub const MAX_TASK_ID_LEN: usize = 128;
 
 /// Why a name, id or message was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ProtocolError {
     #[error("invalid queue name {0:?}: use 1 to 64 characters among A-Z a-z 0-9 _ -")]
     InvalidQueue(String),
@@ -18,6 +18,10 @@ pub enum ProtocolError {
     InvalidTaskName(String),
     #[error("invalid task id {0:?}: use 1 to 128 characters among A-Z a-z 0-9 _ - . :")]
     InvalidTaskId(String),
+    /// The body is not the JSON of a task message; serde_json's error is the source.
+    #[error("message is not a dbtask task message: {0}")]
+    Json(#[source] serde_json::Error),
+    /// The JSON is a task message, but one that breaks a rule the error states.
     #[error("message is not a dbtask task message: {0}")]
     Malformed(String),
     #[error("message has protocol version {0}, this worker understands up to {PROTOCOL_VERSION}: upgrade the worker")]

@@ -6,10 +6,26 @@ from typing import Any, TypeVar, final, overload
 
 _T = TypeVar("_T")
 
-__all__ = ["Client", "Admin", "_after_fork_in_child", "new_task_id", "__version__", "PROTOCOL_VERSION"]
+__all__ = ["Client", "PublishOptions", "Admin", "_after_fork_in_child", "new_task_id", "__version__", "PROTOCOL_VERSION"]
 
 __version__: str
 PROTOCOL_VERSION: int
+
+@final
+class PublishOptions:
+    """The options of a publish (task id, eta and expires as Unix seconds, priority 0-9),
+    checked once when made."""
+
+    def __init__(
+        self,
+        *,
+        task_id: str | None = None,
+        eta: float | None = None,
+        expires: float | None = None,
+        priority: int | None = None,
+    ) -> None: ...
+    @property
+    def priority(self) -> int | None: ...
 
 @final
 class Client:
@@ -26,10 +42,7 @@ class Client:
         task: str,
         args: Sequence[Any],
         kwargs: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        eta: float | None = None,
-        expires: float | None = None,
-        priority: int | None = None,
+        options: PublishOptions | None = None,
         wrap: None = None,
     ) -> asyncio.Future[str]: ...
     @overload
@@ -39,10 +52,7 @@ class Client:
         task: str,
         args: Sequence[Any],
         kwargs: Mapping[str, Any] | None,
-        task_id: str | None,
-        eta: float | None,
-        expires: float | None,
-        priority: int | None,
+        options: PublishOptions | None,
         wrap: Callable[[str], _T],
     ) -> asyncio.Future[_T]: ...
     def publish_sync(
@@ -51,10 +61,7 @@ class Client:
         task: str,
         args: Sequence[Any],
         kwargs: Mapping[str, Any] | None = None,
-        task_id: str | None = None,
-        eta: float | None = None,
-        expires: float | None = None,
-        priority: int | None = None,
+        options: PublishOptions | None = None,
     ) -> str: ...
     def publish_many(
         self,

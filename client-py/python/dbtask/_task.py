@@ -112,6 +112,34 @@ class Task(Generic[P, R]):
     def _priority(self, priority: int | None) -> int | None:
         return _options.check_priority(priority if priority is not None else self.options.get("priority"))
 
+    # (priority option, the compiled PublishOptions made for it) of a plain delay().
+    _plain_options: tuple[Any, Any] = (None, None)
+
+    def _plain(self) -> Any:
+        """The compiled ``PublishOptions`` of a plain ``delay()``: made once per task (its
+        priority) rather than per call, and made again if the ``priority`` option changes."""
+        priority = self.options.get("priority")
+        made = self._plain_options
+        if made[1] is None or made[0] != priority:
+            made = self._plain_options = (priority, _client._native().PublishOptions(priority=self._priority(None)))
+        return made[1]
+
+    def _publish_options(
+        self,
+        task_id: str | None,
+        countdown: float | None,
+        eta: datetime | None,
+        expires: float | datetime | None,
+        priority: int | None,
+    ) -> Any:
+        """The compiled ``PublishOptions`` of an ``apply_async()`` call."""
+        if task_id is None and countdown is None and eta is None and expires is None and priority is None:
+            return self._plain()
+        eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
+        return _client._native().PublishOptions(
+            task_id=task_id, eta=eta_ts, expires=expires_ts, priority=self._priority(priority)
+        )
+
     # -- one task -------------------------------------------------------------------------
 
     def delay(self, *args: P.args, **kwargs: P.kwargs) -> asyncio.Future[AsyncResult[R]]:
@@ -129,16 +157,17 @@ class Task(Generic[P, R]):
         is then only logged by asyncio ("Future exception was never retrieved"). Await it to
         know the task is stored; ``await dbtask.close()`` waits for every publish in flight.
         """
-        return _client.current().publish(
-            self.queue, self.name, args, kwargs, None, None, None, self.options.get("priority"), AsyncResult
-        )
+        # _plain(), inlined: this is the publishing hot path.
+        made = self._plain_options
+        if made[1] is None or made[0] != self.options.get("priority"):
+            self._plain()
+            made = self._plain_options
+        return _client.current().publish(self.queue, self.name, args, kwargs, made[1], AsyncResult)
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Blocking form of :meth:`delay`."""
         return AsyncResult(
-            _client.current().publish_sync(
-                self.queue, self.name, args, kwargs, None, None, None, priority=self.options.get("priority")
-            )
+            _client.current().publish_sync(self.queue, self.name, args, kwargs, self._plain())
         )
 
     def apply_async(
@@ -179,12 +208,10 @@ class Task(Generic[P, R]):
         if link is not None or link_error is not None:
             sig = self._linked(pos, kw, countdown, eta, expires, queue, task_id, priority)
             return _running_loop("apply_async").create_task(sig.apply_async(link=link, link_error=link_error))
-        eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
-        level = self._priority(priority)
+        options = self._publish_options(task_id, countdown, eta, expires, priority)
         return _client.current().publish(
-            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
-            level, AsyncResult,
-        )  # fmt: skip
+            queue if queue is not None else self.queue, self.name, pos, kw, options, AsyncResult
+        )
 
     def apply_async_sync(
         self,
@@ -209,12 +236,8 @@ class Task(Generic[P, R]):
             return self._linked(pos, kw, countdown, eta, expires, queue, task_id, priority).apply_async_sync(  # type: ignore[no-any-return]
                 link=link, link_error=link_error
             )
-        eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
-        level = self._priority(priority)
-        tid = _client.current().publish_sync(
-            queue if queue is not None else self.queue, self.name, pos, kw, task_id, eta_ts, expires_ts,
-            priority=level,
-        )
+        options = self._publish_options(task_id, countdown, eta, expires, priority)
+        tid = _client.current().publish_sync(queue if queue is not None else self.queue, self.name, pos, kw, options)
         return AsyncResult(tid)
 
     # -- workflows (dbtask._canvas) -------------------------------------------------------

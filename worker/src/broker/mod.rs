@@ -5,10 +5,9 @@
 //! stream and consumers at the same moment.
 
 mod dead;
-mod mapping;
 mod publish;
 
-pub use mapping::{stream_config, task_header_map};
+pub use dbtask_protocol::nats::{stream_config, task_header_map};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -92,7 +91,7 @@ pub enum BrokerError {
     #[error("NATS at {url} does not serve JetStream ({source}): start nats-server with -js (or a `jetstream {{}}` block in its config)")]
     NoJetStream { url: String, source: Cause },
     #[error("stream {TASK_STREAM} on NATS at {url} cannot hold dbtask tasks: {reason}")]
-    IncompatibleStream { url: String, reason: String },
+    IncompatibleStream { url: String, reason: Incompatible },
     #[error("cannot create or update stream {TASK_STREAM} on NATS at {url}: {source}")]
     Stream { url: String, source: Cause },
     #[error("cannot create or update consumer {consumer} on NATS at {url}: {source} (a consumer holds no messages in a work-queue stream: deleting it with `nats consumer rm {TASK_STREAM} {consumer}` loses no task)")]
@@ -106,6 +105,22 @@ pub enum BrokerError {
         url: String,
         queue: String,
         source: Cause,
+    },
+}
+
+/// What makes an existing task stream unfit for dbtask, as the server reported it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Incompatible {
+    #[error("its retention is {0:?}, not WorkQueue (retention cannot change: delete the stream, or point dbtask at another NATS)")]
+    Retention(stream::RetentionPolicy),
+    #[error("the server did not enable message schedules (allow_msg_schedules), which countdown, eta and retries need: use nats-server 2.12 or newer")]
+    NoSchedules,
+    #[error("the server kept duplicate_window={kept_window:?} and max_msg_size={kept_size} instead of {wanted_window:?} and {wanted_size}")]
+    LimitsKept {
+        kept_window: Duration,
+        kept_size: i32,
+        wanted_window: Duration,
+        wanted_size: i32,
     },
 }
 
@@ -348,7 +363,7 @@ impl Broker {
         if !updated.config.allow_message_schedules {
             return Err(BrokerError::IncompatibleStream {
                 url: self.url.clone(),
-                reason: "the server did not enable message schedules (allow_msg_schedules), which countdown, eta and retries need: use nats-server 2.12 or newer".into(),
+                reason: Incompatible::NoSchedules,
             });
         }
         if updated.config.duplicate_window != wanted_window
@@ -356,13 +371,12 @@ impl Broker {
         {
             return Err(BrokerError::IncompatibleStream {
                 url: self.url.clone(),
-                reason: format!(
-                    "the server kept duplicate_window={:?} and max_msg_size={} instead of {:?} and {}",
-                    updated.config.duplicate_window,
-                    updated.config.max_message_size,
+                reason: Incompatible::LimitsKept {
+                    kept_window: updated.config.duplicate_window,
+                    kept_size: updated.config.max_message_size,
                     wanted_window,
-                    wanted_size
-                ),
+                    wanted_size,
+                },
             });
         }
         Ok(updated)
@@ -372,10 +386,7 @@ impl Broker {
         if config.retention != stream::RetentionPolicy::WorkQueue {
             return Err(BrokerError::IncompatibleStream {
                 url: self.url.clone(),
-                reason: format!(
-                    "its retention is {:?}, not WorkQueue (retention cannot change: delete the stream, or point dbtask at another NATS)",
-                    config.retention
-                ),
+                reason: Incompatible::Retention(config.retention),
             });
         }
         Ok(())

@@ -1,0 +1,69 @@
+//! The protocol's plain descriptions mapped onto async-nats types, for the worker and the
+//! client alike (the optional `nats` feature, which both enable): a stream description onto a
+//! stream config, a task message's headers onto a header map.
+
+use async_nats::jetstream::stream;
+use async_nats::HeaderMap;
+
+use crate::{task_headers, Retention, Route, Storage, StreamSpec, TaskMessage};
+
+/// The async-nats configuration of the stream `spec` describes.
+pub fn stream_config(spec: &StreamSpec) -> stream::Config {
+    stream::Config {
+        name: spec.name.to_owned(),
+        description: Some(spec.description.to_owned()),
+        subjects: spec.subjects.iter().map(|s| (*s).to_owned()).collect(),
+        retention: match spec.retention {
+            Retention::WorkQueue => stream::RetentionPolicy::WorkQueue,
+            Retention::Limits => stream::RetentionPolicy::Limits,
+        },
+        storage: match spec.storage {
+            Storage::File => stream::StorageType::File,
+            Storage::Memory => stream::StorageType::Memory,
+        },
+        allow_message_schedules: spec.allow_msg_schedules,
+        duplicate_window: spec.duplicate_window.unwrap_or_default(),
+        max_message_size: spec.max_msg_size_i32(),
+        ..Default::default()
+    }
+}
+
+/// The headers of `message` published under `route` with `Nats-Msg-Id` `msg_id` (see
+/// [`task_headers`]).
+pub fn task_header_map(message: &TaskMessage, route: &Route, msg_id: &str) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in task_headers(message, route, msg_id) {
+        headers.insert(name, value);
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_task_stream_maps_onto_a_work_queue_with_its_limits() {
+        let config = stream_config(&StreamSpec::tasks());
+        assert_eq!(config.name, crate::TASK_STREAM);
+        assert_eq!(config.subjects, ["dbtask.tasks.>", "dbtask.sched.>"]);
+        assert_eq!(config.retention, stream::RetentionPolicy::WorkQueue);
+        assert_eq!(config.storage, stream::StorageType::File);
+        assert!(config.allow_message_schedules);
+        assert_eq!(config.max_message_size, 1024 * 1024);
+        assert_eq!(config.duplicate_window, crate::DEFAULT_DUPLICATE_WINDOW);
+        let dead = stream_config(&StreamSpec::dead_letters());
+        assert_eq!(dead.max_message_size, -1);
+        assert_eq!(dead.retention, stream::RetentionPolicy::Limits);
+    }
+
+    #[test]
+    fn a_header_map_holds_every_task_header() {
+        let msg = TaskMessage::decode(br#"{"id": "t1", "task": "add", "eta": 20.0}"#).unwrap();
+        let route = msg.route("q", 10.0);
+        let map = task_header_map(&msg, &route, "t1:retry:1");
+        for (name, value) in task_headers(&msg, &route, "t1:retry:1") {
+            assert_eq!(map.get(name).map(|v| v.as_str()), Some(value), "{name}");
+        }
+    }
+}
