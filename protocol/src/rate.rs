@@ -60,15 +60,6 @@ impl std::str::FromStr for Rate {
 }
 
 impl Rate {
-    /// `text.parse::<Rate>()` with the error as its message.
-    ///
-    /// Kept for its one caller, the worker's task registry (`rate_limit_option` in
-    /// worker/src/python/registry.rs), which hands the message to `PyValueError::new_err`;
-    /// new code parses with [`str::parse`] and keeps the [`RateError`].
-    pub fn parse(text: &str) -> Result<Rate, String> {
-        text.parse().map_err(|e: RateError| e.to_string())
-    }
-
     /// Time between two starts, in microseconds.
     pub fn interval_micros(&self) -> u64 {
         ((self.period_secs * 1e6) / self.count as f64)
@@ -84,18 +75,24 @@ mod tests {
     #[test]
     fn rates_parse_or_explain() {
         assert_eq!(
-            Rate::parse("100/s").unwrap(),
+            "100/s".parse::<Rate>().unwrap(),
             Rate {
                 count: 100,
                 period_secs: 1.0
             }
         );
-        assert_eq!(Rate::parse("10/m").unwrap().period_secs, 60.0);
-        assert_eq!(Rate::parse("1000/h").unwrap().interval_micros(), 3_600_000);
-        assert_eq!(Rate::parse("5").unwrap().interval_micros(), 200_000);
+        assert_eq!("10/m".parse::<Rate>().unwrap().period_secs, 60.0);
+        assert_eq!(
+            "1000/h".parse::<Rate>().unwrap().interval_micros(),
+            3_600_000
+        );
+        assert_eq!("5".parse::<Rate>().unwrap().interval_micros(), 200_000);
         for bad in ["", "0/s", "x/s", "10/d", "-1/s", "1.5/s"] {
             assert!(
-                Rate::parse(bad).unwrap_err().contains("invalid rate_limit"),
+                bad.parse::<Rate>()
+                    .unwrap_err()
+                    .to_string()
+                    .contains("invalid rate_limit"),
                 "{bad}"
             );
         }

@@ -191,9 +191,9 @@ fn rate_limit_option(task: &Bound<'_, PyAny>) -> PyResult<Option<dbtask_protocol
     match options.cast::<PyDict>()?.get_item("rate_limit")? {
         Some(v) if !v.is_none() => {
             let text: String = v.str()?.extract()?;
-            dbtask_protocol::Rate::parse(&text)
+            text.parse::<dbtask_protocol::Rate>()
                 .map(Some)
-                .map_err(pyo3::exceptions::PyValueError::new_err)
+                .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))
         }
         _ => Ok(None),
     }
