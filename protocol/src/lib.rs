@@ -18,12 +18,14 @@
 //! - [`validation`]: queue, task name and id checks, [`ProtocolError`];
 //! - [`rate`]: rate limits;
 //! - `redact`: [`redact_url`] and [`percent_decode`], server URLs and their credentials;
+//! - [`nats_auth`]: the TLS and credential files of a NATS connection, named and checked once;
 //! - [`canvas`]: workflows (signatures, chains, groups, chords).
 
 pub mod canvas;
 pub mod headers;
 pub mod message;
 pub mod names;
+pub mod nats_auth;
 pub mod rate;
 pub mod record;
 pub mod stream;
@@ -33,6 +35,7 @@ pub use canvas::{ChordRef, Signature};
 pub use headers::*;
 pub use message::*;
 pub use names::*;
+pub use nats_auth::{nkey_seed, NatsFile};
 pub use rate::*;
 pub use record::*;
 pub use stream::*;
