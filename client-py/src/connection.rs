@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use crate::error::{percent_decode, redact_url, ClientError};
 use crate::notify::Notifier;
+use crate::security::NatsSecurity;
 
 /// How long JetStream may take to confirm a publish (and to answer API requests).
 pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,6 +35,8 @@ pub(crate) struct Inner {
     /// The URLs as given (with secrets), only compared, never shown.
     pub(crate) nats_given: String,
     pub(crate) redis_given: String,
+    /// The TLS and credential files it connected with (compared by `connected_to`).
+    pub(crate) security: NatsSecurity,
     pub(crate) nats_safe: String,
     pub(crate) redis_safe: String,
     pub(crate) closed: AtomicBool,
@@ -64,6 +67,7 @@ fn nats_options(
     url: &str,
     safe: &str,
     timeout: Duration,
+    security: &NatsSecurity,
 ) -> Result<(ConnectOptions, Vec<ServerAddr>), ClientError> {
     let invalid = |why: String| ClientError::Value(format!("invalid NATS URL {safe}: {why}"));
     let mut servers = Vec::new();
@@ -97,6 +101,7 @@ fn nats_options(
         Some((token, None)) => ConnectOptions::with_token(token),
         None => ConnectOptions::new(),
     };
+    let options = security.apply(options)?;
     let options = options
         .name("dbtask-client")
         .connection_timeout(timeout)
@@ -104,24 +109,76 @@ fn nats_options(
     Ok((options, servers))
 }
 
+/// Whether a connect error comes from TLS: async-nats reports a failed handshake as an I/O
+/// error, with rustls' error inside.
+fn is_tls_error(err: &async_nats::ConnectError) -> bool {
+    if err.kind() == ConnectErrorKind::Tls {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if e.is::<async_nats::rustls::Error>()
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The most telling cause of a connect error: the innermost I/O or TLS error's message.
+fn connect_reason(e: &async_nats::ConnectError) -> String {
+    let mut reason = e.to_string();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(inner) = source {
+        reason = inner.to_string();
+        source = inner.source();
+    }
+    reason
+}
+
 pub(crate) async fn connect_nats(
     url: &str,
     safe: &str,
     timeout: Duration,
+    security: &NatsSecurity,
 ) -> Result<async_nats::Client, ClientError> {
-    let (options, servers) = nats_options(url, safe, timeout)?;
+    let (options, servers) = nats_options(url, safe, timeout, security)?;
     // No retry_on_initial_connect: a closed port fails at once. Later disconnections are
     // retried forever in the background (publishes then wait up to PUBLISH_TIMEOUT).
     options.connect(servers).await.map_err(|e| match e.kind() {
-        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => ClientError::Connection(format!(
-            "NATS at {safe} refused the connection ({e}): check the user, password or token in the URL"
-        )),
+        ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+            ClientError::Connection(format!(
+                "NATS at {safe} refused the connection ({e}): {}",
+                security.sign_in_hint()
+            ))
+        }
+        // A server that checks client certificates closes the connection after the handshake:
+        // with TLS asked for, a connection lost that way is a TLS failure too.
+        kind if is_tls_error(&e)
+            || (security.tls()
+                && kind == ConnectErrorKind::Io
+                && !connect_reason(&e).contains("refused")) =>
+        {
+            ClientError::Connection(format!(
+                "TLS with NATS at {safe} failed ({}): {}",
+                connect_reason(&e),
+                security.tls_hint()
+            ))
+        }
         ConnectErrorKind::TimedOut => ClientError::Connection(format!(
             "cannot reach NATS at {safe} (no answer within {:.1} s): is nats-server running?",
             timeout.as_secs_f64()
         )),
-        ConnectErrorKind::ServerParse => ClientError::Value(format!("invalid NATS URL {safe}: {e}")),
-        _ => ClientError::Connection(format!("cannot reach NATS at {safe} ({e}): is nats-server running?")),
+        ConnectErrorKind::ServerParse => {
+            ClientError::Value(format!("invalid NATS URL {safe}: {e}"))
+        }
+        _ => ClientError::Connection(format!(
+            "cannot reach NATS at {safe} ({e}): is nats-server running?"
+        )),
     })
 }
 
@@ -244,11 +301,12 @@ impl Inner {
         nats_url: String,
         redis_url: String,
         timeout: Duration,
+        security: NatsSecurity,
     ) -> Result<Inner, ClientError> {
         let nats_safe = redact_url(&nats_url);
         let redis_safe = redact_url(&redis_url);
         let (nats, (redis_client, redis, pubsub)) = tokio::try_join!(
-            connect_nats(&nats_url, &nats_safe, timeout),
+            connect_nats(&nats_url, &nats_safe, timeout, &security),
             connect_redis(&redis_url, &redis_safe, timeout)
         )?;
         let js = ContextBuilder::new()
@@ -265,6 +323,7 @@ impl Inner {
             notifier,
             nats_given: nats_url,
             redis_given: redis_url,
+            security,
             nats_safe,
             redis_safe,
             closed: AtomicBool::new(false),
