@@ -3,9 +3,10 @@
 //! Events are a static message plus fields (`task_id`, `task`, `attempt`, `queue`, ...), so
 //! that the JSON form can be filtered without parsing prose. Both forms are safe from what a
 //! message carries: text fields have their control characters escaped ([`escape`]), JSON
-//! escapes them itself.
+//! escapes them itself; and a flood of one warning or error is summarised ([`repeats`]).
 
 pub mod escape;
+pub mod repeats;
 
 use std::io::IsTerminal;
 
@@ -58,7 +59,9 @@ pub fn init(log_level: &str, format: LogFormat) {
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(repeats::RepeatLimit::start());
     // A second init (tests) keeps the first subscriber; that is fine.
     let _ = match format {
         LogFormat::Text => registry
