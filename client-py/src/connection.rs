@@ -276,21 +276,41 @@ async fn connect_redis(
             "cannot reach Redis at {safe} ({e}): is redis-server running?"
         ))
     };
+    let failed = |e: redis::RedisError| {
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || e.code().is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS")
+        {
+            ClientError::Connection(format!(
+                "Redis at {safe} refused the password ({e}): check the password in the Redis URL \
+                 (init's redis_url, or $DBTASK_REDIS_URL), as redis://:PASSWORD@host:port"
+            ))
+        } else {
+            unreachable(e.to_string())
+        }
+    };
     let budget = timeout + Duration::from_secs(1);
     let commands = async {
-        tokio::time::timeout(
+        let commands = tokio::time::timeout(
             budget,
             ConnectionManager::new_with_config(client.clone(), config),
         )
         .await
         .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()))
+        .map_err(failed)?;
+        // A Redis that wants a password accepts the connection without one and refuses the
+        // first command: ask now, so that init() says so rather than the first get().
+        let mut ping = commands.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut ping)
+            .await
+            .map_err(failed)?;
+        Ok(commands)
     };
     let pubsub = async {
         tokio::time::timeout(budget, client.get_async_pubsub())
             .await
             .map_err(|_| unreachable("timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()))
+            .map_err(failed)
     };
     let (commands, pubsub) = tokio::try_join!(commands, pubsub)?;
     Ok((client, commands, pubsub))
