@@ -451,6 +451,7 @@ impl Broker {
         Ok(QueueConsumer {
             queue: queue.to_owned(),
             url: self.url.clone(),
+            client: self.client.clone(),
             consumer,
         })
     }
@@ -460,6 +461,7 @@ impl Broker {
 pub struct QueueConsumer {
     queue: String,
     url: String,
+    client: async_nats::Client,
     consumer: consumer::PullConsumer,
 }
 
@@ -468,9 +470,26 @@ impl QueueConsumer {
         &self.queue
     }
 
+    /// A pull while the connection is down fails at once: async-nats would otherwise hand back
+    /// a batch that ends with an error, which a no-wait fetch cannot tell from "no messages",
+    /// and the pull loop would count no failure, so never back off.
+    fn check_connected(&self) -> Result<(), BrokerError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(BrokerError::Pull {
+                url: self.url.clone(),
+                queue: self.queue.clone(),
+                source: Cause::said(format!(
+                    "not connected to NATS ({state}); async-nats is reconnecting"
+                )),
+            }),
+        }
+    }
+
     /// Asks for up to `max` messages; the request stays open on the server for `expires` and
     /// the batch yields each message as it arrives.
     pub async fn pull(&self, max: usize, expires: Duration) -> Result<Batch, BrokerError> {
+        self.check_connected()?;
         self.consumer
             .batch()
             .max_messages(max)
@@ -500,6 +519,7 @@ impl QueueConsumer {
     /// Asks for up to `max` messages already waiting, without waiting for more: the batch
     /// ends as soon as the server has nothing more to give.
     pub async fn pull_now(&self, max: usize) -> Result<Batch, BrokerError> {
+        self.check_connected()?;
         self.consumer
             .fetch()
             .max_messages(max)
