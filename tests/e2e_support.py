@@ -83,14 +83,23 @@ class Server:
 
 
 def start_nats(
-    workdir: Path, *, jetstream: bool = True, binary: Path | str = NATS_BIN, port: int | None = None
+    workdir: Path,
+    *,
+    jetstream: bool = True,
+    binary: Path | str = NATS_BIN,
+    port: int | None = None,
+    config: str | None = None,
 ) -> Server:
     """nats-server on a free port (or on `port`, to bring a stopped one back with what its
-    JetStream stored); JetStream stores under workdir."""
+    JetStream stored); JetStream stores under workdir. `config`: the text of a server config
+    file (TLS, authorization...), written to workdir; the address, port and store stay flags."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = workdir / "nats.log"
     cmd = [str(binary), "-a", "127.0.0.1", "-p", str(port)]
+    if config is not None:
+        (workdir / "nats.conf").write_text(config)
+        cmd += ["-c", str(workdir / "nats.conf")]
     if jetstream:
         cmd += ["-js", "-sd", str(workdir / "jetstream")]
     with open(log, "wb") as out:

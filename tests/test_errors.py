@@ -120,8 +120,10 @@ async def test_result_over_the_size_limit_fails_with_too_large(worker_factory, c
         b'{"id": "%(id)s", "task": "e2e_tasks.add", "args": {"x": 1}}',
         b'{"id": "%(id)s"}',
         b"[1, 2, 3]",
+        # Deeper than the protocol's 100 levels: refused before Python decodes it.
+        b'{"id": "%(id)s", "task": "e2e_tasks.add", "args": [' + b"[" * 5000 + b"]" * 5000 + b", 1]}",
     ],
-    ids=["not-json", "not-utf8", "task-not-a-string", "args-not-an-array", "no-task", "array"],
+    ids=["not-json", "not-utf8", "task-not-a-string", "args-not-an-array", "no-task", "array", "args-too-deep"],
 )
 async def test_undecodable_message_becomes_malformed_failure(worker, client, nats, body):
     task_id = f"raw-{uuid.uuid4()}"

@@ -3,6 +3,7 @@
 //! loop); they run on the client's I/O thread with the GIL released.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::{LastRawMessageErrorKind, RawMessageError, Stream};
@@ -15,6 +16,7 @@ use pyo3::prelude::*;
 use crate::connection::connect_nats;
 use crate::error::{redact_url, ClientError};
 use crate::runtime;
+use crate::security::NatsSecurity;
 
 /// One dead letter: (sequence, subject, headers, body as text).
 type Letter = (u64, String, HashMap<String, String>, String);
@@ -83,10 +85,29 @@ impl Admin {
 
 #[pymethods]
 impl Admin {
-    /// Connects to NATS (the URL may hold credentials; errors show it without them).
+    /// Connects to NATS (the URL may hold credentials; errors show it without them); the
+    /// `nats_*` files secure the connection (TLS, credentials), as for `Client.connect`.
     #[staticmethod]
-    #[pyo3(signature = (nats_url, timeout=5.0))]
-    fn connect_sync(py: Python<'_>, nats_url: String, timeout: f64) -> PyResult<Admin> {
+    #[pyo3(signature = (nats_url, timeout=5.0, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None))]
+    // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
+    #[allow(clippy::too_many_arguments)]
+    fn connect_sync(
+        py: Python<'_>,
+        nats_url: String,
+        timeout: f64,
+        nats_tls_ca: Option<PathBuf>,
+        nats_tls_cert: Option<PathBuf>,
+        nats_tls_key: Option<PathBuf>,
+        nats_creds: Option<PathBuf>,
+        nats_nkey: Option<PathBuf>,
+    ) -> PyResult<Admin> {
+        let security = NatsSecurity::new(
+            nats_tls_ca,
+            nats_tls_cert,
+            nats_tls_key,
+            nats_creds,
+            nats_nkey,
+        );
         if !(timeout.is_finite() && timeout > 0.0) {
             return Err(ClientError::value(format!(
                 "timeout must be a positive number of seconds, not {timeout}"
@@ -97,7 +118,13 @@ impl Admin {
         let shown = safe.clone();
         // The JetStream context spawns a task: it must be made on the runtime.
         let js = runtime::block_on(py, async move {
-            let client = connect_nats(&nats_url, &shown, Duration::from_secs_f64(timeout)).await?;
+            let client = connect_nats(
+                &nats_url,
+                &shown,
+                Duration::from_secs_f64(timeout),
+                &security,
+            )
+            .await?;
             Ok(jetstream::new(client))
         })?;
         Ok(Admin { js, safe })

@@ -4,6 +4,7 @@
 //! [`crate::results`], [`crate::canvas`] and [`crate::revoke`]; here Python's arguments are
 //! checked and the futures handed to the bridge.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +20,7 @@ use crate::publish::{prepare, prepare_many, publish_all, publish_one, PublishOpt
 use crate::results::{get_record, record_to_py, wait};
 use crate::revoke;
 use crate::runtime;
+use crate::security::NatsSecurity;
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     if value.is_nan() || value < 0.0 {
@@ -57,8 +59,9 @@ impl Client {
         nats_url: String,
         redis_url: String,
         timeout: Duration,
+        security: NatsSecurity,
     ) -> Result<Client, ClientError> {
-        let inner = Inner::connect(nats_url, redis_url, timeout).await?;
+        let inner = Inner::connect(nats_url, redis_url, timeout, security).await?;
         Ok(Client {
             inner: Arc::new(inner),
             publisher: Publisher::start(),
@@ -68,32 +71,63 @@ impl Client {
 
 #[pymethods]
 impl Client {
-    /// Connects to NATS and Redis and creates the task stream if it is missing.
+    /// Connects to NATS and Redis and creates the task stream if it is missing; the
+    /// `nats_*` files secure the NATS connection (TLS, credentials).
     #[staticmethod]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None))]
+    // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
+    #[allow(clippy::too_many_arguments)]
     fn connect(
         py: Python<'_>,
         nats_url: String,
         redis_url: String,
         timeout: f64,
+        nats_tls_ca: Option<PathBuf>,
+        nats_tls_cert: Option<PathBuf>,
+        nats_tls_key: Option<PathBuf>,
+        nats_creds: Option<PathBuf>,
+        nats_nkey: Option<PathBuf>,
     ) -> PyResult<Bound<'_, PyAny>> {
         let timeout = seconds("timeout", timeout)?;
+        let security = NatsSecurity::new(
+            nats_tls_ca,
+            nats_tls_cert,
+            nats_tls_key,
+            nats_creds,
+            nats_nkey,
+        );
         bridge::awaitable(
             py,
-            Client::open(nats_url, redis_url, timeout),
+            Client::open(nats_url, redis_url, timeout, security),
             |py, client| Ok(Py::new(py, client)?.into_any()),
         )
     }
 
     /// Blocking form of `connect`.
     #[staticmethod]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None))]
+    // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
+    #[allow(clippy::too_many_arguments)]
     fn connect_sync(
         py: Python<'_>,
         nats_url: String,
         redis_url: String,
         timeout: f64,
+        nats_tls_ca: Option<PathBuf>,
+        nats_tls_cert: Option<PathBuf>,
+        nats_tls_key: Option<PathBuf>,
+        nats_creds: Option<PathBuf>,
+        nats_nkey: Option<PathBuf>,
     ) -> PyResult<Client> {
         let timeout = seconds("timeout", timeout)?;
-        runtime::block_on(py, Client::open(nats_url, redis_url, timeout))
+        let security = NatsSecurity::new(
+            nats_tls_ca,
+            nats_tls_cert,
+            nats_tls_key,
+            nats_creds,
+            nats_nkey,
+        );
+        runtime::block_on(py, Client::open(nats_url, redis_url, timeout, security))
     }
 
     /// Publishes one task and returns an asyncio future of the running loop that resolves to
@@ -346,11 +380,32 @@ impl Client {
         })
     }
 
-    /// True when this client is open and was connected with exactly these URLs.
-    fn connected_to(&self, nats_url: &str, redis_url: &str) -> bool {
+    /// True when this client is open and was connected with exactly these URLs and NATS
+    /// TLS and credential files.
+    #[pyo3(signature = (nats_url, redis_url, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None))]
+    // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
+    #[allow(clippy::too_many_arguments)]
+    fn connected_to(
+        &self,
+        nats_url: &str,
+        redis_url: &str,
+        nats_tls_ca: Option<PathBuf>,
+        nats_tls_cert: Option<PathBuf>,
+        nats_tls_key: Option<PathBuf>,
+        nats_creds: Option<PathBuf>,
+        nats_nkey: Option<PathBuf>,
+    ) -> bool {
+        let security = NatsSecurity::new(
+            nats_tls_ca,
+            nats_tls_cert,
+            nats_tls_key,
+            nats_creds,
+            nats_nkey,
+        );
         !self.inner.closed.load(Ordering::Acquire)
             && self.inner.nats_given == nats_url
             && self.inner.redis_given == redis_url
+            && self.inner.security == security
     }
 
     #[getter]

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::error::{percent_decode, redact_url, ClientError};
 use crate::notify::Notifier;
+use crate::security::NatsSecurity;
 
 /// How long JetStream may take to confirm a publish (and to answer API requests).
 pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -33,6 +34,8 @@ pub(crate) struct Inner {
     /// The URLs as given (with secrets), only compared, never shown.
     pub(crate) nats_given: String,
     pub(crate) redis_given: String,
+    /// The TLS and credential files it connected with (compared by `connected_to`).
+    pub(crate) security: NatsSecurity,
     pub(crate) nats_safe: String,
     pub(crate) redis_safe: String,
     pub(crate) closed: AtomicBool,
@@ -63,6 +66,7 @@ fn nats_options(
     url: &str,
     safe: &str,
     timeout: Duration,
+    security: &NatsSecurity,
 ) -> Result<(ConnectOptions, Vec<ServerAddr>), ClientError> {
     let invalid = |why: String| ClientError::value(format!("invalid NATS URL {safe}: {why}"));
     let mut servers = Vec::new();
@@ -96,6 +100,7 @@ fn nats_options(
         Some((token, None)) => ConnectOptions::with_token(token),
         None => ConnectOptions::new(),
     };
+    let options = security.apply(options)?;
     let options = options
         .name("dbtask-client")
         .connection_timeout(timeout)
@@ -103,25 +108,77 @@ fn nats_options(
     Ok((options, servers))
 }
 
+/// Whether a connect error comes from TLS: async-nats reports a failed handshake as an I/O
+/// error, with rustls' error inside.
+fn is_tls_error(err: &async_nats::ConnectError) -> bool {
+    if err.kind() == ConnectErrorKind::Tls {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if e.is::<async_nats::rustls::Error>()
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+/// The most telling cause of a connect error: the innermost I/O or TLS error's message.
+fn connect_reason(e: &async_nats::ConnectError) -> String {
+    let mut reason = e.to_string();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(inner) = source {
+        reason = inner.to_string();
+        source = inner.source();
+    }
+    reason
+}
+
 pub(crate) async fn connect_nats(
     url: &str,
     safe: &str,
     timeout: Duration,
+    security: &NatsSecurity,
 ) -> Result<async_nats::Client, ClientError> {
-    let (options, servers) = nats_options(url, safe, timeout)?;
+    let (options, servers) = nats_options(url, safe, timeout, security)?;
     // No retry_on_initial_connect: a closed port fails at once. Later disconnections are
     // retried forever in the background (publishes then wait up to PUBLISH_TIMEOUT).
     options.connect(servers).await.map_err(|e| {
         match e.kind() {
-            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => ClientError::connection(format!(
-                "NATS at {safe} refused the connection ({e}): check the user, password or token in the URL"
-            )),
+            ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
+                ClientError::connection(format!(
+                    "NATS at {safe} refused the connection ({e}): {}",
+                    security.sign_in_hint()
+                ))
+            }
+            // A server that checks client certificates closes the connection after the
+            // handshake: with TLS asked for, a connection lost that way is a TLS failure too.
+            kind if is_tls_error(&e)
+                || (security.tls()
+                    && kind == ConnectErrorKind::Io
+                    && !connect_reason(&e).contains("refused")) =>
+            {
+                ClientError::connection(format!(
+                    "TLS with NATS at {safe} failed ({}): {}",
+                    connect_reason(&e),
+                    security.tls_hint()
+                ))
+            }
             ConnectErrorKind::TimedOut => ClientError::connection(format!(
                 "cannot reach NATS at {safe} (no answer within {:.1} s): is nats-server running?",
                 timeout.as_secs_f64()
             )),
-            ConnectErrorKind::ServerParse => ClientError::value(format!("invalid NATS URL {safe}: {e}")),
-            _ => ClientError::connection(format!("cannot reach NATS at {safe} ({e}): is nats-server running?")),
+            ConnectErrorKind::ServerParse => {
+                ClientError::value(format!("invalid NATS URL {safe}: {e}"))
+            }
+            _ => ClientError::connection(format!(
+                "cannot reach NATS at {safe} ({e}): is nats-server running?"
+            )),
         }
         .because(e)
     })
@@ -203,21 +260,42 @@ async fn connect_redis(
             "cannot reach Redis at {safe} ({e}): is redis-server running?"
         ))
     };
+    let failed = |e: redis::RedisError| {
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || e.code().is_some_and(|c| c == "NOAUTH" || c == "WRONGPASS")
+        {
+            ClientError::connection(format!(
+                "Redis at {safe} refused the password ({e}): check the password in the Redis URL \
+                 (init's redis_url, or $DBTASK_REDIS_URL), as redis://:PASSWORD@host:port"
+            ))
+            .because(e)
+        } else {
+            unreachable(e.to_string()).because(e)
+        }
+    };
     let budget = timeout + Duration::from_secs(1);
     let commands = async {
-        tokio::time::timeout(
+        let commands = tokio::time::timeout(
             budget,
             ConnectionManager::new_with_config(client.clone(), config),
         )
         .await
         .map_err(|_| unreachable("timed out".into()))?
-        .map_err(|e| unreachable(e.to_string()).because(e))
+        .map_err(failed)?;
+        // A Redis that wants a password accepts the connection without one and refuses the
+        // first command: ask now, so that init() says so rather than the first get().
+        let mut ping = commands.clone();
+        redis::cmd("PING")
+            .query_async::<()>(&mut ping)
+            .await
+            .map_err(failed)?;
+        Ok(commands)
     };
     let pubsub = async {
         tokio::time::timeout(budget, client.get_async_pubsub())
             .await
             .map_err(|_| unreachable("timed out".into()))?
-            .map_err(|e| unreachable(e.to_string()).because(e))
+            .map_err(failed)
     };
     let (commands, pubsub) = tokio::try_join!(commands, pubsub)?;
     Ok((client, commands, pubsub))
@@ -228,11 +306,12 @@ impl Inner {
         nats_url: String,
         redis_url: String,
         timeout: Duration,
+        security: NatsSecurity,
     ) -> Result<Inner, ClientError> {
         let nats_safe = redact_url(&nats_url);
         let redis_safe = redact_url(&redis_url);
         let (nats, (redis_client, redis, pubsub)) = tokio::try_join!(
-            connect_nats(&nats_url, &nats_safe, timeout),
+            connect_nats(&nats_url, &nats_safe, timeout, &security),
             connect_redis(&redis_url, &redis_safe, timeout)
         )?;
         let js = ContextBuilder::new()
@@ -249,6 +328,7 @@ impl Inner {
             notifier,
             nats_given: nats_url,
             redis_given: redis_url,
+            security,
             nats_safe,
             redis_safe,
             closed: AtomicBool::new(false),

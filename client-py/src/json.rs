@@ -19,9 +19,9 @@ use serde_json::value::RawValue;
 
 use crate::error::ClientError;
 
-/// Deepest accepted nesting of lists and dicts. The worker decodes messages with serde_json,
-/// whose recursion limit is 128 levels including the message itself.
-pub const MAX_DEPTH: usize = 100;
+/// Deepest accepted nesting of lists and dicts: the protocol's limit, past which the worker
+/// records a message as malformed.
+pub const MAX_DEPTH: usize = dbtask_protocol::MAX_JSON_DEPTH;
 
 enum Step {
     Index(usize),

@@ -11,6 +11,7 @@
 //! - [`publish`]: task messages checked, encoded and published, confirmations in order;
 //! - [`results`]: reading a record, waiting for a ready one;
 //! - [`canvas`]: workflows; [`revoke`]: revocations; [`admin`]: dead letters;
+//! - [`security`]: TLS and credentials of the NATS connection;
 //! - [`bridge`], [`runtime`], [`notify`], [`json`], [`ids`], [`error`]: the plumbing.
 
 use pyo3::prelude::*;
@@ -35,6 +36,7 @@ mod publish;
 mod results;
 mod revoke;
 mod runtime;
+mod security;
 
 /// Resets process-wide state in a forked child (called from `os.register_at_fork`): the
 /// parent's I/O thread does not exist here, and its connections belong to the parent.

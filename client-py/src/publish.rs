@@ -144,6 +144,11 @@ pub(crate) fn prepare(
     };
     check_time("eta", eta)?;
     check_time("expires", expires)?;
+    if let Some(at) = eta.filter(|at| *at > protocol::MAX_ETA) {
+        return Err(ClientError::value(format!(
+            "eta {at} is after the year 9999, the last time NATS can schedule a task at: use a smaller countdown or an earlier eta"
+        )));
+    }
     let message = TaskMessage {
         v: protocol::PROTOCOL_VERSION,
         id,

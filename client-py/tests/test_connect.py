@@ -117,3 +117,24 @@ def test_async_init_then_sync_use(nats, redis):
     finally:
         asyncio.run(dbtask.close())
 
+
+
+def test_a_wrong_redis_password_says_so_and_names_the_setting(nats, tmp_path):
+    from conftest import start_redis
+
+    guarded = start_redis(tmp_path, "--requirepass", "right-one")
+    try:
+        wrong = f"redis://:wr0ng-one@127.0.0.1:{guarded.port}/0"
+        with pytest.raises(ConnectionError) as info:
+            dbtask.init_sync(nats_url=nats.url, redis_url=wrong)
+        message = str(info.value)
+        assert message.startswith(f"Redis at redis://:***@127.0.0.1:{guarded.port}/0 refused the password")
+        assert "redis_url" in message and "is redis-server running?" not in message
+        assert "wr0ng-one" not in message
+        # No password at all: refused the same way (NOAUTH).
+        with pytest.raises(ConnectionError, match="refused the password"):
+            dbtask.init_sync(nats_url=nats.url, redis_url=guarded.url)
+        dbtask.init_sync(nats_url=nats.url, redis_url=f"redis://:right-one@127.0.0.1:{guarded.port}/0")
+        dbtask.close_sync()
+    finally:
+        guarded.stop()

@@ -263,6 +263,19 @@ def test_countdown_eta_and_expires_become_unix_seconds():
         add.apply_async(1, 2, link=add.s(), expires=10)
 
 
+def test_a_countdown_past_the_year_9999_is_a_value_error():
+    # NATS schedules a task at an RFC 3339 time: four-digit years only.
+    for call in (
+        lambda: _options.schedule(1e20, None, None),
+        lambda: add.s(1, 2).set(countdown=1e20),
+        lambda: dbtask.Retry(countdown=1e20),
+    ):
+        with pytest.raises(ValueError, match=r"countdown=1e\+20 seconds ends after the year 9999"):
+            call()
+    eta, _ = _options.schedule(10 * 365 * 86400, None, None)  # ten years is fine
+    assert eta is not None and eta < _options.MAX_ETA
+
+
 def test_retry_checks_its_countdown_like_the_options():
     assert dbtask.Retry(countdown=2).countdown == 2.0
     with pytest.raises(ValueError, match="countdown must be a number of seconds >= 0"):

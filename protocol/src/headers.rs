@@ -18,6 +18,10 @@ pub const HEADER_SCHEDULE: &str = "Nats-Schedule";
 /// Header naming the subject a message schedule publishes to.
 pub const HEADER_SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
 
+/// The latest eta a message schedule can hold: 9999-12-31T23:59:59Z, the last second RFC 3339
+/// (four-digit years) can write. A later one (`countdown=1e20`) is refused where it is given.
+pub const MAX_ETA: f64 = 253_402_300_799.0;
+
 /// The `Nats-Schedule` header value running a message at Unix time `eta`:
 /// `@at 2026-01-02T03:04:05.678Z` (RFC 3339, UTC, millisecond precision).
 pub fn schedule_at(eta: f64) -> String {

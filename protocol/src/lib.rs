@@ -20,6 +20,7 @@
 //! - [`validation`]: queue, task name and id checks, [`ProtocolError`];
 //! - [`rate`]: rate limits;
 //! - `redact`: [`redact_url`] and [`percent_decode`], server URLs and their credentials;
+//! - [`nats_auth`]: the TLS and credential files of a NATS connection, named and checked once;
 //! - [`canvas`]: workflows (signatures, chains, groups, chords).
 
 pub mod canvas;
@@ -28,6 +29,7 @@ pub mod message;
 pub mod names;
 #[cfg(feature = "nats")]
 pub mod nats;
+pub mod nats_auth;
 pub mod rate;
 pub mod record;
 pub mod stream;
@@ -37,6 +39,7 @@ pub use canvas::{ChordRef, Signature};
 pub use headers::*;
 pub use message::*;
 pub use names::*;
+pub use nats_auth::{nkey_seed, NatsFile};
 pub use rate::*;
 pub use record::*;
 pub use stream::*;

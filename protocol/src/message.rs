@@ -10,6 +10,40 @@ use crate::{
     PROTOCOL_VERSION,
 };
 
+/// How deep the arguments of a task may nest, counting the `args` array (or `kwargs` object)
+/// itself: the client refuses deeper values when it encodes them, the worker records a deeper
+/// message as malformed before Python decodes it.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// The deepest nesting of arrays and objects in JSON text (strings skipped); one pass, no
+/// allocation.
+pub fn json_depth(json: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 fn empty_args() -> Box<RawValue> {
     RawValue::from_string("[]".to_owned()).expect("literal JSON")
 }
@@ -120,6 +154,13 @@ impl TaskMessage {
                 "`kwargs` must be a JSON object".into(),
             ));
         }
+        for (name, value) in [("args", &msg.args), ("kwargs", &msg.kwargs)] {
+            if json_depth(value.get()) > MAX_JSON_DEPTH {
+                return Err(ProtocolError::Malformed(format!(
+                    "`{name}` nest deeper than {MAX_JSON_DEPTH} levels"
+                )));
+            }
+        }
         if msg.priority.is_some_and(|p| p > MAX_PRIORITY) {
             return Err(ProtocolError::Malformed(format!(
                 "`priority` must be 0 to {MAX_PRIORITY}"
@@ -171,6 +212,26 @@ mod tests {
 
     fn raw(s: &str) -> Box<RawValue> {
         RawValue::from_string(s.to_owned()).unwrap()
+    }
+
+    #[test]
+    fn arguments_nested_deeper_than_the_limit_are_malformed() {
+        assert_eq!(json_depth(r#"[1, "[[[\"[", {"a": [2]}]"#), 3);
+        let nested = |levels: usize| "[".repeat(levels) + &"]".repeat(levels);
+        let body = |args: &str| format!(r#"{{"id": "t1", "task": "add", "args": {args}}}"#);
+        TaskMessage::decode(body(&nested(MAX_JSON_DEPTH)).as_bytes()).unwrap();
+        for levels in [MAX_JSON_DEPTH + 1, 100_000] {
+            let err = TaskMessage::decode(body(&nested(levels)).as_bytes()).unwrap_err();
+            assert!(
+                matches!(&err, ProtocolError::Malformed(m) if m.contains("`args` nest deeper than 100 levels")),
+                "{err}"
+            );
+        }
+        let deep_kwargs = format!(
+            r#"{{"id": "t1", "task": "add", "kwargs": {{"a": {}}}}}"#,
+            nested(MAX_JSON_DEPTH)
+        );
+        assert!(TaskMessage::decode(deep_kwargs.as_bytes()).is_err());
     }
 
     #[test]

@@ -147,6 +147,26 @@ pub struct Cli {
     /// With --pool processes: replace a child process after the task that took it past MiB of resident memory [default: 0, never]
     #[arg(long, env = "DBTASK_MAX_MEMORY_PER_CHILD", value_name = "MiB")]
     pub max_memory_per_child: Option<u64>,
+    // NATS TLS and credentials (docs/security.md).
+    /// CA certificate (PEM) that signed the NATS server's certificate; TLS is then required
+    #[arg(long, env = "DBTASK_NATS_TLS_CA", value_name = "FILE")]
+    pub nats_tls_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for a NATS server that verifies clients (mutual TLS)
+    #[arg(long, env = "DBTASK_NATS_TLS_CERT", value_name = "FILE")]
+    pub nats_tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --nats-tls-cert
+    #[arg(long, env = "DBTASK_NATS_TLS_KEY", value_name = "FILE")]
+    pub nats_tls_key: Option<PathBuf>,
+
+    /// NATS credentials file (user JWT and nkey seed) for a server in operator/JWT mode
+    #[arg(long, env = "DBTASK_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// File holding an nkey user seed (SU...) for a server with nkey users
+    #[arg(long, env = "DBTASK_NATS_NKEY", value_name = "FILE")]
+    pub nats_nkey: Option<PathBuf>,
 
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
@@ -205,6 +225,19 @@ impl Cli {
         set(&mut config.pool, &self.pool);
         set(&mut config.max_tasks_per_child, &self.max_tasks_per_child);
         set(&mut config.max_memory_per_child, &self.max_memory_per_child);
+
+        // NATS TLS and credentials.
+        for (target, value) in [
+            (&mut config.nats_tls_ca, &self.nats_tls_ca),
+            (&mut config.nats_tls_cert, &self.nats_tls_cert),
+            (&mut config.nats_tls_key, &self.nats_tls_key),
+            (&mut config.nats_creds, &self.nats_creds),
+            (&mut config.nats_nkey, &self.nats_nkey),
+        ] {
+            if value.is_some() {
+                target.clone_from(value);
+            }
+        }
     }
 }
 
@@ -324,5 +357,36 @@ mod tests {
         assert_eq!(off.track_started, Some(false));
         let unset = Cli::try_parse_from(["w"]).unwrap();
         assert_eq!(unset.track_started, None);
+    }
+
+    // NATS TLS and credentials.
+    #[test]
+    fn nats_security_files_come_from_flags_and_are_checked_by_name() {
+        let ca = file("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n");
+        let ca = ca.path().to_str().unwrap();
+        let c = cli(&["-A", "tasks", "--nats-tls-ca", ca])
+            .load_config()
+            .unwrap();
+        assert_eq!(c.nats_tls_ca.as_deref(), Some(std::path::Path::new(ca)));
+        assert!(c.to_redacted_toml().contains("nats_tls_ca"));
+
+        let err = cli(&["-A", "tasks", "--nats-tls-ca", "/nonexistent/ca.pem"])
+            .load_config()
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "invalid setting `nats_tls_ca`: --nats-tls-ca /nonexistent/ca.pem: file not found"
+        );
+        let err = cli(&["-A", "tasks", "--nats-nkey", ca])
+            .load_config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--nats-nkey"), "{err}");
+        assert!(err.contains("nkey user seed"), "{err}");
+        assert!(
+            !err.contains("MIIB"),
+            "a file's contents are never shown: {err}"
+        );
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::broker::NatsSecurity;
 use crate::python::{Executor, ProcessOptions, PythonConfig};
 pub use crate::telemetry::LogFormat;
 
@@ -67,6 +68,23 @@ pub struct Config {
     /// With `pool = "processes"`: replace a child process after the task that took its
     /// resident memory past this many MiB (0: never).
     pub max_memory_per_child: u64,
+
+    // NATS TLS and credentials (docs/security.md): paths of files, never their contents.
+    /// PEM CA certificate(s) that signed the NATS server's certificate; TLS is then required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// PEM client certificate for servers that verify clients (mutual TLS); needs `nats_tls_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// PEM private key of `nats_tls_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// NATS credentials file (user JWT and nkey seed), for servers in operator (JWT) mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_creds: Option<PathBuf>,
+    /// File holding an nkey user seed (`SU...`), for servers with nkey users.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nats_nkey: Option<PathBuf>,
 }
 
 /// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
@@ -109,6 +127,11 @@ impl Default for Config {
             pool: PoolKind::Threads,
             max_tasks_per_child: 0,
             max_memory_per_child: 0,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_creds: None,
+            nats_nkey: None,
         }
     }
 }
@@ -249,7 +272,21 @@ impl Config {
         if self.max_memory_per_child > u64::MAX >> 20 {
             return Err(invalid("max_memory_per_child", "is in MiB: too large"));
         }
+        self.nats_security()
+            .check()
+            .map_err(|e| invalid(e.setting.setting(), e.to_string()))?;
         Ok(())
+    }
+
+    /// The TLS and credential files of the NATS connection.
+    pub fn nats_security(&self) -> NatsSecurity {
+        NatsSecurity {
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+            creds: self.nats_creds.clone(),
+            nkey: self.nats_nkey.clone(),
+        }
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

@@ -317,3 +317,36 @@ async fn url_credentials_are_used_and_never_shown() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn pulls_while_nats_is_down_fail_instead_of_looking_empty() {
+    // The pull loop backs off after failed pulls only: an empty answer would make it ask
+    // again at once, every 0.4 s for as long as NATS is down.
+    let nats = NatsServer::start();
+    let config = config(&nats);
+    let broker = Broker::connect(&nats.url(), "t").await.unwrap();
+    broker.ensure_stream(&config).await.unwrap();
+    let consumer = broker.ensure_consumer("default", &config).await.unwrap();
+    assert!(consumer.pull_now(10).await.is_ok());
+    drop(nats);
+    // The client notices the closed connection on its own; until then a pull may still go out.
+    let mut answer = consumer.pull_now(10).await.map(|_| ());
+    for _ in 0..100 {
+        if answer.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        answer = consumer.pull_now(10).await.map(|_| ());
+    }
+    let err = answer
+        .expect_err("a pull while NATS is down must fail")
+        .to_string();
+    assert!(err.contains("not connected to NATS"), "{err}");
+    let err = consumer
+        .pull(10, Duration::from_secs(1))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not connected to NATS"), "{err}");
+}

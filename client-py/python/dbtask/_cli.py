@@ -7,7 +7,9 @@
     dbtask result TASK_ID
 
 Servers: ``--nats-url`` / ``--redis-url``, else ``$DBTASK_NATS_URL`` / ``$DBTASK_REDIS_URL``,
-else ``nats://127.0.0.1:4222`` / ``redis://127.0.0.1:6379``.
+else ``nats://127.0.0.1:4222`` / ``redis://127.0.0.1:6379``. NATS TLS and credentials:
+``--nats-tls-ca``, ``--nats-tls-cert``, ``--nats-tls-key``, ``--nats-creds``, ``--nats-nkey``,
+else ``$DBTASK_NATS_TLS_CA``... as for the worker (docs/security.md).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def _admin(args: argparse.Namespace) -> Any:
     from . import _client
 
     url = args.nats_url or os.environ.get("DBTASK_NATS_URL", DEFAULT_NATS_URL)
-    return _client._native().Admin.connect_sync(url, args.timeout)
+    security = _client._security({name: getattr(args, name) for name in _client.NATS_SECURITY})
+    return _client._native().Admin.connect_sync(url, args.timeout, **security)
 
 
 def _letter_dict(letter: tuple[int, str, dict[str, str], str]) -> dict[str, Any]:
@@ -104,7 +107,8 @@ def _dead_purge(args: argparse.Namespace) -> int:
 def _result(args: argparse.Namespace) -> int:
     from . import _client
 
-    _client.init_sync(args.nats_url, args.redis_url, timeout=args.timeout)
+    security = {name: getattr(args, name) for name in _client.NATS_SECURITY}
+    _client.init_sync(args.nats_url, args.redis_url, timeout=args.timeout, **security)
     try:
         record = _client.current().get_record_sync(args.task_id)
     finally:
@@ -120,6 +124,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--nats-url", help="NATS server (default: $DBTASK_NATS_URL, else nats://127.0.0.1:4222)")
     parser.add_argument("--redis-url", help="Redis server (default: $DBTASK_REDIS_URL, else redis://127.0.0.1:6379)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a connection (default: 5)")
+    for flag, what in [
+        ("--nats-tls-ca", "CA certificate (PEM) that signed the NATS server's certificate"),
+        ("--nats-tls-cert", "client certificate (PEM) for mutual TLS"),
+        ("--nats-tls-key", "private key (PEM) of --nats-tls-cert"),
+        ("--nats-creds", "NATS credentials file (user JWT and nkey seed)"),
+        ("--nats-nkey", "file holding an nkey user seed (SU...)"),
+    ]:
+        env = "DBTASK_" + flag[2:].upper().replace("-", "_")
+        parser.add_argument(flag, metavar="FILE", help=f"{what} (default: ${env})")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     dead = commands.add_parser("dead", help="dead letters: tasks that exhausted their deliveries")

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 from types import ModuleType
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 if TYPE_CHECKING:
     from ._dbtask import Client
@@ -59,6 +59,28 @@ def current() -> "Client":
     return client
 
 
+# NATS TLS and credentials (docs/security.md): the keywords of `init`, each defaulting to the
+# environment variable the worker reads for the same setting.
+NATS_SECURITY = ("nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_creds", "nats_nkey")
+PathArg = Union[str, "os.PathLike[str]", None]
+
+
+def _security(given: dict[str, PathArg]) -> dict[str, str]:
+    """The NATS TLS and credential files: the keywords given, else ``$DBTASK_NATS_TLS_CA``...;
+    unset ones left out."""
+    out: dict[str, str] = {}
+    for name in NATS_SECURITY:
+        value = given[name]
+        if value is None:
+            value = os.environ.get("DBTASK_" + name.upper()) or None
+        if value is None:
+            continue
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"{name} must be a path (str or os.PathLike), not {type(value).__name__}")
+        out[name] = os.fspath(value)
+    return out
+
+
 def _resolve(nats_url: str | None, redis_url: str | None, timeout: float) -> tuple[str, str, float]:
     nats = nats_url if nats_url is not None else os.environ.get("DBTASK_NATS_URL", DEFAULT_NATS_URL)
     redis = redis_url if redis_url is not None else os.environ.get("DBTASK_REDIS_URL", DEFAULT_REDIS_URL)
@@ -70,9 +92,9 @@ def _resolve(nats_url: str | None, redis_url: str | None, timeout: float) -> tup
     return nats, redis, timeout
 
 
-def _keep(nats: str, redis: str) -> bool:
+def _keep(nats: str, redis: str, security: dict[str, str]) -> bool:
     client = _client
-    return client is not None and client.connected_to(nats, redis)
+    return client is not None and client.connected_to(nats, redis, **security)
 
 
 def _install(new: "Client") -> Optional["Client"]:
@@ -89,6 +111,11 @@ async def init(
     redis_url: str | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    nats_tls_ca: PathArg = None,
+    nats_tls_cert: PathArg = None,
+    nats_tls_key: PathArg = None,
+    nats_creds: PathArg = None,
+    nats_nkey: PathArg = None,
 ) -> None:
     """Connects to NATS and Redis (awaitable form of :func:`init_sync`).
 
@@ -97,14 +124,25 @@ async def init(
     attempt. Creates the task stream when it is missing. Raises ConnectionError (the URL with
     its password hidden) when a server cannot be reached.
 
+    NATS over TLS and with credentials (docs/security.md), each a file path, defaulting to
+    ``$DBTASK_NATS_TLS_CA``... as for the worker: ``nats_tls_ca`` the CA certificate (PEM)
+    that signed the server's certificate (TLS is then required), ``nats_tls_cert`` and
+    ``nats_tls_key`` a client certificate and its key (mutual TLS), ``nats_creds`` a
+    ``.creds`` file (user JWT and nkey seed), ``nats_nkey`` a file holding an nkey user seed.
+    A missing or wrong file raises ValueError naming the keyword.
+
     One client serves the whole process, every thread and event loop, async and sync API
-    alike. Calling ``init`` again with the same URLs keeps it; other URLs replace it (the old
-    one is closed after the new one connected).
+    alike. Calling ``init`` again with the same settings keeps it; other ones replace it (the
+    old one is closed after the new one connected).
     """
     nats, redis, timeout = _resolve(nats_url, redis_url, timeout)
-    if _keep(nats, redis):
+    security = _security(
+        dict(nats_tls_ca=nats_tls_ca, nats_tls_cert=nats_tls_cert, nats_tls_key=nats_tls_key,
+             nats_creds=nats_creds, nats_nkey=nats_nkey)
+    )  # fmt: skip
+    if _keep(nats, redis, security):
         return
-    new = await _native().Client.connect(nats, redis, timeout)
+    new = await _native().Client.connect(nats, redis, timeout, **security)
     old = _install(new)
     if old is not None:
         await old.close()
@@ -115,13 +153,22 @@ def init_sync(
     redis_url: str | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
+    nats_tls_ca: PathArg = None,
+    nats_tls_cert: PathArg = None,
+    nats_tls_key: PathArg = None,
+    nats_creds: PathArg = None,
+    nats_nkey: PathArg = None,
 ) -> None:
     """Connects to NATS and Redis, blocking; see :func:`init`. Usable with or without asyncio:
     the client made here serves the async API too, from any thread and event loop."""
     nats, redis, timeout = _resolve(nats_url, redis_url, timeout)
-    if _keep(nats, redis):
+    security = _security(
+        dict(nats_tls_ca=nats_tls_ca, nats_tls_cert=nats_tls_cert, nats_tls_key=nats_tls_key,
+             nats_creds=nats_creds, nats_nkey=nats_nkey)
+    )  # fmt: skip
+    if _keep(nats, redis, security):
         return
-    new = _native().Client.connect_sync(nats, redis, timeout)
+    new = _native().Client.connect_sync(nats, redis, timeout, **security)
     old = _install(new)
     if old is not None:
         old.close_sync()

@@ -32,9 +32,29 @@ class Client:
     """A connection to NATS (JetStream) and Redis, shared by the whole process."""
 
     @staticmethod
-    def connect(nats_url: str, redis_url: str, timeout: float) -> Awaitable[Client]: ...
+    def connect(
+        nats_url: str,
+        redis_url: str,
+        timeout: float,
+        *,
+        nats_tls_ca: str | None = None,
+        nats_tls_cert: str | None = None,
+        nats_tls_key: str | None = None,
+        nats_creds: str | None = None,
+        nats_nkey: str | None = None,
+    ) -> Awaitable[Client]: ...
     @staticmethod
-    def connect_sync(nats_url: str, redis_url: str, timeout: float) -> Client: ...
+    def connect_sync(
+        nats_url: str,
+        redis_url: str,
+        timeout: float,
+        *,
+        nats_tls_ca: str | None = None,
+        nats_tls_cert: str | None = None,
+        nats_tls_key: str | None = None,
+        nats_creds: str | None = None,
+        nats_nkey: str | None = None,
+    ) -> Client: ...
     @overload
     def publish(
         self,
@@ -93,7 +113,17 @@ class Client:
     def revoke_sync(self, task_id: str, terminate: bool, ttl: float) -> None: ...
     def close(self) -> Awaitable[None]: ...
     def close_sync(self) -> None: ...
-    def connected_to(self, nats_url: str, redis_url: str) -> bool: ...
+    def connected_to(
+        self,
+        nats_url: str,
+        redis_url: str,
+        *,
+        nats_tls_ca: str | None = None,
+        nats_tls_cert: str | None = None,
+        nats_tls_key: str | None = None,
+        nats_creds: str | None = None,
+        nats_nkey: str | None = None,
+    ) -> bool: ...
     @property
     def closed(self) -> bool: ...
     @property
@@ -109,7 +139,16 @@ class Admin:
     """Operator commands on JetStream (used by the ``dbtask`` command line)."""
 
     @staticmethod
-    def connect_sync(nats_url: str, timeout: float = 5.0) -> Admin: ...
+    def connect_sync(
+        nats_url: str,
+        timeout: float = 5.0,
+        *,
+        nats_tls_ca: str | None = None,
+        nats_tls_cert: str | None = None,
+        nats_tls_key: str | None = None,
+        nats_creds: str | None = None,
+        nats_nkey: str | None = None,
+    ) -> Admin: ...
     def dead_list(
         self, queue: str | None = None, start: int = 1, limit: int = 100
     ) -> list[tuple[int, str, dict[str, str], str]]: ...

@@ -255,6 +255,20 @@ def _timestamp(value: datetime) -> float:
     return value.timestamp()
 
 
+# The latest eta NATS can schedule a task at (9999-12-31T23:59:59Z): the protocol's MAX_ETA.
+MAX_ETA = 253_402_300_799.0
+
+
+def _countdown(value: object, now: float) -> float:
+    """A countdown in seconds whose eta NATS can schedule; ValueError otherwise."""
+    secs = seconds(value, "countdown")
+    if now + secs > MAX_ETA:
+        raise ValueError(
+            f"countdown={value!r} seconds ends after the year 9999, the last time NATS can schedule a task at"
+        )
+    return secs
+
+
 def schedule(
     countdown: float | None, eta: datetime | None, expires: float | datetime | None
 ) -> tuple[float | None, float | None]:
@@ -267,7 +281,7 @@ def schedule(
     if countdown is not None and eta is not None:
         raise ValueError("give countdown or eta, not both")
     if countdown is not None:
-        eta_ts = now + seconds(countdown, "countdown")
+        eta_ts = now + _countdown(countdown, now)
     elif eta is not None:
         if not isinstance(eta, datetime):
             raise TypeError(f"eta must be a datetime, not {type(eta).__name__}")
@@ -291,7 +305,7 @@ def signature_options(options: Mapping[str, Any], where: str = "Signature()") ->
     if "queue" in out:
         check_queue(out["queue"])
     if "countdown" in out:
-        out["countdown"] = seconds(out["countdown"], "countdown")
+        out["countdown"] = _countdown(out["countdown"], time.time())
     if "priority" in out:
         check_priority(out["priority"])
     if "task_id" in out and (not isinstance(out["task_id"], str) or not out["task_id"]):

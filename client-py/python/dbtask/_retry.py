@@ -6,6 +6,8 @@ explicit retry and to build the ``self`` of a bound task.
 
 from __future__ import annotations
 
+import time
+
 from typing import Any
 
 from . import _options
@@ -30,7 +32,7 @@ class Retry(Exception):
         exc: BaseException | None = None,
         max_retries: int | None = None,
     ) -> None:
-        if countdown is not None and _options.seconds(countdown, "countdown") < 0:
+        if countdown is not None and _options._countdown(countdown, time.time()) < 0:
             raise ValueError(f"countdown must be a number of seconds >= 0, not {countdown!r}")
         if max_retries is not None and (isinstance(max_retries, bool) or not isinstance(max_retries, int)):
             raise TypeError(f"max_retries must be an int, not {type(max_retries).__name__}")

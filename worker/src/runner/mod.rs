@@ -191,7 +191,7 @@ pub async fn run_with_hooks(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let worker = worker_identity();
-    let broker = Broker::connect(&config.nats_url, &worker).await?;
+    let broker = Broker::connect_with(&config.nats_url, &config.nats_security(), &worker).await?;
     let store = Store::connect(&config.redis_url, config.result_ttl).await?;
     // Informational only: a managed Redis may refuse INFO.
     let redis_version = store.server_version().await.unwrap_or_else(|e| {

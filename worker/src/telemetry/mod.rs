@@ -1,11 +1,18 @@
 //! Logs: tracing events on stderr, as text for people or JSON for machines.
 //!
 //! Events are a static message plus fields (`task_id`, `task`, `attempt`, `queue`, ...), so
-//! that the JSON form can be filtered without parsing prose.
+//! that the JSON form can be filtered without parsing prose. Both forms are safe from what a
+//! message carries: text fields have their control characters escaped ([`escape`]), JSON
+//! escapes them itself; and a flood of one warning or error is summarised ([`repeats`]).
+
+pub mod escape;
+pub mod repeats;
 
 use std::io::IsTerminal;
 
 use serde::{Deserialize, Serialize};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
 
 /// How logs are written on stderr.
@@ -49,19 +56,23 @@ pub fn filter_for(level: &str) -> Result<EnvFilter, String> {
 /// Call once, before anything logs.
 pub fn init(log_level: &str, format: LogFormat) {
     let filter = filter_for(log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_target(false);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(repeats::RepeatLimit::start());
     // A second init (tests) keeps the first subscriber; that is fine.
     let _ = match format {
-        LogFormat::Text => builder
-            .with_ansi(std::io::stderr().is_terminal())
+        LogFormat::Text => registry
+            .with(
+                layer
+                    .fmt_fields(escape::EscapedFields)
+                    .with_ansi(std::io::stderr().is_terminal()),
+            )
             .try_init(),
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
+        LogFormat::Json => registry
+            .with(layer.json().flatten_event(true).with_current_span(false))
             .try_init(),
     };
 }
