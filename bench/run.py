@@ -5,7 +5,9 @@ Starts a private nats-server (-js, file storage in a temp dir) and redis-server 
 runs every workload REPEATS times, checks every result (a missing or wrong one fails the run
 with a non-zero exit), and writes a Markdown report to bench/results/<date>.md (also printed).
 
-Environment: DBTASK_BENCH_REPEATS (default 3), DBTASK_BENCH_N (W1/W2 task count, 20000).
+Environment: DBTASK_BENCH_REPEATS (default 3), DBTASK_BENCH_N (W1/W2 task count, 20000),
+DBTASK_WORKER_BIN (the worker to measure, e.g. an older build to compare with; one without
+`--pool` skips the process-pool figures).
 """
 
 from __future__ import annotations
@@ -48,6 +50,10 @@ W7_TASKS = 400
 W7_ROUNDS = 130_000  # crunch(W7_ROUNDS) takes about 10 ms of one core here
 W7_RESULT = crunch(W7_ROUNDS)
 CORES = os.cpu_count() or 1
+# An older worker measured for comparison may predate the pool of processes.
+HAS_POOL = WORKER_BIN.exists() and "--pool" in subprocess.run(
+    [str(WORKER_BIN), "--help"], capture_output=True, text=True, timeout=30
+).stdout
 IDLE_SETTLE = 2.5  # seconds the worker stays idle after W2 before W6's settled figure
 TIMEOUT = 120.0
 
@@ -274,8 +280,10 @@ class WorkerProc:
     def __init__(
         self, nats_url: str, redis_url: str, workdir: Path, concurrency: int | None = None, pool: str = "threads"
     ) -> None:
-        cmd = [str(WORKER_BIN), "-A", "bench_tasks", "--queues", "default", "--pool", pool,
+        cmd = [str(WORKER_BIN), "-A", "bench_tasks", "--queues", "default",
                "--nats-url", nats_url, "--redis-url", redis_url, "--log-level", "warn,dbtask_worker=info"]  # fmt: skip
+        if pool != "threads":
+            cmd += ["--pool", pool]
         if concurrency is not None:
             cmd += ["--concurrency", str(concurrency)]
         self.log = workdir / f"worker-{time.monotonic_ns()}.log"
@@ -506,6 +514,8 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     fig["W6 rss idle"] = rss_mib(idle.proc.pid)
     idle.stop()
 
+    if not HAS_POOL:
+        return fig, checked
     # W2 and W6 again with the pool of processes (concurrency = cores): what the hand-over to a
     # child costs on trivial tasks, and what the children weigh.
     redis.call("FLUSHALL")
@@ -663,8 +673,8 @@ def report(figs: list[dict], base: list[dict], checked: int, vers: dict, started
     for key, label, unit, target, higher, bkey in ROWS:
         xs = [f[key] for f in figs if key in f]
         if not xs:
-            lines.append(f"| {label} | not measured: needs the workflows issue (`dbtask.Chord`) | | "
-                         f"≤ {target} {UNIT_NAME[unit]} | | |")  # fmt: skip
+            why = "needs the workflows issue (`dbtask.Chord`)" if key.startswith("W5") else "this worker has no `--pool`"
+            lines.append(f"| {label} | not measured: {why} | | | | |")
             continue
         m = med(xs)
         vs = ""
