@@ -217,3 +217,22 @@ async def wait_until_line(path: Path, line: str, timeout: float = 15.0) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{path} never got the line {line!r}: {path.read_text() if path.exists() else ''}")
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process `pid`, in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def wait_rss_at_most(pid: int, bound: float, timeout: float = 10.0) -> float:
+    """Waits until process `pid` holds at most `bound` MiB; returns what it holds then (or at
+    the timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        held = rss_mib(pid)
+        if held <= bound or time.monotonic() >= deadline:
+            return held
+        await asyncio.sleep(0.1)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from pathlib import Path
 
 import nats as nats_py
 import pytest
 
 import dbtask
+from e2e_support import rss_mib, wait_rss_at_most
 from e2e_tasks import add
 
 pytestmark = pytest.mark.timeout(300)
@@ -60,13 +60,6 @@ def hostile_body(rng: random.Random, task_id: str) -> tuple[bytes, bool]:
         return json.dumps({"id": task_id, "task": add_task, "args": rng.choice([[], [1], [1, 2, 3]])}).encode(), True
     # an unknown protocol version
     return json.dumps({"v": 99, "id": task_id, "task": add_task, "args": [1, 2]}).encode(), True
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
 
 
 async def test_ten_thousand_hostile_messages_among_valid_tasks(worker_factory, client, nats):
@@ -134,10 +127,5 @@ async def test_ten_thousand_hostile_messages_among_valid_tasks(worker_factory, c
     for control in ("\x1b", "\x07", "\r"):
         assert control not in text, f"raw {control!r} in the worker's log"
 
-    settled = rss_mib(worker.pid)
-    for _ in range(100):
-        settled = rss_mib(worker.pid)
-        if settled <= idle + 5:
-            break
-        await asyncio.sleep(0.1)
+    settled = await wait_rss_at_most(worker.pid, idle + 5)
     assert settled <= idle + 5, f"idle {idle:.1f} MiB, still {settled:.1f} MiB 10 s after the flood"

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from e2e_support import rss_mib, wait_rss_at_most
 from e2e_tasks import add, greet
 from tls_tasks import default_context_verifies, openssl_name, tls_echo
 
@@ -76,13 +77,6 @@ async def test_worker_runs_tasks_after_giving_memory_back_when_idle(worker_facto
         await trims(2 + burst)  # once after each burst
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for pid {pid}")
-
-
 @pytest.mark.parametrize(
     ("kind", "env"),
     [
@@ -105,10 +99,5 @@ async def test_memory_goes_back_near_idle_after_a_burst_of_large_arguments(worke
     argument = "x" * 900_000 if kind == "text" else list(range(100_000))
     results = [await greet.delay(argument) for _ in range(60)]
     assert [await r.get(timeout=60) for r in results] == [f"Hello, {argument}!"] * 60
-    settled = None
-    for _ in range(100):
-        settled = rss_mib(w.pid)
-        if settled <= idle + 5:
-            break
-        await asyncio.sleep(0.1)
+    settled = await wait_rss_at_most(w.pid, idle + 5)
     assert settled <= idle + 5, f"idle {idle:.1f} MiB, still {settled:.1f} MiB 10 s after the burst"

@@ -11,6 +11,7 @@ use async_nats::jetstream::context::{ContextBuilder, CreateStreamErrorKind};
 use async_nats::jetstream::ErrorCode;
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use dbtask_protocol as protocol;
+use dbtask_protocol::nats::is_tls_error;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
@@ -106,26 +107,6 @@ fn nats_options(
         .connection_timeout(timeout)
         .client_capacity(16_384);
     Ok((options, servers))
-}
-
-/// Whether a connect error comes from TLS: async-nats reports a failed handshake as an I/O
-/// error, with rustls' error inside.
-fn is_tls_error(err: &async_nats::ConnectError) -> bool {
-    if err.kind() == ConnectErrorKind::Tls {
-        return true;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(e) = source {
-        if e.is::<async_nats::rustls::Error>()
-            || e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
-        {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// The most telling cause of a connect error: the innermost I/O or TLS error's message.

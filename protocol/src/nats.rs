@@ -1,9 +1,9 @@
 //! The protocol's plain descriptions mapped onto async-nats types, for the worker and the
 //! client alike (the optional `nats` feature, which both enable): a stream description onto a
-//! stream config, a task message's headers onto a header map.
+//! stream config, a task message's headers onto a header map; and what a connect error means.
 
 use async_nats::jetstream::stream;
-use async_nats::HeaderMap;
+use async_nats::{ConnectError, ConnectErrorKind, HeaderMap};
 
 use crate::{task_headers, Retention, Route, Storage, StreamSpec, TaskMessage};
 
@@ -36,6 +36,26 @@ pub fn task_header_map(message: &TaskMessage, route: &Route, msg_id: &str) -> He
         headers.insert(name, value);
     }
     headers
+}
+
+/// Whether a connect error comes from TLS: async-nats reports a failed handshake as an I/O
+/// error, with rustls' error inside.
+pub fn is_tls_error(err: &ConnectError) -> bool {
+    if err.kind() == ConnectErrorKind::Tls {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = source {
+        if e.is::<async_nats::rustls::Error>()
+            || e.downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 #[cfg(test)]

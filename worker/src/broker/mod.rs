@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 use async_nats::{ConnectErrorKind, ConnectOptions};
+use dbtask_protocol::nats::is_tls_error;
 use dbtask_protocol::{
     priority_consumer_name, priority_subject, StreamSpec, DEFAULT_PRIORITY, TASK_STREAM,
 };
@@ -429,26 +430,6 @@ fn connect_options(raw: &str, shown: &str) -> Result<(url::Url, ConnectOptions),
     let _ = url.set_username("");
     let _ = url.set_password(None);
     Ok((url, options))
-}
-
-/// Whether a connect error comes from TLS: async-nats reports a failed handshake as an I/O
-/// error, with rustls' error inside.
-fn is_tls_error(err: &async_nats::ConnectError) -> bool {
-    if err.kind() == ConnectErrorKind::Tls {
-        return true;
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(e) = source {
-        if e.is::<async_nats::rustls::Error>()
-            || e.downcast_ref::<std::io::Error>()
-                .and_then(|io| io.get_ref())
-                .is_some_and(|inner| inner.is::<async_nats::rustls::Error>())
-        {
-            return true;
-        }
-        source = e.source();
-    }
-    false
 }
 
 /// The most telling part of a connect error: "connection refused", "timed out", ...

@@ -37,13 +37,9 @@ impl QueueConsumer {
     fn check_connected(&self) -> Result<(), BrokerError> {
         match self.client.connection_state() {
             async_nats::connection::State::Connected => Ok(()),
-            state => Err(BrokerError::Pull {
-                url: self.url.clone(),
-                queue: self.queue.clone(),
-                source: Cause::said(format!(
-                    "not connected to NATS ({state}); async-nats is reconnecting"
-                )),
-            }),
+            state => Err(self.failed(Cause::said(format!(
+                "not connected to NATS ({state}); async-nats is reconnecting"
+            )))),
         }
     }
 
@@ -58,24 +54,24 @@ impl QueueConsumer {
             .expires(expires)
             .messages()
             .await
-            .map_err(|e| BrokerError::Pull {
-                url: self.url.clone(),
-                queue: self.queue.clone(),
-                source: Cause::of(e),
-            })
+            .map_err(|e| self.failed(Cause::of(e)))
+    }
+
+    fn failed(&self, source: Cause) -> BrokerError {
+        BrokerError::Pull {
+            url: self.url.clone(),
+            queue: self.queue.clone(),
+            source,
+        }
     }
 
     /// The error of a pull that got no answer within `after` (NATS unreachable, or the
     /// request or its answer lost in a reconnect).
     pub fn unanswered(&self, after: Duration) -> BrokerError {
-        BrokerError::Pull {
-            url: self.url.clone(),
-            queue: self.queue.clone(),
-            source: Cause::said(format!(
-                "no answer within {} s (is nats-server reachable?)",
-                after.as_secs_f64()
-            )),
-        }
+        self.failed(Cause::said(format!(
+            "no answer within {} s (is nats-server reachable?)",
+            after.as_secs_f64()
+        )))
     }
 
     /// Asks for up to `max` messages already waiting, without waiting for more: the batch
@@ -88,11 +84,7 @@ impl QueueConsumer {
             .max_bytes(self.max_batch_bytes)
             .messages()
             .await
-            .map_err(|e| BrokerError::Pull {
-                url: self.url.clone(),
-                queue: self.queue.clone(),
-                source: Cause::of(e),
-            })
+            .map_err(|e| self.failed(Cause::of(e)))
     }
 }
 
