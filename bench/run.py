@@ -6,6 +6,7 @@ runs every workload REPEATS times, checks every result (a missing or wrong one f
 with a non-zero exit), and writes a Markdown report to bench/results/<date>.md (also printed).
 
 Environment: DBTASK_BENCH_REPEATS (default 3), DBTASK_BENCH_N (W1/W2 task count, 20000),
+DBTASK_BENCH_W8 (W8's task count, 100000; 0 skips it; W8 runs once, after the repetitions),
 DBTASK_WORKER_BIN (the worker to measure, e.g. an older build to compare with; one without
 `--pool` skips the process-pool figures).
 """
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -54,6 +55,8 @@ CORES = os.cpu_count() or 1
 HAS_POOL = WORKER_BIN.exists() and "--pool" in subprocess.run(
     [str(WORKER_BIN), "--help"], capture_output=True, text=True, timeout=30
 ).stdout
+W8_TASKS = int(os.environ.get("DBTASK_BENCH_W8", "100000"))
+W8_COUNTDOWN = 30.0
 IDLE_SETTLE = 2.5  # seconds the worker stays idle after W2 before W6's settled figure
 TIMEOUT = 120.0
 
@@ -552,6 +555,33 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     return fig, checked
 
 
+async def w8_scheduled(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict, int]:
+    """W8: W8_TASKS tasks for one eta W8_COUNTDOWN s ahead, published while a worker runs; what
+    the worker holds while they wait, and how late after the eta they start."""
+    redis.call("FLUSHALL")
+    worker = WorkerProc(nats.url, redis_srv.url, workdir)
+    worker.wait_ready()
+    rss_before = rss_mib(worker.proc.pid)
+    eta = datetime.now(timezone.utc) + timedelta(seconds=W8_COUNTDOWN)
+    t0 = time.perf_counter()
+    results = []
+    for start in range(0, W8_TASKS, 10_000):
+        chunk = [(i, i) for i in range(start, min(W8_TASKS, start + 10_000))]
+        results += await add.apply_many(chunk, eta=eta)
+    fig = {"W8 enqueue": W8_TASKS / (time.perf_counter() - t0)}
+    await asyncio.sleep(max(0.0, eta.timestamp() - time.time() - 2))
+    fig["W8 rss growth"] = rss_mib(worker.proc.pid) - rss_before
+    ids = [r.id for r in results]
+    redis.wait_done(ids, TIMEOUT + W8_COUNTDOWN)
+    checked = check_results(redis, ids, [2 * i for i in range(W8_TASKS)], "W8")
+    late = sorted(rec["date_started"] - eta.timestamp() for rec in redis.records(ids))
+    fig["W8 early"] = float(sum(x < 0 for x in late))
+    fig["W8 late p50"] = pct(late, 0.5) * 1000
+    fig["W8 late p99"] = pct(late, 0.99) * 1000
+    worker.stop()
+    return fig, checked
+
+
 def run_baseline(nats_url: str, redis_url: str) -> dict:
     out = subprocess.run([str(BASELINE_BIN), nats_url, redis_url, str(N)], capture_output=True, text=True, timeout=300)
     if out.returncode != 0:
@@ -605,6 +635,8 @@ def fmt(v: float, unit: str) -> str:
         return f"{v:.3f}"
     if unit == "×":
         return f"{v:.2f}"
+    if unit == "tasks":
+        return f"{v:,.0f}"
     return f"{v:.1f}"
 
 
@@ -632,16 +664,21 @@ ROWS = [
     ("W7 speed-up", "W7 threads ÷ processes (target on 2 cores)", "×", 1.8, True, None),
     ("W7 ideal s", "W7 ideal: 400 calls timed in the bench process ÷ cores", "s", None, False, None),
     ("W7 vs ideal", "W7 processes ÷ ideal", "×", 1.15, False, None),
+    ("W8 enqueue", f"W8 enqueue {W8_TASKS:,} tasks for one eta 30 s ahead (`apply_many`, 10,000 a call)", "/s", None, True, None),
+    ("W8 rss growth", "W8 worker RSS growth while they wait", "MiB", None, False, None),
+    ("W8 early", "W8 tasks started before their eta", "tasks", None, False, None),
+    ("W8 late p50", "W8 start after the eta, p50", "ms", None, False, None),
+    ("W8 late p99", "W8 start after the eta, p99", "ms", None, False, None),
 ]
 
-UNIT_NAME = {"/s": "tasks/s", "ms": "ms", "s": "s", "MiB": "MiB", "×": "×"}
+UNIT_NAME = {"/s": "tasks/s", "ms": "ms", "s": "s", "MiB": "MiB", "×": "×", "tasks": "tasks"}
 
 
 def report(figs: list[dict], base: list[dict], checked: int, vers: dict, started: datetime, took: float) -> str:
     lines = [
         f"# dbtask benchmark, {started:%Y-%m-%d %H:%M} UTC",
         "",
-        "Workloads: bench/WORKLOADS.md (W1-W7). Reproduce with `make bench`.",
+        "Workloads: bench/WORKLOADS.md (W1-W8; W8 once, after the last run). Reproduce with `make bench`.",
         f"Each figure: median of {len(figs)} runs (min-max). N = {N:,} tasks for W1/W2. "
         f"**{checked:,} results checked**, all correct.",
         "",
@@ -927,6 +964,11 @@ async def main() -> int:
                 checked += n
                 brief = {k: round(v, 3) for k, v in fig.items() if isinstance(v, float)}
                 print(f"  baseline {b}\n  dbtask {brief}", file=sys.stderr, flush=True)
+            if W8_TASKS:
+                print(f"W8: {W8_TASKS:,} tasks {W8_COUNTDOWN:.0f} s ahead...", file=sys.stderr, flush=True)
+                w8, n = await w8_scheduled(nats, redis_srv, redis, workdir)
+                figs[-1].update(w8)  # measured once: shown as the median of one run
+                checked += n
             await dbtask.close()
         except BenchFailure as e:
             print(f"\nBENCHMARK FAILED: {e}", file=sys.stderr)
