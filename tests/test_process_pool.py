@@ -238,3 +238,17 @@ async def test_a_second_signal_stops_the_worker_and_its_children_at_once(worker_
         await asyncio.sleep(0.05)
     assert not alive(pid), "the child running the task outlived its worker"
     assert await result.ready() is False, "not acked: it stays pending for another worker"
+
+
+async def test_a_task_that_crashes_over_and_over_is_logged_once_and_backed_off(worker_factory, client):
+    w = worker_factory(APP, concurrency=1, args=POOL)
+    crashes = [await exit_process.delay(7) for _ in range(8)]
+    for result in crashes:
+        with pytest.raises(dbtask.WorkerLost):
+            await result.get(timeout=30)
+    # Each death was recorded, but logged once for the burst (the rest counted for the next
+    # report), and the worker still serves once a child is back.
+    assert await (await whoami.delay(1)).get(timeout=30) == [1, next(iter(children(w.pid)))]
+    reports = [line for line in w.stderr.splitlines() if "recorded as dbtask.WorkerLost" in line]
+    assert len(reports) == 1, reports
+    assert "exited with code 7" in reports[0]
