@@ -252,3 +252,14 @@ async def test_a_task_that_crashes_over_and_over_is_logged_once_and_backed_off(w
     reports = [line for line in w.stderr.splitlines() if "recorded as dbtask.WorkerLost" in line]
     assert len(reports) == 1, reports
     assert "exited with code 7" in reports[0]
+
+
+async def test_an_idle_child_killed_from_outside_is_replaced_without_charging_a_task(worker_factory, client):
+    w = worker_factory(APP, concurrency=1, args=POOL)
+    (victim,) = await wait_children(w.pid, 1)
+    os.kill(victim, signal.SIGKILL)  # the OOM killer, or an operator
+    (fresh,) = await wait_children(w.pid, 1, replacing=victim)
+    result = await whoami.delay(5)
+    assert await result.get(timeout=15) == [5, fresh]
+    assert (await result.info())["attempts"] == 1
+    assert "an idle pool process was killed by signal 9" in w.stderr
