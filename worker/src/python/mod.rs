@@ -163,6 +163,18 @@ pub struct Job {
     pub retries: u32,
 }
 
+impl Job {
+    /// Sends how this job ended to its caller, with its arguments back (the retry path reuses
+    /// them). A caller that gave up waiting (its future dropped) gets nothing.
+    fn reply(self, reply: oneshot::Sender<Returned>, outcome: CallOutcome) {
+        let arguments = Some(Arguments {
+            args: self.args,
+            kwargs: self.kwargs,
+        });
+        let _ = reply.send(Returned { outcome, arguments });
+    }
+}
+
 /// A job's arguments, handed back with its outcome: a retry publishes them again as they came,
 /// without a copy or a second decoding of the message.
 #[derive(Debug)]

@@ -23,7 +23,7 @@ use super::convert::{encode_result, panic_outcome};
 use super::invoke::invoke;
 use super::queue::JobQueue;
 use super::running::Running;
-use super::{Arguments, PythonError, Returned, WorkItem};
+use super::{PythonError, WorkItem};
 
 pub(crate) struct Pool {
     queue: Arc<JobQueue<WorkItem>>,
@@ -223,12 +223,7 @@ fn run(py: Python<'_>, item: WorkItem, ctx: &ThreadCtx, ident: c_ulong) {
     if let Some(handover) = &handover {
         handover.state.release();
     }
-    // The caller may have given up waiting (its future dropped): nothing to do then.
-    let arguments = Some(Arguments {
-        args: job.args,
-        kwargs: job.kwargs,
-    });
-    let _ = reply.send(Returned { outcome, arguments });
+    job.reply(reply, outcome);
 }
 
 /// Counts the live threads of a runtime, so that its owner can wait for them to exit.

@@ -189,7 +189,7 @@ mod tests {
     impl tracing::callsite::Callsite for Site {
         fn set_interest(&self, _: tracing::subscriber::Interest) {}
         fn metadata(&self) -> &tracing::Metadata<'_> {
-            unimplemented!()
+            unreachable!("the counts compare callsite identities only")
         }
     }
     static A: Site = Site;

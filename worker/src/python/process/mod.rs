@@ -33,7 +33,7 @@ use tracing::{debug, error, info, warn};
 use self::spawn::{describe_exit, resident_bytes, stop};
 use self::wire::{FromChild, JobFrame, ToChild};
 use super::pool::{Alive, ThreadCount};
-use super::{Arguments, CallOutcome, Interrupt, PythonError, Returned, WorkItem};
+use super::{CallOutcome, Interrupt, PythonError, WorkItem};
 
 /// How the pool is sized and when a child is replaced.
 #[derive(Debug, Clone)]
@@ -352,12 +352,7 @@ fn finish(item: WorkItem, outcome: CallOutcome) {
     if let Some(handover) = &handover {
         handover.state.release();
     }
-    let arguments = Some(Arguments {
-        args: job.args,
-        kwargs: job.kwargs,
-    });
-    // The caller may have given up waiting: nothing to do then.
-    let _ = reply.send(Returned { outcome, arguments });
+    job.reply(reply, outcome);
 }
 
 impl Shared {
