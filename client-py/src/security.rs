@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use async_nats::ConnectOptions;
-use dbtask_protocol::{nkey_seed, NatsFile};
+use dbtask_protocol::{check_together, nkey_seed, NatsFile};
 
 use crate::error::ClientError;
 
@@ -61,30 +61,14 @@ impl NatsSecurity {
     /// `options` with TLS required and the CA, client certificate and credentials set;
     /// ValueError naming the keyword for a file that is missing or holds the wrong thing.
     pub(crate) fn apply(&self, mut options: ConnectOptions) -> Result<ConnectOptions, ClientError> {
-        match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), None) => {
-                return Err(bad(
-                    NatsFile::TlsCert,
-                    cert,
-                    "a client certificate needs its key: pass nats_tls_key too",
-                ))
-            }
-            (None, Some(key)) => {
-                return Err(bad(
-                    NatsFile::TlsKey,
-                    key,
-                    "a key needs its client certificate: pass nats_tls_cert too",
-                ))
-            }
-            _ => {}
-        }
-        if let (Some(_), Some(nkey)) = (&self.creds, &self.nkey) {
-            return Err(bad(
-                NatsFile::Nkey,
-                nkey,
-                "pass nats_creds or nats_nkey, not both (a .creds file holds its own nkey)",
-            ));
-        }
+        check_together(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.creds.as_deref(),
+            self.nkey.as_deref(),
+            NatsFile::setting,
+        )
+        .map_err(|(setting, path, problem)| bad(setting, path, problem))?;
         if self.tls() {
             options = options.require_tls(true);
         }

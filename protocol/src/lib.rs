@@ -39,7 +39,7 @@ pub use canvas::{ChordRef, Signature};
 pub use headers::*;
 pub use message::*;
 pub use names::*;
-pub use nats_auth::{nkey_seed, NatsFile};
+pub use nats_auth::{check_together, nkey_seed, NatsFile};
 pub use rate::*;
 pub use record::*;
 pub use stream::*;

@@ -86,6 +86,54 @@ impl NatsFile {
     }
 }
 
+/// The settings that go together: a client certificate and its key both or neither, and not
+/// both a `.creds` file and an nkey seed. The first rule broken, as the setting at fault, its
+/// path and the problem, each setting named by `name` ([`NatsFile::setting`] for the client's
+/// keywords, [`NatsFile::flag`] for the worker's flags).
+pub fn check_together<'a>(
+    tls_cert: Option<&'a Path>,
+    tls_key: Option<&'a Path>,
+    creds: Option<&'a Path>,
+    nkey: Option<&'a Path>,
+    name: impl Fn(NatsFile) -> &'static str,
+) -> Result<(), (NatsFile, &'a Path, String)> {
+    match (tls_cert, tls_key) {
+        (Some(cert), None) => {
+            return Err((
+                NatsFile::TlsCert,
+                cert,
+                format!(
+                    "a client certificate needs its key: give {} too",
+                    name(NatsFile::TlsKey)
+                ),
+            ))
+        }
+        (None, Some(key)) => {
+            return Err((
+                NatsFile::TlsKey,
+                key,
+                format!(
+                    "a key needs its client certificate: give {} too",
+                    name(NatsFile::TlsCert)
+                ),
+            ))
+        }
+        _ => {}
+    }
+    if let (Some(_), Some(nkey)) = (creds, nkey) {
+        return Err((
+            NatsFile::Nkey,
+            nkey,
+            format!(
+                "give {} or {}, not both (a .creds file holds its own nkey)",
+                name(NatsFile::Creds),
+                name(NatsFile::Nkey)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The nkey user seed in the text of an nkey file: its first line starting with `SU`.
 pub fn nkey_seed(text: &str) -> Option<&str> {
     text.lines()
@@ -115,6 +163,32 @@ mod tests {
             .write_all(text.as_bytes())
             .unwrap();
         (path.clone(), Gone(path))
+    }
+
+    #[test]
+    fn certificate_and_key_go_together_creds_and_nkey_do_not() {
+        let (cert, key, creds, nkey) = (
+            Path::new("c.pem"),
+            Path::new("k.pem"),
+            Path::new("u.creds"),
+            Path::new("u.nk"),
+        );
+        let flag = NatsFile::flag;
+        assert!(check_together(Some(cert), Some(key), Some(creds), None, flag).is_ok());
+        assert!(check_together(None, None, None, Some(nkey), flag).is_ok());
+        let (at, path, why) = check_together(Some(cert), None, None, None, flag).unwrap_err();
+        assert_eq!((at, path), (NatsFile::TlsCert, cert));
+        assert!(why.ends_with("give --nats-tls-key too"), "{why}");
+        let (at, _, why) =
+            check_together(None, Some(key), None, None, NatsFile::setting).unwrap_err();
+        assert_eq!(at, NatsFile::TlsKey);
+        assert!(why.ends_with("give nats_tls_cert too"), "{why}");
+        let (at, _, why) = check_together(None, None, Some(creds), Some(nkey), flag).unwrap_err();
+        assert_eq!(at, NatsFile::Nkey);
+        assert!(
+            why.starts_with("give --nats-creds or --nats-nkey, not both"),
+            "{why}"
+        );
     }
 
     #[test]

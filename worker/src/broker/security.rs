@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use async_nats::ConnectOptions;
-use dbtask_protocol::{nkey_seed, NatsFile};
+use dbtask_protocol::{check_together, nkey_seed, NatsFile};
 
 /// The files that secure the connection; every one is optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -56,30 +56,14 @@ impl NatsSecurity {
             path: path.to_owned(),
             problem: problem.to_owned(),
         };
-        match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), None) => {
-                return Err(pair(
-                    NatsFile::TlsCert,
-                    cert,
-                    "a client certificate needs its key: give --nats-tls-key too",
-                ))
-            }
-            (None, Some(key)) => {
-                return Err(pair(
-                    NatsFile::TlsKey,
-                    key,
-                    "a key needs its client certificate: give --nats-tls-cert too",
-                ))
-            }
-            _ => {}
-        }
-        if let (Some(_), Some(nkey)) = (&self.creds, &self.nkey) {
-            return Err(pair(
-                NatsFile::Nkey,
-                nkey,
-                "give --nats-creds or --nats-nkey, not both (a .creds file holds its own nkey)",
-            ));
-        }
+        check_together(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.creds.as_deref(),
+            self.nkey.as_deref(),
+            NatsFile::flag,
+        )
+        .map_err(|(setting, path, problem)| pair(setting, path, &problem))?;
         for (setting, path) in self.files() {
             setting.read(path).map_err(|problem| SecurityError {
                 setting,
