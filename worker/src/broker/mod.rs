@@ -373,7 +373,7 @@ impl Broker {
             deliver_policy: consumer::DeliverPolicy::All,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.ack_wait(),
-            max_deliver: config.max_deliver,
+            max_deliver: consumer_max_deliver(config.max_deliver),
             max_ack_pending: config.max_ack_pending,
             filter_subject: subject.clone(),
             ..Default::default()
@@ -407,6 +407,17 @@ impl Broker {
             consumer,
             max_batch_bytes: max_batch_bytes(config.max_message_bytes),
         })
+    }
+}
+
+/// The consumer's own `max_deliver` for the worker's `max_deliver`: unlimited, because the
+/// worker decides (it dead-letters a message on its last delivery, counting only the
+/// deliveries charged to it: see `runner/dead.rs`), except with 1, where no delivery may follow.
+pub fn consumer_max_deliver(max_deliver: i64) -> i64 {
+    if max_deliver > 1 {
+        -1
+    } else {
+        max_deliver
     }
 }
 
