@@ -172,6 +172,10 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_NATS_NKEY", value_name = "FILE")]
     pub nats_nkey: Option<PathBuf>,
 
+    /// File holding the key task messages must be signed with (HMAC-SHA256; at least 32 bytes): unsigned or wrongly signed messages are dead-lettered unrun (docs/security.md)
+    #[arg(long, env = "DBTASK_MESSAGE_KEY", value_name = "FILE")]
+    pub message_key: Option<PathBuf>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -231,6 +235,9 @@ impl Cli {
         set(&mut config.max_memory_per_child, &self.max_memory_per_child);
         if self.state_dir.is_some() {
             config.state_dir.clone_from(&self.state_dir);
+        }
+        if self.message_key.is_some() {
+            config.message_key.clone_from(&self.message_key);
         }
 
         // NATS TLS and credentials.

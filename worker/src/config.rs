@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::NatsSecurity;
+use dbtask_protocol::signing::MessageKey;
 use crate::python::{Executor, ProcessOptions, PythonConfig};
 pub use crate::telemetry::LogFormat;
 
@@ -90,6 +91,10 @@ pub struct Config {
     /// File holding an nkey user seed (`SU...`), for servers with nkey users.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_nkey: Option<PathBuf>,
+    /// File holding the key task messages are signed with (HMAC-SHA256): messages without a
+    /// valid signature are dead-lettered unrun, and what the worker publishes is signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_key: Option<PathBuf>,
 }
 
 /// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
@@ -138,6 +143,7 @@ impl Default for Config {
             nats_tls_key: None,
             nats_creds: None,
             nats_nkey: None,
+            message_key: None,
         }
     }
 }
@@ -281,7 +287,18 @@ impl Config {
         self.nats_security()
             .check()
             .map_err(|e| invalid(e.setting.setting(), e.to_string()))?;
+        self.message_key()?;
         Ok(())
+    }
+
+    /// The key of `message_key`, read from its file.
+    pub fn message_key(&self) -> Result<Option<MessageKey>, ConfigError> {
+        let Some(path) = &self.message_key else {
+            return Ok(None);
+        };
+        MessageKey::from_file(path)
+            .map(Some)
+            .map_err(|e| invalid("message_key", format!("--message-key {}: {e}", path.display())))
     }
 
     /// The TLS and credential files of the NATS connection.

@@ -42,6 +42,7 @@ class Client:
         nats_tls_key: str | None = None,
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
+        message_key: str | None = None,
     ) -> Awaitable[Client]: ...
     @staticmethod
     def connect_sync(
@@ -54,6 +55,7 @@ class Client:
         nats_tls_key: str | None = None,
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
+        message_key: str | None = None,
     ) -> Client: ...
     @overload
     def publish(
@@ -123,6 +125,7 @@ class Client:
         nats_tls_key: str | None = None,
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
+        message_key: str | None = None,
     ) -> bool: ...
     @property
     def closed(self) -> bool: ...

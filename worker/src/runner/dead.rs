@@ -61,26 +61,54 @@ pub(super) async fn dead_letter_unreadable(
     msg: &Message,
     why: &str,
 ) -> Disposition {
+    let reason = format!("unreadable message without a task id: {why}");
+    let said = "a message without a task id: nothing to record its failure under; dead-lettering it";
+    dead_letter_unrecorded(shared, queue, msg, &reason, said).await
+}
+
+/// A message without a valid signature, with `--message-key`: into the dead-letter stream,
+/// unrun, and no record written under the task id it claims (a forged message must not
+/// overwrite a real task's result).
+pub(super) async fn dead_letter_unsigned(
+    shared: &Shared,
+    queue: &str,
+    msg: &Message,
+    why: &str,
+) -> Disposition {
+    let said = "a message without a valid signature: dead-lettering it unrun, recording nothing";
+    dead_letter_unrecorded(shared, queue, msg, why, said).await
+}
+
+/// Dead-letters `msg` for `reason` without touching any task record, logging `said`.
+async fn dead_letter_unrecorded(
+    shared: &Shared,
+    queue: &str,
+    msg: &Message,
+    reason: &str,
+    said: &'static str,
+) -> Disposition {
     let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
     let head = &msg.message.payload[..msg.message.payload.len().min(120)];
+    let (task_id, task) = identify_message(msg);
     error!(
         subject = %msg.subject,
         queue,
         attempt = deliveries,
-        error = %why,
+        task_id = task_id.as_deref().unwrap_or("?"),
+        task = task.as_deref().unwrap_or("?"),
+        error = %reason,
         body_start = %String::from_utf8_lossy(head),
-        "a message without a task id: nothing to record its failure under; dead-lettering it"
+        "{said}"
     );
-    let reason = format!("unreadable message without a task id: {why}");
-    match publish(shared, queue, msg, &reason, deliveries).await {
+    match publish(shared, queue, msg, reason, deliveries).await {
         Some(dead_seq) => {
             shared
                 .hooks
-                .dead_lettered(task_ref("?", None, queue, deliveries), &reason);
+                .dead_lettered(task_ref("?", None, queue, deliveries), reason);
             error!(
                 queue,
                 dead_letter_sequence = dead_seq,
-                "message without a task id dead-lettered: inspect it with `dbtask dead show {dead_seq}`"
+                "message dead-lettered unrecorded: inspect it with `dbtask dead show {dead_seq}`"
             );
             Disposition::Ack
         }

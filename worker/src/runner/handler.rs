@@ -100,6 +100,16 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
         .map_or((1, 0), |i| (i.delivered, i.stream_sequence));
     // In the crash journal from now until acked or handed back.
     let held = shared.journal.hold(seq);
+    // With --message-key, nothing is done with a message before its signature is checked.
+    if let Some(key) = shared.broker.message_key() {
+        let headers = msg.message.headers.as_ref();
+        if let Err(why) = key.verify(headers, &msg.subject, &msg.message.payload) {
+            let disposition =
+                Box::pin(super::dead::dead_letter_unsigned(&shared, &queue, &msg, why)).await;
+            finish(&msg, disposition, &queue).await;
+            return;
+        }
+    }
     if super::dead::last_delivery(delivered, shared.config.max_deliver).is_some() {
         if let Some(exhausted) = Box::pin(super::dead::exhausted(&shared, delivered, seq)).await {
             let disposition =

@@ -47,6 +47,8 @@ pub enum WorkerError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// How a message leaves this worker.
@@ -199,7 +201,11 @@ pub async fn run_with_hooks(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let worker = worker_identity();
-    let broker = Broker::connect_with(&config.nats_url, &config.nats_security(), &worker).await?;
+    // Checked by `Config::validate` already; read once more here for a caller that did not.
+    let message_key = config.message_key().map_err(WorkerError::Config)?;
+    let broker = Broker::connect_with(&config.nats_url, &config.nats_security(), &worker)
+        .await?
+        .with_message_key(message_key);
     let store = Store::connect(&config.redis_url, config.result_ttl).await?;
     // Informational only: a managed Redis may refuse INFO.
     let redis_version = store.server_version().await.unwrap_or_else(|e| {
