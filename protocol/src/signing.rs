@@ -152,18 +152,36 @@ mod tests {
         let mut h = headers("t1", "add");
         key.sign_headers(&mut h, "dbtask.tasks.default", b"{}");
         assert!(key.verify(Some(&h), "dbtask.tasks.default", b"{}").is_ok());
-        assert!(key.verify(Some(&h), "dbtask.tasks.other", b"{}").is_err(), "another queue");
-        assert!(key.verify(Some(&h), "dbtask.tasks.default", b"{ }").is_err(), "another body");
+        assert!(
+            key.verify(Some(&h), "dbtask.tasks.other", b"{}").is_err(),
+            "another queue"
+        );
+        assert!(
+            key.verify(Some(&h), "dbtask.tasks.default", b"{ }")
+                .is_err(),
+            "another body"
+        );
         let mut renamed = h.clone();
         renamed.insert(HEADER_TASK, "os.system");
-        assert!(key.verify(Some(&renamed), "dbtask.tasks.default", b"{}").is_err());
+        assert!(key
+            .verify(Some(&renamed), "dbtask.tasks.default", b"{}")
+            .is_err());
         let other = MessageKey::new(&[8; 32]);
-        assert!(other.verify(Some(&h), "dbtask.tasks.default", b"{}").unwrap_err().starts_with("wrong signature"));
-        assert!(key.verify(Some(&headers("t1", "add")), "dbtask.tasks.default", b"{}").unwrap_err().starts_with("unsigned"));
+        assert!(other
+            .verify(Some(&h), "dbtask.tasks.default", b"{}")
+            .unwrap_err()
+            .starts_with("wrong signature"));
+        assert!(key
+            .verify(Some(&headers("t1", "add")), "dbtask.tasks.default", b"{}")
+            .unwrap_err()
+            .starts_with("unsigned"));
         assert!(key.verify(None, "dbtask.tasks.default", b"{}").is_err());
         let mut garbled = h.clone();
         garbled.insert(HEADER_SIGNATURE, "v1=zz");
-        assert!(key.verify(Some(&garbled), "dbtask.tasks.default", b"{}").unwrap_err().contains("not v1="));
+        assert!(key
+            .verify(Some(&garbled), "dbtask.tasks.default", b"{}")
+            .unwrap_err()
+            .contains("not v1="));
     }
 
     #[test]
@@ -183,7 +201,10 @@ mod tests {
         std::fs::write(&short, "secret\n").unwrap();
         let e = MessageKey::from_file(&short).unwrap_err();
         assert!(e.contains("6 bytes") && !e.contains("secret"), "{e}");
-        assert_eq!(MessageKey::from_file(&dir.join("none")).unwrap_err(), "file not found");
+        assert_eq!(
+            MessageKey::from_file(&dir.join("none")).unwrap_err(),
+            "file not found"
+        );
         let good = dir.join("good");
         std::fs::write(&good, format!("{}\n", "ab".repeat(32))).unwrap();
         assert!(MessageKey::from_file(&good).is_ok());

@@ -6,9 +6,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::broker::NatsSecurity;
-use dbtask_protocol::signing::MessageKey;
 use crate::python::{Executor, ProcessOptions, PythonConfig};
 pub use crate::telemetry::LogFormat;
+use dbtask_protocol::signing::MessageKey;
 
 /// Everything the worker can be told. Field names are the TOML keys and, upper-cased with a
 /// `DBTASK_` prefix, the environment variables.
@@ -296,9 +296,12 @@ impl Config {
         let Some(path) = &self.message_key else {
             return Ok(None);
         };
-        MessageKey::from_file(path)
-            .map(Some)
-            .map_err(|e| invalid("message_key", format!("--message-key {}: {e}", path.display())))
+        MessageKey::from_file(path).map(Some).map_err(|e| {
+            invalid(
+                "message_key",
+                format!("--message-key {}: {e}", path.display()),
+            )
+        })
     }
 
     /// The TLS and credential files of the NATS connection.

@@ -196,7 +196,12 @@ impl Journal {
     /// is dropped. Without a free entry (more messages than the worker ever holds) the
     /// message goes unrecorded: after a crash it would be charged, as NATS counts.
     pub fn hold(&self, seq: u64) -> Held<'_> {
-        let index = self.free.borrow_mut().pop();
+        // Sequence 0: a message whose metadata did not parse, nothing to find it by later.
+        let index = if seq == 0 {
+            None
+        } else {
+            self.free.borrow_mut().pop()
+        };
         if let Some(i) = index {
             self.entries[i as usize].store(entry(seq, State::Held), Ordering::Relaxed);
         }

@@ -62,7 +62,8 @@ pub(super) async fn dead_letter_unreadable(
     why: &str,
 ) -> Disposition {
     let reason = format!("unreadable message without a task id: {why}");
-    let said = "a message without a task id: nothing to record its failure under; dead-lettering it";
+    let said =
+        "a message without a task id: nothing to record its failure under; dead-lettering it";
     dead_letter_unrecorded(shared, queue, msg, &reason, said).await
 }
 

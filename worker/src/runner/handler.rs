@@ -104,8 +104,10 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
     if let Some(key) = shared.broker.message_key() {
         let headers = msg.message.headers.as_ref();
         if let Err(why) = key.verify(headers, &msg.subject, &msg.message.payload) {
-            let disposition =
-                Box::pin(super::dead::dead_letter_unsigned(&shared, &queue, &msg, why)).await;
+            let disposition = Box::pin(super::dead::dead_letter_unsigned(
+                &shared, &queue, &msg, why,
+            ))
+            .await;
             finish(&msg, disposition, &queue).await;
             return;
         }
