@@ -21,7 +21,9 @@
 //! - [`rate`]: rate limits;
 //! - `redact`: [`redact_url`] and [`percent_decode`], server URLs and their credentials;
 //! - [`nats_auth`]: the TLS and credential files of a NATS connection, named and checked once;
-//! - [`canvas`]: workflows (signatures, chains, groups, chords).
+//! - [`canvas`]: workflows (signatures, chains, groups, chords);
+//! - [`periodic`]: periodic schedules, their ticks and catch-up rule (used by path, not
+//!   re-exported).
 
 pub mod canvas;
 pub mod headers;
@@ -30,6 +32,7 @@ pub mod names;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod nats_auth;
+pub mod periodic;
 pub mod rate;
 pub mod record;
 pub mod stream;
