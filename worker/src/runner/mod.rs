@@ -11,6 +11,7 @@ mod handler;
 mod priority;
 mod rate;
 mod settle;
+mod tick;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -45,6 +46,8 @@ pub enum WorkerError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Periodic(#[from] crate::broker::PeriodicSetupError),
 }
 
 /// How a message leaves this worker.
@@ -200,6 +203,7 @@ pub async fn run_with_hooks(
     });
     let revocations = Revocations::start(&config.redis_url).await?;
     broker.ensure_stream(&config).await?;
+    broker.apply_schedules(python.periodic()).await?;
     let mut levels = Vec::with_capacity(config.queues.len());
     for queue in &config.queues {
         let consumer = broker.ensure_consumer(queue, &config).await?;
