@@ -38,6 +38,17 @@ from ._errors import (
     WorkerLost,
 )
 from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
+from ._periodic import (
+    periodic,
+    run_schedule,
+    run_schedule_sync,
+    schedule,
+    schedule_sync,
+    schedules,
+    schedules_sync,
+    unschedule,
+    unschedule_sync,
+)
 from ._result import AsyncResult
 from ._retry import Retry
 from ._revoke import revoke, revoke_sync
@@ -78,4 +89,13 @@ __all__ = [
     "Chord",
     "GroupResult",
     "ChordError",
+    "periodic",
+    "schedule",
+    "schedule_sync",
+    "unschedule",
+    "unschedule_sync",
+    "schedules",
+    "schedules_sync",
+    "run_schedule",
+    "run_schedule_sync",
 ]
