@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,6 +86,43 @@ async def test_every_second_on_two_workers_runs_each_tick_once_under_its_own_id(
     # Each tick's result is found under its id.
     assert await dbtask.AsyncResult(ids[-1]).get(timeout=5) == "x"
     assert await dbtask.unschedule("each-second") is False
+
+
+async def test_ticks_go_on_when_a_worker_dies_and_a_long_outage_runs_only_the_latest_tick(worker_factory, client, tmp_path):
+    first = worker_factory(APP)
+    second = worker_factory(APP)
+    latest, every = tmp_path / "latest.txt", tmp_path / "all.txt"
+    await dbtask.schedule("latest", record.s(str(latest), "l"), every=1)
+    await dbtask.schedule("all", record.s(str(every), "a"), every=1, catch_up="all")
+    await wait_runs(latest, 1)
+    first.kill()
+    killed = time.time()
+    await asyncio.sleep(2.6)
+    after_kill = [(pid, at) for _, pid, at, _ in runs(latest) if at > killed]
+    assert len(after_kill) >= 2 and {pid for pid, _ in after_kill} == {second.pid}, "the other worker runs the ticks"
+
+    second.send(signal.SIGTERM)
+    assert await second.wait_async(15) == 0
+    down = time.time()
+    await asyncio.sleep(3)
+    starting = time.time()  # no worker can take a tick before this
+    worker_factory(APP)
+    up = time.time()
+    await asyncio.sleep(2)
+    for name in ("latest", "all"):
+        await dbtask.unschedule(name)
+    # Fired while no worker ran, and overtaken by the next tick before any worker could take them.
+    missed = range(int(down) + 1, int(starting))
+    assert len(missed) >= 2
+    ran = {tick_of(task_id) for task_id, *_ in runs(latest)}
+    assert not ran & set(missed), f"catch_up='latest': no missed tick but the latest runs: {sorted(ran)}"
+    for tick in missed:
+        info = await dbtask.AsyncResult(tick_id("latest", tick)).info()
+        assert info["state"] == "REVOKED" and info["error"]["type"] == "dbtask.Skipped", info
+    resumed = sorted(t for t in ran if t > down)
+    assert resumed and resumed[0] <= int(up) + 1, f"the latest tick runs as the worker starts: {resumed}, up at {up}"
+    ran_all = {tick_of(task_id) for task_id, *_ in runs(every)}
+    assert set(missed) <= ran_all, f"catch_up='all': every missed tick runs: {sorted(ran_all)}"
 
 
 async def test_a_cron_of_five_fields_runs_at_the_next_whole_minute(client):
