@@ -79,10 +79,11 @@ async def test_every_second_on_two_workers_runs_each_tick_once_under_its_own_id(
     ids = [task_id for task_id, *_ in done]
     assert len(set(ids)) == len(ids), f"a tick ran twice: {ids}"
     ticks = sorted(tick_of(task_id) for task_id in ids)
-    assert ticks == list(range(ticks[0], ticks[0] + len(ticks))), f"one tick per second, none missed: {ticks}"
+    assert ticks[-1] - ticks[0] <= 6, f"ticks of one 5.5 s window: {ticks}"
     for task_id, _pid, at, _label in done:
         assert task_id == tick_id("each-second", tick_of(task_id))
-        assert tick_of(task_id) <= at < tick_of(task_id) + 1, f"{task_id} ran at {at}: within its second"
+        # Promptly after its tick (a tick delivered once the next is due is skipped instead).
+        assert tick_of(task_id) <= at < tick_of(task_id) + 2, f"{task_id} ran at {at}"
     # Each tick's result is found under its id.
     assert await dbtask.AsyncResult(ids[-1]).get(timeout=5) == "x"
     assert await dbtask.unschedule("each-second") is False
@@ -134,7 +135,7 @@ async def test_a_cron_of_five_fields_runs_at_the_next_whole_minute(client):
     minutely = listed["minutely"]
     assert minutely["cron"] == "0 * * * * *" and minutely["every"] is None and minutely["tz"] == "UTC"
     assert minutely["next_run"] in {(before // 60 + 1) * 60, (after // 60 + 1) * 60}
-    assert minutely["task"] == record.name and minutely["queue"] == "default"
+    assert minutely["signature"] == record.s("/dev/null").set(queue="default")
     assert minutely["last_run_id"] is None
     paris = ZoneInfo("Europe/Paris")
     now = datetime.now(paris)

@@ -206,17 +206,25 @@ def unschedule_sync(name: str) -> bool:
     return bool(_schedules().unschedule_sync(name))
 
 
+def _listed(text: str) -> list[dict[str, Any]]:
+    found = json.loads(text)
+    for s in found:
+        options = {"queue": s["queue"], "priority": s.get("priority")}
+        s["signature"] = Signature(s["task"], s["args"], s["kwargs"], {k: v for k, v in options.items() if v is not None})
+    return list(found)
+
+
 async def schedules() -> list[dict[str, Any]]:
-    """Every schedule, by name: ``name``, ``task``, ``args``, ``kwargs``, ``queue``,
-    ``priority``, ``every`` or ``cron`` (6 fields) and ``tz``, ``expires``, ``catch_up``,
-    ``skip_if_running``, ``next_run`` (Unix seconds), and the last tick the workers took:
-    ``last_run_id`` (an ``AsyncResult`` id) and ``last_run_at``."""
-    return list(json.loads(await _schedules().list()))
+    """Every schedule, by name: ``name``, ``signature`` (what it sends; also as ``task``,
+    ``args``, ``kwargs``, ``queue``, ``priority``), ``every`` or ``cron`` (6 fields) and ``tz``,
+    ``expires``, ``catch_up``, ``skip_if_running``, ``next_run`` (Unix seconds), and the last
+    tick the workers took: ``last_run_id`` (an ``AsyncResult`` id) and ``last_run_at``."""
+    return _listed(await _schedules().list())
 
 
 def schedules_sync() -> list[dict[str, Any]]:
     """Blocking form of :func:`schedules`."""
-    return list(json.loads(_schedules().list_sync()))
+    return _listed(_schedules().list_sync())
 
 
 async def run_schedule(name: str) -> AsyncResult:

@@ -132,13 +132,17 @@ fn cron_pattern(cron: &str) -> Result<String, PeriodicError> {
             ))
         }
     };
-    if let Some(bad) = pattern
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '*' | ',' | '-' | '/' | ' ')))
-    {
+    // Each value between `,` `-` `/` is `*`, a number or a three-letter month or day name
+    // (croner checks which field takes names): `L`, `W`, `#`, `?` are croner's, not the server's.
+    let plain = |v: &str| {
+        v == "*"
+            || (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+            || (v.len() == 3 && v.bytes().all(|b| b.is_ascii_alphabetic()))
+    };
+    if let Some(bad) = pattern.split([' ', ',', '-', '/']).find(|v| !plain(v)) {
         return Err(PeriodicError::Cron(
             cron.to_owned(),
-            format!("{bad:?} is not allowed: use numbers, names, * , - and /"),
+            format!("{bad:?} is not allowed: use numbers, month and weekday names, * , - and /"),
         ));
     }
     parser()
@@ -223,6 +227,10 @@ mod tests {
             "61 * * * *",
             "* * * * 1#2",
             "0 0 L * *",
+            "0 0 15W * *",
+            "0 0 ? * *",
+            "0 0 * * 5L",
+            "0 0 * * MONDAY",
         ] {
             let err = Rule::new(None, Some(bad), None).unwrap_err();
             assert!(matches!(err, PeriodicError::Cron(..)), "{bad}: {err}");
@@ -283,7 +291,7 @@ mod tests {
 
     #[test]
     fn tick_ids_name_the_schedule_and_the_second() {
-        assert_eq!(tick_time(1_796_659_687.0012), 1_796_659_687);
+        assert_eq!(tick_time(1_796_659_687.001_2), 1_796_659_687);
         assert_eq!(
             tick_id("cleanup", 1_796_659_687),
             "cleanup:tick:20261207T160807Z"
