@@ -24,20 +24,6 @@ from . import _client
 from ._canvas import Signature
 from ._result import AsyncResult
 
-__all__ = [
-    "periodic",
-    "schedule",
-    "schedule_sync",
-    "unschedule",
-    "unschedule_sync",
-    "schedules",
-    "schedules_sync",
-    "run_schedule",
-    "run_schedule_sync",
-    "PERIODIC",
-    "SKIP_IF_RUNNING_TTL",
-]
-
 #: The schedules declared with :func:`periodic` by the modules imported so far: name ->
 #: declaration (JSON). Read once by the worker at start-up (``dbtask._worker.PERIODIC``).
 PERIODIC: dict[str, str] = {}
@@ -89,7 +75,9 @@ def declaration(
     catch_up: str = "latest",
     skip_if_running: bool | float = False,
 ) -> str:
-    """The JSON of a schedule (what the compiled client and the worker check and store)."""
+    """The JSON of a schedule (what the compiled client and the worker check and store). Its
+    keywords are those of :func:`schedule`, :func:`schedule_sync` and :func:`periodic`; another
+    one is a ``TypeError``."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"a schedule name is a non-empty string, not {name!r}")
     s = _signature(sig)
@@ -129,25 +117,13 @@ def declaration(
     return body[:-1] + f', "args": {args}, "kwargs": {kwargs}}}'
 
 
-def periodic(
-    name: str,
-    sig: Any,
-    *,
-    every: float | timedelta | None = None,
-    cron: str | None = None,
-    tz: str = "UTC",
-    expires: float | timedelta | None = None,
-    catch_up: str = "latest",
-    skip_if_running: bool | float = False,
-) -> None:
+def periodic(name: str, sig: Any, **options: Any) -> None:
     """Declares the schedule ``name`` in a task module, like Celery's ``beat_schedule``: each
     worker importing the module creates it, or replaces it if it changed, when it starts.
     Takes the keywords of :func:`schedule`. A second declaration of one name replaces the first."""
-    if not (every is None) ^ (cron is None):
+    if (options.get("every") is None) == (options.get("cron") is None):
         raise ValueError("give every= (seconds) or cron= (a crontab line), exactly one of them")
-    PERIODIC[name] = declaration(
-        name, sig, every=every, cron=cron, tz=tz, expires=expires, catch_up=catch_up, skip_if_running=skip_if_running
-    )
+    PERIODIC[name] = declaration(name, sig, **options)
 
 
 def _schedules() -> Any:
@@ -156,17 +132,7 @@ def _schedules() -> Any:
     return _dbtask.Schedules(_client.current())
 
 
-async def schedule(
-    name: str,
-    sig: Any,
-    *,
-    every: float | timedelta | None = None,
-    cron: str | None = None,
-    tz: str = "UTC",
-    expires: float | timedelta | None = None,
-    catch_up: str = "latest",
-    skip_if_running: bool | float = False,
-) -> None:
+async def schedule(name: str, sig: Any, **options: Any) -> None:
     """Creates or replaces the schedule ``name``, which sends ``sig`` (``add.s(1, 2)``, with its
     queue and priority) every ``every`` seconds (a number or a ``timedelta``, whole seconds, 1
     or more) or on ``cron`` (a 5-field crontab line, or 6 fields with seconds first) in the
@@ -176,24 +142,12 @@ async def schedule(
     lasts at most; ``True`` is one hour) does not start a tick while the previous one runs.
     An unchanged schedule is left alone. Raises ``ValueError`` for bad input,
     ``RuntimeError`` for a nats-server older than 2.14."""
-    decl = declaration(name, sig, every=every, cron=cron, tz=tz, expires=expires, catch_up=catch_up, skip_if_running=skip_if_running)
-    await _schedules().schedule(decl)
+    await _schedules().schedule(declaration(name, sig, **options))
 
 
-def schedule_sync(
-    name: str,
-    sig: Any,
-    *,
-    every: float | timedelta | None = None,
-    cron: str | None = None,
-    tz: str = "UTC",
-    expires: float | timedelta | None = None,
-    catch_up: str = "latest",
-    skip_if_running: bool | float = False,
-) -> None:
+def schedule_sync(name: str, sig: Any, **options: Any) -> None:
     """Blocking form of :func:`schedule`."""
-    decl = declaration(name, sig, every=every, cron=cron, tz=tz, expires=expires, catch_up=catch_up, skip_if_running=skip_if_running)
-    _schedules().schedule_sync(decl)
+    _schedules().schedule_sync(declaration(name, sig, **options))
 
 
 async def unschedule(name: str) -> bool:
