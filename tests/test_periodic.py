@@ -178,6 +178,7 @@ async def test_replacing_a_schedule_changes_later_ticks_and_unschedule_stops_it(
         ({"cron": "* * * *"}, "4 fields"),
         ({"cron": "61 * * * *"}, "invalid cron"),
         ({"cron": "* * * * *", "tz": "Mars/Base"}, "unknown time zone"),
+        ({"cron": "0 9 31 2 *"}, "pattern is invalid"),  # refused by nats-server itself
         ({"every": 5, "cron": "* * * * *"}, "not both"),
         ({}, "every="),
         ({"every": 5, "tz": "Europe/Paris"}, "cron= schedules only"),

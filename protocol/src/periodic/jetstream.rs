@@ -171,13 +171,16 @@ pub async fn apply(
 
 fn refused_or(name: &str, e: async_nats::jetstream::context::PublishError) -> ScheduleError {
     let text = e.to_string();
-    if text.contains("schedules pattern is invalid") || text.contains("time zone is invalid") {
-        ScheduleError::Refused {
-            name: name.to_owned(),
-            reason: format!("{text} (does the server's host have tzdata for this zone?)"),
-        }
+    let hint = if text.contains("time zone is invalid") {
+        "does the server's host have tzdata for this zone?"
+    } else if text.contains("schedules pattern is invalid") {
+        "the server takes weekdays 0-6 and only dates that exist, such as not 31 2"
     } else {
-        nats("store the schedule")(e.into())
+        return nats("store the schedule")(e.into());
+    };
+    ScheduleError::Refused {
+        name: name.to_owned(),
+        reason: format!("{text} ({hint})"),
     }
 }
 
