@@ -263,6 +263,8 @@ async def test_skip_if_running_never_overlaps_ticks(worker_factory, client, tmp_
     for task_id in skipped:
         info = await dbtask.AsyncResult(task_id).info()
         assert info["state"] == "REVOKED" and info["error"]["type"] == "dbtask.Skipped", info
+    with pytest.raises(dbtask.Skipped, match="still running"):
+        await dbtask.AsyncResult(skipped[0]).get(timeout=5)
 
 
 async def test_the_command_line_adds_lists_runs_and_removes(worker_factory, client, nats, redis, tmp_path):
