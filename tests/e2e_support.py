@@ -187,6 +187,23 @@ class Worker:
 
 WorkerFactory = Callable[..., Worker]
 
+DBTASK_CLI = VENV / "bin" / "dbtask"
+
+
+def dbtask_cli(nats: Server, redis: Server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs the `dbtask` command line against these servers; fails the test on a non-zero exit
+    unless `check` is false."""
+    proc = subprocess.run(
+        [str(DBTASK_CLI), *args],
+        env=worker_env(DBTASK_NATS_URL=nats.url, DBTASK_REDIS_URL=redis.url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if check:
+        assert proc.returncode == 0, f"dbtask {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
 
 def worker_env(**extra: str) -> dict[str, str]:
     """The environment of a worker: ours without DBTASK_* settings, with the repo's venv."""

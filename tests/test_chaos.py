@@ -122,3 +122,24 @@ async def test_no_task_runs_twice_across_a_nats_restart_mid_drain(worker_factory
     assert twice == [], f"{len(twice)} of {TASKS_MID_DRAIN} tasks ran twice, e.g. {twice[:10]}"
     attempts = collections.Counter([(await r.info())["attempts"] for r in sent[:200]])
     assert attempts == {1: 200}, f"attempts of the first 200: {attempts}"
+
+
+async def test_periodic_ticks_survive_a_nats_restart(worker_factory, client, nats, tmp_path):
+    """Issue 16: a schedule lives in the task stream (file storage), so it keeps firing after
+    nats-server is killed and restarted, and the worker takes its ticks again once reconnected."""
+    import dbtask
+    from periodic_tasks import record
+
+    worker_factory("periodic_tasks")
+    out = tmp_path / "runs.txt"
+    await dbtask.schedule("survivor", record.s(str(out), "s"), every=1)
+    await wait_for_lines(out, 1)
+    nats.proc.send_signal(signal.SIGKILL)
+    nats.proc.wait()
+    await asyncio.sleep(2)
+    back = start_nats(nats.log.parent, port=nats.port)
+    nats.proc = back.proc  # the fixture stops whichever process serves the port at the end
+    before = len(out.read_text().splitlines())
+    lines = await wait_for_lines(out, before + 3, timeout=30)
+    ids = [line.split()[0] for line in lines]
+    assert len(set(ids)) == len(ids), f"no tick ran twice: {ids}"

@@ -10,26 +10,12 @@ import signal
 import subprocess
 import time
 
-from e2e_support import VENV, worker_env
+from e2e_support import DBTASK_CLI as DBTASK, dbtask_cli as cli, worker_env
 
 import dbtask
 import dead_tasks
 
-DBTASK = VENV / "bin" / "dbtask"
 WORKER_ARGS = ("--max-deliver", "2", "--ack-wait", "1")
-
-
-def cli(nats, redis, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        [str(DBTASK), *args],
-        env=worker_env(DBTASK_NATS_URL=nats.url, DBTASK_REDIS_URL=redis.url),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check:
-        assert proc.returncode == 0, f"dbtask {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 async def record_of(task_id: str) -> dict | None:

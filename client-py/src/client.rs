@@ -54,6 +54,11 @@ pub struct Client {
 }
 
 impl Client {
+    /// The connections, for the other classes of the module (`Schedules`).
+    pub(crate) fn shared(&self) -> Arc<Inner> {
+        self.inner.clone()
+    }
+
     /// Connects, then starts the publisher task (on the I/O thread, where this runs).
     async fn open(
         nats_url: String,

@@ -11,6 +11,7 @@
 //! - [`publish`]: task messages checked, encoded and published, confirmations in order;
 //! - [`results`]: reading a record, waiting for a ready one;
 //! - [`canvas`]: workflows; [`revoke`]: revocations; [`admin`]: dead letters;
+//! - [`periodic`]: periodic schedules (`dbtask.schedule` and the rest);
 //! - [`security`]: TLS and credentials of the NATS connection;
 //! - [`bridge`], [`runtime`], [`notify`], [`json`], [`ids`], [`error`]: the plumbing.
 
@@ -32,6 +33,7 @@ mod error;
 mod ids;
 mod json;
 mod notify;
+mod periodic;
 mod publish;
 mod results;
 mod revoke;
@@ -59,6 +61,7 @@ fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<client::CallOptions>()?;
     m.add_class::<admin::Admin>()?;
+    m.add_class::<periodic::Schedules>()?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(new_task_id, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

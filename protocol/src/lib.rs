@@ -22,7 +22,9 @@
 //! - `redact`: [`redact_url`] and [`percent_decode`], server URLs and their credentials;
 //! - [`nats_auth`]: the TLS and credential files of a NATS connection, named and checked once;
 //! - `signing` (feature `nats`): the optional HMAC signature of task messages (`--message-key`);
-//! - [`canvas`]: workflows (signatures, chains, groups, chords).
+//! - [`canvas`]: workflows (signatures, chains, groups, chords);
+//! - [`periodic`]: periodic schedules, their ticks and catch-up rule (used by path, not
+//!   re-exported).
 
 pub mod canvas;
 pub mod headers;
@@ -31,6 +33,7 @@ pub mod names;
 #[cfg(feature = "nats")]
 pub mod nats;
 pub mod nats_auth;
+pub mod periodic;
 pub mod rate;
 pub mod record;
 #[cfg(feature = "nats")]

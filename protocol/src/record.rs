@@ -99,6 +99,9 @@ pub mod error_types {
     /// The pool process running the task died (a crash, `os._exit`, the OOM killer): the
     /// task did not finish (Celery's `WorkerLostError`).
     pub const WORKER_LOST: &str = "dbtask.WorkerLost";
+    /// A periodic tick that did not run: overtaken by the next one, or the previous one was
+    /// still running (`skip_if_running`); state REVOKED.
+    pub const SKIPPED: &str = "dbtask.Skipped";
 }
 
 /// What Redis holds for a task at `dbtask:result:<id>`, and what the worker publishes on

@@ -30,6 +30,7 @@ from ._errors import (
     MalformedMessage,
     MaxRetriesExceeded,
     RemoteTraceback,
+    Skipped,
     TaskError,
     TaskRevoked,
     TooLarge,
@@ -38,6 +39,17 @@ from ._errors import (
     WorkerLost,
 )
 from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
+from ._periodic import (
+    periodic,
+    run_schedule,
+    run_schedule_sync,
+    schedule,
+    schedule_sync,
+    schedules,
+    schedules_sync,
+    unschedule,
+    unschedule_sync,
+)
 from ._result import AsyncResult
 from ._retry import Retry
 from ._revoke import revoke, revoke_sync
@@ -60,6 +72,7 @@ __all__ = [
     "TooLarge",
     "TaskRevoked",
     "Expired",
+    "Skipped",
     "MaxRetriesExceeded",
     "DeadLettered",
     "InternalError",
@@ -78,4 +91,13 @@ __all__ = [
     "Chord",
     "GroupResult",
     "ChordError",
+    "periodic",
+    "schedule",
+    "schedule_sync",
+    "unschedule",
+    "unschedule_sync",
+    "schedules",
+    "schedules_sync",
+    "run_schedule",
+    "run_schedule_sync",
 ]

@@ -5,6 +5,7 @@
     dbtask dead replay SEQ [SEQ ...]
     dbtask dead purge [--queue Q]
     dbtask result TASK_ID
+    dbtask schedule list | add | remove | run     (``_cli_schedule.py``)
 
 Servers: ``--nats-url`` / ``--redis-url``, else ``$DBTASK_NATS_URL`` / ``$DBTASK_REDIS_URL``,
 else ``nats://127.0.0.1:4222`` / ``redis://127.0.0.1:6379``. NATS TLS and credentials:
@@ -156,6 +157,10 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("result", help="show a task's state and result (or error) as JSON")
     p.add_argument("task_id")
     p.set_defaults(run=_result)
+
+    from ._cli_schedule import add_commands
+
+    add_commands(commands)
     return parser
 
 

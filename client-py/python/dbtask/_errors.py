@@ -85,6 +85,12 @@ class Expired(TaskRevoked):
     """The task was delivered after its ``expires`` time and did not run (state REVOKED)."""
 
 
+class Skipped(TaskRevoked):
+    """A periodic tick that did not run (state REVOKED): the next tick was already due when it
+    was delivered (``catch_up="latest"``), or the previous tick was still running
+    (``skip_if_running``). See docs/periodic.md."""
+
+
 class MaxRetriesExceeded(TaskError):
     """A task raised ``Retry`` without an exception of its own and had no retry left."""
 
@@ -140,6 +146,7 @@ _WORKER_ERRORS: dict[str, type[TaskError]] = {
     "dbtask.TooLarge": TooLarge,
     "dbtask.TaskRevoked": TaskRevoked,
     "dbtask.Expired": Expired,
+    "dbtask.Skipped": Skipped,
     "dbtask.MaxRetriesExceeded": MaxRetriesExceeded,
     "dbtask.DeadLettered": DeadLettered,
     "dbtask.InternalError": InternalError,

@@ -17,13 +17,16 @@ What the worker reads:
   ``revoke(terminate=True)``.
 - ``WorkerLost``: the error of a task whose pool process died; the worker checks whether a
   task's ``autoretry_for`` names it.
+- ``PERIODIC``: the periodic schedules the imported modules declared (``dbtask.periodic``),
+  name -> declaration JSON; the worker checks and applies them at start-up.
 """
 
 from __future__ import annotations
 
 from ._errors import WorkerLost
 from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
+from ._periodic import PERIODIC
 from ._registry import TASKS
 from ._retry import Retry, bound
 
-__all__ = ["TASKS", "Retry", "bound", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Terminated", "WorkerLost"]
+__all__ = ["TASKS", "Retry", "bound", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Terminated", "WorkerLost", "PERIODIC"]

@@ -6,6 +6,7 @@
 
 mod dead;
 mod error;
+mod periodic;
 mod publish;
 mod queue;
 mod security;
@@ -36,6 +37,7 @@ pub const MIN_NATS_VERSION: (u64, u64, u64) = (2, 12, 0);
 /// A pull request of a queue's consumer: messages as the server delivers them.
 pub type Batch = consumer::pull::Batch;
 
+pub use periodic::PeriodicSetupError;
 pub use publish::{BatchError, Outgoing};
 
 /// A connection to NATS with JetStream, checked to be able to serve dbtask.

@@ -21,6 +21,7 @@ mod epoll;
 mod handover;
 mod interpreter;
 mod invoke;
+mod periodic;
 mod pool;
 mod process;
 mod queue;
@@ -356,6 +357,11 @@ impl PythonRuntime {
     /// The registered tasks, by name.
     pub fn tasks(&self) -> &HashMap<String, TaskInfo> {
         self.inner.registry.infos()
+    }
+
+    /// The periodic schedules the task modules declared: (name, declaration JSON), by name.
+    pub fn periodic(&self) -> &[(String, String)] {
+        self.inner.registry.periodic()
     }
 
     /// `sys.version` of the embedded interpreter, for the start-up log.

@@ -41,6 +41,8 @@ pub(crate) struct Registry {
     entries: HashMap<String, Arc<Entry>>,
     /// "3 registered: a, b, c", for the unknown-task message.
     registered: String,
+    /// The periodic schedules declared by the imported modules: (name, declaration JSON).
+    periodic: Vec<(String, String)>,
 }
 
 impl Registry {
@@ -60,12 +62,21 @@ impl Registry {
                         traceback: error_from(py, e).traceback.unwrap_or_default(),
                     })?;
             }
-            read(py, &registry, sync).map_err(|e| PythonError::Registry(e.to_string()))
+            let mut loaded =
+                read(py, &registry, sync).map_err(|e| PythonError::Registry(e.to_string()))?;
+            loaded.periodic = super::periodic::declared(&registry).map_err(|e| {
+                PythonError::Registry(format!("cannot read the declared periodic schedules: {e}"))
+            })?;
+            Ok(loaded)
         })
     }
 
     pub fn infos(&self) -> &HashMap<String, TaskInfo> {
         &self.infos
+    }
+
+    pub fn periodic(&self) -> &[(String, String)] {
+        &self.periodic
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<Entry>> {
@@ -177,6 +188,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>, sync: Executor) -> PyRes
         infos,
         entries,
         registered,
+        periodic: Vec::new(),
     })
 }
 

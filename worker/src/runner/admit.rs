@@ -17,6 +17,7 @@ use tracing::{debug, warn};
 
 use super::handler::{Context, Slot, Ticket};
 use super::settle::{How, Settled, REVOKED_BEFORE_START};
+use super::tick::TickAdmission;
 use super::Disposition;
 use super::{reached, Phase, Shared};
 use crate::canvas::Flow;
@@ -61,6 +62,15 @@ pub(super) async fn admit<'a>(
     let task = match read(&msg.message.payload, shared.config.max_message_bytes) {
         Ok(task) => task,
         Err(error) => return unreadable(ctx, msg, error),
+    };
+    // A periodic tick gets its id from its schedule and time here (see `tick.rs`).
+    let task = match super::tick::Tick::of(msg) {
+        None => task,
+        Some(tick) => match Box::pin(super::tick::admit(ctx, tick, task)).await {
+            TickAdmission::Run(task) => task,
+            TickAdmission::Settled(settled) => return Admission::Settled(settled, None),
+            TickAdmission::Leave(disposition) => return Admission::Leave(disposition),
+        },
     };
     if !hold_until_eta(shared, &task).await {
         return Admission::Leave(Disposition::HandBack);

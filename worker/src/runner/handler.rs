@@ -256,7 +256,9 @@ async fn process(
                 super::dead::dead_letter_unreadable(shared, queue, msg, &why).await
             }),
         };
-    next.await
+    let disposition = next.await;
+    super::tick::settled(shared, msg, disposition).await;
+    disposition
 }
 
 /// Runs an admitted message's job, settles how it ended, and follows up.

@@ -12,6 +12,7 @@ mod handler;
 mod priority;
 mod rate;
 mod settle;
+mod tick;
 
 use std::cell::Cell;
 use std::future::Future;
@@ -49,6 +50,8 @@ pub enum WorkerError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Periodic(#[from] crate::broker::PeriodicSetupError),
 }
 
 /// How a message leaves this worker.
@@ -216,6 +219,7 @@ pub async fn run_with_hooks(
     let identity = crate::journal::identity(broker.url(), store.url());
     let journal = crash::open_journal(&config, identity, &store, max_in_flight(&config)).await;
     broker.ensure_stream(&config).await?;
+    broker.apply_schedules(python.periodic()).await?;
     let mut levels = Vec::with_capacity(config.queues.len());
     for queue in &config.queues {
         let consumer = broker.ensure_consumer(queue, &config).await?;

@@ -3,6 +3,7 @@
 
 mod canvas;
 mod deliveries;
+mod periodic;
 mod rate;
 mod revoke;
 mod writer;
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 use crate::config::redact_url;
 
 pub use deliveries::History;
+pub use periodic::{TickClaim, TickRef};
 pub use revoke::{Notices, RevocationFeed};
 pub use writer::{Writer, WriterClosed, MAX_BATCH};
 
