@@ -11,20 +11,22 @@
 //! owns them (a Ctrl-C in a terminal reaches the whole process group), and it kills a pool
 //! process with SIGKILL when it must.
 
+use std::borrow::Cow;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::wire::{self, FromChild, Outcome, ToChild};
+use crate::python::context::with_job;
 use crate::python::convert::{encode_result, error_from, panic_outcome};
 use crate::python::invoke::invoke;
-use crate::python::registry::Registry;
+use crate::python::registry::{Process, Registry};
 use crate::python::running::Running;
 use crate::python::{interpreter, Job, CONTRACT_MODULE};
 use crate::telemetry::LogFormat;
@@ -90,6 +92,9 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Ok(states) = out.try_clone() {
+        *STATES.lock().unwrap_or_else(|e| e.into_inner()) = Some(states);
+    }
     let registry = match start(&spec) {
         Ok(registry) => registry,
         Err(why) => {
@@ -130,6 +135,12 @@ pub fn main() -> ExitCode {
             kwargs: frame.kwargs.to_owned(),
             attempt: frame.attempt,
             retries: frame.retries,
+            request: crate::python::RequestInfo {
+                queue: frame.queue.into_owned(),
+                eta: frame.eta,
+                parent_id: frame.parent_id.map(Cow::into_owned),
+                root_id: frame.root_id.map(Cow::into_owned),
+            },
         };
         let outcome = Python::attach(|py| {
             let Some(entry) = registry.get(&job.task) else {
@@ -137,10 +148,10 @@ pub fn main() -> ExitCode {
             };
             running.enter(&job.task_id, ident, &retired);
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                match invoke(py, entry, &job) {
+                with_job(&job, entry, || match invoke(py, entry, &job, None) {
                     Ok(value) => encode_result(py, &entry.name, &value),
                     Err(outcome) => outcome,
-                }
+                })
             }))
             .unwrap_or_else(panic_outcome);
             running.leave(py, &job.task_id, ident);
@@ -163,7 +174,44 @@ fn start(spec: &ChildSpec) -> Result<Registry, String> {
     interpreter::initialize(spec.python.as_deref()).map_err(|e| e.to_string())?;
     interpreter::prepare(&spec.sys_path).map_err(|e| e.to_string())?;
     interpreter::defer_ssl();
-    Registry::load(&spec.apps, crate::python::Executor::Processes).map_err(|e| e.to_string())
+    Registry::load(
+        &spec.apps,
+        crate::python::Executor::Processes,
+        Process::PoolChild,
+    )
+    .map_err(|e| e.to_string())
+}
+
+/// The socket to the worker, for the states the running task stores (`update_state`): written
+/// by the main thread only, between the job's frame and its outcome's.
+static STATES: Mutex<Option<UnixStream>> = Mutex::new(None);
+
+/// `state_writer(...)` in a pool process: the state goes to the worker, which stores it.
+#[pyfunction]
+fn send_state(
+    task_id: String,
+    task: String,
+    state: String,
+    meta: String,
+    ttl: Option<u64>,
+) -> PyResult<()> {
+    let update = crate::python::state::update(task_id, task, state, meta, ttl)?;
+    let mut states = STATES.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(socket) = states.as_mut() else {
+        return Err(pyo3::exceptions::PyRuntimeError::new_err(
+            "this pool process has no connection to the worker",
+        ));
+    };
+    wire::write_blocking(socket, &FromChild::State(update)).map_err(|e| {
+        pyo3::exceptions::PyRuntimeError::new_err(format!(
+            "cannot send the state to the worker: {e}"
+        ))
+    })
+}
+
+/// The `state_writer` callback the package gets in a pool process.
+pub(crate) fn state_writer(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
+    Ok(wrap_pyfunction!(send_state, py)?.into_any())
 }
 
 /// Raises soft limits, until the worker closes the control socket.
