@@ -135,32 +135,34 @@ fn to_py(py: Python<'_>, record: Option<Bytes>) -> PyResult<Py<PyAny>> {
     record_to_py(py, record)
 }
 
+impl ProgressStream {
+    /// The future of the next update, `timeout` checked.
+    fn next_update(
+        &self,
+        timeout: Option<f64>,
+    ) -> PyResult<impl std::future::Future<Output = Result<Option<Bytes>, ClientError>>> {
+        let timeout = crate::client::optional_seconds("timeout", timeout)?;
+        Ok(next(
+            self.inner.clone(),
+            self.id.clone(),
+            self.stream.clone(),
+            timeout,
+        ))
+    }
+}
+
 #[pymethods]
 impl ProgressStream {
     /// Awaitable: the next update as a dict, or None after the final record.
     #[pyo3(signature = (timeout=None))]
     fn next<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
-        let timeout = crate::client::optional_seconds("timeout", timeout)?;
-        let fut = next(
-            self.inner.clone(),
-            self.id.clone(),
-            self.stream.clone(),
-            timeout,
-        );
-        bridge::cancellable(py, fut, to_py)
+        bridge::cancellable(py, self.next_update(timeout)?, to_py)
     }
 
     /// Blocking form of `next`.
     #[pyo3(signature = (timeout=None))]
     fn next_sync(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Py<PyAny>> {
-        let timeout = crate::client::optional_seconds("timeout", timeout)?;
-        let fut = next(
-            self.inner.clone(),
-            self.id.clone(),
-            self.stream.clone(),
-            timeout,
-        );
-        let record = runtime::block_on(py, fut)?;
+        let record = runtime::block_on(py, self.next_update(timeout)?)?;
         to_py(py, record)
     }
 

@@ -12,7 +12,7 @@ use std::cell::{Cell, RefCell};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use super::registry::{Entry, Process};
+use super::registry::Entry;
 use super::Job;
 
 thread_local! {
@@ -74,18 +74,10 @@ fn current(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>> {
 }
 
 /// Installs the worker's callbacks in the package (`dbtask._worker.install`).
-pub(crate) fn install(
-    py: Python<'_>,
-    contract: &Bound<'_, PyModule>,
-    process: Process,
-) -> PyResult<()> {
+pub(crate) fn install(py: Python<'_>, contract: &Bound<'_, PyModule>) -> PyResult<()> {
     let kwargs = PyDict::new(py);
     kwargs.set_item("lookup", wrap_pyfunction!(current, py)?)?;
-    let writer = match process {
-        Process::Worker => Some(super::state::writer(py)?),
-        Process::PoolChild => Some(super::process::child::state_writer(py)?),
-    };
-    kwargs.set_item("state_writer", writer)?;
+    kwargs.set_item("state_writer", super::state::writer(py)?)?;
     kwargs.set_item("emit_log", super::logs::emitter(py)?)?;
     kwargs.set_item("log_level", super::logs::python_level())?;
     kwargs.set_item("signals_changed", super::signals::listener(py)?)?;

@@ -158,7 +158,8 @@ pub enum Burst {
 #[derive(Debug)]
 pub struct Job {
     pub task_id: String,
-    pub task: String,
+    /// The task's name (a boxed `str`: a `Job` crosses queues by value, every byte counts).
+    pub task: Box<str>,
     /// JSON array, as it came in the message (decoded once, in Python).
     pub args: Box<RawValue>,
     /// JSON object, as it came in the message.
@@ -167,8 +168,9 @@ pub struct Job {
     pub attempt: u32,
     /// Retries before this message.
     pub retries: u32,
-    /// The rest of what `dbtask.current_task().request` tells.
-    pub request: RequestInfo,
+    /// The rest of what `dbtask.current_task().request` tells (boxed: a `Job` crosses
+    /// queues by value, and is read only when a task asks for its request).
+    pub request: Box<RequestInfo>,
 }
 
 /// What a running task's request tells beyond its id, name and counts (see `context`).

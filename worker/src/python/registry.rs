@@ -82,7 +82,7 @@ impl Registry {
                     error_from(py, e).traceback.unwrap_or_default()
                 ))
             })?;
-            super::context::install(py, &registry, process).map_err(|e| {
+            super::context::install(py, &registry).map_err(|e| {
                 PythonError::Registry(format!(
                     "installing the worker's callbacks in dbtask failed (is the dbtask package up to date?):\n{}",
                     error_from(py, e).traceback.unwrap_or_default()

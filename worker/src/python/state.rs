@@ -4,7 +4,7 @@
 //! The Python thread running the task queues the write on the result writer itself, before
 //! the task returns: the task's final record, queued after the run, always lands after its
 //! last state. A pool process sends its states to the worker over its socket
-//! ([`super::process::child::state_writer`]); the worker queues them the same way.
+//! ([`forward_with`]); the worker queues them the same way.
 
 use std::sync::Mutex;
 
@@ -22,6 +22,16 @@ struct Sink {
 }
 
 static SINK: Mutex<Option<Sink>> = Mutex::new(None);
+
+/// How a pool process hands its states on instead: to the worker, over its socket.
+type Forward = Box<dyn Fn(StateUpdate) -> Result<(), String> + Send>;
+
+static FORWARD: Mutex<Option<Forward>> = Mutex::new(None);
+
+/// In a pool process: states go through `forward` (to the worker, which stores them).
+pub(crate) fn forward_with(forward: Forward) {
+    *FORWARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(forward);
+}
 
 /// One state a task stored for itself.
 #[derive(Debug, Serialize, Deserialize)]
@@ -88,7 +98,7 @@ pub(crate) fn store(update: &StateUpdate) -> Result<(), &'static str> {
 }
 
 /// The update `update_state` made, checked: `meta` is the JSON `json.dumps` gave.
-pub(crate) fn update(
+fn update(
     task_id: String,
     task: String,
     state: String,
@@ -106,7 +116,8 @@ pub(crate) fn update(
     })
 }
 
-/// `state_writer(task_id, task_name, state, meta_json, ttl)` in the worker's own process.
+/// `state_writer(task_id, task_name, state, meta_json, ttl)`: stored by the worker, or, in a
+/// pool process, sent to it.
 #[pyfunction]
 fn write_state(
     task_id: String,
@@ -116,10 +127,13 @@ fn write_state(
     ttl: Option<u64>,
 ) -> PyResult<()> {
     let update = update(task_id, task, state, meta, ttl)?;
+    if let Some(forward) = FORWARD.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return forward(update).map_err(PyRuntimeError::new_err);
+    }
     store(&update).map_err(PyRuntimeError::new_err)
 }
 
-/// The `state_writer` callback the package gets in the worker's process.
+/// The `state_writer` callback the package gets.
 pub(crate) fn writer(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
     Ok(wrap_pyfunction!(write_state, py)?.into_any())
 }

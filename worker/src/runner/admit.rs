@@ -427,6 +427,7 @@ mod tests {
             time_limit: None,
             soft_time_limit: None,
             rate_limit: None,
+            results: Default::default(),
         }
     }
 

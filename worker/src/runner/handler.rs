@@ -251,17 +251,17 @@ async fn run(ctx: &Context<'_>, admitted: Admitted<'_>) -> Disposition {
         .then(|| (task.args.clone(), task.kwargs.clone()));
     let job = Job {
         task_id: task.id.clone(),
-        task: task.task.clone(),
+        task: task.task.as_str().into(),
         args: task.args,
         kwargs: task.kwargs,
         attempt: ctx.attempt,
         retries: task.retries,
-        request: RequestInfo {
+        request: Box::new(RequestInfo {
             queue: ctx.queue.to_owned(),
             eta: task.eta,
             parent_id: task.parent_id.clone(),
             root_id: task.root_id.clone(),
-        },
+        }),
     };
     let Some(ran) = execute(ctx, job, (&task.id, &task.task), info, slot).await else {
         return Disposition::HandBack;

@@ -16,7 +16,7 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use pyo3::prelude::*;
@@ -92,8 +92,13 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The states the running task stores (`update_state`) go to the worker on this socket,
+    // written by the main thread only, between the job's frame and its outcome's.
     if let Ok(states) = out.try_clone() {
-        *STATES.lock().unwrap_or_else(|e| e.into_inner()) = Some(states);
+        crate::python::state::forward_with(Box::new(move |update| {
+            wire::write_blocking(&mut &states, &FromChild::State(update))
+                .map_err(|e| format!("cannot send the state to the worker: {e}"))
+        }));
     }
     let registry = match start(&spec) {
         Ok(registry) => registry,
@@ -130,17 +135,17 @@ pub fn main() -> ExitCode {
         };
         let job = Job {
             task_id: frame.id.into_owned(),
-            task: frame.task.into_owned(),
+            task: frame.task.into(),
             args: frame.args.to_owned(),
             kwargs: frame.kwargs.to_owned(),
             attempt: frame.attempt,
             retries: frame.retries,
-            request: crate::python::RequestInfo {
+            request: Box::new(crate::python::RequestInfo {
                 queue: frame.queue.into_owned(),
                 eta: frame.eta,
                 parent_id: frame.parent_id.map(Cow::into_owned),
                 root_id: frame.root_id.map(Cow::into_owned),
-            },
+            }),
         };
         let outcome = Python::attach(|py| {
             let Some(entry) = registry.get(&job.task) else {
@@ -180,38 +185,6 @@ fn start(spec: &ChildSpec) -> Result<Registry, String> {
         Process::PoolChild,
     )
     .map_err(|e| e.to_string())
-}
-
-/// The socket to the worker, for the states the running task stores (`update_state`): written
-/// by the main thread only, between the job's frame and its outcome's.
-static STATES: Mutex<Option<UnixStream>> = Mutex::new(None);
-
-/// `state_writer(...)` in a pool process: the state goes to the worker, which stores it.
-#[pyfunction]
-fn send_state(
-    task_id: String,
-    task: String,
-    state: String,
-    meta: String,
-    ttl: Option<u64>,
-) -> PyResult<()> {
-    let update = crate::python::state::update(task_id, task, state, meta, ttl)?;
-    let mut states = STATES.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(socket) = states.as_mut() else {
-        return Err(pyo3::exceptions::PyRuntimeError::new_err(
-            "this pool process has no connection to the worker",
-        ));
-    };
-    wire::write_blocking(socket, &FromChild::State(update)).map_err(|e| {
-        pyo3::exceptions::PyRuntimeError::new_err(format!(
-            "cannot send the state to the worker: {e}"
-        ))
-    })
-}
-
-/// The `state_writer` callback the package gets in a pool process.
-pub(crate) fn state_writer(py: Python<'_>) -> PyResult<Bound<'_, PyAny>> {
-    Ok(wrap_pyfunction!(send_state, py)?.into_any())
 }
 
 /// Raises soft limits, until the worker closes the control socket.

@@ -361,7 +361,7 @@ impl Shared {
         let mut out = Vec::new();
         let request = ToChild::Job(JobFrame {
             id: Cow::Borrowed(&item.job.task_id),
-            task: Cow::Borrowed(&item.job.task),
+            task: Cow::Borrowed(&*item.job.task),
             args: &item.job.args,
             kwargs: &item.job.kwargs,
             attempt: item.job.attempt,
