@@ -43,11 +43,11 @@ pub(crate) struct JobFrame<'a> {
     /// The rest of the request (`dbtask.current_task().request`).
     #[serde(borrow, default)]
     pub queue: Cow<'a, str>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta: Option<f64>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub parent_id: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub root_id: Option<Cow<'a, str>>,
 }
 
