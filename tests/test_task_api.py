@@ -229,3 +229,11 @@ async def test_task_logging_in_text_has_a_readable_prefix(worker_factory, client
         await asyncio.sleep(0.05)
     assert f"{chatty.name}[{r.id}]: said there" in w.stderr
     assert f"{chatty.name}[{r.id}]: quietly there" in w.stderr, "debug shows at --log-level debug"
+
+
+async def test_a_meta_over_max_result_bytes_is_refused_clearly(worker_factory, client) -> None:
+    worker_factory(APP, args=("--max-result-bytes", "1000"))
+    r = await bad_state.delay("PROGRESS", {"blob": "x" * 2000})
+    kind, message = await r.get(timeout=20)
+    assert kind == "RuntimeError" and "max_result_bytes (1000)" in message
+    assert (await (await bad_state.delay("PROGRESS", {"small": 1})).get(timeout=20)) is None

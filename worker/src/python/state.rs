@@ -15,10 +15,12 @@ use serde_json::value::RawValue;
 
 use crate::store::{RecordWrite, Writer};
 
-/// Where states go while the worker serves: its result writer, and its name for the records.
+/// Where states go while the worker serves: its result writer, its name for the records, and
+/// the largest meta it stores (`max_result_bytes`, as for a result).
 struct Sink {
     writer: Writer,
     worker: String,
+    max_bytes: usize,
 }
 
 static SINK: Mutex<Option<Sink>> = Mutex::new(None);
@@ -56,9 +58,14 @@ struct StateRecord<'a> {
     date_updated: f64,
 }
 
-/// While the returned guard lives, tasks' states go to `writer`.
-pub fn serve(writer: Writer, worker: String) -> Serving {
-    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(Sink { writer, worker });
+/// While the returned guard lives, tasks' states go to `writer`; a meta over `max_bytes` of
+/// JSON is refused.
+pub fn serve(writer: Writer, worker: String, max_bytes: usize) -> Serving {
+    *SINK.lock().unwrap_or_else(|e| e.into_inner()) = Some(Sink {
+        writer,
+        worker,
+        max_bytes,
+    });
     Serving(())
 }
 
@@ -72,11 +79,20 @@ impl Drop for Serving {
 }
 
 /// Queues `update` on the result writer; the error says why it cannot be stored.
-pub(crate) fn store(update: &StateUpdate) -> Result<(), &'static str> {
+pub(crate) fn store(update: &StateUpdate) -> Result<(), String> {
     let sink = SINK.lock().unwrap_or_else(|e| e.into_inner());
     let Some(sink) = sink.as_ref() else {
-        return Err("the worker is not serving (starting or stopping): the state is not stored");
+        return Err(
+            "the worker is not serving (starting or stopping): the state is not stored".into(),
+        );
     };
+    let size = update.meta.get().len();
+    if size > sink.max_bytes {
+        return Err(format!(
+            "update_state meta is {size} bytes of JSON, over the worker's max_result_bytes ({}): the state is not stored",
+            sink.max_bytes
+        ));
+    }
     let json = serde_json::to_vec(&StateRecord {
         id: &update.id,
         state: &update.state,
@@ -93,7 +109,7 @@ pub(crate) fn store(update: &StateUpdate) -> Result<(), &'static str> {
     {
         Ok(())
     } else {
-        Err("the worker's result writer has stopped: the state is not stored")
+        Err("the worker's result writer has stopped: the state is not stored".into())
     }
 }
 

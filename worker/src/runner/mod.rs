@@ -270,7 +270,8 @@ async fn serve(
     let (writer, writer_loop) = Writer::new(store.clone());
     let writer_done = tokio::spawn(writer_loop);
     // `update_state` from the tasks goes to this writer while the worker serves.
-    let states = crate::python::state::serve(writer.clone(), worker.clone());
+    let states =
+        crate::python::state::serve(writer.clone(), worker.clone(), config.max_result_bytes);
     let (phase, _) = watch::channel(Phase::Running);
     let shared = Rc::new(Shared {
         slots: Arc::new(Semaphore::new(config.concurrency)),

@@ -412,7 +412,7 @@ impl Shared {
             if matches!(read, Ok(true)) && FromChild::is_state(frame) {
                 if let Ok(FromChild::State(update)) = serde_json::from_slice::<FromChild>(frame) {
                     if let Err(why) = crate::python::state::store(&update) {
-                        debug!(task_id = %update.id, why, "a pool process's task state was not stored");
+                        warn!(task_id = %update.id, why = %why, "a task's state (update_state) was not stored");
                     }
                 }
                 continue;
