@@ -114,7 +114,13 @@ def worker_factory(nats: Server, redis: Server, tmp_path: Path, logs: list) -> I
         stdout_path = tmp_path / f"worker{index}.stdout"
         with open(stderr_path, "wb") as err, open(stdout_path, "wb") as out:
             proc = subprocess.Popen(
-                cmd, cwd=APPS, env=worker_env(**(env or {})), stdin=subprocess.DEVNULL, stdout=out, stderr=err
+                cmd,
+                cwd=APPS,
+                # The crash journals of this test's workers, kept apart from other tests'.
+                env=worker_env(DBTASK_STATE_DIR=str(tmp_path / "state"), **(env or {})),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
             )
         w = Worker(index, cmd, proc, stderr_path, stdout_path)
         workers.append(w)

@@ -107,6 +107,7 @@ impl Admin {
             nats_tls_key,
             nats_creds,
             nats_nkey,
+            None,
         );
         if !(timeout.is_finite() && timeout > 0.0) {
             return Err(ClientError::value(format!(

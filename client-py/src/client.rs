@@ -74,7 +74,7 @@ impl Client {
     /// Connects to NATS and Redis and creates the task stream if it is missing; the
     /// `nats_*` files secure the NATS connection (TLS, credentials).
     #[staticmethod]
-    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None))]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connect(
@@ -87,6 +87,7 @@ impl Client {
         nats_tls_key: Option<PathBuf>,
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
+        message_key: Option<PathBuf>,
     ) -> PyResult<Bound<'_, PyAny>> {
         let timeout = seconds("timeout", timeout)?;
         let security = NatsSecurity::new(
@@ -95,6 +96,7 @@ impl Client {
             nats_tls_key,
             nats_creds,
             nats_nkey,
+            message_key,
         );
         bridge::awaitable(
             py,
@@ -105,7 +107,7 @@ impl Client {
 
     /// Blocking form of `connect`.
     #[staticmethod]
-    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None))]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connect_sync(
@@ -118,6 +120,7 @@ impl Client {
         nats_tls_key: Option<PathBuf>,
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
+        message_key: Option<PathBuf>,
     ) -> PyResult<Client> {
         let timeout = seconds("timeout", timeout)?;
         let security = NatsSecurity::new(
@@ -126,6 +129,7 @@ impl Client {
             nats_tls_key,
             nats_creds,
             nats_nkey,
+            message_key,
         );
         runtime::block_on(py, Client::open(nats_url, redis_url, timeout, security))
     }
@@ -410,7 +414,7 @@ impl Client {
 
     /// True when this client is open and was connected with exactly these URLs and NATS
     /// TLS and credential files.
-    #[pyo3(signature = (nats_url, redis_url, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None))]
+    #[pyo3(signature = (nats_url, redis_url, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connected_to(
@@ -422,6 +426,7 @@ impl Client {
         nats_tls_key: Option<PathBuf>,
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
+        message_key: Option<PathBuf>,
     ) -> bool {
         let security = NatsSecurity::new(
             nats_tls_ca,
@@ -429,6 +434,7 @@ impl Client {
             nats_tls_key,
             nats_creds,
             nats_nkey,
+            message_key,
         );
         !self.inner.closed.load(Ordering::Acquire)
             && self.inner.nats_given == nats_url

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use crate::error::{percent_decode, redact_url, ClientError};
 use crate::notify::Notifier;
 use crate::security::NatsSecurity;
+use dbtask_protocol::signing::MessageKey;
 
 /// How long JetStream may take to confirm a publish (and to answer API requests).
 pub(crate) const PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,6 +38,8 @@ pub(crate) struct Inner {
     pub(crate) redis_given: String,
     /// The TLS and credential files it connected with (compared by `connected_to`).
     pub(crate) security: NatsSecurity,
+    /// `message_key=`: every task message published is signed with it.
+    pub(crate) message_key: Option<MessageKey>,
     pub(crate) nats_safe: String,
     pub(crate) redis_safe: String,
     pub(crate) closed: AtomicBool,
@@ -291,6 +294,7 @@ impl Inner {
     ) -> Result<Inner, ClientError> {
         let nats_safe = redact_url(&nats_url);
         let redis_safe = redact_url(&redis_url);
+        let message_key = security.message_key()?;
         let (nats, (redis_client, redis, pubsub)) = tokio::try_join!(
             connect_nats(&nats_url, &nats_safe, timeout, &security),
             connect_redis(&redis_url, &redis_safe, timeout)
@@ -310,6 +314,7 @@ impl Inner {
             nats_given: nats_url,
             redis_given: redis_url,
             security,
+            message_key,
             nats_safe,
             redis_safe,
             closed: AtomicBool::new(false),

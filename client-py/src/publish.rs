@@ -214,6 +214,9 @@ async fn start_publish(
     inner: &Inner,
     out: &mut Outgoing,
 ) -> Result<PublishAckFuture, PublishError> {
+    if let Some(key) = &inner.message_key {
+        key.sign_headers(&mut out.headers, &out.subject, &out.body);
+    }
     inner
         .js
         .send_publish(

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use async_nats::ConnectOptions;
+use dbtask_protocol::signing::MessageKey;
 use dbtask_protocol::{check_together, nkey_seed, NatsFile};
 
 use crate::error::ClientError;
@@ -18,6 +19,9 @@ pub(crate) struct NatsSecurity {
     pub(crate) tls_key: Option<PathBuf>,
     pub(crate) creds: Option<PathBuf>,
     pub(crate) nkey: Option<PathBuf>,
+    /// Not of the connection itself: the key task messages are signed with (`message_key=`),
+    /// kept here so that `init()` with another key makes a new client.
+    pub(crate) message_key: Option<PathBuf>,
 }
 
 /// `nats_tls_ca='/x': file not found`. Never quotes a file.
@@ -43,6 +47,7 @@ impl NatsSecurity {
         tls_key: Option<PathBuf>,
         creds: Option<PathBuf>,
         nkey: Option<PathBuf>,
+        message_key: Option<PathBuf>,
     ) -> Self {
         NatsSecurity {
             tls_ca,
@@ -50,7 +55,21 @@ impl NatsSecurity {
             tls_key,
             creds,
             nkey,
+            message_key,
         }
+    }
+
+    /// The key of `message_key=`, read from its file; ValueError naming the keyword.
+    pub(crate) fn message_key(&self) -> Result<Option<MessageKey>, ClientError> {
+        let Some(path) = &self.message_key else {
+            return Ok(None);
+        };
+        MessageKey::from_file(path).map(Some).map_err(|problem| {
+            ClientError::value(format!(
+                "message_key={:?}: {problem}",
+                path.display().to_string()
+            ))
+        })
     }
 
     /// Whether TLS is asked for (a CA or a client certificate).

@@ -21,6 +21,7 @@
 //! - [`rate`]: rate limits;
 //! - `redact`: [`redact_url`] and [`percent_decode`], server URLs and their credentials;
 //! - [`nats_auth`]: the TLS and credential files of a NATS connection, named and checked once;
+//! - `signing` (feature `nats`): the optional HMAC signature of task messages (`--message-key`);
 //! - [`canvas`]: workflows (signatures, chains, groups, chords).
 
 pub mod canvas;
@@ -32,6 +33,8 @@ pub mod nats;
 pub mod nats_auth;
 pub mod rate;
 pub mod record;
+#[cfg(feature = "nats")]
+pub mod signing;
 pub mod stream;
 pub mod validation;
 

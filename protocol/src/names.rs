@@ -62,6 +62,18 @@ pub fn rate_key(task: &str) -> String {
     format!("{RATE_KEY_PREFIX}{task}")
 }
 
+/// Redis key prefix of a task message's lost deliveries, by its sequence in the task stream:
+/// `dbtask:deliveries:<seq>` is a hash with `idle` (deliveries lost while the message waited
+/// without running: a crash of its worker, a shutdown; not charged against `max_deliver`),
+/// `lost` (deliveries whose run the worker's death cut short) and `cause` (how the last of
+/// those workers died). Written by the worker that finds a dead worker's journal.
+pub const DELIVERIES_KEY_PREFIX: &str = "dbtask:deliveries:";
+
+/// Redis key of the lost deliveries of the task message at `stream_seq`.
+pub fn deliveries_key(stream_seq: u64) -> String {
+    format!("{DELIVERIES_KEY_PREFIX}{stream_seq}")
+}
+
 /// Highest priority (`apply_async(priority=9)` runs first).
 pub const MAX_PRIORITY: u8 = 9;
 /// The priority of a task sent without one; such tasks keep the plain subject

@@ -96,7 +96,7 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_RESULT_EXTENDED", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub result_extended: Option<bool>,
 
-    /// Deliveries of one message before NATS gives up on it [default: 10]
+    /// Deliveries of one message charged to it (not those lost while it waited in a worker that died) before it is dead-lettered [default: 10]
     #[arg(long, env = "DBTASK_MAX_DELIVER", value_name = "N")]
     pub max_deliver: Option<i64>,
 
@@ -147,6 +147,10 @@ pub struct Cli {
     /// With --pool processes: replace a child process after the task that took it past MiB of resident memory [default: 0, never]
     #[arg(long, env = "DBTASK_MAX_MEMORY_PER_CHILD", value_name = "MiB")]
     pub max_memory_per_child: Option<u64>,
+
+    /// Directory of the crash journal (which held tasks run), so that after a crash only those are charged a delivery [default: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR/dbtask, else dbtask-<uid> in the temp dir]
+    #[arg(long, env = "DBTASK_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     // NATS TLS and credentials (docs/security.md).
     /// CA certificate (PEM) that signed the NATS server's certificate; TLS is then required
     #[arg(long, env = "DBTASK_NATS_TLS_CA", value_name = "FILE")]
@@ -167,6 +171,10 @@ pub struct Cli {
     /// File holding an nkey user seed (SU...) for a server with nkey users
     #[arg(long, env = "DBTASK_NATS_NKEY", value_name = "FILE")]
     pub nats_nkey: Option<PathBuf>,
+
+    /// File holding the key task messages must be signed with (HMAC-SHA256; at least 32 bytes): unsigned or wrongly signed messages are dead-lettered unrun (docs/security.md)
+    #[arg(long, env = "DBTASK_MESSAGE_KEY", value_name = "FILE")]
+    pub message_key: Option<PathBuf>,
 
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
@@ -225,6 +233,12 @@ impl Cli {
         set(&mut config.pool, &self.pool);
         set(&mut config.max_tasks_per_child, &self.max_tasks_per_child);
         set(&mut config.max_memory_per_child, &self.max_memory_per_child);
+        if self.state_dir.is_some() {
+            config.state_dir.clone_from(&self.state_dir);
+        }
+        if self.message_key.is_some() {
+            config.message_key.clone_from(&self.message_key);
+        }
 
         // NATS TLS and credentials.
         for (target, value) in [

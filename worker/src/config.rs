@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::broker::NatsSecurity;
 use crate::python::{Executor, ProcessOptions, PythonConfig};
 pub use crate::telemetry::LogFormat;
+use dbtask_protocol::signing::MessageKey;
 
 /// Everything the worker can be told. Field names are the TOML keys and, upper-cased with a
 /// `DBTASK_` prefix, the environment variables.
@@ -37,7 +38,7 @@ pub struct Config {
     pub result_ttl: u64,
     /// Store STARTED before running each task (a task's own option wins).
     pub track_started: bool,
-    /// Deliveries of one message before NATS stops redelivering it.
+    /// Charged deliveries of one message; the last one dead-letters it (see `runner/dead.rs`).
     pub max_deliver: i64,
     /// Unacked messages a queue's consumer allows in flight, across all its workers.
     pub max_ack_pending: i64,
@@ -68,6 +69,11 @@ pub struct Config {
     /// With `pool = "processes"`: replace a child process after the task that took its
     /// resident memory past this many MiB (0: never).
     pub max_memory_per_child: u64,
+    /// Where the worker keeps its crash journal (which held tasks are running), so that after
+    /// a crash only those are charged a delivery. `None`: `$RUNTIME_DIRECTORY` (systemd),
+    /// else `$XDG_RUNTIME_DIR/dbtask`, else `dbtask-<uid>` in the temp directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
 
     // NATS TLS and credentials (docs/security.md): paths of files, never their contents.
     /// PEM CA certificate(s) that signed the NATS server's certificate; TLS is then required.
@@ -85,6 +91,10 @@ pub struct Config {
     /// File holding an nkey user seed (`SU...`), for servers with nkey users.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nats_nkey: Option<PathBuf>,
+    /// File holding the key task messages are signed with (HMAC-SHA256): messages without a
+    /// valid signature are dead-lettered unrun, and what the worker publishes is signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_key: Option<PathBuf>,
 }
 
 /// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
@@ -127,11 +137,13 @@ impl Default for Config {
             pool: PoolKind::Threads,
             max_tasks_per_child: 0,
             max_memory_per_child: 0,
+            state_dir: None,
             nats_tls_ca: None,
             nats_tls_cert: None,
             nats_tls_key: None,
             nats_creds: None,
             nats_nkey: None,
+            message_key: None,
         }
     }
 }
@@ -275,7 +287,21 @@ impl Config {
         self.nats_security()
             .check()
             .map_err(|e| invalid(e.setting.setting(), e.to_string()))?;
+        self.message_key()?;
         Ok(())
+    }
+
+    /// The key of `message_key`, read from its file.
+    pub fn message_key(&self) -> Result<Option<MessageKey>, ConfigError> {
+        let Some(path) = &self.message_key else {
+            return Ok(None);
+        };
+        MessageKey::from_file(path).map(Some).map_err(|e| {
+            invalid(
+                "message_key",
+                format!("--message-key {}: {e}", path.display()),
+            )
+        })
     }
 
     /// The TLS and credential files of the NATS connection.
@@ -314,6 +340,31 @@ impl Config {
             threads,
             sync_executor,
         }
+    }
+
+    /// The crash journal's directory: `state_dir`, else the service manager's runtime
+    /// directory, else the user's, else one in the temp directory.
+    pub fn state_dir(&self) -> PathBuf {
+        if let Some(dir) = &self.state_dir {
+            return dir.clone();
+        }
+        let from_env = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        if let Some(dir) = from_env("RUNTIME_DIRECTORY") {
+            // systemd may list several, separated by colons: the first is ours.
+            let first = dir
+                .to_string_lossy()
+                .split(':')
+                .next()
+                .unwrap_or("")
+                .to_owned();
+            return PathBuf::from(first);
+        }
+        if let Some(dir) = from_env("XDG_RUNTIME_DIR") {
+            return PathBuf::from(dir).join("dbtask");
+        }
+        // SAFETY: getuid cannot fail.
+        let uid = unsafe { libc::getuid() };
+        std::env::temp_dir().join(format!("dbtask-{uid}"))
     }
 
     /// The pool of processes, with `pool = "processes"`.

@@ -9,6 +9,7 @@ pub mod canvas;
 pub mod cli;
 pub mod config;
 pub mod events;
+pub mod journal;
 pub mod limits;
 pub mod memory;
 pub mod python;

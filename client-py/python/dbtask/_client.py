@@ -65,11 +65,11 @@ NATS_SECURITY = ("nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_creds", "
 PathArg = Union[str, "os.PathLike[str]", None]
 
 
-def _security(given: dict[str, PathArg]) -> dict[str, str]:
-    """The NATS TLS and credential files: the keywords given, else ``$DBTASK_NATS_TLS_CA``...;
-    unset ones left out."""
+def _security(given: dict[str, PathArg], names: tuple[str, ...] = NATS_SECURITY) -> dict[str, str]:
+    """The NATS TLS and credential files (or other `names`): the keywords given, else
+    ``$DBTASK_NATS_TLS_CA``...; unset ones left out."""
     out: dict[str, str] = {}
-    for name in NATS_SECURITY:
+    for name in names:
         value = given[name]
         if value is None:
             value = os.environ.get("DBTASK_" + name.upper()) or None
@@ -116,6 +116,7 @@ async def init(
     nats_tls_key: PathArg = None,
     nats_creds: PathArg = None,
     nats_nkey: PathArg = None,
+    message_key: PathArg = None,
 ) -> None:
     """Connects to NATS and Redis (awaitable form of :func:`init_sync`).
 
@@ -131,6 +132,10 @@ async def init(
     ``.creds`` file (user JWT and nkey seed), ``nats_nkey`` a file holding an nkey user seed.
     A missing or wrong file raises ValueError naming the keyword.
 
+    ``message_key`` (default ``$DBTASK_MESSAGE_KEY``): a file holding the key (at least 32
+    bytes) every task message is signed with, for workers started with ``--message-key``
+    (docs/security.md).
+
     One client serves the whole process, every thread and event loop, async and sync API
     alike. Calling ``init`` again with the same settings keeps it; other ones replace it (the
     old one is closed after the new one connected).
@@ -140,6 +145,7 @@ async def init(
         dict(nats_tls_ca=nats_tls_ca, nats_tls_cert=nats_tls_cert, nats_tls_key=nats_tls_key,
              nats_creds=nats_creds, nats_nkey=nats_nkey)
     )  # fmt: skip
+    security.update(_security({"message_key": message_key}, ("message_key",)))
     if _keep(nats, redis, security):
         return
     new = await _native().Client.connect(nats, redis, timeout, **security)
@@ -158,6 +164,7 @@ def init_sync(
     nats_tls_key: PathArg = None,
     nats_creds: PathArg = None,
     nats_nkey: PathArg = None,
+    message_key: PathArg = None,
 ) -> None:
     """Connects to NATS and Redis, blocking; see :func:`init`. Usable with or without asyncio:
     the client made here serves the async API too, from any thread and event loop."""
@@ -166,6 +173,7 @@ def init_sync(
         dict(nats_tls_ca=nats_tls_ca, nats_tls_cert=nats_tls_cert, nats_tls_key=nats_tls_key,
              nats_creds=nats_creds, nats_nkey=nats_nkey)
     )  # fmt: skip
+    security.update(_security({"message_key": message_key}, ("message_key",)))
     if _keep(nats, redis, security):
         return
     new = _native().Client.connect_sync(nats, redis, timeout, **security)

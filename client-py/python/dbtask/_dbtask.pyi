@@ -51,6 +51,7 @@ class Client:
         nats_tls_key: str | None = None,
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
+        message_key: str | None = None,
     ) -> Awaitable[Client]: ...
     @staticmethod
     def connect_sync(
@@ -63,6 +64,7 @@ class Client:
         nats_tls_key: str | None = None,
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
+        message_key: str | None = None,
     ) -> Client: ...
     @overload
     def publish(
@@ -135,6 +137,7 @@ class Client:
         nats_tls_key: str | None = None,
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
+        message_key: str | None = None,
     ) -> bool: ...
     @property
     def closed(self) -> bool: ...

@@ -11,6 +11,7 @@ mod queue;
 mod security;
 
 pub use dbtask_protocol::nats::{stream_config, task_header_map};
+use dbtask_protocol::signing::MessageKey;
 pub use error::{BrokerError, Cause, Incompatible};
 pub use queue::{max_batch_bytes, QueueConsumer};
 pub use security::{NatsSecurity, SecurityError};
@@ -47,6 +48,8 @@ pub struct Broker {
     version: String,
     /// When the connection last came back after a loss (see [`Outages`]).
     outages: Arc<Outages>,
+    /// `--message-key`: what this worker publishes is signed, what it runs must be.
+    message_key: Option<Arc<MessageKey>>,
 }
 
 /// What the worker remembers of NATS outages. Acks sent while the connection is down are lost,
@@ -181,7 +184,20 @@ impl Broker {
             url: shown,
             version,
             outages,
+            message_key: None,
         })
+    }
+
+    /// Signs every task message this broker publishes with `key` (see
+    /// [`dbtask_protocol::signing`]), and gives it to whoever checks deliveries.
+    pub fn with_message_key(mut self, key: Option<MessageKey>) -> Broker {
+        self.message_key = key.map(Arc::new);
+        self
+    }
+
+    /// The key deliveries must be signed with, if any.
+    pub fn message_key(&self) -> Option<&MessageKey> {
+        self.message_key.as_deref()
     }
 
     /// Whether a message delivered for the first time may have been handled already, its ack
@@ -373,7 +389,7 @@ impl Broker {
             deliver_policy: consumer::DeliverPolicy::All,
             ack_policy: consumer::AckPolicy::Explicit,
             ack_wait: config.ack_wait(),
-            max_deliver: config.max_deliver,
+            max_deliver: consumer_max_deliver(config.max_deliver),
             max_ack_pending: config.max_ack_pending,
             filter_subject: subject.clone(),
             ..Default::default()
@@ -407,6 +423,17 @@ impl Broker {
             consumer,
             max_batch_bytes: max_batch_bytes(config.max_message_bytes),
         })
+    }
+}
+
+/// The consumer's own `max_deliver` for the worker's `max_deliver`: unlimited, because the
+/// worker decides (it dead-letters a message on its last delivery, counting only the
+/// deliveries charged to it: see `runner/dead.rs`), except with 1, where no delivery may follow.
+pub fn consumer_max_deliver(max_deliver: i64) -> i64 {
+    if max_deliver > 1 {
+        -1
+    } else {
+        max_deliver
     }
 }
 

@@ -1,6 +1,7 @@
 //! Publishing task messages: retries, tasks delivered before their eta, workflow steps. With
-//! `dead.rs` (dead letters), the only places the worker writes to JetStream. Each publish returns once JetStream stored the
-//! message, so the delivery that caused it is acked only after.
+//! `dead.rs` (dead letters), the only places the worker writes to JetStream. Each publish
+//! returns once JetStream stored the message, so the delivery that caused it is acked only
+//! after. With a message key, each is signed here.
 
 use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
@@ -37,9 +38,13 @@ impl Broker {
         msg_id: &str,
     ) -> Result<(), PublishError> {
         let route = task.route(queue, now_unix());
-        let headers = task_header_map(task, &route, msg_id);
+        let mut headers = task_header_map(task, &route, msg_id);
+        let body = Bytes::from(task.encode());
+        if let Some(key) = &self.message_key {
+            key.sign_headers(&mut headers, &route.subject, &body);
+        }
         self.js
-            .publish_with_headers(route.subject, headers, task.encode().into())
+            .publish_with_headers(route.subject, headers, body)
             .await?
             .await
             .map(|_| ())
@@ -50,13 +55,17 @@ impl Broker {
     pub async fn publish_batch(&self, batch: &[Outgoing]) -> Result<(), BatchError> {
         let mut acks = Vec::with_capacity(batch.len());
         for m in batch {
+            let mut headers = m.headers.clone();
+            if let Some(key) = &self.message_key {
+                key.sign_headers(&mut headers, &m.subject, &m.body);
+            }
             let ack = self
                 .js
                 .send_publish(
                     m.subject.clone(),
                     PublishMessage::build()
                         .payload(m.body.clone())
-                        .headers(m.headers.clone()),
+                        .headers(headers),
                 )
                 .await
                 .map_err(|source| BatchError {

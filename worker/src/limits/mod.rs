@@ -174,7 +174,7 @@ mod tests {
         use crate::python::Handover;
         let second = Some(Duration::from_secs(1));
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
-        let handover = Handover::new(slots.clone());
+        let handover = Handover::new(slots.clone(), crate::journal::Mark::default());
         let queued = not_yet(Some(&handover.state), second).expect("not started: not yet");
         assert!(
             queued > Instant::now(),

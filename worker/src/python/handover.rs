@@ -14,6 +14,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
+use crate::journal::Mark;
+
 /// What a job handed over without a slot needs: where its slot comes from, and its state.
 #[derive(Clone)]
 pub struct Handover {
@@ -22,17 +24,21 @@ pub struct Handover {
 }
 
 impl Handover {
-    pub fn new(slots: Arc<Semaphore>) -> Handover {
+    /// `mark`: where the job's run is entered in the crash journal.
+    pub fn new(slots: Arc<Semaphore>, mark: Mark) -> Handover {
         Handover {
             slots,
-            state: Arc::new(JobState::default()),
+            state: Arc::new(JobState {
+                inner: Mutex::default(),
+                mark,
+            }),
         }
     }
 }
 
-#[derive(Default)]
 pub struct JobState {
     inner: Mutex<Inner>,
+    mark: Mark,
 }
 
 #[derive(Default)]
@@ -65,6 +71,7 @@ impl JobState {
         }
         inner.phase = Phase::Started(Instant::now());
         inner.permit = Some(permit);
+        self.mark.running();
         true
     }
 
@@ -92,6 +99,7 @@ impl JobState {
     /// a terminate) and its thread is retired.
     pub fn release(&self) {
         let permit = self.lock().permit.take();
+        self.mark.returned();
         drop(permit);
     }
 }
@@ -103,7 +111,7 @@ mod tests {
     #[tokio::test]
     async fn a_job_is_either_started_or_cancelled() {
         let slots = Arc::new(Semaphore::new(1));
-        let run = Handover::new(slots.clone());
+        let run = Handover::new(slots.clone(), Mark::default());
         assert_eq!(run.state.started_at(), None);
         assert!(run.state.start(slots.clone().try_acquire_owned().unwrap()));
         assert!(run.state.started_at().is_some());
@@ -112,7 +120,7 @@ mod tests {
         run.state.release();
         assert_eq!(slots.available_permits(), 1);
 
-        let cancelled = Handover::new(slots.clone());
+        let cancelled = Handover::new(slots.clone(), Mark::default());
         assert!(cancelled.state.cancel());
         assert!(!cancelled
             .state

@@ -54,7 +54,14 @@ pub(super) async fn execute(
     } else {
         Burst::Alone
     };
-    let handover = slot.is_none().then(|| Handover::new(shared.slots.clone()));
+    // Handed over, the thread that takes the job enters it as running in the crash journal;
+    // otherwise it has its slot, and starts now.
+    let handover = slot
+        .is_none()
+        .then(|| Handover::new(shared.slots.clone(), ctx.mark));
+    if handover.is_none() {
+        ctx.mark.running();
+    }
     shared.hooks.started(ctx.task_ref(id, name));
     let call = limits::call(
         &shared.python,
@@ -96,6 +103,7 @@ pub(super) async fn execute(
             }
         }
     };
+    ctx.mark.returned();
     // The slot is free: with a handover its thread gave it back already.
     match slot {
         Some(slot) => drop(slot),

@@ -22,6 +22,7 @@ use super::settle::{settle, How, Policy, Settled};
 use super::{reached, Disposition, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
 use crate::events::TaskRef;
+use crate::journal::{Mark, State};
 use crate::python::{Job, RequestInfo};
 use crate::record::Origin;
 use crate::results::ResultOptions;
@@ -93,23 +94,48 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
     let mut phase = shared.phase.subscribe();
     // A third of ack_wait leaves two chances for a progress ack to arrive in time.
     let every = shared.config.ack_wait() / 3;
-    // Parsed once here (from the reply subject): how many times NATS delivered the message.
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
-    if let Some(deliveries) = super::dead::last_delivery(delivered, shared.config.max_deliver) {
-        let disposition =
-            Box::pin(super::dead::dead_letter(&shared, &queue, &msg, deliveries)).await;
-        finish(&msg, disposition, &queue).await;
-        // It never took a slot: dropping the ticket frees its promised one.
-        drop(ticket);
-        return;
+    // Parsed once here (from the reply subject): how many times NATS delivered the message,
+    // and where it is in the stream.
+    let (delivered, seq) = msg
+        .info()
+        .map_or((1, 0), |i| (i.delivered, i.stream_sequence));
+    // In the crash journal from now until acked or handed back.
+    let held = shared.journal.hold(seq);
+    // With --message-key, nothing is done with a message before its signature is checked.
+    if let Some(key) = shared.broker.message_key() {
+        let headers = msg.message.headers.as_ref();
+        if let Err(why) = key.verify(headers, &msg.subject, &msg.message.payload) {
+            let disposition = Box::pin(super::dead::dead_letter_unsigned(
+                &shared, &queue, &msg, why,
+            ))
+            .await;
+            finish(&msg, disposition, &queue).await;
+            return;
+        }
+    }
+    if super::dead::last_delivery(delivered, shared.config.max_deliver).is_some() {
+        if let Some(exhausted) = Box::pin(super::dead::exhausted(&shared, delivered, seq)).await {
+            let disposition =
+                Box::pin(super::dead::dead_letter(&shared, &queue, &msg, exhausted)).await;
+            finish(&msg, disposition, &queue).await;
+            // It never took a slot: dropping the ticket frees its promised one.
+            drop(ticket);
+            return;
+        }
     }
     let disposition = tokio::select! {
         biased;
         _ = reached(&mut phase, Phase::Abandon) => Disposition::HandBack,
-        d = process(&shared, &mut ticket, &queue, &msg, delivered) => d,
+        d = process(&shared, &mut ticket, &queue, &msg, (delivered, held.mark())) => d,
         _ = keep_alive(&msg, every) => unreachable!("keep_alive never returns"),
     };
     if disposition == Disposition::HandBack {
+        // Handed back without having run (a shutdown): that delivery is not charged.
+        if held.state() == Some(State::Held) && shared.config.max_deliver > 1 {
+            if let Err(e) = shared.store.record_idle_delivery(seq).await {
+                debug!(queue = &*queue, stream_sequence = seq, error = %e, "cannot record a delivery handed back unrun; it will be charged");
+            }
+        }
         warn_if_last_delivery(&msg, shared.config.max_deliver, &queue);
         // At shutdown, nak only once the pull loops have left their open pull requests:
         // NATS would otherwise redeliver the message into one of them, where nobody reads.
@@ -118,6 +144,7 @@ pub(super) async fn handle(mut ticket: Ticket, queue: Rc<str>, msg: Message) {
         }
     }
     finish(&msg, disposition, &queue).await;
+    drop(held);
     drop(ticket);
 }
 
@@ -126,11 +153,13 @@ pub(super) async fn hand_back(msg: &Message, queue: &str) {
     finish(msg, Disposition::HandBack, queue).await;
 }
 
-/// A message handed back on its last allowed delivery is never delivered again: say so loudly,
-/// with its stream sequence so that an operator can find it (`nats stream get`).
+/// A message handed back on its last allowed delivery is never delivered again (only with
+/// `max_deliver = 1`, where the consumer itself stops: see `Broker::consumer_max_deliver`): say
+/// so loudly, with its stream sequence so that an operator can find it (`nats stream get`).
 fn warn_if_last_delivery(msg: &Message, max_deliver: i64, queue: &str) {
     let Ok(info) = msg.info() else { return };
-    if max_deliver > 0 && info.delivered >= max_deliver {
+    let limit = crate::broker::consumer_max_deliver(max_deliver);
+    if limit > 0 && info.delivered >= limit {
         error!(
             queue,
             stream_sequence = info.stream_sequence,
@@ -176,6 +205,8 @@ pub(super) struct Context<'a> {
     pub attempt: u32,
     /// The fields of every record written for this message.
     pub origin: Origin<'a>,
+    /// Where its run is entered in the crash journal.
+    pub mark: Mark,
     /// What is kept of its outcome (its task's options, once known; `ignore_result`).
     pub results: std::cell::Cell<ResultOptions>,
 }
@@ -211,7 +242,7 @@ async fn process(
     ticket: &mut Ticket,
     queue: &str,
     msg: &Message,
-    delivered: i64,
+    (delivered, mark): (i64, Mark),
 ) -> Disposition {
     let attempt = delivered.clamp(1, u32::MAX as i64) as u32;
     let ctx = Context {
@@ -219,6 +250,7 @@ async fn process(
         queue,
         attempt,
         origin: Origin::delivery(&shared.worker, queue, attempt, now_unix()),
+        mark,
         results: Default::default(),
     };
     // What follows admission is boxed: a message waiting in the prefetch then holds a small

@@ -5,6 +5,7 @@
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
 mod admit;
+mod crash;
 mod dead;
 mod execute;
 mod handler;
@@ -26,6 +27,7 @@ use tracing::{info, warn};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::events::Hooks;
+use crate::journal::Journal;
 use crate::python::PythonRuntime;
 use crate::revoke::Revocations;
 use crate::store::{Store, StoreError, Writer};
@@ -45,6 +47,8 @@ pub enum WorkerError {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// How a message leaves this worker.
@@ -85,6 +89,8 @@ struct Shared {
     worker: String,
     /// Who hears of each task's lifecycle events (nobody by default).
     hooks: Hooks,
+    /// Which held messages run, for the worker that starts after a crash of this one.
+    journal: Journal,
     /// One permit per task allowed to run.
     slots: Arc<Semaphore>,
     /// Messages received but still waiting for a slot.
@@ -109,7 +115,7 @@ impl Shared {
     /// when storing stalls (Redis down): the worker then stops taking messages instead of
     /// running tasks whose outcomes pile up in memory.
     fn max_in_flight(&self) -> usize {
-        self.config.concurrency + self.config.prefetch + FINISHING
+        max_in_flight(&self.config)
     }
 
     /// Messages waiting for a slot: in their handlers, or handed over to the Python threads
@@ -166,6 +172,10 @@ impl Shared {
     }
 }
 
+fn max_in_flight(config: &Config) -> usize {
+    config.concurrency + config.prefetch + FINISHING
+}
+
 /// Completes once the phase reaches `at_least`.
 async fn reached(rx: &mut watch::Receiver<Phase>, at_least: Phase) {
     // The sender lives as long as `Shared`, which outlives every receiver's user.
@@ -191,7 +201,11 @@ pub async fn run_with_hooks(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     let worker = worker_identity();
-    let broker = Broker::connect_with(&config.nats_url, &config.nats_security(), &worker).await?;
+    // Checked by `Config::validate` already; read once more here for a caller that did not.
+    let message_key = config.message_key().map_err(WorkerError::Config)?;
+    let broker = Broker::connect_with(&config.nats_url, &config.nats_security(), &worker)
+        .await?
+        .with_message_key(message_key);
     let store = Store::connect(&config.redis_url, config.result_ttl).await?;
     // Informational only: a managed Redis may refuse INFO.
     let redis_version = store.server_version().await.unwrap_or_else(|e| {
@@ -199,6 +213,8 @@ pub async fn run_with_hooks(
         "unknown".to_owned()
     });
     let revocations = Revocations::start(&config.redis_url).await?;
+    let identity = crate::journal::identity(broker.url(), store.url());
+    let journal = crash::open_journal(&config, identity, &store, max_in_flight(&config)).await;
     broker.ensure_stream(&config).await?;
     let mut levels = Vec::with_capacity(config.queues.len());
     for queue in &config.queues {
@@ -248,7 +264,7 @@ pub async fn run_with_hooks(
             revocations,
             levels,
             worker,
-            hooks,
+            (hooks, journal),
             shutdown,
         ))
         .await;
@@ -264,7 +280,7 @@ async fn serve(
     revocations: Revocations,
     levels: Vec<priority::Levels>,
     worker: String,
-    hooks: Hooks,
+    (hooks, journal): (Hooks, Journal),
     shutdown: impl Future<Output = ()>,
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
@@ -283,6 +299,7 @@ async fn serve(
         revocations,
         worker,
         hooks,
+        journal,
         waiting: Cell::new(0),
         freed: Notify::new(),
         in_flight: Cell::new(0),
@@ -319,6 +336,8 @@ async fn serve(
         shared.until_idle().await;
     }
 
+    // Every message is acked or handed back: nothing for a next worker to account for.
+    shared.journal.close();
     crate::python::signals::send_worker_signal_async("worker_shutdown").await;
     let python = shared.python.clone();
     // The writer ends once every handle is gone and what it holds is stored; give it a moment.

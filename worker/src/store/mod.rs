@@ -2,6 +2,7 @@
 //! (`dbtask:done:<id>`). Key and channel names come from the protocol crate only.
 
 mod canvas;
+mod deliveries;
 mod rate;
 mod revoke;
 mod writer;
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 
 use crate::config::redact_url;
 
+pub use deliveries::History;
 pub use revoke::{Notices, RevocationFeed};
 pub use writer::{Writer, WriterClosed, MAX_BATCH};
 
