@@ -117,7 +117,8 @@ async fn stream_and_consumers_are_set_up_idempotently_by_several_workers() {
         assert_eq!(c.config.filter_subject, task_subject(queue));
         assert_eq!(c.config.ack_policy, consumer::AckPolicy::Explicit);
         assert_eq!(c.config.ack_wait, Duration::from_secs(3));
-        assert_eq!(c.config.max_deliver, 10);
+        // Unlimited: the worker decides which delivery is the last (runner/dead.rs).
+        assert_eq!(c.config.max_deliver, -1);
         assert_eq!(c.config.max_ack_pending, 10_000);
     }
 
@@ -125,7 +126,7 @@ async fn stream_and_consumers_are_set_up_idempotently_by_several_workers() {
     let changed = Config {
         duplicate_window: 60.0,
         ack_wait: 5.0,
-        max_deliver: 3,
+        max_deliver: 1,
         ..cfg.clone()
     };
     let info = a.ensure_stream(&changed).await.unwrap();
@@ -136,7 +137,8 @@ async fn stream_and_consumers_are_set_up_idempotently_by_several_workers() {
         .await
         .unwrap();
     assert_eq!(c.config.ack_wait, Duration::from_secs(5));
-    assert_eq!(c.config.max_deliver, 3);
+    // With 1 no delivery may follow: the consumer itself says so.
+    assert_eq!(c.config.max_deliver, 1);
 }
 
 #[tokio::test]
