@@ -39,6 +39,8 @@ from e2e_support import NATS_BIN, REDIS_BIN, WORKER_BIN, start_nats, start_redis
 import dbtask  # noqa: E402
 from bench_tasks import add, crunch, nap, tsum  # noqa: E402
 
+import ignored  # noqa: E402
+
 BASELINE_BIN = REPO / "target" / "release" / "dbtask-bench-baseline"
 REPEATS = int(os.environ.get("DBTASK_BENCH_REPEATS", "3"))
 N = int(os.environ.get("DBTASK_BENCH_N", "20000"))
@@ -649,6 +651,10 @@ ROWS = [
     ("W2 from start", "W2 drain, worker start to last result", "/s", 50_000, True, "drain_per_s"),
     ("W2 steady", "W2 drain, first to last result", "/s", 50_000, True, "drain_per_s"),
     ("W2 startup s", "W2 worker start until `worker ready`", "s", None, False, None),
+    ("W2q kept", "W2 drain, worker start until the stream is empty (bench/ignored.py)", "/s", None, True, "drain_per_s"),
+    ("W2q ignored", "the same with `ignore_result=True`", "/s", None, True, "drain_per_s"),
+    ("W2q speed-up", "`ignore_result=True` ÷ results kept, same run", "×", None, True, None),
+    ("W2q records", "records left by the `ignore_result` drain", "tasks", None, False, None),
     ("W3 p50", "W3 round trip p50", "ms", 0.5, False, "rt_p50_ms"),
     ("W3 p99", "W3 round trip p99", "ms", 1.0, False, "rt_p99_ms"),
     ("W4 s", "W4 2,000 × `asyncio.sleep(0.05)`, concurrency 200", "s", 0.55, False, None),
@@ -947,7 +953,8 @@ async def main() -> int:
     vers = versions()
     with tempfile.TemporaryDirectory(prefix="dbtask-bench-") as tmp:
         workdir = Path(tmp)
-        nats = start_nats(workdir / "nats")
+        monitor_conf, monitor = ignored.monitor_config()
+        nats = start_nats(workdir / "nats", config=monitor_conf)
         redis_srv = start_redis(workdir / "redis")
         try:
             redis = Redis(redis_srv.port)
@@ -960,6 +967,7 @@ async def main() -> int:
                 checked += b["checked"]
                 print(f"run {r + 1}/{REPEATS}: dbtask...", file=sys.stderr, flush=True)
                 fig, n = await repetition(nats, redis_srv, redis, workdir)
+                fig.update(await ignored.w2_ignore(N, monitor, redis, lambda: WorkerProc(nats.url, redis_srv.url, workdir), TIMEOUT))
                 figs.append(fig)
                 checked += n
                 brief = {k: round(v, 3) for k, v in fig.items() if isinstance(v, float)}

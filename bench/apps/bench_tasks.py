@@ -32,3 +32,9 @@ def crunch(n):
     for i in range(n):
         x = (x * 31 + i) % 1000003
     return x
+
+
+@task(ignore_result=True)
+def add_quiet(x, y):
+    """W2 with `ignore_result` (bench/ignored.py): `add`, with no record stored."""
+    return x + y

@@ -17,7 +17,7 @@ use crate::canvas;
 use crate::connection::Inner;
 use crate::error::ClientError;
 use crate::publish::{prepare, prepare_many, publish_all, publish_one, PublishOptions, Publisher};
-use crate::results::{get_record, record_to_py, wait};
+use crate::results::{forget, get_record, record_to_py, wait};
 use crate::revoke;
 use crate::runtime;
 use crate::security::NatsSecurity;
@@ -32,7 +32,7 @@ fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     Ok(Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX))
 }
 
-fn optional_seconds(name: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
+pub(crate) fn optional_seconds(name: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
     match value {
         None => Ok(None),
         Some(v) if v == f64::INFINITY => Ok(None),
@@ -336,6 +336,34 @@ impl Client {
         record_to_py(py, Some(record))
     }
 
+    /// A stream of the task's states as they are stored (`AsyncResult.progress()`).
+    fn progress(&self, task_id: String) -> PyResult<crate::progress::ProgressStream> {
+        check_id(&task_id)?;
+        self.inner.check_open()?;
+        Ok(crate::progress::ProgressStream::new(
+            self.inner.clone(),
+            task_id,
+        ))
+    }
+
+    /// Deletes the task's record (`AsyncResult.forget()`).
+    fn forget<'py>(&self, py: Python<'py>, task_id: String) -> PyResult<Bound<'py, PyAny>> {
+        check_id(&task_id)?;
+        let inner = self.inner.clone();
+        bridge::awaitable(
+            py,
+            async move { forget(&inner, &task_id).await },
+            |py, ()| Ok(py.None()),
+        )
+    }
+
+    /// Blocking form of `forget`.
+    fn forget_sync(&self, py: Python<'_>, task_id: String) -> PyResult<()> {
+        check_id(&task_id)?;
+        let inner = self.inner.clone();
+        runtime::block_on(py, async move { forget(&inner, &task_id).await })
+    }
+
     /// Revokes a task on every worker for `ttl` seconds: it never starts; with `terminate`
     /// a running one is stopped.
     fn revoke<'py>(
@@ -448,7 +476,8 @@ impl Client {
 
 /// The options of a publish call as Python gave them, checked.
 /// The options of a `publish` / `publish_sync` call, checked once when made, in Python
-/// `dbtask._dbtask.PublishOptions(task_id=None, eta=None, expires=None, priority=None)`: a
+/// `dbtask._dbtask.PublishOptions(task_id=None, eta=None, expires=None, priority=None,
+/// ignore_result=None)`: a
 /// task makes one for all its plain `delay()` calls (its priority), `apply_async` one per call.
 #[pyclass(frozen, name = "PublishOptions", module = "dbtask._dbtask")]
 pub struct CallOptions {
@@ -459,17 +488,17 @@ pub struct CallOptions {
 #[pymethods]
 impl CallOptions {
     #[new]
-    #[pyo3(signature = (*, task_id=None, eta=None, expires=None, priority=None))]
+    #[pyo3(signature = (*, task_id=None, eta=None, expires=None, priority=None, ignore_result=None))]
     fn new(
         task_id: Option<String>,
         eta: Option<f64>,
         expires: Option<f64>,
         priority: Option<i64>,
+        ignore_result: Option<bool>,
     ) -> PyResult<CallOptions> {
-        Ok(CallOptions {
-            task_id,
-            options: publish_options(eta, expires, priority)?,
-        })
+        let mut options = publish_options(eta, expires, priority)?;
+        options.ignore_result = ignore_result;
+        Ok(CallOptions { task_id, options })
     }
 
     /// The priority level these options give (None: the default level).
@@ -499,6 +528,7 @@ fn publish_options(
         eta,
         expires,
         priority: check_priority(priority)?,
+        ignore_result: None,
     })
 }
 

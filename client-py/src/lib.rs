@@ -9,7 +9,8 @@
 //! - [`client`]: the Python class, its argument checks, the hand-over to the bridge;
 //! - [`connection`]: the NATS and Redis connections, the task stream, `close`;
 //! - [`publish`]: task messages checked, encoded and published, confirmations in order;
-//! - [`results`]: reading a record, waiting for a ready one;
+//! - [`results`]: reading a record, waiting for a ready one, forgetting it;
+//! - [`progress`]: following a task's states as they are stored;
 //! - [`canvas`]: workflows; [`revoke`]: revocations; [`admin`]: dead letters;
 //! - [`periodic`]: periodic schedules (`dbtask.schedule` and the rest);
 //! - [`security`]: TLS and credentials of the NATS connection;
@@ -34,6 +35,7 @@ mod ids;
 mod json;
 mod notify;
 mod periodic;
+mod progress;
 mod publish;
 mod results;
 mod revoke;
@@ -60,6 +62,7 @@ fn new_task_id() -> String {
 fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
     m.add_class::<client::CallOptions>()?;
+    m.add_class::<progress::ProgressStream>()?;
     m.add_class::<admin::Admin>()?;
     m.add_class::<periodic::Schedules>()?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;

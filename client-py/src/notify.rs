@@ -72,16 +72,17 @@ pub struct Notifier {
     next_waiter: AtomicU64,
 }
 
-/// Unregisters on drop, also when the waiting future is cancelled.
-pub struct Registration<'a> {
-    notifier: &'a Notifier,
+/// Unregisters on drop, also when the waiting future is cancelled. Owns what it needs, so
+/// that a progress stream held by Python can keep one.
+pub struct Registration {
+    commands: mpsc::UnboundedSender<Command>,
     id: String,
     waiter: u64,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
-        let _ = self.notifier.commands.send(Command::Unregister {
+        let _ = self.commands.send(Command::Unregister {
             id: std::mem::take(&mut self.id),
             waiter: self.waiter,
         });
@@ -119,7 +120,7 @@ impl Notifier {
     pub fn register(
         &self,
         id: &str,
-    ) -> Result<(Registration<'_>, mpsc::UnboundedReceiver<Event>), ClientError> {
+    ) -> Result<(Registration, mpsc::UnboundedReceiver<Event>), ClientError> {
         let waiter = self.next_waiter.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::unbounded_channel();
         self.commands
@@ -131,7 +132,7 @@ impl Notifier {
             .map_err(|_| ClientError::runtime("the client is closed".to_owned()))?;
         Ok((
             Registration {
-                notifier: self,
+                commands: self.commands.clone(),
                 id: id.to_owned(),
                 waiter,
             },

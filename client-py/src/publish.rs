@@ -73,6 +73,8 @@ pub(crate) struct PublishOptions {
     pub(crate) expires: Option<f64>,
     /// Priority level 0..=9 (checked by the caller); `None` is the default level.
     pub(crate) priority: Option<u8>,
+    /// `apply_async(ignore_result=...)`; `None`: the task's own option.
+    pub(crate) ignore_result: Option<bool>,
 }
 
 /// One task message for `task` on `queue`, checked and encoded: `args` a tuple or list,
@@ -90,6 +92,7 @@ pub(crate) fn prepare(
         eta,
         expires,
         priority,
+        ignore_result,
     } = options;
     protocol::validate_queue(queue)?;
     protocol::validate_task_name(task)?;
@@ -165,6 +168,9 @@ pub(crate) fn prepare(
         chord: None,
         link: Vec::new(),
         link_error: Vec::new(),
+        parent_id: None,
+        root_id: None,
+        ignore_result,
     };
     // A future eta waits in JetStream as a message schedule that the server publishes to the
     // subject of the task's priority level at that time; an eta in the past goes there at once.

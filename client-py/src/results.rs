@@ -66,6 +66,17 @@ pub(crate) async fn get_record(inner: &Inner, id: &str) -> Result<Option<Bytes>,
     }
 }
 
+/// `DEL dbtask:result:<id>`: the task reads PENDING again.
+pub(crate) async fn forget(inner: &Inner, id: &str) -> Result<(), ClientError> {
+    inner.check_open()?;
+    let mut conn = inner.redis.clone();
+    redis::cmd("DEL")
+        .arg(protocol::result_key(id))
+        .exec_async(&mut conn)
+        .await
+        .map_err(|e| redis_error(&e, &inner.redis_safe))
+}
+
 pub(crate) async fn wait(
     inner: Arc<Inner>,
     id: String,

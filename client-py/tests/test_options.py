@@ -34,6 +34,10 @@ EVERY_TASK_OPTION = {
     "soft_time_limit": 50,
     "rate_limit": "100/s",
     "priority": 0,
+    "ignore_result": True,
+    "store_errors_even_if_ignored": False,
+    "result_ttl": 3600,
+    "base": dbtask.Task,
 }
 
 
@@ -50,9 +54,9 @@ def test_the_option_sets():
     assert _options.STORED_OPTIONS == {
         "max_retries", "retry_delay", "retry_backoff", "retry_backoff_max", "retry_jitter",
         "autoretry_for", "bind", "track_started", "time_limit", "soft_time_limit", "rate_limit",
-        "priority",
+        "priority", "ignore_result", "store_errors_even_if_ignored", "result_ttl",
     }  # fmt: skip
-    assert _options.TASK_OPTIONS == _options.STORED_OPTIONS | {"name", "queue"}
+    assert _options.TASK_OPTIONS == _options.STORED_OPTIONS | {"name", "queue", "base"}
     assert set(EVERY_TASK_OPTION) == _options.TASK_OPTIONS
 
 
@@ -88,8 +92,8 @@ def test_an_unknown_decorator_option_is_a_type_error_naming_the_valid_ones():
 
 
 def test_celery_options_with_no_meaning_here_are_refused():
-    with pytest.raises(TypeError, match=r"^task\(\) got unknown options 'acks_late', 'ignore_result'; valid options: autoretry_for, bind, "):
-        dbtask.task(ignore_result=True, acks_late=True)
+    with pytest.raises(TypeError, match=r"^task\(\) got unknown options 'acks_late', 'serializer'; valid options: autoretry_for, base, bind, "):
+        dbtask.task(serializer="json", acks_late=True)
     for option in ("serializer", "default_retry_delay", "reject_on_worker_lost", "shared"):
         with pytest.raises(TypeError, match=f"unknown option '{option}'"):
             dbtask.task(**{option: True})
@@ -112,7 +116,7 @@ def test_every_option_in_use_is_accepted_and_stored_for_the_worker():
     def every() -> None: ...
 
     assert TASKS["opts.every"] is every and every.queue == "opts"
-    stored = {k: v for k, v in EVERY_TASK_OPTION.items() if k not in ("name", "queue")}
+    stored = {k: v for k, v in EVERY_TASK_OPTION.items() if k not in ("name", "queue", "base")}
     assert every.options == stored
     assert isinstance(every.options, dict)
 
@@ -131,9 +135,9 @@ def test_options_left_unset_are_not_stored():
 
 def test_an_unknown_apply_option_is_a_type_error_naming_the_valid_ones():
     # Checked before the client is needed: no init in this module.
-    expected = f"apply_async() got an unknown option 'ignore_result'; valid options: {valid_list(_options.APPLY_OPTIONS)}"
+    expected = f"apply_async() got an unknown option 'routing_key'; valid options: {valid_list(_options.APPLY_OPTIONS)}"
     with pytest.raises(TypeError) as info:
-        add.apply_async(1, 2, ignore_result=True)
+        add.apply_async(1, 2, routing_key="x")
     assert str(info.value) == expected
     with pytest.raises(TypeError, match=r"^apply_async_sync\(\) got an unknown option 'retry'"):
         add.apply_async_sync(1, 2, retry=False)

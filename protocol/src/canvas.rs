@@ -307,6 +307,9 @@ pub fn expand(
                 chord: carry.chord,
                 link: sig.link.clone(),
                 link_error: sig.link_error.clone(),
+                parent_id: None,
+                root_id: None,
+                ignore_result: None,
             });
             Ok(())
         }

@@ -126,6 +126,18 @@ pub struct TaskMessage {
     /// Workflow: callbacks published with `(task id, error)` on failure.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub link_error: Vec<Signature>,
+    /// Workflow: the task whose outcome published this one (the previous step of a chain,
+    /// the member that completed a chord, the task of a link); a task's `request.parent_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<String>,
+    /// Workflow: the first task of the workflow this one belongs to (`None`: this task is its
+    /// own root); a task's `request.root_id`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_id: Option<String>,
+    /// `apply_async(ignore_result=...)`: whether to store no record on success, overriding the
+    /// task's `ignore_result` option; `None`: the task's option.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ignore_result: Option<bool>,
 }
 
 /// Seconds before its eta that the server releases a task waiting on a message schedule. The
@@ -252,6 +264,9 @@ mod tests {
             chord: None,
             link: Vec::new(),
             link_error: Vec::new(),
+            parent_id: None,
+            root_id: None,
+            ignore_result: None,
         };
         let back = TaskMessage::decode(&msg.encode()).unwrap();
         assert_eq!(back.id, "0b1c-42");

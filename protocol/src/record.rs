@@ -25,6 +25,10 @@ pub enum TaskState {
     Success,
     Failure,
     Revoked,
+    /// A state of the task's own (`update_state(state="PROGRESS", meta=...)`): never ready.
+    /// Only read, never written as such: the worker writes the task's own name for it.
+    #[serde(other)]
+    Custom,
 }
 
 impl TaskState {
@@ -45,6 +49,7 @@ impl TaskState {
             TaskState::Success => "SUCCESS",
             TaskState::Failure => "FAILURE",
             TaskState::Revoked => "REVOKED",
+            TaskState::Custom => "CUSTOM",
         }
     }
 }

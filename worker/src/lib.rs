@@ -14,6 +14,7 @@ pub mod limits;
 pub mod memory;
 pub mod python;
 pub mod record;
+pub mod results;
 pub mod retry;
 pub mod revoke;
 pub mod runner;

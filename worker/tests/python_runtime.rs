@@ -206,11 +206,12 @@ fn runtime() -> &'static PythonRuntime {
 fn job(task: &str, args: Value, kwargs: Value) -> Job {
     Job {
         task_id: uuid::Uuid::new_v4().to_string(),
-        task: task.to_owned(),
+        task: task.into(),
         args: RawValue::from_string(args.to_string()).unwrap(),
         kwargs: RawValue::from_string(kwargs.to_string()).unwrap(),
         attempt: 1,
         retries: 0,
+        request: Default::default(),
     }
 }
 

@@ -19,8 +19,10 @@ without an event loop (scripts, Django or Flask views)::
 ``import dbtask`` and ``@task`` do not load the compiled module; it is loaded by ``init``.
 """
 
+from . import signals
 from ._canvas import Chain, Chord, Group, GroupResult, Signature, signature
 from ._client import close, close_sync, init, init_sync
+from ._context import current_task
 from ._errors import (
     ChordError,
     DeadLettered,
@@ -30,6 +32,7 @@ from ._errors import (
     MalformedMessage,
     MaxRetriesExceeded,
     RemoteTraceback,
+    ResultIgnored,
     Skipped,
     TaskError,
     TaskRevoked,
@@ -50,7 +53,7 @@ from ._periodic import (
     unschedule,
     unschedule_sync,
 )
-from ._result import AsyncResult
+from ._result import AsyncResult, IgnoredResult
 from ._retry import Retry
 from ._revoke import revoke, revoke_sync
 from ._task import AsyncTask, Task, task
@@ -60,6 +63,10 @@ __all__ = [
     "Task",
     "AsyncTask",
     "AsyncResult",
+    "IgnoredResult",
+    "ResultIgnored",
+    "current_task",
+    "signals",
     "init",
     "init_sync",
     "close",

@@ -7,6 +7,7 @@ import builtins
 from typing import Any, Mapping
 
 __all__ = [
+    "ResultIgnored",
     "TaskError",
     "UnknownTask",
     "InvalidArguments",
@@ -115,6 +116,11 @@ class InternalError(TaskError):
 
 class ChordError(TaskError):
     """A member of a chord failed, so its callback did not run; the message names the member."""
+
+
+class ResultIgnored(RuntimeError):
+    """``get()`` on a task sent with ``ignore_result``: no record is stored on success, so
+    there is nothing to wait for (``info()`` still shows a recorded failure)."""
 
 
 class RemoteTraceback(Exception):

@@ -11,7 +11,7 @@ The names a call accepts:
 - :data:`SIGNATURE_APPLY_OPTIONS`: ``Signature.apply_async(...)`` (and ``apply_async_sync``).
 
 A name outside its set raises ``TypeError`` naming the valid ones: a Celery option such as
-``ignore_result`` or ``acks_late`` means nothing here, and accepting it silently would run the
+``acks_late`` or ``serializer`` means nothing here, and accepting it silently would run the
 task differently from what its author expects. A bad value raises ``ValueError`` (``TypeError``
 for a value of the wrong type) at decoration or at the call, before anything is sent; the
 compiled client and the worker check again, so a bad value never reaches a queue.
@@ -61,7 +61,12 @@ class TaskOptions(TypedDict, total=False):
     - ``rate_limit``: ``"100/s"``, ``"10/m"``, ``"1000/h"`` or a count per second, for all
       the workers together;
     - ``priority``: the level of ``delay()`` and of ``apply_async()`` without ``priority``,
-      0 to 9 (9 runs first; default 5).
+      0 to 9 (9 runs first; default 5);
+    - ``ignore_result``: store no record when the task succeeds (``get()`` then raises
+      :class:`dbtask.ResultIgnored` at once);
+    - ``store_errors_even_if_ignored``: with ``ignore_result``, still record failures (default
+      True);
+    - ``result_ttl``: seconds this task's records live in Redis (default: the worker's).
     """
 
     max_retries: int
@@ -76,16 +81,31 @@ class TaskOptions(TypedDict, total=False):
     soft_time_limit: float
     rate_limit: str | int
     priority: int
+    ignore_result: bool
+    store_errors_even_if_ignored: bool
+    result_ttl: int
 
 
 STORED_OPTIONS: frozenset[str] = frozenset(TaskOptions.__optional_keys__)
 """The keys ``Task.options`` may hold."""
 
-TASK_OPTIONS: frozenset[str] = STORED_OPTIONS | {"name", "queue"}
+TASK_OPTIONS: frozenset[str] = STORED_OPTIONS | {"name", "queue", "base"}
 """The keywords of ``@task(...)``."""
 
 APPLY_OPTIONS: frozenset[str] = frozenset(
-    {"args", "kwargs", "countdown", "eta", "expires", "queue", "task_id", "link", "link_error", "priority"}
+    {
+        "args",
+        "kwargs",
+        "countdown",
+        "eta",
+        "expires",
+        "queue",
+        "task_id",
+        "link",
+        "link_error",
+        "priority",
+        "ignore_result",
+    }
 )
 """The keywords of ``Task.apply_async``."""
 
@@ -98,7 +118,10 @@ SIGNATURE_OPTIONS: frozenset[str] = frozenset({"queue", "countdown", "priority",
 SIGNATURE_APPLY_OPTIONS: frozenset[str] = (SIGNATURE_OPTIONS - {"immutable"}) | {"args", "kwargs", "link", "link_error"}
 """The keywords of ``Signature.apply_async``."""
 
-_BOOL_OPTIONS = ("bind", "track_started", "retry_jitter")
+_BOOL_OPTIONS = ("bind", "track_started", "retry_jitter", "ignore_result", "store_errors_even_if_ignored")
+
+MAX_RESULT_TTL = 2**32 - 1
+"""The longest ``result_ttl`` in seconds (the worker reads an unsigned 32-bit count)."""
 
 
 # -- names -----------------------------------------------------------------------------------
@@ -242,7 +265,16 @@ def task_options(options: Mapping[str, Any], where: str = "Task()") -> dict[str,
         out["rate_limit"] = check_rate_limit(out["rate_limit"])
     if "priority" in out:
         check_priority(out["priority"])
+    if "result_ttl" in out:
+        check_result_ttl(out["result_ttl"])
     return out
+
+
+def check_result_ttl(value: Any) -> int:
+    """Whole seconds from 1 to 2**32-1; else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RESULT_TTL:
+        raise ValueError(f"result_ttl must be a whole number of seconds >= 1, not {value!r}")
+    return value
 
 
 # -- when to run -----------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Generic, TypeVar
 
 from . import _client, _revoke
 from ._revoke import DEFAULT_REVOKE_TTL
-from ._errors import error_from_record
+from ._errors import ResultIgnored, error_from_record
 
-__all__ = ["AsyncResult", "STATES", "READY_STATES"]
+__all__ = ["AsyncResult", "IgnoredResult", "STATES", "READY_STATES"]
 
 T = TypeVar("T")
 
@@ -104,3 +105,65 @@ class AsyncResult(Generic[T]):
     def revoke_sync(self, terminate: bool = False, *, ttl: float = DEFAULT_REVOKE_TTL) -> None:
         """Blocking form of :meth:`revoke`."""
         _revoke.revoke_sync(self.id, terminate, ttl=ttl)
+
+    async def forget(self) -> None:
+        """Deletes the task's record from Redis: its state reads PENDING again."""
+        await _client.current().forget(self.id)
+
+    def forget_sync(self) -> None:
+        """Blocking form of :meth:`forget`."""
+        _client.current().forget_sync(self.id)
+
+    async def progress(self, timeout: float | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Each state the task stores as it happens, its record as a dict (see :meth:`info`):
+        ``async for update in result.progress(): print(update["state"], update.get("meta"))``.
+
+        Yields the current record first (when there is one), then every update
+        (``update_state``, a retry...) as the worker stores it, heard on the same notification
+        channel as :meth:`get`: no polling. Ends after the final record (SUCCESS, FAILURE or
+        REVOKED), which it yields too. A state stored and replaced while the connection to
+        Redis was down is skipped: the stream resumes from the current record.
+        ``timeout``: seconds to wait for each update (``TimeoutError``); None waits for ever.
+        """
+        stream = _client.current().progress(self.id)
+        try:
+            while True:
+                record = await stream.next(timeout)
+                if record is None:
+                    return
+                yield record
+        finally:
+            stream.close()
+
+    def progress_sync(self, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Blocking form of :meth:`progress`: ``for update in result.progress_sync(): ...``."""
+        stream = _client.current().progress(self.id)
+        try:
+            while True:
+                record = stream.next_sync(timeout)
+                if record is None:
+                    return
+                yield record
+        finally:
+            stream.close()
+
+
+class IgnoredResult(AsyncResult[T]):
+    """The result of a call sent with ``ignore_result``: the worker stores no record on
+    success, so :meth:`get` raises :class:`dbtask.ResultIgnored` at once instead of waiting
+    for ever. The other methods work as for any result (a failure is still recorded, unless
+    the task says ``store_errors_even_if_ignored=False``)."""
+
+    __slots__ = ()
+
+    def _refuse(self) -> ResultIgnored:
+        return ResultIgnored(
+            f"task {self.id} was sent with ignore_result: no result is stored on success, "
+            "so get() has nothing to wait for (info() shows a recorded failure)"
+        )
+
+    async def get(self, timeout: float | None = None) -> T:
+        raise self._refuse()
+
+    def get_sync(self, timeout: float | None = None) -> T:
+        raise self._refuse()

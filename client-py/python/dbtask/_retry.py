@@ -53,9 +53,13 @@ Retry.__module__ = "dbtask"
 
 
 class Request:
-    """What a bound task knows about the current delivery (``self.request``)."""
+    """What a running task knows about its delivery (``self.request``,
+    ``dbtask.current_task().request``): ``id``, ``task`` (its name), ``retries`` (before this
+    run), ``attempt`` (deliveries counted across retries), ``queue``, ``eta`` (Unix seconds,
+    when it was delayed), and in a workflow ``parent_id`` (the task whose outcome published
+    it) and ``root_id`` (the workflow's first task; its own id outside a workflow)."""
 
-    __slots__ = ("id", "task", "retries", "attempt")
+    __slots__ = ("id", "task", "retries", "attempt", "queue", "eta", "parent_id", "root_id")
 
     def __init__(
         self,
@@ -63,11 +67,19 @@ class Request:
         task: str | None = None,
         retries: int = 0,
         attempt: int = 1,
+        queue: str | None = None,
+        eta: float | None = None,
+        parent_id: str | None = None,
+        root_id: str | None = None,
     ) -> None:
         self.id = id
         self.task = task
         self.retries = retries
         self.attempt = attempt
+        self.queue = queue
+        self.eta = eta
+        self.parent_id = parent_id
+        self.root_id = root_id if root_id is not None else id
 
     def __repr__(self) -> str:
         return f"<Request id={self.id!r} task={self.task!r} retries={self.retries} attempt={self.attempt}>"
@@ -98,7 +110,26 @@ class BoundTask:
         """Raises :class:`Retry` (``raise self.retry(...)`` reads well too)."""
         raise Retry(countdown=countdown, exc=exc, max_retries=max_retries)
 
+    def update_state(self, task_id: str | None = None, state: str | None = None, meta: Any = None) -> None:
+        """Stores a state of the task's own with ``meta`` (JSON-serializable) as its record:
+        ``self.update_state(state="PROGRESS", meta={"done": 3, "total": 10})``. ``info()``
+        shows it and ``progress()`` hears it at once; the final outcome replaces it. A
+        built-in state (SUCCESS...) is a ``ValueError``: the worker records those."""
+        from ._context import store_state
 
-def bound(task: Any, task_id: str, retries: int, attempt: int) -> BoundTask:
-    """Called by the worker for each run of a ``bind=True`` task."""
-    return BoundTask(task, Request(id=task_id, task=task.name, retries=retries, attempt=attempt))
+        store_state(task_id if task_id is not None else self.request.id, self.task, state, meta)  # type: ignore[arg-type]
+
+
+def bound(
+    task: Any,
+    task_id: str,
+    retries: int,
+    attempt: int,
+    queue: str | None = None,
+    eta: float | None = None,
+    parent_id: str | None = None,
+    root_id: str | None = None,
+) -> BoundTask:
+    """Called by the worker for the ``self`` of a ``bind=True`` task and for
+    ``dbtask.current_task()``."""
+    return BoundTask(task, Request(task_id, task.name, retries, attempt, queue, eta, parent_id, root_id))

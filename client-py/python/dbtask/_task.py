@@ -28,7 +28,7 @@ from typing import (
 from . import _client, _options, _registry
 from ._canvas import Group, Signature
 from ._options import DEFAULT_QUEUE
-from ._result import AsyncResult
+from ._result import AsyncResult, IgnoredResult
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -103,6 +103,40 @@ class Task(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} queue={self.queue!r}>"
 
+    # -- hooks (Celery's names and signatures; see dbtask._trace) -------------------------
+    # Override them in a subclass and pass it as ``@task(base=MyTask)``. In an ``async def``
+    # task they may be ``async def`` too. They run on the worker, before the outcome is
+    # stored; one that raises is logged and changes nothing.
+
+    def before_start(self, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Before the function runs."""
+
+    def on_success(self, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The function returned ``retval``."""
+
+    def on_failure(
+        self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any
+    ) -> Any:
+        """The function raised ``exc`` and the task fails (no retry left, or none asked for)."""
+
+    def on_retry(
+        self, exc: BaseException, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any
+    ) -> Any:
+        """The function raised ``exc`` (``Retry``, or an ``autoretry_for`` type) and the task
+        will run again."""
+
+    def after_return(
+        self, status: str, retval: Any, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: Any
+    ) -> Any:
+        """After the outcome hook: ``status`` is SUCCESS, RETRY or FAILURE, ``retval`` the
+        return value or the exception."""
+
+    def _result(self, ignore_result: bool | None = None) -> type[AsyncResult[Any]]:
+        """The result class of a call: one whose ``get()`` refuses at once when no record
+        will be stored on success."""
+        ignored = self.options.get("ignore_result", False) if ignore_result is None else ignore_result
+        return IgnoredResult if ignored else AsyncResult
+
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Runs the function locally."""
         if self.options.get("bind"):
@@ -131,13 +165,27 @@ class Task(Generic[P, R]):
         eta: datetime | None,
         expires: float | datetime | None,
         priority: int | None,
+        ignore_result: bool | None = None,
     ) -> Any:
         """The compiled ``PublishOptions`` of an ``apply_async()`` call."""
-        if task_id is None and countdown is None and eta is None and expires is None and priority is None:
+        if (
+            task_id is None
+            and countdown is None
+            and eta is None
+            and expires is None
+            and priority is None
+            and ignore_result is None
+        ):
             return self._plain()
+        if ignore_result is not None and not isinstance(ignore_result, bool):
+            raise TypeError(f"ignore_result must be True or False, not {ignore_result!r}")
         eta_ts, expires_ts = _options.schedule(countdown, eta, expires)
         return _client._native().PublishOptions(
-            task_id=task_id, eta=eta_ts, expires=expires_ts, priority=self._priority(priority)
+            task_id=task_id,
+            eta=eta_ts,
+            expires=expires_ts,
+            priority=self._priority(priority),
+            ignore_result=ignore_result,
         )
 
     # -- one task -------------------------------------------------------------------------
@@ -162,11 +210,11 @@ class Task(Generic[P, R]):
         if made[1] is None or made[0] != self.options.get("priority"):
             self._plain()
             made = self._plain_options
-        return _client.current().publish(self.queue, self.name, args, kwargs, made[1], AsyncResult)
+        return _client.current().publish(self.queue, self.name, args, kwargs, made[1], self._result())
 
     def delay_sync(self, *args: P.args, **kwargs: P.kwargs) -> AsyncResult[R]:
         """Blocking form of :meth:`delay`."""
-        return AsyncResult(
+        return self._result()(
             _client.current().publish_sync(self.queue, self.name, args, kwargs, self._plain())
         )
 
@@ -183,6 +231,7 @@ class Task(Generic[P, R]):
         link: Any = None,
         link_error: Any = None,
         priority: int | None = None,
+        ignore_result: bool | None = None,
         **unknown: NoReturn,
     ) -> asyncio.Future[AsyncResult[R]]:
         """Sends the task with options. Positional arguments are the task's arguments
@@ -196,7 +245,9 @@ class Task(Generic[P, R]):
         duplicate window, 2 minutes by default, is dropped by JetStream); ``priority``: 0 to 9,
         9 runs first on a backlog (default: the task's ``priority`` option, else 5); ``link`` /
         ``link_error``: a signature (or a list) published with the result on success, or with
-        ``(task_id, error)`` on failure (``countdown`` only, no ``eta``/``expires``, then).
+        ``(task_id, error)`` on failure (``countdown`` only, no ``eta``/``expires``, then);
+        ``ignore_result``: store no record on success for this call (overrides the task's
+        option; ``get()`` then raises :class:`dbtask.ResultIgnored` at once).
         Another keyword is a ``TypeError`` naming these (``dbtask._options.APPLY_OPTIONS``).
 
         Like :meth:`delay`: checks the options and sends at once, and returns a future of the
@@ -208,9 +259,9 @@ class Task(Generic[P, R]):
         if link is not None or link_error is not None:
             sig = self._linked(pos, kw, countdown, eta, expires, queue, task_id, priority)
             return _running_loop("apply_async").create_task(sig.apply_async(link=link, link_error=link_error))
-        options = self._publish_options(task_id, countdown, eta, expires, priority)
+        options = self._publish_options(task_id, countdown, eta, expires, priority, ignore_result)
         return _client.current().publish(
-            queue if queue is not None else self.queue, self.name, pos, kw, options, AsyncResult
+            queue if queue is not None else self.queue, self.name, pos, kw, options, self._result(ignore_result)
         )
 
     def apply_async_sync(
@@ -226,6 +277,7 @@ class Task(Generic[P, R]):
         link: Any = None,
         link_error: Any = None,
         priority: int | None = None,
+        ignore_result: bool | None = None,
         **unknown: NoReturn,
     ) -> AsyncResult[R]:
         """Blocking form of :meth:`apply_async`."""
@@ -236,9 +288,9 @@ class Task(Generic[P, R]):
             return self._linked(pos, kw, countdown, eta, expires, queue, task_id, priority).apply_async_sync(  # type: ignore[no-any-return]
                 link=link, link_error=link_error
             )
-        options = self._publish_options(task_id, countdown, eta, expires, priority)
+        options = self._publish_options(task_id, countdown, eta, expires, priority, ignore_result)
         tid = _client.current().publish_sync(queue if queue is not None else self.queue, self.name, pos, kw, options)
-        return AsyncResult(tid)
+        return self._result(ignore_result)(tid)
 
     # -- workflows (dbtask._canvas) -------------------------------------------------------
 
@@ -365,6 +417,22 @@ class AsyncTask(Task[P, R]):
         return self.fn(*args, **kwargs)  # type: ignore[no-any-return]
 
 
+def _task_class(base: type[Task[Any, Any]] | None, is_async: bool) -> type[Task[Any, Any]]:
+    """The class of a new task: ``base`` (mixed with :class:`AsyncTask` for an ``async def``
+    function), else ``Task`` or ``AsyncTask``."""
+    if base is None:
+        return AsyncTask if is_async else Task
+    if not is_async or issubclass(base, AsyncTask):
+        return base
+    made = _ASYNC_BASES.get(base)
+    if made is None:
+        made = _ASYNC_BASES[base] = type(base.__name__, (base, AsyncTask), {"__module__": base.__module__})
+    return made
+
+
+_ASYNC_BASES: dict[type[Any], type[Any]] = {}
+
+
 class _TaskDecorator(Protocol):
     @overload
     def __call__(self, fn: Callable[P, Coroutine[Any, Any, R_co]], /) -> AsyncTask[P, R_co]: ...
@@ -381,6 +449,7 @@ def task(
     *,
     name: str | None = None,
     queue: str = DEFAULT_QUEUE,
+    base: type[Task[Any, Any]] | None = None,
     **options: Unpack[TaskOptions],
 ) -> _TaskDecorator: ...
 
@@ -391,6 +460,7 @@ def task(
     *,
     name: str | None = None,
     queue: str = DEFAULT_QUEUE,
+    base: type[Task[Any, Any]] | None = None,
     **options: Any,
 ) -> Any:
     """Registers a function as a task: ``@task`` or ``@task(name=..., queue=..., ...)``.
@@ -398,7 +468,7 @@ def task(
     The name defaults to ``f"{fn.__module__}.{fn.__qualname__}"``, the queue to ``"default"``.
     Every other keyword is a task option, stored in ``Task.options`` for the worker (options
     left unset are not stored); :class:`dbtask._options.TaskOptions` lists them. An unknown
-    keyword (a Celery option such as ``ignore_result`` included) is a ``TypeError`` naming
+    keyword (a Celery option such as ``acks_late`` included) is a ``TypeError`` naming
     the valid ones, and a bad value a ``ValueError``, here, at decoration.
 
     Retries (see ``dbtask._retry``): ``max_retries`` (default 3), ``retry_delay`` (seconds,
@@ -409,7 +479,9 @@ def task(
     ``time_limit`` / ``soft_time_limit`` (seconds) bound the task's run time: see
     docs/time-limits.md. ``track_started=True`` records STARTED; ``rate_limit`` (``"100/s"``)
     bounds the starts per period across workers; ``priority`` (0 to 9) is the level of
-    ``delay()``.
+    ``delay()``. ``ignore_result``, ``store_errors_even_if_ignored`` and ``result_ttl``:
+    see docs/results.md. ``base``: a subclass of :class:`Task` whose hooks (``on_success``,
+    ``on_failure``, ``on_retry``, ``after_return``, ``before_start``) run around each run.
     """
     _options.check_names("task()", options, _options.TASK_OPTIONS)
     opts = _options.task_options(options, "task()")
@@ -417,8 +489,11 @@ def task(
     if name is not None:
         _options.check_task_name(name)
 
+    if base is not None and not (isinstance(base, type) and issubclass(base, Task)):
+        raise TypeError(f"base must be a subclass of dbtask.Task, not {base!r}")
+
     def decorate(f: Callable[..., Any]) -> Task[Any, Any]:
-        cls = AsyncTask if inspect.iscoroutinefunction(f) else Task
+        cls = _task_class(base, inspect.iscoroutinefunction(f))
         t: Task[Any, Any] = cls(f, name=name, queue=queue, options=opts)
         _registry.register(t)
         return t

@@ -19,14 +19,73 @@ What the worker reads:
   task's ``autoretry_for`` names it.
 - ``PERIODIC``: the periodic schedules the imported modules declared (``dbtask.periodic``),
   name -> declaration JSON; the worker checks and applies them at start-up.
+- ``install``: called once per process (worker and pool child) before the task modules are
+  imported, with the worker's callbacks (see its docstring).
+- ``traced(task)`` and ``has_hooks(task)``: the wrapper the worker calls instead of ``fn``
+  when the task's class has hooks or a task signal has a receiver, and whether it has hooks.
+- ``CURRENT``: the context variable an ``async def`` task's wrapper sets to its bound form
+  (``bound(...)``), for ``dbtask.current_task()``.
+- ``send_signal(name)``: sends a worker signal (``worker_init``, ``worker_ready``,
+  ``worker_shutdown``, ``worker_process_init``); ``task_revoked(...)``: that signal.
 """
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+from . import _context, _logs, signals
+from ._context import CURRENT
 from ._errors import WorkerLost
 from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from ._periodic import PERIODIC
 from ._registry import TASKS
-from ._retry import Retry, bound
+from ._retry import Request, Retry, bound
+from ._trace import has_hooks, traced
 
-__all__ = ["TASKS", "Retry", "bound", "SoftTimeLimitExceeded", "TimeLimitExceeded", "Terminated", "WorkerLost", "PERIODIC"]
+__all__ = [
+    "TASKS",
+    "Retry",
+    "bound",
+    "SoftTimeLimitExceeded",
+    "TimeLimitExceeded",
+    "Terminated",
+    "WorkerLost",
+    "install",
+    "traced",
+    "has_hooks",
+    "CURRENT",
+    "send_signal",
+    "task_revoked",
+    "PERIODIC",
+]
+
+
+def install(
+    *,
+    lookup: Callable[[], Any],
+    state_writer: Callable[[str, str, str, str, "int | None"], None] | None,
+    emit_log: _logs.Emit,
+    log_level: int,
+    signals_changed: Callable[[bool, bool], None],
+) -> None:
+    """The worker's callbacks: ``lookup`` (the sync job running on the calling thread, for
+    ``current_task()``), ``state_writer`` (``update_state``; None in a pool child),
+    ``emit_log`` and ``log_level`` (logging and ``print()`` into the worker's logs), and
+    ``signals_changed`` (told whether task signals and ``task_revoked`` have receivers)."""
+    _context.lookup = lookup
+    _context.state_writer = state_writer
+    _logs.install(emit_log, log_level)
+    signals.on_change = signals_changed
+    signals._changed()
+
+
+def send_signal(name: str, sender: str | None = None) -> None:
+    """Sends the worker signal ``name``; a receiver that raises is logged."""
+    signals.WORKER_SIGNALS[name].send(sender=sender)
+
+
+def task_revoked(task_name: str, task_id: str, terminated: bool, expired: bool) -> None:
+    """Sends ``task_revoked`` for a task whose REVOKED record is stored."""
+    task = TASKS.get(task_name)
+    request = Request(task_id, task_name)
+    signals.task_revoked.send(sender=task, request=request, terminated=terminated, expired=expired, signum=None)

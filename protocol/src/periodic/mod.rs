@@ -326,6 +326,9 @@ impl PeriodicSpec {
             chord: None,
             link: Vec::new(),
             link_error: Vec::new(),
+            parent_id: None,
+            root_id: None,
+            ignore_result: None,
         }
     }
 

@@ -38,6 +38,8 @@ pub struct Flow {
     chord: Option<ChordRef>,
     link: Vec<Signature>,
     link_error: Vec<Signature>,
+    /// The workflow's first task (`None`: this task is).
+    root_id: Option<String>,
 }
 
 impl Flow {
@@ -56,6 +58,7 @@ impl Flow {
             chord: msg.chord.clone(),
             link: msg.link.clone(),
             link_error: msg.link_error.clone(),
+            root_id: msg.root_id.clone(),
         })
     }
 }
@@ -153,6 +156,12 @@ impl Canvas<'_> {
                 }
             }
             _ => return Ok(()),
+        }
+        // What each next task's request says of where it comes from.
+        let root = flow.root_id.as_deref().unwrap_or(&record.id);
+        for next in &mut out.messages {
+            next.parent_id = Some(record.id.clone());
+            next.root_id = Some(root.to_owned());
         }
         self.refuse_oversized(&mut out, record, &mut failures);
         for failure in &failures {

@@ -165,6 +165,7 @@ mod tests {
             soft_time_limit: soft,
             retry: Default::default(),
             rate_limit: None,
+            results: Default::default(),
         }
     }
 

@@ -222,7 +222,12 @@ impl Drainer {
         }
         let mut reply = Some(reply);
         let started = catch_unwind(AssertUnwindSafe(|| {
-            let called = invoke(py, &entry, &job);
+            // Its bound form, for `current_task()` in the task's context (and `self`).
+            let me = match super::context::bound(py, &entry, &job) {
+                Ok(me) => me,
+                Err(e) => return send_err(py, &mut reply, e),
+            };
+            let called = invoke(py, &entry, &job, Some(&me));
             let arguments = Some(Arguments {
                 args: job.args,
                 kwargs: job.kwargs,
@@ -241,10 +246,10 @@ impl Drainer {
                         Ok(handle) => handle,
                         Err(e) => return send_err(py, &mut reply, e),
                     };
-                    if let Err(e) = self
-                        .submit
-                        .bind(py)
-                        .call1((coroutine, &handle, &job.task_id))
+                    if let Err(e) =
+                        self.submit
+                            .bind(py)
+                            .call1((coroutine, &handle, &job.task_id, &me))
                     {
                         handle.get().send(CallOutcome::Failure(error_from(py, e)));
                     }

@@ -16,11 +16,13 @@
 //! The interpreter is never finalized: it lives until the process exits.
 
 mod asyncio;
+mod context;
 mod convert;
 mod epoll;
 mod handover;
 mod interpreter;
 mod invoke;
+mod logs;
 mod periodic;
 mod pool;
 mod process;
@@ -28,6 +30,8 @@ mod queue;
 mod registry;
 mod retry;
 mod running;
+pub mod signals;
+pub mod state;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -94,6 +98,8 @@ pub struct TaskInfo {
     pub soft_time_limit: Option<f64>,
     /// `rate_limit` from the task's options: starts allowed across the whole cluster.
     pub rate_limit: Option<dbtask_protocol::Rate>,
+    /// `ignore_result`, `store_errors_even_if_ignored` and `result_ttl` from its options.
+    pub results: crate::results::ResultOptions,
 }
 
 /// What runs a task's jobs. The runner hands every job to [`PythonRuntime::dispatch`] and
@@ -153,7 +159,8 @@ pub enum Burst {
 #[derive(Debug)]
 pub struct Job {
     pub task_id: String,
-    pub task: String,
+    /// The task's name (a boxed `str`: a `Job` crosses queues by value, every byte counts).
+    pub task: Box<str>,
     /// JSON array, as it came in the message (decoded once, in Python).
     pub args: Box<RawValue>,
     /// JSON object, as it came in the message.
@@ -162,6 +169,21 @@ pub struct Job {
     pub attempt: u32,
     /// Retries before this message.
     pub retries: u32,
+    /// The rest of what `dbtask.current_task().request` tells (boxed: a `Job` crosses
+    /// queues by value, and is read only when a task asks for its request).
+    pub request: Box<RequestInfo>,
+}
+
+/// What a running task's request tells beyond its id, name and counts (see `context`).
+#[derive(Debug, Clone, Default)]
+pub struct RequestInfo {
+    /// The queue it was delivered from.
+    pub queue: String,
+    /// When it was to run (Unix seconds), if it was delayed.
+    pub eta: Option<f64>,
+    /// In a workflow: the task whose outcome published it, and the workflow's first task.
+    pub parent_id: Option<String>,
+    pub root_id: Option<String>,
 }
 
 impl Job {
@@ -307,7 +329,7 @@ impl PythonRuntime {
         if interpreter::defer_ssl() {
             tracing::debug!("asyncio imported; ssl loads on first use");
         }
-        let registry = Registry::load(&cfg.apps, cfg.sync_executor)?;
+        let registry = Registry::load(&cfg.apps, cfg.sync_executor, registry::Process::Worker)?;
         let threads = Arc::new(ThreadCount::default());
         let running = Arc::new(Running::default());
         let pool = Pool::start(cfg.threads.max(1), &threads, &running)?;

@@ -211,12 +211,14 @@ fn run(py: Python<'_>, item: WorkItem, ctx: &ThreadCtx, ident: c_ulong) {
     }
     ctx.running.enter(&job.task_id, ident, &ctx.retired);
     let outcome = catch_unwind(AssertUnwindSafe(|| {
-        let called = invoke(py, &entry, &job);
-        ctx.running.leave(py, &job.task_id, ident);
-        match called {
-            Ok(value) => encode_result(py, &entry.name, &value),
-            Err(outcome) => outcome,
-        }
+        super::context::with_job(&job, &entry, || {
+            let called = invoke(py, &entry, &job, None);
+            ctx.running.leave(py, &job.task_id, ident);
+            match called {
+                Ok(value) => encode_result(py, &entry.name, &value),
+                Err(outcome) => outcome,
+            }
+        })
     }))
     .unwrap_or_else(panic_outcome);
     // The slot is free before the outcome is sent: the next queued job can take it at once.

@@ -28,8 +28,16 @@ pub(crate) struct Entry {
     pub precise: bool,
     /// `name(x, y)`, for messages.
     pub display: String,
-    /// `bind=True`: the `Task` object, whose bound form is passed as `self`.
-    pub bind: Option<Py<PyAny>>,
+    /// The `Task` object (its bound form is a `bind=True` task's `self` and
+    /// `dbtask.current_task()`).
+    pub task: Py<PyAny>,
+    /// `bind=True`: the function takes the task's bound form as `self`.
+    pub bind: bool,
+    /// `dbtask._worker.traced(task)`: the function wrapped in its class hooks and the task
+    /// signals, called instead of `func` when [`Entry::traced`] says so.
+    pub trace: Py<PyAny>,
+    /// The task's class overrides a hook (`on_success`...).
+    pub hooks: bool,
     /// `autoretry_for`, as a tuple of exception types.
     pub autoretry_for: Option<Py<PyAny>>,
     /// `autoretry_for` names `dbtask.WorkerLost`: a task whose pool process died is retried.
@@ -45,13 +53,40 @@ pub(crate) struct Registry {
     periodic: Vec<(String, String)>,
 }
 
+impl Entry {
+    /// Whether a call goes through [`Entry::trace`]: the task has hooks, or a task signal
+    /// has a receiver. Otherwise the function is called directly, at no cost.
+    pub fn traced(&self) -> bool {
+        self.hooks || super::signals::task_signals()
+    }
+}
+
+/// Which process loads the registry: the worker, or one of its pool processes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Process {
+    Worker,
+    PoolChild,
+}
+
 impl Registry {
-    /// Imports `dbtask`, then each app module (whose `@task`s register), and reads the registry.
-    pub fn load(apps: &[String], sync: Executor) -> Result<Registry, PythonError> {
+    /// Imports `dbtask`, installs the worker's callbacks in it (logs, `current_task()`,
+    /// `update_state`, signals), imports each app module (whose `@task`s register), reads the
+    /// registry, and sends `worker_init` (or `worker_process_init` in a pool process).
+    pub fn load(
+        apps: &[String],
+        sync: Executor,
+        process: Process,
+    ) -> Result<Registry, PythonError> {
         Python::attach(|py| {
             let registry = py.import(super::CONTRACT_MODULE).map_err(|e| {
                 PythonError::Registry(format!(
                     "importing dbtask failed:\n{}",
+                    error_from(py, e).traceback.unwrap_or_default()
+                ))
+            })?;
+            super::context::install(py, &registry).map_err(|e| {
+                PythonError::Registry(format!(
+                    "installing the worker's callbacks in dbtask failed (is the dbtask package up to date?):\n{}",
                     error_from(py, e).traceback.unwrap_or_default()
                 ))
             })?;
@@ -67,6 +102,11 @@ impl Registry {
             loaded.periodic = super::periodic::declared(&registry).map_err(|e| {
                 PythonError::Registry(format!("cannot read the declared periodic schedules: {e}"))
             })?;
+            let signal = match process {
+                Process::Worker => "worker_init",
+                Process::PoolChild => "worker_process_init",
+            };
+            super::signals::send_worker_signal(py, signal);
             Ok(loaded)
         })
     }
@@ -147,6 +187,16 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>, sync: Executor) -> PyRes
         let time_limit = seconds("time_limit")?;
         let soft_time_limit = seconds("soft_time_limit")?;
         let rate_limit = rate_limit_option(&task).map_err(with_name)?;
+        let results = result_options(&task).map_err(with_name)?;
+        let trace = registry
+            .getattr("traced")
+            .and_then(|traced| traced.call1((&task,)))
+            .map_err(with_name)?;
+        let hooks = registry
+            .getattr("has_hooks")
+            .and_then(|has| has.call1((&task,)))
+            .and_then(|h| h.is_truthy())
+            .map_err(with_name)?;
         let (signature, precise, display): (Bound<'_, PyAny>, bool, String) =
             support.describe.bind(py).call1((&name, &func))?.extract()?;
         let signature = (!signature.is_none()).then(|| signature.unbind());
@@ -161,6 +211,7 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>, sync: Executor) -> PyRes
                 time_limit,
                 soft_time_limit,
                 rate_limit,
+                results,
             },
         );
         entries.insert(
@@ -172,7 +223,10 @@ fn read(py: Python<'_>, registry: &Bound<'_, PyModule>, sync: Executor) -> PyRes
                 signature,
                 precise,
                 display,
-                bind: retry_options.bind.then(|| task.clone().unbind()),
+                task: task.clone().unbind(),
+                bind: retry_options.bind,
+                trace: trace.unbind(),
+                hooks,
                 retry_on_lost: match &retry_options.autoretry_for {
                     Some(types) => worker_lost
                         .cast::<pyo3::types::PyType>()?
@@ -209,6 +263,37 @@ fn rate_limit_option(task: &Bound<'_, PyAny>) -> PyResult<Option<dbtask_protocol
         }
         _ => Ok(None),
     }
+}
+
+/// `ignore_result`, `store_errors_even_if_ignored` and `result_ttl` from the task's options.
+fn result_options(task: &Bound<'_, PyAny>) -> PyResult<crate::results::ResultOptions> {
+    let mut out = crate::results::ResultOptions::default();
+    let Ok(options) = task.getattr("options") else {
+        return Ok(out);
+    };
+    if options.is_none() {
+        return Ok(out);
+    }
+    let options = options.cast::<PyDict>()?;
+    if let Some(v) = options.get_item("ignore_result")?.filter(|v| !v.is_none()) {
+        out.ignore_result = v.is_truthy()?;
+    }
+    if let Some(v) = options
+        .get_item("store_errors_even_if_ignored")?
+        .filter(|v| !v.is_none())
+    {
+        out.store_errors = v.is_truthy()?;
+    }
+    if let Some(v) = options.get_item("result_ttl")?.filter(|v| !v.is_none()) {
+        let secs: u32 = v.extract()?;
+        if secs == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "result_ttl must be at least 1 second",
+            ));
+        }
+        out.ttl = Some(u64::from(secs));
+    }
+    Ok(out)
 }
 
 fn describe(py: Python<'_>, e: &PyErr) -> String {

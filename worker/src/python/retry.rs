@@ -67,18 +67,10 @@ pub(crate) fn outcome_of(py: Python<'_>, entry: &Entry, exc: &Bound<'_, PyAny>) 
     CallOutcome::Failure(task_error(py, exc))
 }
 
-/// The `self` of a `bind=True` task for this job.
-pub(crate) fn bound_self<'py>(
-    py: Python<'py>,
-    task: &Py<PyAny>,
-    task_id: &str,
-    retries: u32,
-    attempt: u32,
-) -> PyResult<Bound<'py, PyAny>> {
-    module(py)?
-        .bound
-        .bind(py)
-        .call1((task.bind(py), task_id, retries, attempt))
+/// `bound` of the contract module: the `self` of a `bind=True` task and `current_task()`
+/// (see [`super::context::bound`]).
+pub(crate) fn bound_fn(py: Python<'_>) -> PyResult<&Bound<'_, PyAny>> {
+    Ok(module(py)?.bound.bind(py))
 }
 
 /// The retry options of a registered task, read from its `options` dict.

@@ -91,14 +91,19 @@ def _precise_selector(wait):
 def start_loop(loop):
     """Helpers bound to `loop`, the worker's one asyncio event loop:
     (submit, stop, pending, interrupt)."""
+    from dbtask._worker import CURRENT
+
     running = set()
     # Task id -> asyncio Task, so that a time limit or a revocation can reach a running task.
     by_id = {}
     create_task = loop.create_task
     keep = running.add
     forget = running.discard
+    set_current = CURRENT.set
 
-    async def run(coro, reply, task_id):
+    async def run(coro, reply, task_id, current):
+        # `dbtask.current_task()`, in this task's own context (its children inherit it).
+        set_current(current)
         # Catch everything, BaseException included: a task raising SystemExit or
         # KeyboardInterrupt must end as a failure, not propagate out of the loop.
         by_id[task_id] = asyncio.current_task()
@@ -114,9 +119,9 @@ def start_loop(loop):
             if by_id.get(task_id) is asyncio.current_task():
                 del by_id[task_id]
 
-    def submit(coro, reply, task_id):
+    def submit(coro, reply, task_id, current):
         # The loop keeps only weak references to its tasks: hold them until they are done.
-        t = create_task(run(coro, reply, task_id))
+        t = create_task(run(coro, reply, task_id, current))
         keep(t)
         t.add_done_callback(forget)
 

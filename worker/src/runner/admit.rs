@@ -22,7 +22,6 @@ use super::Disposition;
 use super::{reached, Phase, Shared};
 use crate::canvas::Flow;
 use crate::python::TaskInfo;
-use crate::record::Origin;
 
 /// A message that waits this long in the prefetch for a slot gets a RECEIVED record. Not at
 /// once: on a busy worker every message waits a few milliseconds, and a record for each would
@@ -82,10 +81,15 @@ pub(super) async fn admit<'a>(
     // wait for their slot here; at shutdown, a message that has not started goes back at once,
     // and one still waiting after RECEIVED_AFTER is recorded RECEIVED meanwhile.
     let info = shared.python.tasks().get(task.task.as_str());
+    ctx.results.set(
+        info.map(|i| i.results)
+            .unwrap_or_default()
+            .for_message(&task),
+    );
     let slot = if hands_over(info, shared.config.track_started, &task) {
         None
     } else {
-        let Some(permit) = wait_for_slot(shared, &ctx.origin, &task).await else {
+        let Some(permit) = wait_for_slot(ctx, &task).await else {
             return Admission::Leave(Disposition::HandBack);
         };
         // Held while the task runs; the run lets it go as soon as the task function returns,
@@ -270,10 +274,10 @@ pub(super) fn check<'a>(
 /// Waits for a slot; `None` once the worker is stopping. A message still waiting after
 /// [`RECEIVED_AFTER`] is recorded RECEIVED meanwhile.
 async fn wait_for_slot(
-    shared: &Shared,
-    origin: &Origin<'_>,
+    ctx: &Context<'_>,
     task: &TaskMessage,
 ) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let shared = ctx.shared;
     if let Ok(permit) = shared.slots.clone().try_acquire_owned() {
         return Some(permit);
     }
@@ -288,7 +292,7 @@ async fn wait_for_slot(
             permit = &mut acquire => return Some(permit.expect("the slot semaphore is never closed")),
             _ = tokio::time::sleep(RECEIVED_AFTER), if !marked => {
                 marked = true;
-                mark_received(shared, origin, (&task.id, &task.task, task.retries));
+                mark_received(ctx, (&task.id, &task.task, task.retries));
             }
         }
     }
@@ -299,14 +303,11 @@ async fn wait_for_slot(
 /// Only on its first delivery: a redelivery may find a final state that must not be
 /// overwritten. The write is queued behind nothing and awaited by nobody, so the wait costs no
 /// round trip; records of one task reach the writer in order, so it never hides a later state.
-pub(super) fn mark_received(
-    shared: &Shared,
-    origin: &Origin<'_>,
-    (id, task, retries): (&str, &str, u32),
-) {
-    if origin.attempt == 1 {
+pub(super) fn mark_received(ctx: &Context<'_>, (id, task, retries): (&str, &str, u32)) {
+    let origin = &ctx.origin;
+    if origin.attempt == 1 && ctx.results.get().keeps(TaskState::Received) {
         let record = origin.record(id, Some(task), TaskState::Received, retries);
-        shared.writer.enqueue(&record);
+        ctx.shared.writer.enqueue(&record);
     }
 }
 
@@ -436,6 +437,7 @@ mod tests {
             time_limit: None,
             soft_time_limit: None,
             rate_limit: None,
+            results: Default::default(),
         }
     }
 

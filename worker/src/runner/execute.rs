@@ -36,7 +36,9 @@ pub(super) async fn execute(
     let shared = ctx.shared;
     let retries = job.retries;
     let mut started = now_unix();
-    if info.track_started.unwrap_or(shared.config.track_started) {
+    if info.track_started.unwrap_or(shared.config.track_started)
+        && ctx.results.get().keeps(TaskState::Started)
+    {
         let mut record = ctx
             .origin
             .record(id, Some(name), TaskState::Started, retries);
@@ -94,7 +96,7 @@ pub(super) async fn execute(
                     _ = &mut received, if !marked => {
                         marked = true;
                         if handover.state.started_at().is_none() {
-                            mark_received(shared, &ctx.origin, (id, name, retries));
+                            mark_received(ctx, (id, name, retries));
                         }
                     }
                 }

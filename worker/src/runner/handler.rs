@@ -23,8 +23,9 @@ use super::{reached, Disposition, Phase, Shared};
 use crate::canvas::{Canvas, Flow};
 use crate::events::TaskRef;
 use crate::journal::{Mark, State};
-use crate::python::Job;
+use crate::python::{Job, RequestInfo};
 use crate::record::Origin;
+use crate::results::ResultOptions;
 
 /// A handler's claim on the worker: counts it in flight (and waiting for a slot) until dropped.
 pub(super) struct Ticket {
@@ -206,6 +207,8 @@ pub(super) struct Context<'a> {
     pub origin: Origin<'a>,
     /// Where its run is entered in the crash journal.
     pub mark: Mark,
+    /// What is kept of its outcome (its task's options, once known; `ignore_result`).
+    pub results: std::cell::Cell<ResultOptions>,
 }
 
 impl Context<'_> {
@@ -219,9 +222,14 @@ impl Context<'_> {
         }
     }
 
-    /// Stores `record`; `HandBack` if the worker stops before Redis has it.
+    /// Stores `record` (unless its task keeps no record in its state: `ignore_result`);
+    /// `HandBack` if the worker stops before Redis has it.
     pub(super) async fn store(&self, record: &ResultRecord) -> Disposition {
-        match self.shared.writer.write(record).await {
+        let results = self.results.get();
+        if !results.keeps(record.state) {
+            return Disposition::Ack;
+        }
+        match self.shared.writer.write_for(record, results.ttl).await {
             Ok(()) => Disposition::Ack,
             Err(_) => Disposition::HandBack,
         }
@@ -243,6 +251,7 @@ async fn process(
         attempt,
         origin: Origin::delivery(&shared.worker, queue, attempt, now_unix()),
         mark,
+        results: Default::default(),
     };
     // What follows admission is boxed: a message waiting in the prefetch then holds a small
     // future, not one sized for running the task and storing its outcome (a few KB each,
@@ -276,11 +285,17 @@ async fn run(ctx: &Context<'_>, admitted: Admitted<'_>) -> Disposition {
         .then(|| (task.args.clone(), task.kwargs.clone()));
     let job = Job {
         task_id: task.id.clone(),
-        task: task.task.clone(),
+        task: task.task.as_str().into(),
         args: task.args,
         kwargs: task.kwargs,
         attempt: ctx.attempt,
         retries: task.retries,
+        request: Box::new(RequestInfo {
+            queue: ctx.queue.to_owned(),
+            eta: task.eta,
+            parent_id: task.parent_id.clone(),
+            root_id: task.root_id.clone(),
+        }),
     };
     let Some(ran) = execute(ctx, job, (&task.id, &task.task), info, slot).await else {
         return Disposition::HandBack;
@@ -364,6 +379,15 @@ async fn follow_up(
 
 /// Tells the hooks how a message was settled, once its record is stored.
 fn emit(ctx: &Context<'_>, record: &ResultRecord, how: How) {
+    if how == How::Revoked {
+        let expired = record
+            .error
+            .as_ref()
+            .is_some_and(|e| e.exc_type == dbtask_protocol::error_types::EXPIRED);
+        let terminated = record.date_started.is_some();
+        let task = record.task.as_deref().unwrap_or("?");
+        crate::python::signals::task_revoked(task, &record.id, terminated, expired);
+    }
     let hooks = &ctx.shared.hooks;
     if hooks.is_empty() {
         return;

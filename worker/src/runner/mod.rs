@@ -256,6 +256,7 @@ pub async fn run_with_hooks(
     if tasks.is_empty() {
         warn!(apps = %config.apps.join(","), "the imported modules registered no task: every message will fail as dbtask.UnknownTask");
     }
+    crate::python::signals::send_worker_signal_async("worker_ready").await;
 
     let local = LocalSet::new();
     local
@@ -288,6 +289,9 @@ async fn serve(
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
     let writer_done = tokio::spawn(writer_loop);
+    // `update_state` from the tasks goes to this writer while the worker serves.
+    let states =
+        crate::python::state::serve(writer.clone(), worker.clone(), config.max_result_bytes);
     let (phase, _) = watch::channel(Phase::Running);
     let shared = Rc::new(Shared {
         slots: Arc::new(Semaphore::new(config.concurrency)),
@@ -338,8 +342,10 @@ async fn serve(
 
     // Every message is acked or handed back: nothing for a next worker to account for.
     shared.journal.close();
+    crate::python::signals::send_worker_signal_async("worker_shutdown").await;
     let python = shared.python.clone();
     // The writer ends once every handle is gone and what it holds is stored; give it a moment.
+    drop(states);
     drop(shared);
     if tokio::time::timeout(Duration::from_secs(5), writer_done)
         .await

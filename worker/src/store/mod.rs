@@ -12,7 +12,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dbtask_protocol::{result_key, ResultRecord, DONE_CHANNEL_PREFIX, RESULT_KEY_PREFIX};
+use dbtask_protocol::{
+    done_channel, result_key, ResultRecord, DONE_CHANNEL_PREFIX, RESULT_KEY_PREFIX,
+};
 use deadpool_redis::{Manager, Pool, PoolError, Runtime};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisWrite};
@@ -112,6 +114,26 @@ impl RecordWrite {
             set,
             publish,
             bytes,
+        }
+    }
+}
+
+impl RecordWrite {
+    /// A record whose JSON is already made (a task's own state, `update_state`): stored for
+    /// `ttl` seconds and published, whatever its state, for `AsyncResult.progress()`.
+    pub fn published(id: &str, json: &[u8], ttl: u64) -> Self {
+        let mut set = redis::Cmd::new();
+        set.arg("SET")
+            .arg(result_key(id))
+            .arg(json)
+            .arg("EX")
+            .arg(ttl);
+        let mut publish = redis::Cmd::new();
+        publish.arg("PUBLISH").arg(done_channel(id)).arg(json);
+        RecordWrite {
+            set,
+            publish: Some(publish),
+            bytes: 2 * json.len() + 64,
         }
     }
 }

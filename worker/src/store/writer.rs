@@ -59,14 +59,36 @@ impl Writer {
     /// Stores a record (and publishes it when its state is ready); returns once Redis has it.
     /// Redis outages are retried inside the writer, so this only fails at shutdown.
     pub async fn write(&self, record: &ResultRecord) -> Result<(), WriterClosed> {
+        self.write_for(record, None).await
+    }
+
+    /// [`write`](Self::write), kept `ttl` seconds (`None`: the store's `result_ttl`).
+    pub async fn write_for(
+        &self,
+        record: &ResultRecord,
+        ttl: Option<u64>,
+    ) -> Result<(), WriterClosed> {
         let (stored, done) = oneshot::channel();
         self.tx
             .send(Pending {
-                write: RecordWrite::new(record, self.ttl),
+                write: RecordWrite::new(record, ttl.unwrap_or(self.ttl)),
                 stored,
             })
             .map_err(|_| WriterClosed)?;
         done.await.map_err(|_| WriterClosed)
+    }
+
+    /// Queues a write made elsewhere (a task's own state), without waiting for it. Writes
+    /// reach Redis in the order they are queued, so a task's final record, queued after its
+    /// run, is never hidden by one of its states. False once the writer has stopped.
+    pub fn enqueue_write(&self, write: RecordWrite) -> bool {
+        let (stored, _) = oneshot::channel();
+        self.tx.send(Pending { write, stored }).is_ok()
+    }
+
+    /// Seconds a record lives when its task sets no `result_ttl`.
+    pub fn default_ttl(&self) -> u64 {
+        self.ttl
     }
 }
 

@@ -52,9 +52,17 @@ pub fn filter_for(level: &str) -> Result<EnvFilter, String> {
     EnvFilter::try_new(&directives).map_err(|e| format!("invalid log filter {directives:?}: {e}"))
 }
 
+static FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// The format the logs were set up with (text before [`init`]).
+pub fn format() -> LogFormat {
+    FORMAT.get().copied().unwrap_or_default()
+}
+
 /// Installs the global subscriber for a `log_level` setting (see [`filter_for`]) and a format.
 /// Call once, before anything logs.
 pub fn init(log_level: &str, format: LogFormat) {
+    let _ = FORMAT.set(format);
     let filter = filter_for(log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

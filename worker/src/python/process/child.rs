@@ -11,6 +11,7 @@
 //! owns them (a Ctrl-C in a terminal reaches the whole process group), and it kills a pool
 //! process with SIGKILL when it must.
 
+use std::borrow::Cow;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -22,9 +23,10 @@ use pyo3::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::wire::{self, FromChild, Outcome, ToChild};
+use crate::python::context::with_job;
 use crate::python::convert::{encode_result, error_from, panic_outcome};
 use crate::python::invoke::invoke;
-use crate::python::registry::Registry;
+use crate::python::registry::{Process, Registry};
 use crate::python::running::Running;
 use crate::python::{interpreter, Job, CONTRACT_MODULE};
 use crate::telemetry::LogFormat;
@@ -90,6 +92,14 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The states the running task stores (`update_state`) go to the worker on this socket,
+    // written by the main thread only, between the job's frame and its outcome's.
+    if let Ok(states) = out.try_clone() {
+        crate::python::state::forward_with(Box::new(move |update| {
+            wire::write_blocking(&mut &states, &FromChild::State(update))
+                .map_err(|e| format!("cannot send the state to the worker: {e}"))
+        }));
+    }
     let registry = match start(&spec) {
         Ok(registry) => registry,
         Err(why) => {
@@ -125,11 +135,17 @@ pub fn main() -> ExitCode {
         };
         let job = Job {
             task_id: frame.id.into_owned(),
-            task: frame.task.into_owned(),
+            task: frame.task.into(),
             args: frame.args.to_owned(),
             kwargs: frame.kwargs.to_owned(),
             attempt: frame.attempt,
             retries: frame.retries,
+            request: Box::new(crate::python::RequestInfo {
+                queue: frame.queue.into_owned(),
+                eta: frame.eta,
+                parent_id: frame.parent_id.map(Cow::into_owned),
+                root_id: frame.root_id.map(Cow::into_owned),
+            }),
         };
         let outcome = Python::attach(|py| {
             let Some(entry) = registry.get(&job.task) else {
@@ -137,10 +153,10 @@ pub fn main() -> ExitCode {
             };
             running.enter(&job.task_id, ident, &retired);
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                match invoke(py, entry, &job) {
+                with_job(&job, entry, || match invoke(py, entry, &job, None) {
                     Ok(value) => encode_result(py, &entry.name, &value),
                     Err(outcome) => outcome,
-                }
+                })
             }))
             .unwrap_or_else(panic_outcome);
             running.leave(py, &job.task_id, ident);
@@ -163,7 +179,12 @@ fn start(spec: &ChildSpec) -> Result<Registry, String> {
     interpreter::initialize(spec.python.as_deref()).map_err(|e| e.to_string())?;
     interpreter::prepare(&spec.sys_path).map_err(|e| e.to_string())?;
     interpreter::defer_ssl();
-    Registry::load(&spec.apps, crate::python::Executor::Processes).map_err(|e| e.to_string())
+    Registry::load(
+        &spec.apps,
+        crate::python::Executor::Processes,
+        Process::PoolChild,
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// Raises soft limits, until the worker closes the control socket.

@@ -361,11 +361,15 @@ impl Shared {
         let mut out = Vec::new();
         let request = ToChild::Job(JobFrame {
             id: Cow::Borrowed(&item.job.task_id),
-            task: Cow::Borrowed(&item.job.task),
+            task: Cow::Borrowed(&*item.job.task),
             args: &item.job.args,
             kwargs: &item.job.kwargs,
             attempt: item.job.attempt,
             retries: item.job.retries,
+            queue: Cow::Borrowed(&item.job.request.queue),
+            eta: item.job.request.eta,
+            parent_id: item.job.request.parent_id.as_deref().map(Cow::Borrowed),
+            root_id: item.job.request.root_id.as_deref().map(Cow::Borrowed),
         });
         if let Err(e) = wire::encode(&request, &mut out) {
             // Never happens (the job is JSON already); the job fails rather than vanish.
@@ -383,25 +387,37 @@ impl Shared {
         let (controls, mut control) = mpsc::unbounded_channel();
         self.lock_running().insert(task_id.clone(), controls);
         let mut killed = None;
-        let read = {
-            let read = wire::read(&mut child.reader, frame);
-            tokio::pin!(read);
-            loop {
-                tokio::select! {
-                    read = &mut read => break read,
-                    Some(order) = control.recv() => match order {
-                        Control::Soft => {
-                            if wire::encode(&ToChild::Soft(Cow::Borrowed(&task_id)), &mut out).is_ok() {
-                                let _ = child.control.write_all(&out).await;
+        let read = loop {
+            let read = {
+                let read = wire::read(&mut child.reader, frame);
+                tokio::pin!(read);
+                loop {
+                    tokio::select! {
+                        read = &mut read => break read,
+                        Some(order) = control.recv() => match order {
+                            Control::Soft => {
+                                if wire::encode(&ToChild::Soft(Cow::Borrowed(&task_id)), &mut out).is_ok() {
+                                    let _ = child.control.write_all(&out).await;
+                                }
                             }
-                        }
-                        Control::Kill(why) => {
-                            killed = Some(why);
-                            let _ = child.process.start_kill();
-                        }
-                    },
+                            Control::Kill(why) => {
+                                killed = Some(why);
+                                let _ = child.process.start_kill();
+                            }
+                        },
+                    }
                 }
+            };
+            // A state the task stored (`update_state`): stored, then its outcome is awaited.
+            if matches!(read, Ok(true)) && FromChild::is_state(frame) {
+                if let Ok(FromChild::State(update)) = serde_json::from_slice::<FromChild>(frame) {
+                    if let Err(why) = crate::python::state::store(&update) {
+                        warn!(task_id = %update.id, why = %why, "a task's state (update_state) was not stored");
+                    }
+                }
+                continue;
             }
+            break read;
         };
         self.lock_running().remove(&task_id);
         match read.map(|more| more.then(|| serde_json::from_slice::<FromChild>(frame))) {

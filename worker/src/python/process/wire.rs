@@ -40,6 +40,15 @@ pub(crate) struct JobFrame<'a> {
     pub kwargs: &'a RawValue,
     pub attempt: u32,
     pub retries: u32,
+    /// The rest of the request (`dbtask.current_task().request`).
+    #[serde(borrow, default)]
+    pub queue: Cow<'a, str>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta: Option<f64>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub root_id: Option<Cow<'a, str>>,
 }
 
 /// From a pool process to the worker.
@@ -51,6 +60,15 @@ pub(crate) enum FromChild {
     Failed(String),
     /// The job `id` ended so.
     Done { id: String, outcome: Outcome },
+    /// The running job stored a state of its own (`update_state`); its `Done` follows.
+    State(crate::python::state::StateUpdate),
+}
+
+impl FromChild {
+    /// Whether `frame` is a [`FromChild::State`], without decoding it.
+    pub(crate) fn is_state(frame: &[u8]) -> bool {
+        frame.starts_with(br#"{"State""#)
+    }
 }
 
 /// [`CallOutcome`] as it crosses the socket.
@@ -176,6 +194,10 @@ mod tests {
             kwargs: &kwargs,
             attempt: 2,
             retries: 1,
+            queue: "math".into(),
+            eta: Some(1.5),
+            parent_id: None,
+            root_id: Some("r1".into()),
         });
         let mut out = Vec::new();
         encode(&job, &mut out).unwrap();
