@@ -115,3 +115,39 @@ async def test_the_client_refuses_a_short_key_naming_the_keyword(nats, redis, tm
     with pytest.raises(ValueError, match="message_key=.*the key is 7 bytes") as e:
         await dbtask.init(nats_url=nats.url, redis_url=redis.url, message_key=short)
     assert "hunter2" not in str(e.value)
+
+
+async def test_periodic_ticks_are_signed_and_a_schedule_signed_otherwise_is_replaced(nats, redis, worker_factory, key_file, tmp_path):
+    # The server copies the schedule message's headers and body to every tick: signed once when
+    # the schedule is stored, each tick carries a valid signature. A schedule stored unsigned
+    # is replaced (not left alone as unchanged) once a client with the key applies it again.
+    worker_factory("e2e_tasks", args=["--message-key", str(key_file)])
+    await dbtask.init(nats_url=nats.url, redis_url=redis.url)
+    await dbtask.schedule("unsigned-then-signed", add.s(2, 2), every=3600)
+    await dbtask.close()
+    await dbtask.init(nats_url=nats.url, redis_url=redis.url, message_key=key_file)
+    try:
+        await dbtask.schedule("unsigned-then-signed", add.s(2, 2), every=3600)
+        import nats as nats_py
+
+        nc = await nats_py.connect(nats.url)
+        try:
+            stored = await nc.jetstream().get_last_msg("DBTASK_TASKS", "dbtask.sched.~periodic.unsigned-then-signed")
+        finally:
+            await nc.close()
+        assert stored.headers["Dbtask-Signature"].startswith("v1="), stored.headers
+        tick = await dbtask.run_schedule("unsigned-then-signed")
+        assert await tick.get(timeout=15) == 4
+        await dbtask.schedule("every-second", add.s(3, 4), every=1)
+
+        async def ticked():
+            [s] = [s for s in await dbtask.schedules() if s["name"] == "every-second"]
+            return s["last_run_id"]
+
+        last = await until(ticked, "a tick of the signed schedule", timeout=15)
+        assert await dbtask.AsyncResult(last).get(timeout=15) == 7
+        await dbtask.unschedule("every-second")
+        await dbtask.unschedule("unsigned-then-signed")
+    finally:
+        await dbtask.close()
+    assert dead_letters(nats, redis) == []

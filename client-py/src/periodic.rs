@@ -60,7 +60,7 @@ async fn create(inner: Arc<Inner>, declaration: String) -> Result<(), ClientErro
     schedules::check_version(&version)
         .map_err(|why| ClientError::runtime(format!("NATS at {}: {why}", inner.nats_safe)))?;
     let stream = task_stream(&inner).await?;
-    schedules::apply(&inner.js, &stream, &spec)
+    schedules::apply(&inner.js, &stream, &spec, inner.message_key.as_ref())
         .await
         .map_err(|e| failed(&inner, e))?;
     Ok(())
@@ -138,7 +138,7 @@ async fn fire(inner: Arc<Inner>, name: String) -> Result<String, ClientError> {
                 "no schedule named {name:?}: see dbtask schedule list"
             ))
         })?;
-    schedules::fire(&inner.js, &stored.spec)
+    schedules::fire(&inner.js, &stored.spec, inner.message_key.as_ref())
         .await
         .map_err(|e| failed(&inner, e))
 }

@@ -12,7 +12,8 @@ use super::{
     periodic_subject, tick_id, tick_time, PeriodicError, PeriodicSpec, MIN_PERIODIC_NATS_VERSION,
     PERIODIC_SUBJECT_WILDCARD,
 };
-use crate::{now_unix, task_headers, Route};
+use crate::signing::{MessageKey, HEADER_SIGNATURE};
+use crate::{now_unix, task_headers, Route, HEADER_TASK, HEADER_TASK_ID};
 
 type Cause = Box<dyn std::error::Error + Send + Sync>;
 
@@ -69,6 +70,8 @@ pub struct Stored {
     pub spec: PeriodicSpec,
     pub sequence: u64,
     pub stored_at: f64,
+    /// Its `Dbtask-Signature` header, if it was signed (`--message-key`).
+    pub signature: Option<String>,
 }
 
 /// What [`apply`] did.
@@ -98,6 +101,7 @@ pub async fn read(stream: &Stream, name: &str) -> Result<Option<Stored>, Schedul
                 spec,
                 sequence: m.sequence,
                 stored_at: m.time.unix_timestamp_nanos() as f64 / 1e9,
+                signature: header(HEADER_SIGNATURE).map(str::to_owned),
             }))
         }
         Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => Ok(None),
@@ -129,14 +133,35 @@ pub async fn list(stream: &Stream) -> Result<Vec<Stored>, ScheduleError> {
     Ok(out)
 }
 
+/// The headers of the schedule message: the schedule's own, the task id and name every task
+/// message carries, and with `key` the signature every tick then carries (the server copies
+/// the headers and body to each tick, delivered on the schedule's target subject).
+fn schedule_headers(spec: &PeriodicSpec, key: Option<&MessageKey>, body: &[u8]) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    for (name, value) in spec.headers() {
+        headers.insert(name, value.as_str());
+    }
+    headers.insert(HEADER_TASK_ID, format!("{}:tick", spec.name));
+    headers.insert(HEADER_TASK, spec.task.as_str());
+    if let Some(key) = key {
+        key.sign_headers(&mut headers, &spec.subject(), body);
+    }
+    headers
+}
+
 /// Creates the schedule, or replaces a different one of the same name; an identical one is
-/// left alone (republishing an `every` would restart its count). The publish expects the
-/// sequence just read, so two workers applying the same change replace it once.
+/// left alone (republishing an `every` would restart its count), unless it was signed
+/// otherwise than `key` would sign it. The publish expects the sequence just read, so two
+/// workers applying the same change replace it once.
 pub async fn apply(
     js: &Context,
     stream: &Stream,
     spec: &PeriodicSpec,
+    key: Option<&MessageKey>,
 ) -> Result<Applied, ScheduleError> {
+    let body = spec.body();
+    let headers = schedule_headers(spec, key, &body);
+    let signature = headers.get(HEADER_SIGNATURE).map(|v| v.as_str().to_owned());
     for _ in 0..3 {
         let current = read(stream, &spec.name).await.or_else(|e| match e {
             // A stored schedule dbtask cannot read is replaced.
@@ -144,17 +169,15 @@ pub async fn apply(
             e => Err(e),
         })?;
         let (applied, expected) = match &current {
-            Some(stored) if stored.spec == *spec => return Ok(Applied::Unchanged),
+            Some(stored) if stored.spec == *spec && stored.signature == signature => {
+                return Ok(Applied::Unchanged)
+            }
             Some(stored) => (Applied::Replaced, stored.sequence),
             None => (Applied::Created, 0),
         };
-        let mut headers = HeaderMap::new();
-        for (name, value) in spec.headers() {
-            headers.insert(name, value.as_str());
-        }
         let publish = PublishMessage::build()
-            .payload(spec.body().into())
-            .headers(headers)
+            .payload(body.clone().into())
+            .headers(headers.clone())
             .expected_last_subject_sequence(expected);
         let sent = async { js.send_publish(spec.subject(), publish).await?.await };
         match sent.await {
@@ -194,9 +217,14 @@ pub async fn remove(stream: &Stream, name: &str) -> Result<bool, ScheduleError> 
     Ok(purged.purged > 0)
 }
 
-/// Publishes one tick of `spec` now (its queue, its headers) and returns the tick's id; a
-/// second call within the same second is dropped by JetStream's duplicate window.
-pub async fn fire(js: &Context, spec: &PeriodicSpec) -> Result<String, ScheduleError> {
+/// Publishes one tick of `spec` now (its queue, its headers; signed with `key`) and returns
+/// the tick's id; a second call within the same second is dropped by JetStream's duplicate
+/// window.
+pub async fn fire(
+    js: &Context,
+    spec: &PeriodicSpec,
+    key: Option<&MessageKey>,
+) -> Result<String, ScheduleError> {
     let id = tick_id(&spec.name, tick_time(now_unix()));
     let message = spec.message(id.clone());
     let route = Route {
@@ -210,8 +238,12 @@ pub async fn fire(js: &Context, spec: &PeriodicSpec) -> Result<String, ScheduleE
     for (name, value) in spec.tick_headers() {
         headers.insert(name, value.as_str());
     }
+    let body = message.encode();
+    if let Some(key) = key {
+        key.sign_headers(&mut headers, &route.subject, &body);
+    }
     let sent = async {
-        js.publish_with_headers(route.subject.clone(), headers, message.encode().into())
+        js.publish_with_headers(route.subject.clone(), headers, body.into())
             .await?
             .await
     };

@@ -74,7 +74,9 @@ impl Broker {
             })
         })?;
         for spec in &specs {
-            let applied = apply(&self.js, &stream, spec).await.map_err(failed)?;
+            let applied = apply(&self.js, &stream, spec, self.message_key())
+                .await
+                .map_err(failed)?;
             if applied != Applied::Unchanged {
                 info!(schedule = %spec.name, task = %spec.task, queue = %spec.queue, rule = %spec.rule.header(), ?applied, "periodic schedule applied");
             }
