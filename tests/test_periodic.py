@@ -17,7 +17,7 @@ import nats as nats_py
 import pytest
 
 import dbtask
-from e2e_support import dbtask_cli
+from e2e_support import VENV, dbtask_cli, start_nats
 from periodic_tasks import record
 
 APP = "periodic_tasks"
@@ -288,3 +288,28 @@ async def test_the_command_line_adds_lists_runs_and_removes(worker_factory, clie
     assert gone.returncode == 1 and "no schedule named" in gone.stderr
     missing = dbtask_cli(nats, redis, "schedule", "run", "nightly", check=False)
     assert missing.returncode == 1 and "no schedule named" in missing.stderr
+
+
+async def test_periodic_tasks_on_a_server_older_than_2_14_say_what_to_do(redis, worker_factory, tmp_path):
+    # nats-server 2.12 (installed apart by scripts/setup.sh) runs countdowns but not repeating
+    # schedules: the client and a worker with declarations say so, naming the version.
+    old_nats = VENV / "nats-2.12.8" / "bin" / "nats-server"
+    assert old_nats.exists(), f"{old_nats} is missing: run `make setup`"
+    old = start_nats(tmp_path / "old-nats", binary=old_nats)
+    try:
+        await dbtask.init(nats_url=old.url, redis_url=redis.url)
+        try:
+            with pytest.raises(RuntimeError, match=r"periodic tasks need nats-server 2\.14 or later.*this server is 2\.12\.8"):
+                await dbtask.schedule("too-early", record.s("/dev/null"), every=1)
+            # Countdowns keep working there.
+            worker_factory(APP, nats_url=old.url)
+            done = await record.apply_async(args=(str(tmp_path / "runs.txt"), "later"), countdown=0.3)
+            assert await done.get(timeout=15) == "later"
+        finally:
+            await dbtask.close()
+        declaring = worker_factory(APP, nats_url=old.url, ready=False, env={"PERIODIC_TEST_FILE": str(tmp_path / "declared.txt")})
+        assert declaring.wait(30) != 0, "a worker whose modules declare schedules cannot serve them here"
+        assert "periodic tasks need nats-server 2.14 or later" in declaring.stderr, declaring.stderr[-2000:]
+        assert "upgrade nats-server" in declaring.stderr
+    finally:
+        old.stop()
