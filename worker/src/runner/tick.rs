@@ -71,6 +71,9 @@ impl<'m> Tick<'m> {
 }
 
 /// What admission does with a tick.
+// Made once per tick and taken apart at once, like `Admission`: boxing the big variant would
+// cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum TickAdmission {
     /// Runs, as this task message (its id and expiry set from the tick).
     Run(TaskMessage),
