@@ -153,24 +153,13 @@ pub(crate) fn prepare(
         )));
     }
     let message = TaskMessage {
-        v: protocol::PROTOCOL_VERSION,
-        id,
-        task: task.to_owned(),
-        args,
-        kwargs,
         queue: Some(queue.to_owned()),
         eta,
         expires,
-        retries: 0,
         priority,
         sent_at: Some(sent_at),
-        chain: Vec::new(),
-        chord: None,
-        link: Vec::new(),
-        link_error: Vec::new(),
-        parent_id: None,
-        root_id: None,
         ignore_result,
+        ..TaskMessage::new(id, task.to_owned(), args, kwargs)
     };
     // A future eta waits in JetStream as a message schedule that the server publishes to the
     // subject of the task's priority level at that time; an eta in the past goes there at once.

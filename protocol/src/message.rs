@@ -147,6 +147,32 @@ pub struct TaskMessage {
 pub const SCHEDULE_LEAD: f64 = 0.3;
 
 impl TaskMessage {
+    /// A first attempt of `task` with these arguments and nothing else: no queue, eta,
+    /// expiry, priority, workflow or parent. Callers set what they have with struct update
+    /// syntax (`TaskMessage { queue: ..., ..TaskMessage::new(...) }`).
+    pub fn new(id: String, task: String, args: Box<RawValue>, kwargs: Box<RawValue>) -> Self {
+        TaskMessage {
+            v: PROTOCOL_VERSION,
+            id,
+            task,
+            args,
+            kwargs,
+            queue: None,
+            eta: None,
+            expires: None,
+            retries: 0,
+            priority: None,
+            sent_at: None,
+            chain: Vec::new(),
+            chord: None,
+            link: Vec::new(),
+            link_error: Vec::new(),
+            parent_id: None,
+            root_id: None,
+            ignore_result: None,
+        }
+    }
+
     /// Decodes and validates a message body. The error says what is wrong in words a person
     /// reading the FAILURE record can act on.
     pub fn decode(body: &[u8]) -> Result<Self, ProtocolError> {

@@ -15,7 +15,7 @@ pub use rule::{parse_next, tick_id, tick_time, Rule, DEFAULT_TZ};
 
 use crate::{
     priority_subject, validate_queue, validate_task_name, TaskMessage, DEFAULT_PRIORITY,
-    HEADER_SCHEDULE, HEADER_SCHEDULE_TARGET, MAX_PRIORITY, PROTOCOL_VERSION,
+    HEADER_SCHEDULE, HEADER_SCHEDULE_TARGET, MAX_PRIORITY,
 };
 
 /// Oldest nats-server with repeating (cron, `@every`) message schedules and their time zones.
@@ -311,24 +311,9 @@ impl PeriodicSpec {
     pub fn message(&self, id: String) -> TaskMessage {
         let raw = |s: &str| RawValue::from_string(s.to_owned()).expect("checked JSON");
         TaskMessage {
-            v: PROTOCOL_VERSION,
-            id,
-            task: self.task.clone(),
-            args: raw(&self.args),
-            kwargs: raw(&self.kwargs),
             queue: Some(self.queue.clone()),
-            eta: None,
-            expires: None,
-            retries: 0,
             priority: self.priority,
-            sent_at: None,
-            chain: Vec::new(),
-            chord: None,
-            link: Vec::new(),
-            link_error: Vec::new(),
-            parent_id: None,
-            root_id: None,
-            ignore_result: None,
+            ..TaskMessage::new(id, self.task.clone(), raw(&self.args), raw(&self.kwargs))
         }
     }
 
