@@ -58,8 +58,8 @@ async def test_poison_tasks_are_dead_lettered_replayed_and_purged(worker_factory
         assert "max_deliver=2" in record["error"]["message"], record
         assert "ended without a trace" in record["error"]["message"], record
         assert "dbtask dead replay" in record["error"]["message"], record
-    # Never loops: each task killed max_deliver - 1 = 1 worker.
-    assert sum(w.proc.poll() is not None for w in workers) == 2
+    # Never loops: each task ran max_deliver - 1 = 1 time (both in one worker, or one each).
+    assert 1 <= sum(w.proc.poll() is not None for w in workers) <= 2
 
     listed = json.loads(cli(nats, redis, "dead", "list", "--json").stdout)
     assert sorted(x["task_id"] for x in listed) == sorted([a.id, b.id]), listed
