@@ -11,7 +11,7 @@ WORKER_BIN := $(ROOT)/target/release/dbtask-worker
 MATURIN_TARGET := $(ROOT)/target/maturin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv build build-worker build-client demo test test-fast test-chaos test-rust test-py lint bench clean distclean
+.PHONY: help setup venv build build-worker build-client demo test test-fast test-chaos test-containers image test-rust test-py lint bench clean distclean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,12 @@ test-fast: build ## Under a minute once built: Rust unit tests and the client's 
 
 test-chaos: build ## The chaos tests: servers killed under load (a few minutes; CI runs them after make test)
 	@bash $(ROOT)/scripts/test.sh --chaos
+
+test-containers: build ## Build the worker's image and run it with podman (installs podman; CI runs it after make test)
+	@bash $(ROOT)/scripts/test-containers.sh
+
+image: build ## Container image of the worker (deploy/Dockerfile) from the host's builds: IMAGE=, BASE=, CONTAINER=
+	@bash $(ROOT)/scripts/image.sh
 
 test-rust: setup ## Only cargo test --workspace
 	cd $(ROOT) && $(CARGO) test --workspace

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Builds the worker's container image (`make image`): the worker binary and the client's
+# wheel are built on this machine (they must already be: `make build` runs first), copied with
+# config/worker.toml into a build context (target/image/), and deploy/Dockerfile turns them
+# into an image. No compiler runs inside the image.
+#
+# Environment:
+#   IMAGE      tag of the image (default dbtask-worker:latest)
+#   BASE       base image (default debian:<release>-slim, the release whose python3 has the
+#              minor version the worker was built for)
+#   CONTAINER  podman or docker (default: podman if installed, else docker)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+CONTEXT="$ROOT/target/image"
+IMAGE="${IMAGE:-dbtask-worker:latest}"
+
+die() { printf 'image: error: %s\n' "$*" >&2; exit 1; }
+log() { printf 'image: %s\n' "$*" >&2; }
+
+[ -x "$ROOT/target/release/dbtask-worker" ] || die "target/release/dbtask-worker not found: run 'make build'"
+[ -x "$VENV/bin/maturin" ] || die ".venv has no maturin: run 'make setup'"
+
+# The worker links the libpython of the venv it was built against (.cargo/config.toml).
+PY_VERSION="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+case "$PY_VERSION" in
+    3.11) RELEASE=bookworm ;;
+    3.13) RELEASE=trixie ;;
+    *) [ -n "${BASE:-}" ] || die "the worker is built for Python $PY_VERSION and no Debian release has it as python3: set BASE to an image whose python3 is $PY_VERSION" ;;
+esac
+BASE="${BASE:-debian:${RELEASE}-slim}"
+
+if [ -z "${CONTAINER:-}" ]; then
+    if command -v podman >/dev/null 2>&1; then CONTAINER=podman
+    elif command -v docker >/dev/null 2>&1; then CONTAINER=docker
+    else die "neither podman nor docker is installed"
+    fi
+fi
+# podman on these machines needs runc, cgroupfs and explicit limits (docs/deployment.md).
+if [ "$CONTAINER" = podman ]; then
+    BUILD=(podman --runtime runc --cgroup-manager=cgroupfs build
+           --ulimit nofile=20000:20000 --ulimit nproc=4096:4096 --network host)
+else
+    BUILD=(docker build)
+fi
+
+rm -rf "$CONTEXT"
+mkdir -p "$CONTEXT"
+log "building the client wheel"
+(cd "$ROOT/client-py" && CARGO_TARGET_DIR="$ROOT/target/maturin" \
+    "$VENV/bin/maturin" build --release --quiet --out "$CONTEXT" >/dev/null)
+cp "$ROOT/target/release/dbtask-worker" "$CONTEXT/"
+cp "$ROOT/config/worker.toml" "$CONTEXT/"
+
+log "building $IMAGE from $BASE (worker built for Python $PY_VERSION) with $CONTAINER"
+"${BUILD[@]}" --build-arg "BASE=$BASE" --build-arg "PYTHON_VERSION=$PY_VERSION" \
+    -f "$ROOT/deploy/Dockerfile" -t "$IMAGE" "$CONTEXT"
+log "built $IMAGE"
