@@ -16,7 +16,12 @@ use crate::telemetry::LogFormat;
 /// Settings come from built-in defaults, then the `--config` TOML file, then `DBTASK_*`
 /// environment variables, then these flags (each one overrides the previous).
 #[derive(Debug, Default, Parser)]
-#[command(name = "dbtask-worker", version, about, long_about = None)]
+#[command(
+    name = "dbtask-worker",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (Python ", env!("DBTASK_BUILT_FOR_PYTHON"), ")"),
+    about,
+    long_about = None
+)]
 pub struct Cli {
     /// TOML config file (every option below has the same name there, with `_` for `-`)
     #[arg(long, env = "DBTASK_CONFIG", value_name = "FILE")]

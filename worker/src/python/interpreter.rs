@@ -44,8 +44,15 @@ pub(crate) fn initialize(python: Option<&Path>) -> Result<(), PythonError> {
     Ok(())
 }
 
+/// The Python minor version this binary embeds (its libpython), e.g. `3.11`.
+pub const BUILT_FOR: &str = env!("DBTASK_BUILT_FOR_PYTHON");
+
 /// The interpreter whose environment to use, made absolute (symlinks kept: a venv's
-/// `bin/python` is a symlink, and resolving it would lose the venv).
+/// `bin/python` is a symlink, and resolving it would lose the venv): `--python`, else
+/// `$VIRTUAL_ENV/bin/python`, else the `python` beside this executable (a worker installed into
+/// an environment's `bin/` by `pip install dbtask` embeds that environment's interpreter), else
+/// none (CPython's default search). The one named must be of the minor version this binary
+/// embeds.
 fn executable(python: Option<&Path>) -> Result<Option<PathBuf>, PythonError> {
     let (path, origin) = match python {
         Some(path) => (path.to_path_buf(), "--python"),
@@ -54,7 +61,10 @@ fn executable(python: Option<&Path>) -> Result<Option<PathBuf>, PythonError> {
                 PathBuf::from(venv).join("bin").join("python"),
                 "$VIRTUAL_ENV",
             ),
-            None => return Ok(None),
+            None => match beside_this_executable() {
+                Some(path) => (path, "the worker's own bin/ folder"),
+                None => return Ok(None),
+            },
         },
     };
     let path = std::path::absolute(&path).unwrap_or(path);
@@ -65,7 +75,68 @@ fn executable(python: Option<&Path>) -> Result<Option<PathBuf>, PythonError> {
             path.display()
         )));
     }
+    check_version(&path, origin)?;
     Ok(Some(path))
+}
+
+/// `python` in the folder of this executable, when there is one (`<venv>/bin/python`).
+fn beside_this_executable() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let python = exe.parent()?.join("python");
+    python.is_file().then_some(python)
+}
+
+/// Refuses an interpreter of another minor version than [`BUILT_FOR`]: CPython would start
+/// with this binary's libpython and that interpreter's standard library, and fail far from the
+/// cause.
+fn check_version(python: &Path, origin: &str) -> Result<(), PythonError> {
+    let Some(found) = interpreter_version(python) else {
+        return Ok(()); // unknown: CPython's own start-up error will have to do
+    };
+    if found == BUILT_FOR {
+        return Ok(());
+    }
+    Err(PythonError::Init(format!(
+        "this dbtask-worker embeds Python {BUILT_FOR}, but the interpreter {} (from {origin}) is \
+         Python {found}: install dbtask into that environment with its pip (`pip install \
+         dbtask` brings the worker built for Python {found}) and start that environment's \
+         dbtask-worker, or use an environment of Python {BUILT_FOR}",
+        python.display()
+    )))
+}
+
+/// The `X.Y` version of an interpreter: from its venv's `pyvenv.cfg` (no process started),
+/// else by asking it.
+fn interpreter_version(python: &Path) -> Option<String> {
+    let cfg = python.parent()?.parent()?.join("pyvenv.cfg");
+    if let Ok(text) = std::fs::read_to_string(cfg) {
+        for line in text.lines() {
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            if matches!(key.trim(), "version" | "version_info") {
+                if let Some(minor) = major_minor(value.trim()) {
+                    return Some(minor);
+                }
+            }
+        }
+    }
+    let out = std::process::Command::new(python)
+        .args(["-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let text = String::from_utf8(out.stdout).ok()?;
+    major_minor(text.trim())
+}
+
+/// `3.11` of `3.11.7`, `3.11.7.final.0` or `3.11`.
+fn major_minor(version: &str) -> Option<String> {
+    let mut parts = version.split('.');
+    let major = parts.next()?.parse::<u32>().ok()?;
+    let minor = parts.next()?.parse::<u32>().ok()?;
+    Some(format!("{major}.{minor}"))
 }
 
 /// # Safety
@@ -179,5 +250,35 @@ pub(crate) fn defer_ssl() -> bool {
             tracing::warn!(error = %e, "cannot defer loading ssl: importing asyncio as usual");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_read_from_a_venv_config_without_starting_python() {
+        assert_eq!(major_minor("3.11.7").as_deref(), Some("3.11"));
+        assert_eq!(major_minor("3.12.1.final.0").as_deref(), Some("3.12"));
+        assert_eq!(major_minor("three"), None);
+
+        let dir = std::env::temp_dir().join(format!("dbtask-venv-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        // `python` is not even executable: the version must come from pyvenv.cfg alone.
+        std::fs::write(dir.join("bin/python"), "").unwrap();
+        std::fs::write(
+            dir.join("pyvenv.cfg"),
+            "home = /opt/python/bin\ninclude-system-site-packages = false\nversion = 3.9.18\n",
+        )
+        .unwrap();
+        let python = dir.join("bin/python");
+        assert_eq!(interpreter_version(&python).as_deref(), Some("3.9"));
+        let err = check_version(&python, "--python").unwrap_err().to_string();
+        assert!(err.contains(&format!("embeds Python {BUILT_FOR}")), "{err}");
+        assert!(err.contains("is Python 3.9"), "{err}");
+        std::fs::write(dir.join("pyvenv.cfg"), format!("version_info = {BUILT_FOR}.0.final.0\n")).unwrap();
+        assert!(check_version(&python, "--python").is_ok());
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
