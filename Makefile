@@ -6,12 +6,12 @@ VENV := $(ROOT)/.venv
 export PATH := $(VENV)/bin:$(HOME)/.cargo/bin:$(PATH)
 CARGO ?= cargo
 WORKER_BIN := $(ROOT)/target/release/dbtask-worker
-# The client's wheel is built with the abi3 feature: its own target dir keeps those pyo3
-# builds apart from the worker's (features would otherwise unify and rebuild each time).
+# The client's extension is built by maturin in its own target dir: maturin builds pyo3 as an
+# extension module (PYO3_BUILD_EXTENSION_MODULE), which would rebuild the worker's pyo3 each time.
 MATURIN_TARGET := $(ROOT)/target/maturin
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv build build-worker build-client demo test test-fast test-chaos test-containers image test-rust test-py lint bench clean distclean
+.PHONY: help setup venv build build-worker build-client demo test test-fast test-chaos test-containers image wheels test-dist test-rust test-py lint bench clean distclean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,12 @@ test-containers: build ## Build the worker's image and run it with podman (insta
 
 image: build ## Container image of the worker (deploy/Dockerfile) from the host's builds: IMAGE=, BASE=, CONTAINER=
 	@bash $(ROOT)/scripts/image.sh
+
+wheels: build ## The dbtask wheels (client + worker) into dist/: PYTHONS="python3.12 ..." (default: .venv's)
+	@bash $(ROOT)/scripts/wheels.sh $(PYTHONS)
+
+test-dist: build ## Build wheels for two Python versions, install each in a fresh venv, run a task (CI runs it)
+	@bash $(ROOT)/scripts/test-dist.sh
 
 test-rust: setup ## Only cargo test --workspace
 	cd $(ROOT) && $(CARGO) test --workspace

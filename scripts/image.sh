@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Builds the worker's container image (`make image`): the worker binary and the client's
-# wheel are built on this machine (they must already be: `make build` runs first), copied with
-# config/worker.toml into a build context (target/image/), and deploy/Dockerfile turns them
-# into an image. No compiler runs inside the image.
+# Builds the worker's container image (`make image`): the dbtask wheel (client + worker, for
+# .venv's Python) is built on this machine by scripts/wheels.sh into a build context
+# (target/image/) with config/worker.toml, and deploy/Dockerfile installs it into an image.
+# No compiler runs inside the image.
 #
 # Environment:
 #   IMAGE      tag of the image (default dbtask-worker:latest)
@@ -19,10 +19,9 @@ IMAGE="${IMAGE:-dbtask-worker:latest}"
 die() { printf 'image: error: %s\n' "$*" >&2; exit 1; }
 log() { printf 'image: %s\n' "$*" >&2; }
 
-[ -x "$ROOT/target/release/dbtask-worker" ] || die "target/release/dbtask-worker not found: run 'make build'"
 [ -x "$VENV/bin/maturin" ] || die ".venv has no maturin: run 'make setup'"
 
-# The worker links the libpython of the venv it was built against (.cargo/config.toml).
+# The wheel is built for the venv's Python (its worker embeds that libpython).
 PY_VERSION="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 case "$PY_VERSION" in
     3.11) RELEASE=bookworm ;;
@@ -47,10 +46,7 @@ fi
 
 rm -rf "$CONTEXT"
 mkdir -p "$CONTEXT"
-log "building the client wheel"
-(cd "$ROOT/client-py" && CARGO_TARGET_DIR="$ROOT/target/maturin" \
-    "$VENV/bin/maturin" build --release --quiet --out "$CONTEXT" >/dev/null)
-cp "$ROOT/target/release/dbtask-worker" "$CONTEXT/"
+DIST="$CONTEXT" bash "$ROOT/scripts/wheels.sh" "$VENV/bin/python"
 cp "$ROOT/config/worker.toml" "$CONTEXT/"
 
 log "building $IMAGE from $BASE (worker built for Python $PY_VERSION) with $CONTAINER"

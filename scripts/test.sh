@@ -8,8 +8,9 @@
 #
 # Options: --python-only (skip cargo test); --chaos (only the end-to-end tests marked chaos:
 # servers killed under load, left out of the default run); --containers (only the tests marked
-# containers: the worker's image run with podman; scripts/test-containers.sh builds it first). Extra pytest arguments:
-# PYTEST_ARGS="-x -k sigterm".
+# containers: the worker's image run with podman; scripts/test-containers.sh builds it first);
+# --dist (only the tests marked dist: the wheels installed and run; scripts/test-dist.sh).
+# Extra pytest arguments: PYTEST_ARGS="-x -k sigterm".
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,10 +21,12 @@ cd "$ROOT"
 rust=1
 chaos=0
 containers=0
+dist=0
 case "${1:-}" in
     --python-only) rust=0 ;;
     --chaos) rust=0; chaos=1 ;;
     --containers) rust=0; containers=1 ;;
+    --dist) rust=0; dist=1 ;;
 esac
 
 failed=()
@@ -54,10 +57,12 @@ if [ "$chaos" = 1 ]; then
     run_pytest tests required -m chaos
 elif [ "$containers" = 1 ]; then
     run_pytest tests required -m containers
+elif [ "$dist" = 1 ]; then
+    run_pytest tests required -m dist
 else
-    run_pytest tests required -m "not chaos and not containers"   # per-test timeout: tests/pytest.ini
+    run_pytest tests required -m "not chaos and not containers and not dist"   # per-test timeout: tests/pytest.ini
 fi
-if [ "$chaos" = 0 ] && [ "$containers" = 0 ] && [ -d client-py/tests ]; then
+if [ "$chaos" = 0 ] && [ "$containers" = 0 ] && [ "$dist" = 0 ] && [ -d client-py/tests ]; then
     # A generous ceiling in case that suite sets none: a hang must fail, not stall CI.
     run_pytest client-py/tests optional --timeout=600
 fi

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make test-dist`: the wheels as a user gets them. Builds the dbtask wheel for .venv's Python
+# and for one other CPython minor version found on this machine, installs each into a fresh
+# virtualenv of its version outside the checkout, and runs a task end to end with the installed
+# `dbtask-worker` (tests/test_dist.py: no cargo, no checkout on sys.path, no VIRTUAL_ENV).
+# CI runs it after `make test`. The other version's builds live in target/py<X.Y>/ and are
+# incremental after the first run.
+#
+# Environment: DBTASK_DIST_PYTHON, the other interpreter (default: the first of python3.12,
+# 3.13, 3.10 found on PATH or under `pyenv root`).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$ROOT/.venv"
+log() { printf 'test-dist: %s\n' "$*" >&2; }
+die() { printf 'test-dist: error: %s\n' "$*" >&2; exit 1; }
+
+here="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+
+runs() { [ -n "$1" ] && "$1" -c 'import sys, venv' >/dev/null 2>&1; }
+find_python() {
+    local v="$1" p root
+    p="$(command -v "python$v" 2>/dev/null || true)"
+    if runs "$p"; then printf '%s\n' "$p"; return 0; fi
+    if command -v pyenv >/dev/null 2>&1 && root="$(pyenv root 2>/dev/null)"; then
+        for p in "$root"/versions/"$v".*/bin/python"$v"; do
+            if runs "$p"; then printf '%s\n' "$p"; return 0; fi
+        done
+    fi
+    return 1
+}
+
+other="${DBTASK_DIST_PYTHON:-}"
+if [ -z "$other" ]; then
+    for v in 3.12 3.13 3.10 3.11; do
+        [ "$v" = "$here" ] && continue
+        if other="$(find_python "$v")"; then break; fi
+        other=""
+    done
+fi
+[ -n "$other" ] || die "no CPython 3.10-3.13 other than $here found (PATH, pyenv): set DBTASK_DIST_PYTHON"
+runs "$other" || die "$other does not run or lacks the venv module"
+# The worker embeds libpython: that interpreter must have been built with --enable-shared.
+[ "$("$other" -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')" = 1 ] ||
+    die "$other has no shared libpython (built without --enable-shared): set DBTASK_DIST_PYTHON to one that has"
+
+WHEELS="$ROOT/target/dist-test"
+rm -rf "$WHEELS"
+log "wheels for Python $here (.venv) and $("$other" -c 'import sys; print("%d.%d" % sys.version_info[:2])') ($other)"
+DIST="$WHEELS" bash "$ROOT/scripts/wheels.sh" "$VENV/bin/python" "$other"
+DBTASK_TEST_WHEELS="$WHEELS" DBTASK_TEST_PYTHONS="$VENV/bin/python:$other" \
+    bash "$ROOT/scripts/test.sh" --dist
