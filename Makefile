@@ -49,7 +49,7 @@ test-containers: build ## Build the worker's image and run it with podman (insta
 image: build ## Container image of the worker (deploy/Dockerfile) from the host's builds: IMAGE=, BASE=, CONTAINER=
 	@bash $(ROOT)/scripts/image.sh
 
-wheels: build ## The dbtask wheels (client + worker) into dist/: PYTHONS="python3.12 ..." (default: .venv's)
+wheels: build ## The dbtask wheels (client + worker) into dist/, for each CPython 3.10-3.13 found; PYTHONS= to choose
 	@bash $(ROOT)/scripts/wheels.sh $(PYTHONS)
 
 test-dist: build ## Build wheels for two Python versions, install each in a fresh venv, run a task (CI runs it)

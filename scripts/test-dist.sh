@@ -17,31 +17,21 @@ die() { printf 'test-dist: error: %s\n' "$*" >&2; exit 1; }
 
 here="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 
-runs() { [ -n "$1" ] && "$1" -c 'import sys, venv' >/dev/null 2>&1; }
-find_python() {
-    local v="$1" p root
-    p="$(command -v "python$v" 2>/dev/null || true)"
-    if runs "$p"; then printf '%s\n' "$p"; return 0; fi
-    if command -v pyenv >/dev/null 2>&1 && root="$(pyenv root 2>/dev/null)"; then
-        for p in "$root"/versions/"$v".*/bin/python"$v"; do
-            if runs "$p"; then printf '%s\n' "$p"; return 0; fi
-        done
-    fi
-    return 1
-}
+# shellcheck source=scripts/pythons.sh
+source "$ROOT/scripts/pythons.sh"
 
 other="${DBTASK_DIST_PYTHON:-}"
 if [ -z "$other" ]; then
     for v in 3.12 3.13 3.10 3.11; do
         [ "$v" = "$here" ] && continue
-        if other="$(find_python "$v")"; then break; fi
+        if other="$(find_python "$v")" && has_shared_libpython "$other"; then break; fi
         other=""
     done
 fi
 [ -n "$other" ] || die "no CPython 3.10-3.13 other than $here found (PATH, pyenv): set DBTASK_DIST_PYTHON"
 runs "$other" || die "$other does not run or lacks the venv module"
 # The worker embeds libpython: that interpreter must have been built with --enable-shared.
-[ "$("$other" -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')" = 1 ] ||
+has_shared_libpython "$other" ||
     die "$other has no shared libpython (built without --enable-shared): set DBTASK_DIST_PYTHON to one that has"
 
 WHEELS="$ROOT/target/dist-test"

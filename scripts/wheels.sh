@@ -3,7 +3,9 @@
 # the client and a worker built for that version (dbtask/_bin/dbtask-worker, started by the
 # `dbtask-worker` command the wheel installs).
 #
-#   scripts/wheels.sh [PYTHON ...]     interpreters to build for (default: .venv's python)
+#   scripts/wheels.sh [PYTHON ...]     interpreters to build for (default: every CPython 3.10 to
+#                                      3.13 with a shared libpython found on PATH or under
+#                                      `pyenv root`, else .venv's python)
 #
 # The worker for .venv's Python is target/release/dbtask-worker (`make build`); another
 # version's worker and client are built in target/py<X.Y>/ (PYO3_PYTHON=that python), so the
@@ -21,7 +23,18 @@ log() { printf 'wheels: %s\n' "$*" >&2; }
 die() { printf 'wheels: error: %s\n' "$*" >&2; exit 1; }
 
 [ -x "$VENV/bin/maturin" ] || die ".venv has no maturin: run 'make setup'"
-[ "$#" -gt 0 ] || set -- "$VENV/bin/python"
+# shellcheck source=scripts/pythons.sh
+source "$ROOT/scripts/pythons.sh"
+if [ "$#" = 0 ]; then
+    here="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+    for v in 3.10 3.11 3.12 3.13; do
+        if [ "$v" = "$here" ]; then
+            set -- "$@" "$VENV/bin/python"
+        elif p="$(find_python "$v")" && has_shared_libpython "$p"; then
+            set -- "$@" "$p"
+        fi
+    done
+fi
 
 # The binary must not outlive the build in the source tree: an editable install would find it.
 trap 'rm -rf "$BIN_DIR"' EXIT
