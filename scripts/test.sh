@@ -4,6 +4,7 @@
 #   1. cargo test --workspace           (protocol, worker, client crates; real servers)
 #   2. pytest tests/                     (end to end: real nats-server, redis-server, worker)
 #   3. pytest client-py/tests/           (the Python client's own tests, when the folder exists)
+#   4. pytest examples/pytest-project/   (a sample project's tests, through dbtask's pytest plugin)
 # Every suite runs even when an earlier one failed, so one run reports all failures.
 #
 # Options: --python-only (skip cargo test); --chaos (only the end-to-end tests marked chaos:
@@ -65,6 +66,11 @@ fi
 if [ "$chaos" = 0 ] && [ "$containers" = 0 ] && [ "$dist" = 0 ] && [ -d client-py/tests ]; then
     # A generous ceiling in case that suite sets none: a hang must fail, not stall CI.
     run_pytest client-py/tests optional --timeout=600
+    # A sample project's own tests through dbtask's pytest plugin (docs/testing.md), with the
+    # worker of this checkout (the client installed from it carries none).
+    step "pytest examples/pytest-project (dbtask's pytest plugin)"
+    (cd examples/pytest-project && DBTASK_WORKER_BIN="${DBTASK_WORKER_BIN:-$ROOT/target/release/dbtask-worker}" \
+        "$VENV/bin/pytest" -q -p no:cacheprovider "${extra[@]}") || failed+=("pytest examples/pytest-project")
 fi
 
 echo
