@@ -28,6 +28,11 @@ pub trait Hook: Send + Sync {
     /// to the Python threads' queue may still be revoked before a thread takes it (then
     /// `revoked` follows), or handed back at shutdown (then nothing follows for this delivery).
     fn started(&self, task: TaskRef<'_>) {}
+    /// Its function ran and ended (returned, raised, or was interrupted): it started
+    /// `queued_secs` after its message became due (stored in its queue, or its eta) and ran
+    /// `runtime_secs`. Called before the outcome is settled, so before any of the outcome
+    /// events below; not for a job handed back unrun.
+    fn ran(&self, task: TaskRef<'_>, queued_secs: f64, runtime_secs: f64) {}
     /// SUCCESS is stored.
     fn succeeded(&self, task: TaskRef<'_>, runtime_secs: f64) {}
     /// FAILURE is stored for a task that ran (an exception, a time limit, no retry left).
@@ -77,6 +82,13 @@ impl Hooks {
     pub fn started(&self, task: TaskRef<'_>) {
         if let Some(hook) = &self.0 {
             hook.started(task);
+        }
+    }
+
+    #[inline]
+    pub fn ran(&self, task: TaskRef<'_>, queued_secs: f64, runtime_secs: f64) {
+        if let Some(hook) = &self.0 {
+            hook.ran(task, queued_secs, runtime_secs);
         }
     }
 
@@ -134,6 +146,10 @@ impl Hook for Both {
     fn started(&self, task: TaskRef<'_>) {
         self.0.started(task);
         self.1.started(task);
+    }
+    fn ran(&self, task: TaskRef<'_>, queued_secs: f64, runtime_secs: f64) {
+        self.0.ran(task, queued_secs, runtime_secs);
+        self.1.ran(task, queued_secs, runtime_secs);
     }
     fn succeeded(&self, task: TaskRef<'_>, runtime_secs: f64) {
         self.0.succeeded(task, runtime_secs);
