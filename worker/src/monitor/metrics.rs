@@ -415,32 +415,32 @@ impl Collector for Counts {
         let counters = [
             (
                 "nats_connection_errors",
-                "NATS connection losses and failed (re)connection attempts",
+                "NATS connection losses and failed (re)connection attempts.",
                 counts::NATS.errors(),
             ),
             (
                 "nats_reconnects",
-                "Times the NATS connection came back after a loss",
+                "Times the NATS connection came back after a loss.",
                 counts::NATS.reconnects(),
             ),
             (
                 "redis_connection_errors",
-                "Redis connection losses, failed connection attempts and commands failed on the connection",
+                "Redis connection losses, failed connection attempts and commands failed on the connection.",
                 counts::REDIS.errors(),
             ),
             (
                 "redis_reconnects",
-                "Times a Redis connection was made anew after a loss",
+                "Times a Redis connection was made anew after a loss.",
                 counts::REDIS.reconnects(),
             ),
             (
                 "python_threads_abandoned",
-                "Python threads abandoned to a sync task past its hard time limit or terminated (each replaced by a new thread)",
+                "Python threads abandoned to a sync task past its hard time limit or terminated (each replaced by a new thread).",
                 self.python.threads_abandoned(),
             ),
             (
                 "pool_processes_replaced",
-                "Pool processes (--pool processes) started in place of others: recycled, killed or dead",
+                "Pool processes (--pool processes) started in place of others: recycled, killed or dead.",
                 self.python.processes_replaced(),
             ),
         ];
@@ -452,12 +452,12 @@ impl Collector for Counts {
         let gauges = [
             (
                 "python_threads_stuck",
-                "Abandoned Python threads still alive, stuck in their task",
+                "Abandoned Python threads still alive, stuck in their task.",
                 self.python.threads_stuck() as i64,
             ),
             (
                 "worker_concurrency",
-                "Tasks this worker runs at once at most (--concurrency)",
+                "Tasks this worker runs at once at most (--concurrency).",
                 self.concurrency,
             ),
         ];
