@@ -205,6 +205,12 @@ mod tests {
                 .unwrap()
                 .push(format!("failed {} {}", task.id, error.exc_type));
         }
+        fn ran(&self, task: TaskRef<'_>, queued_secs: f64, runtime_secs: f64) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("ran {} {queued_secs} {runtime_secs}", task.id));
+        }
     }
 
     #[test]
@@ -236,7 +242,11 @@ mod tests {
         let other = Arc::new(Seen::default());
         let both = hooks.with(other.clone());
         both.received(task);
-        assert_eq!(seen.0.lock().unwrap().len(), 3);
-        assert_eq!(*other.0.lock().unwrap(), vec!["received t1".to_owned()]);
+        both.ran(task, 0.5, 0.25);
+        assert_eq!(seen.0.lock().unwrap().len(), 4);
+        assert_eq!(
+            *other.0.lock().unwrap(),
+            vec!["received t1".to_owned(), "ran t1 0.5 0.25".to_owned()]
+        );
     }
 }
