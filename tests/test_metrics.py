@@ -187,6 +187,25 @@ async def test_queue_pending_running_and_prefetched_reflect_a_backlog(http, clie
     await eventually(drained)
 
 
+async def test_two_workers_each_count_their_own_share(http, client):
+    """A cluster of two: each worker counts the tasks it ran; together, every task once."""
+    (_, first), (_, second) = http(), http()
+    results = [await ok.delay(i) for i in range(40)]
+    for result in results:
+        await result.get(timeout=15)
+
+    async def all_counted():
+        shares = []
+        for base in (first, second):
+            samples = await scrape(base)
+            shares.append(value(samples, "dbtask_tasks_total", task="metrics_tasks.ok", queue="default", state="succeeded"))
+            assert value(samples, "dbtask_queue_pending", queue="default", priority="5") == 0
+        assert sum(shares) == 40, shares
+        return shares
+
+    await eventually(all_counted)
+
+
 async def test_livez_fails_while_the_asyncio_loop_is_blocked(http, client):
     _, base = http(args=["--liveness-timeout", "1"])
     status, _, body = await get(f"{base}/livez")
