@@ -59,6 +59,15 @@ HAS_POOL = WORKER_BIN.exists() and "--pool" in subprocess.run(
 ).stdout
 W8_TASKS = int(os.environ.get("DBTASK_BENCH_W8", "100000"))
 W8_COUNTDOWN = 30.0
+# W2 again with extra worker flags, next to the same drain without them, in the same run: what
+# a feature costs on the hot path. One (name, flags) per variant; each adds two rows to the
+# report (its drain rate, and its ratio to the plain drain of the same repetition).
+W2_VARIANTS: list[tuple[str, list[str]]] = [
+    ("http", ["--http-addr", "127.0.0.1:0"]),
+]
+# Rounds of (plain, each variant) in turn per repetition; each figure is the median of its
+# rounds, so that a burst of other load on the machine does not fall on one side only.
+W2_VARIANT_ROUNDS = 3
 IDLE_SETTLE = 2.5  # seconds the worker stays idle after W2 before W6's settled figure
 TIMEOUT = 120.0
 
@@ -283,10 +292,17 @@ class CpuMeter:
 
 class WorkerProc:
     def __init__(
-        self, nats_url: str, redis_url: str, workdir: Path, concurrency: int | None = None, pool: str = "threads"
+        self,
+        nats_url: str,
+        redis_url: str,
+        workdir: Path,
+        concurrency: int | None = None,
+        pool: str = "threads",
+        extra: list[str] | tuple[str, ...] = (),
     ) -> None:
         cmd = [str(WORKER_BIN), "-A", "bench_tasks", "--queues", "default",
-               "--nats-url", nats_url, "--redis-url", redis_url, "--log-level", "warn,dbtask_worker=info"]  # fmt: skip
+               "--nats-url", nats_url, "--redis-url", redis_url, "--log-level", "warn,dbtask_worker=info",
+               *extra]  # fmt: skip
         if pool != "threads":
             cmd += ["--pool", pool]
         if concurrency is not None:
@@ -468,6 +484,24 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
     fig["W3 p99"] = pct(times, 0.99)
     fig["cpu W3"] = (cpu.wall, cpu.used)
     worker.stop()
+
+    # W2 variants (W2_VARIANTS): the same drain with and without each variant's flags, in turn.
+    rates: dict[str, list[float]] = collections.defaultdict(list)
+    for _ in range(W2_VARIANT_ROUNDS):
+        for name, flags in [("plain", []), *W2_VARIANTS]:
+            redis.call("FLUSHALL")
+            results = await add.apply_many([(i, i) for i in range(N)])
+            ids = [r.id for r in results]
+            worker = WorkerProc(nats.url, redis_srv.url, workdir, extra=flags)
+            worker.wait_ready()
+            first, last = redis.wait_done(ids, TIMEOUT)
+            rates[name].append((N - 1) / (last - first) if last > first else float("nan"))
+            checked += check_results(redis, ids, [2 * i for i in range(N)], f"W2 variant {name}")
+            worker.stop()
+    for name, drained in rates.items():
+        fig[f"W2v {name}"] = statistics.median(drained)
+    for name, _ in W2_VARIANTS:
+        fig[f"W2v {name} ratio"] = fig[f"W2v {name}"] / fig["W2v plain"]
 
     # W1 through the bulk path and sequentially, no worker; then drained and checked.
     with CpuMeter(procs) as cpu:
@@ -670,6 +704,15 @@ ROWS = [
     ("W7 speed-up", "W7 threads ÷ processes (target on 2 cores)", "×", 1.8, True, None),
     ("W7 ideal s", "W7 ideal: 400 calls timed in the bench process ÷ cores", "s", None, False, None),
     ("W7 vs ideal", "W7 processes ÷ ideal", "×", 1.15, False, None),
+    ("W2v plain", f"W2 drain, first to last result, tasks from `apply_many` (median of {W2_VARIANT_ROUNDS} rounds taken in turn with the variants below): their reference", "/s", None, True, "drain_per_s"),
+    *[
+        row
+        for name, flags in W2_VARIANTS
+        for row in (
+            (f"W2v {name}", f"the same drain with `{' '.join(flags)}`", "/s", None, True, "drain_per_s"),
+            (f"W2v {name} ratio", f"`{' '.join(flags)}` ÷ the reference, same run (1 = no cost)", "×", None, True, None),
+        )
+    ],
     ("W8 enqueue", f"W8 enqueue {W8_TASKS:,} tasks for one eta 30 s ahead (`apply_many`, 10,000 a call)", "/s", None, True, None),
     ("W8 rss growth", "W8 worker RSS growth while they wait", "MiB", None, False, None),
     ("W8 early", "W8 tasks started before their eta", "tasks", None, False, None),

@@ -181,6 +181,14 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_MESSAGE_KEY", value_name = "FILE")]
     pub message_key: Option<PathBuf>,
 
+    /// Serve /metrics (Prometheus), /livez and /readyz on HOST:PORT, e.g. 127.0.0.1:9808 (unauthenticated: 0.0.0.0 only in a container) [default: off]
+    #[arg(long, env = "DBTASK_HTTP_ADDR", value_name = "HOST:PORT")]
+    pub http_addr: Option<String>,
+
+    /// Seconds the asyncio loop or the tokio runtime may go without progress before /livez fails and the systemd watchdog stops being fed [default: 30]
+    #[arg(long, env = "DBTASK_LIVENESS_TIMEOUT", value_name = "SECS")]
+    pub liveness_timeout: Option<f64>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -244,6 +252,10 @@ impl Cli {
         if self.message_key.is_some() {
             config.message_key.clone_from(&self.message_key);
         }
+        if self.http_addr.is_some() {
+            config.http_addr.clone_from(&self.http_addr);
+        }
+        set(&mut config.liveness_timeout, &self.liveness_timeout);
 
         // NATS TLS and credentials.
         for (target, value) in [

@@ -95,6 +95,15 @@ pub struct Config {
     /// valid signature are dead-lettered unrun, and what the worker publishes is signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_key: Option<PathBuf>,
+
+    // Monitoring (docs/operations.md).
+    /// `HOST:PORT` to serve `/metrics`, `/livez` and `/readyz` on (unauthenticated); `None`:
+    /// no endpoint, and nothing is counted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    /// Seconds the asyncio loop or the tokio runtime may go without progress before `/livez`
+    /// fails and the systemd watchdog is no longer fed.
+    pub liveness_timeout: f64,
 }
 
 /// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
@@ -144,6 +153,8 @@ impl Default for Config {
             nats_creds: None,
             nats_nkey: None,
             message_key: None,
+            http_addr: None,
+            liveness_timeout: 30.0,
         }
     }
 }
@@ -284,6 +295,10 @@ impl Config {
         if self.max_memory_per_child > u64::MAX >> 20 {
             return Err(invalid("max_memory_per_child", "is in MiB: too large"));
         }
+        if let Some(addr) = &self.http_addr {
+            check_http_addr(addr).map_err(|message| invalid("http_addr", message))?;
+        }
+        positive_secs(self.liveness_timeout, "liveness_timeout", 1.0)?;
         self.nats_security()
             .check()
             .map_err(|e| invalid(e.setting.setting(), e.to_string()))?;
@@ -405,6 +420,35 @@ fn positive_secs(value: f64, field: &'static str, min: f64) -> Result<(), Config
             "more than 0".to_owned()
         };
         return Err(invalid(field, format!("{value} seconds: must be {floor}")));
+    }
+    Ok(())
+}
+
+/// `HOST:PORT`: an IP address (IPv6 in brackets) or a host name, and a port (0: any free one).
+pub fn check_http_addr(addr: &str) -> Result<(), String> {
+    let example = "give HOST:PORT, e.g. 127.0.0.1:9808 (0.0.0.0:9808 in a container)";
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err(format!("{addr:?} has no port: {example}"));
+    };
+    if port.parse::<u16>().is_err() {
+        return Err(format!(
+            "{addr:?}: {port:?} is not a port number: {example}"
+        ));
+    }
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !name_ok {
+        return Err(format!(
+            "{addr:?}: {host:?} is neither an IP address nor a host name (an IPv6 address goes in brackets: [::1]:9808)"
+        ));
     }
     Ok(())
 }
@@ -588,6 +632,38 @@ mod tests {
             Config::from_toml(&text).is_ok(),
             "printed config reads back: {text}"
         );
+    }
+
+    #[test]
+    fn http_addresses() {
+        for good in [
+            "127.0.0.1:9808",
+            "0.0.0.0:0",
+            "[::1]:9808",
+            "localhost:9808",
+            "my-host.lan:80",
+        ] {
+            assert_eq!(check_http_addr(good), Ok(()), "{good}");
+        }
+        for (bad, says) in [
+            ("9808", "no port"),
+            ("127.0.0.1", "no port"),
+            ("127.0.0.1:99999", "not a port"),
+            ("127.0.0.1:http", "not a port"),
+            (":9808", "neither"),
+            ("::1:9808", "brackets"),
+            ("a b:80", "neither"),
+        ] {
+            let err = check_http_addr(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        let config = Config {
+            apps: vec!["tasks".into()],
+            http_addr: Some("nowhere".into()),
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid setting `http_addr`"), "{err}");
     }
 
     #[test]

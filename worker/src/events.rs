@@ -28,6 +28,11 @@ pub trait Hook: Send + Sync {
     /// to the Python threads' queue may still be revoked before a thread takes it (then
     /// `revoked` follows), or handed back at shutdown (then nothing follows for this delivery).
     fn started(&self, task: TaskRef<'_>) {}
+    /// Its function ran and ended (returned, raised, or was interrupted): it started
+    /// `queued_secs` after its message became due (stored in its queue, or its eta) and ran
+    /// `runtime_secs`. Called before the outcome is settled, so before any of the outcome
+    /// events below; not for a job handed back unrun.
+    fn ran(&self, task: TaskRef<'_>, queued_secs: f64, runtime_secs: f64) {}
     /// SUCCESS is stored.
     fn succeeded(&self, task: TaskRef<'_>, runtime_secs: f64) {}
     /// FAILURE is stored for a task that ran (an exception, a time limit, no retry left).
@@ -77,6 +82,13 @@ impl Hooks {
     pub fn started(&self, task: TaskRef<'_>) {
         if let Some(hook) = &self.0 {
             hook.started(task);
+        }
+    }
+
+    #[inline]
+    pub fn ran(&self, task: TaskRef<'_>, queued_secs: f64, runtime_secs: f64) {
+        if let Some(hook) = &self.0 {
+            hook.ran(task, queued_secs, runtime_secs);
         }
     }
 
@@ -135,6 +147,10 @@ impl Hook for Both {
         self.0.started(task);
         self.1.started(task);
     }
+    fn ran(&self, task: TaskRef<'_>, queued_secs: f64, runtime_secs: f64) {
+        self.0.ran(task, queued_secs, runtime_secs);
+        self.1.ran(task, queued_secs, runtime_secs);
+    }
     fn succeeded(&self, task: TaskRef<'_>, runtime_secs: f64) {
         self.0.succeeded(task, runtime_secs);
         self.1.succeeded(task, runtime_secs);
@@ -189,6 +205,12 @@ mod tests {
                 .unwrap()
                 .push(format!("failed {} {}", task.id, error.exc_type));
         }
+        fn ran(&self, task: TaskRef<'_>, queued_secs: f64, runtime_secs: f64) {
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("ran {} {queued_secs} {runtime_secs}", task.id));
+        }
     }
 
     #[test]
@@ -220,7 +242,11 @@ mod tests {
         let other = Arc::new(Seen::default());
         let both = hooks.with(other.clone());
         both.received(task);
-        assert_eq!(seen.0.lock().unwrap().len(), 3);
-        assert_eq!(*other.0.lock().unwrap(), vec!["received t1".to_owned()]);
+        both.ran(task, 0.5, 0.25);
+        assert_eq!(seen.0.lock().unwrap().len(), 4);
+        assert_eq!(
+            *other.0.lock().unwrap(),
+            vec!["received t1".to_owned(), "ran t1 0.5 0.25".to_owned()]
+        );
     }
 }

@@ -12,6 +12,7 @@ pub mod events;
 pub mod journal;
 pub mod limits;
 pub mod memory;
+pub mod monitor;
 pub mod python;
 pub mod record;
 pub mod results;
@@ -23,4 +24,4 @@ pub mod store;
 pub mod telemetry;
 
 pub use config::Config;
-pub use runner::{run, run_with_hooks, WorkerError};
+pub use runner::{run, run_watched, run_with_hooks, WorkerError};

@@ -4,8 +4,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use dbtask_worker::cli::Cli;
+use dbtask_worker::events::Hooks;
+use dbtask_worker::monitor::{self, Watch};
 use dbtask_worker::python::{self, PythonRuntime};
-use dbtask_worker::{memory, run, shutdown, telemetry};
+use dbtask_worker::{memory, run_watched, shutdown, telemetry};
 
 /// Exit code for settings that cannot be used (as sysexits' EX_USAGE... close enough: 2 is
 /// what clap uses for a bad command line).
@@ -34,10 +36,23 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(&config.log_level, config.log_format);
+    // Bound before anything slow: an address in use fails the start at once.
+    let listener = match config.http_addr.as_deref().map(monitor::bind).transpose() {
+        Ok(listener) => listener,
+        Err(e) => return fail(EXIT_FAILURE, e),
+    };
+    if let Some(addr) = listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        tracing::info!(url = %format!("http://{addr}"), "serving /metrics, /livez and /readyz");
+    }
 
     // The interpreter starts on this thread, before any tokio thread exists.
     let python = match PythonRuntime::start(&config.python_config()) {
         Ok(python) => python,
+        Err(e) => return fail(EXIT_FAILURE, e),
+    };
+    // The endpoint, systemd's notifications: only when asked for.
+    let watch = match Watch::prepare(&config, &python, listener) {
+        Ok(watch) => watch,
         Err(e) => return fail(EXIT_FAILURE, e),
     };
     // Importing the task modules freed more than it kept: give that back before connecting.
@@ -63,7 +78,14 @@ fn main() -> ExitCode {
         // Freed heap memory goes back to the OS whenever the worker is idle (after start-up,
         // then after each burst of tasks).
         let trimmer = tokio::spawn(memory::trim_when_idle(python.finished_calls()));
-        let outcome = run(config, python, shutdown)
+        let (hooks, status) = match watch {
+            Some(watch) => {
+                let (hooks, status) = watch.start(Hooks::default());
+                (hooks, Some(status))
+            }
+            None => (Hooks::default(), None),
+        };
+        let outcome = run_watched(config, python, hooks, status, shutdown)
             .await
             .map_err(|e| e.to_string());
         trimmer.abort();

@@ -30,6 +30,7 @@ use dbtask_protocol::{
 use tracing::{debug, info, warn};
 
 use crate::config::{redact_url, Config};
+use crate::monitor::counts;
 
 /// Oldest nats-server dbtask runs against (message schedules, atomic batches).
 pub const MIN_NATS_VERSION: (u64, u64, u64) = (2, 12, 0);
@@ -107,15 +108,20 @@ impl Broker {
                         Event::Connected => {
                             if outages.down.swap(false, Ordering::AcqRel) {
                                 outages.back_at_ms.store(now_ms(), Ordering::Release);
+                                counts::NATS.reconnect();
                             }
                             info!(url, "connected to NATS")
                         }
                         Event::Disconnected => {
                             outages.down.store(true, Ordering::Release);
+                            counts::NATS.error();
                             warn!(url, "lost the connection to NATS; reconnecting")
                         }
                         // One per failed reconnect attempt: the warning above says it already.
-                        Event::ClientError(e) => debug!(url, error = %e, "NATS client error"),
+                        Event::ClientError(e) => {
+                            counts::NATS.error();
+                            debug!(url, error = %e, "NATS client error")
+                        }
                         Event::Closed | Event::Draining => {
                             debug!(url, event = %event, "NATS connection closing")
                         }
@@ -214,6 +220,37 @@ impl Broker {
             0 => false,
             back => published_ms().is_none_or(|at| at <= back + CLOCK_MARGIN_MS),
         }
+    }
+
+    /// Whether the connection is up now (async-nats reconnects a lost one by itself).
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Messages waiting to be delivered at each priority level `levels` of `queue` (the
+    /// `num_pending` of each level's consumer), asked of the server now, all at once.
+    pub async fn pending(&self, queue: &str, levels: &[u8]) -> Result<Vec<(u8, u64)>, BrokerError> {
+        let stream = self
+            .js
+            .get_stream_no_info(TASK_STREAM)
+            .await
+            .map_err(|e| self.stream_error(e))?;
+        let asks = levels.iter().map(|&priority| {
+            let stream = &stream;
+            async move {
+                let name = priority_consumer_name(queue, priority);
+                stream
+                    .consumer_info(&name)
+                    .await
+                    .map(|info| (priority, info.num_pending))
+                    .map_err(|e| BrokerError::Consumer {
+                        url: self.url.clone(),
+                        consumer: name,
+                        source: Cause::of(e),
+                    })
+            }
+        });
+        futures::future::try_join_all(asks).await
     }
 
     /// The server's version, e.g. `2.14.6`.

@@ -102,6 +102,31 @@ impl AsyncLoop {
         }
     }
 
+    /// Calls `beat` from the loop every `every` (see `support.py`'s `heartbeat`).
+    pub fn heartbeat(
+        &self,
+        py: Python<'_>,
+        every: Duration,
+        beat: impl Fn() + Send + Sync + 'static,
+    ) -> Result<(), PythonError> {
+        let fail = |e: PyErr| {
+            PythonError::Init(format!(
+                "cannot watch the asyncio loop: {}",
+                error_from(py, e).message
+            ))
+        };
+        let beat = PyCFunction::new_closure(py, Some(c"dbtask_beat"), None, move |_, _| beat())
+            .map_err(fail)?;
+        support(py)
+            .and_then(|s| {
+                s.heartbeat
+                    .bind(py)
+                    .call1((self.event_loop.bind(py), beat, every.as_secs_f64()))
+            })
+            .map(drop)
+            .map_err(fail)
+    }
+
     /// Refuses new jobs; the loop stops once the tasks it holds are done.
     pub fn close(&self) {
         self.shared.queue.close();

@@ -26,6 +26,8 @@ pub(crate) struct Support {
     pub new_loop: Py<PyAny>,
     /// `start_loop(loop) -> (submit, stop, pending)`.
     pub start_loop: Py<PyAny>,
+    /// `heartbeat(loop, beat, every)`: `beat()` from the loop every `every` seconds.
+    pub heartbeat: Py<PyAny>,
 }
 
 static SUPPORT: PyOnceLock<Support> = PyOnceLock::new();
@@ -44,6 +46,7 @@ pub(crate) fn support(py: Python<'_>) -> PyResult<&'static Support> {
             describe: get("describe")?,
             new_loop: get("new_loop")?,
             start_loop: get("start_loop")?,
+            heartbeat: get("heartbeat")?,
         })
     })
 }

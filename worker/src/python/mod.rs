@@ -376,6 +376,28 @@ impl PythonRuntime {
         self.inner.processes.get().map_or(0, ProcessPool::replaced)
     }
 
+    /// Python threads abandoned so far to a task past its hard time limit or terminated
+    /// (each replaced by a new thread).
+    pub fn threads_abandoned(&self) -> u64 {
+        self.inner.pool.retired()
+    }
+
+    /// Abandoned Python threads still alive, stuck in their task.
+    pub fn threads_stuck(&self) -> usize {
+        self.inner.pool.stuck()
+    }
+
+    /// Calls `beat` on the asyncio loop's thread every `every`, from the loop itself (a timer
+    /// callback): while a task blocks the loop, the beats stop. Call it with no tokio runtime
+    /// on this thread (it takes the GIL), once.
+    pub fn beat_on_asyncio_loop(
+        &self,
+        every: Duration,
+        beat: impl Fn() + Send + Sync + 'static,
+    ) -> Result<(), PythonError> {
+        pyo3::Python::attach(|py| self.inner.aio.heartbeat(py, every, beat))
+    }
+
     /// The registered tasks, by name.
     pub fn tasks(&self) -> &HashMap<String, TaskInfo> {
         self.inner.registry.infos()

@@ -13,7 +13,7 @@
 
 use std::os::raw::c_ulong;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,6 +32,8 @@ pub(crate) struct Pool {
     size: usize,
     /// Retired threads still alive (stuck in an abandoned job).
     retired_alive: Arc<AtomicUsize>,
+    /// Threads retired so far (each replaced by a new one).
+    retired_total: AtomicU64,
     next_index: AtomicUsize,
 }
 
@@ -55,6 +57,7 @@ impl Pool {
             threads: Arc::clone(threads),
             size,
             retired_alive: Arc::new(AtomicUsize::new(0)),
+            retired_total: AtomicU64::new(0),
             next_index: AtomicUsize::new(0),
         };
         for _ in 0..size {
@@ -99,7 +102,9 @@ impl Pool {
                 (n < size).then_some(n + 1)
             })
             .is_ok();
-        if !reserved {
+        if reserved {
+            self.retired_total.fetch_add(1, Ordering::Relaxed);
+        } else {
             tracing::error!(
                 stuck_threads = size,
                 "too many Python threads are stuck in abandoned tasks: not replacing this one, the worker runs fewer sync tasks at once until they return (restart it to recover)"
@@ -124,6 +129,16 @@ impl Pool {
         Ok(SpareWake {
             queue: owed.then_some(&*self.queue),
         })
+    }
+
+    /// Threads retired so far, abandoned to a job past its hard time limit or terminated.
+    pub fn retired(&self) -> u64 {
+        self.retired_total.load(Ordering::Relaxed)
+    }
+
+    /// Retired threads still alive: stuck in their abandoned job.
+    pub fn stuck(&self) -> usize {
+        self.retired_alive.load(Ordering::Acquire)
     }
 
     /// Jobs queued and not taken by a thread yet.

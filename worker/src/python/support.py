@@ -88,6 +88,17 @@ def _precise_selector(wait):
     return selector
 
 
+def heartbeat(loop, beat, every):
+    """Calls `beat()` on `loop` every `every` seconds, as a timer callback of the loop itself:
+    a task that blocks the loop stops the beats (the worker's liveness watches them)."""
+
+    def tick():
+        beat()
+        loop.call_later(every, tick)
+
+    loop.call_soon_threadsafe(tick)
+
+
 def start_loop(loop):
     """Helpers bound to `loop`, the worker's one asyncio event loop:
     (submit, stop, pending, interrupt)."""

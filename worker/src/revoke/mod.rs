@@ -118,6 +118,7 @@ impl Revocations {
                     _ = prune.tick() => self.prune(),
                 }
             }
+            crate::monitor::counts::REDIS.error();
             warn!(url = %feed.url(), "lost the Redis subscription to revocations; reconnecting");
             let mut delay = Duration::from_millis(100);
             notices = loop {
@@ -125,11 +126,13 @@ impl Revocations {
                 match self.subscribe_and_load(&feed).await {
                     Ok(notices) => break notices,
                     Err(e) => {
+                        crate::monitor::counts::REDIS.error();
                         warn!(url = %feed.url(), error = %e, "cannot follow revocations yet; retrying");
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
                 }
             };
+            crate::monitor::counts::REDIS.reconnect();
             info!(url = %feed.url(), "following revocations again");
         }
     }

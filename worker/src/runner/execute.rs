@@ -48,6 +48,7 @@ pub(super) async fn execute(
         }
     }
     let limits = Limits::of(Some(info), &shared.config);
+    let eta = job.request.eta;
     // Other handlers alive: their jobs are likely being queued in the same turn (a drain).
     let burst = if shared.in_flight.get() > 1 {
         Burst::WithOthers
@@ -110,13 +111,23 @@ pub(super) async fn execute(
         None => shared.wake_pull_loops(),
     }
     // Handed over, the task started when a thread took it, not when it was queued.
+    let done = now_unix();
     if let Some(at) = handover.and_then(|h| h.state.started_at()) {
-        started = now_unix() - at.elapsed().as_secs_f64();
+        started = done - at.elapsed().as_secs_f64();
+    }
+    if !shared.hooks.is_empty() {
+        // Due when it was stored in its queue (by the server's clock), or at its eta.
+        let due = ctx.published().max(eta.unwrap_or(0.0));
+        let queued = if due > 0.0 { started - due } else { 0.0 };
+        let task = ctx.task_ref(id, name);
+        shared
+            .hooks
+            .ran(task, queued.max(0.0), (done - started).max(0.0));
     }
     Some(Ran {
         ended,
         arguments,
         started,
-        done: now_unix(),
+        done,
     })
 }

@@ -209,9 +209,19 @@ pub(super) struct Context<'a> {
     pub mark: Mark,
     /// What is kept of its outcome (its task's options, once known; `ignore_result`).
     pub results: std::cell::Cell<ResultOptions>,
+    /// The delivery itself.
+    pub message: &'a Message,
 }
 
 impl Context<'_> {
+    /// When the message was stored in its stream (Unix seconds, by the server's clock); 0 if
+    /// its delivery does not say.
+    pub(super) fn published(&self) -> f64 {
+        self.message
+            .info()
+            .map_or(0.0, |i| i.published.unix_timestamp_nanos() as f64 / 1e9)
+    }
+
     /// Task `id` (named `task`) of this message, as events name it.
     pub(super) fn task_ref<'t>(&'t self, id: &'t str, task: &'t str) -> TaskRef<'t> {
         TaskRef {
@@ -252,6 +262,7 @@ async fn process(
         origin: Origin::delivery(&shared.worker, queue, attempt, now_unix()),
         mark,
         results: Default::default(),
+        message: msg,
     };
     // What follows admission is boxed: a message waiting in the prefetch then holds a small
     // future, not one sized for running the task and storing its outcome (a few KB each,

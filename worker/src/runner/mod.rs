@@ -12,7 +12,10 @@ mod handler;
 mod priority;
 mod rate;
 mod settle;
+mod status;
 mod tick;
+
+pub use status::{Load, Serving, Status};
 
 use std::cell::Cell;
 use std::future::Future;
@@ -203,6 +206,18 @@ pub async fn run_with_hooks(
     hooks: Hooks,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), WorkerError> {
+    run_watched(config, python, hooks, None, shutdown).await
+}
+
+/// [`run_with_hooks`], keeping `status` up to date for watchers on other tasks or threads
+/// (the `--http-addr` endpoint, systemd): see [`Status`].
+pub async fn run_watched(
+    config: Config,
+    python: PythonRuntime,
+    hooks: Hooks,
+    status: Option<Arc<Status>>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), WorkerError> {
     let worker = worker_identity();
     // Checked by `Config::validate` already; read once more here for a caller that did not.
     let message_key = config.message_key().map_err(WorkerError::Config)?;
@@ -210,6 +225,9 @@ pub async fn run_with_hooks(
         .await?
         .with_message_key(message_key);
     let store = Store::connect(&config.redis_url, config.result_ttl).await?;
+    if let Some(status) = &status {
+        status.connected(&broker, &store);
+    }
     // Informational only: a managed Redis may refuse INFO.
     let redis_version = store.server_version().await.unwrap_or_else(|e| {
         warn!(error = %e, "cannot read the Redis version");
@@ -257,6 +275,9 @@ pub async fn run_with_hooks(
         warn!(apps = %config.apps.join(","), "the imported modules registered no task: every message will fail as dbtask.UnknownTask");
     }
     crate::python::signals::send_worker_signal_async("worker_ready").await;
+    if let Some(status) = &status {
+        status.set_phase(Serving::Ready);
+    }
 
     let local = LocalSet::new();
     local
@@ -268,7 +289,7 @@ pub async fn run_with_hooks(
             revocations,
             levels,
             worker,
-            (hooks, journal),
+            (hooks, journal, status),
             shutdown,
         ))
         .await;
@@ -284,7 +305,7 @@ async fn serve(
     revocations: Revocations,
     levels: Vec<priority::Levels>,
     worker: String,
-    (hooks, journal): (Hooks, Journal),
+    (hooks, journal, status): (Hooks, Journal, Option<Arc<Status>>),
     shutdown: impl Future<Output = ()>,
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
@@ -311,6 +332,9 @@ async fn serve(
         phase,
     });
 
+    if let Some(status) = &status {
+        status.answer_loads(&shared);
+    }
     let pullers: Vec<_> = levels
         .into_iter()
         .map(|levels| tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels)))
@@ -324,6 +348,9 @@ async fn serve(
         "draining: waiting for running tasks"
     );
     shared.phase.send_replace(Phase::Draining);
+    if let Some(status) = &status {
+        status.set_phase(Serving::Draining);
+    }
     for puller in pullers {
         let _ = puller.await;
     }
@@ -342,6 +369,9 @@ async fn serve(
 
     // Every message is acked or handed back: nothing for a next worker to account for.
     shared.journal.close();
+    if let Some(status) = &status {
+        status.set_phase(Serving::Stopped);
+    }
     crate::python::signals::send_worker_signal_async("worker_shutdown").await;
     let python = shared.python.clone();
     // The writer ends once every handle is gone and what it holds is stored; give it a moment.

@@ -160,6 +160,8 @@ fn write_parts(cmd: &mut redis::Cmd, parts: &[&[u8]]) {
 pub struct Store {
     pool: Pool,
     shared: Arc<Mutex<Option<MultiplexedConnection>>>,
+    /// A connection error dropped the shared connection: the next one is a reconnection.
+    lost: Arc<std::sync::atomic::AtomicBool>,
     url: String,
     result_ttl: u64,
 }
@@ -191,6 +193,7 @@ impl Store {
         let store = Store {
             pool,
             shared: Arc::default(),
+            lost: Arc::default(),
             url,
             result_ttl,
         };
@@ -200,6 +203,25 @@ impl Store {
             .await
             .map_err(|e| store.redis_error(e))?;
         Ok(store)
+    }
+
+    /// Whether Redis answers a PING now, within `timeout`.
+    pub async fn ping(&self, timeout: Duration) -> Result<(), StoreError> {
+        let ping = async {
+            let mut conn = self.conn().await?;
+            redis::cmd("PING")
+                .exec_async(&mut conn)
+                .await
+                .map_err(|e| self.redis_error(e))
+        };
+        tokio::time::timeout(timeout, ping)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unreachable {
+                    url: self.url.clone(),
+                    source: Cause::TimedOut(None),
+                })
+            })
     }
 
     /// How long records are kept, in seconds.
@@ -298,6 +320,9 @@ impl Store {
             return Ok(conn.clone());
         }
         let fresh = deadpool_redis::Connection::take(self.pooled().await?);
+        if self.lost.swap(false, std::sync::atomic::Ordering::Relaxed) {
+            crate::monitor::counts::REDIS.reconnect();
+        }
         Ok(self.lock_shared().get_or_insert(fresh).clone())
     }
 
@@ -330,6 +355,8 @@ impl Store {
             || e.is_unrecoverable_error()
         {
             self.lock_shared().take();
+            self.lost.store(true, std::sync::atomic::Ordering::Relaxed);
+            crate::monitor::counts::REDIS.error();
         }
         let url = self.url.clone();
         if e.is_connection_refusal() {
