@@ -364,6 +364,7 @@ def test_the_shipped_units_verify(tmp_path):
     for unit, name in [("dbtask-worker.service", "dbtask-worker.service"), ("dbtask-worker@.service", "dbtask-worker@test.service")]:
         text = (deploy / unit).read_text()
         assert "\nType=notify\n" in text and "\nWatchdogSec=" in text, unit
-        (tmp_path / name).write_text(text.replace("/usr/local/bin/dbtask-worker", str(WORKER_BIN)))
+        assert "ExecStart=/srv/myapp/.venv/bin/dbtask-worker " in text, unit  # the wheel's worker
+        (tmp_path / name).write_text(text.replace("/srv/myapp/.venv/bin/dbtask-worker", str(WORKER_BIN)))
         checked = subprocess.run([analyze, "verify", str(tmp_path / name)], capture_output=True, text=True, timeout=60)
         assert checked.returncode == 0 and not checked.stderr.strip(), f"{unit}: {checked.stderr}"
