@@ -10,14 +10,16 @@ mounted at /app, as a user would mount or COPY theirs.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
+import urllib.request
 import uuid
 
 import pytest
+import yaml
 
-import dbtask
-from e2e_support import APPS, Server
+from e2e_support import APPS, Server, free_port
 
 pytestmark = pytest.mark.containers
 
@@ -42,12 +44,15 @@ def container(nats: Server, redis: Server):
     """Starts the worker image (detached) with extra arguments; removes it at the end."""
     names: list[str] = []
 
-    def start(*worker_args: str, env: dict[str, str] | None = None) -> str:
+    def start(*worker_args: str, env: dict[str, str] | None = None, podman_args: tuple[str, ...] = ()) -> str:
         name = f"dbtask-test-{uuid.uuid4().hex[:10]}"
         env_args: list[str] = []
         for key, value in {"DBTASK_NATS_URL": nats.url, "DBTASK_REDIS_URL": redis.url, **(env or {})}.items():
             env_args += ["-e", f"{key}={value}"]
-        _podman("run", "-d", "--name", name, *RUN_LIMITS, "-v", f"{APPS}:/app:ro", *env_args, _image(), *worker_args)
+        _podman(
+            "run", "-d", "--name", name, *RUN_LIMITS, "-v", f"{APPS}:/app:ro", *env_args, *podman_args,
+            _image(), *worker_args,
+        )  # fmt: skip
         names.append(name)
         return name
 
@@ -68,9 +73,28 @@ async def _logs_contain(name: str, text: str, timeout: float = 30) -> str:
         await asyncio.sleep(0.2)
 
 
+def _compose_worker_healthcheck(port: int) -> list[str]:
+    """The worker's healthcheck command in deploy/compose.yaml, on `port` instead of 9808."""
+    compose = yaml.safe_load((APPS.parent.parent / "deploy" / "compose.yaml").read_text())
+    test = compose["services"]["worker"]["healthcheck"]["test"]
+    assert test[0] == "CMD" and compose["services"]["worker"]["environment"]["DBTASK_HTTP_ADDR"] == "0.0.0.0:9808"
+    return [part.replace("9808", str(port)) for part in test[1:]]
+
+
 async def test_the_image_runs_tasks_and_stops_gracefully_on_podman_stop(container, client):
-    name = container("-A", "e2e_tasks", "--concurrency", "4")
+    port = free_port()
+    name = container(
+        "-A", "e2e_tasks", "--concurrency", "4",
+        env={"DBTASK_HTTP_ADDR": f"127.0.0.1:{port}"},
+        podman_args=("--health-cmd", json.dumps(_compose_worker_healthcheck(port))),
+    )  # fmt: skip
     await _logs_contain(name, "worker ready")
+
+    # Ready, as a Kubernetes probe or compose's healthcheck (run inside the container) sees it.
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as answer:
+        assert answer.status == 200
+    health = _podman("healthcheck", "run", name, check=False)
+    assert health.returncode == 0, f"compose's healthcheck failed in the image: {health.stdout}{health.stderr}"
 
     from e2e_tasks import add, tracked
 
