@@ -95,6 +95,14 @@ pub struct Config {
     /// valid signature are dead-lettered unrun, and what the worker publishes is signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_key: Option<PathBuf>,
+
+    // Events, inspect and control (docs/operations.md).
+    /// Publish lifecycle events on core NATS (`dbtask.events.>`), as Celery's `-E`.
+    pub events: bool,
+    /// Seconds between two `worker.heartbeat` events (with `events`).
+    pub heartbeat_interval: f64,
+    /// Answer `dbtask inspect` and `dbtask control` requests (the NATS service `dbtask-worker`).
+    pub control: bool,
 }
 
 /// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
@@ -144,6 +152,9 @@ impl Default for Config {
             nats_creds: None,
             nats_nkey: None,
             message_key: None,
+            events: false,
+            heartbeat_interval: 5.0,
+            control: true,
         }
     }
 }
@@ -230,6 +241,7 @@ impl Config {
         // JetStream counts ack_wait in whole nanoseconds; in-progress acks need some room.
         positive_secs(self.ack_wait, "ack_wait", 1.0)?;
         positive_secs(self.duplicate_window, "duplicate_window", 0.0)?;
+        positive_secs(self.heartbeat_interval, "heartbeat_interval", 0.0)?;
         if self.result_ttl == 0 {
             return Err(invalid("result_ttl", "must be at least 1 second"));
         }

@@ -209,6 +209,8 @@ pub(super) struct Context<'a> {
     pub mark: Mark,
     /// What is kept of its outcome (its task's options, once known; `ignore_result`).
     pub results: std::cell::Cell<ResultOptions>,
+    /// Its entry in the worker's activity (inspect), once admitted; out again when dropped.
+    pub tracked: std::cell::OnceCell<crate::activity::Tracked>,
 }
 
 impl Context<'_> {
@@ -252,6 +254,7 @@ async fn process(
         origin: Origin::delivery(&shared.worker, queue, attempt, now_unix()),
         mark,
         results: Default::default(),
+        tracked: Default::default(),
     };
     // What follows admission is boxed: a message waiting in the prefetch then holds a small
     // future, not one sized for running the task and storing its outcome (a few KB each,

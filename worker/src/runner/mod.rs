@@ -5,6 +5,7 @@
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
 mod admit;
+mod control;
 mod crash;
 mod dead;
 mod execute;
@@ -14,7 +15,8 @@ mod rate;
 mod settle;
 mod tick;
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::rc::Rc;
@@ -23,9 +25,10 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::LocalSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, BrokerError};
+use crate::activity::Activity;
+use crate::broker::{Broker, BrokerError, EventSink};
 use crate::config::Config;
 use crate::events::Hooks;
 use crate::journal::Journal;
@@ -106,11 +109,42 @@ struct Shared {
     /// Signalled when `in_flight` drops to zero.
     idle: Notify,
     phase: watch::Sender<Phase>,
+    /// What the worker holds and has done, for inspect and heartbeats (with `control` or
+    /// `events`).
+    activity: Option<Activity>,
+    /// Rate limits set with `dbtask control rate-limit`, by task name; they win over the
+    /// tasks' own.
+    rate_overrides: RefCell<HashMap<String, control::Override>>,
+    /// Notified by `dbtask control shutdown`: stop as on SIGTERM.
+    stop: Notify,
+    /// When the worker started serving.
+    started: std::time::Instant,
+    /// `--events`: where the worker's own events go.
+    events: Option<EventSink>,
 }
 
 impl Shared {
     fn phase(&self) -> Phase {
         *self.phase.borrow()
+    }
+
+    /// The rate limit `task` runs under: its override if one was set, else `declared`.
+    fn rate_limit_of(
+        &self,
+        task: &str,
+        declared: Option<dbtask_protocol::Rate>,
+    ) -> Option<dbtask_protocol::Rate> {
+        let overrides = self.rate_overrides.borrow();
+        if overrides.is_empty() {
+            return declared;
+        }
+        overrides.get(task).map_or(declared, |o| o.rate)
+    }
+
+    /// Whether `task`'s rate limit was overridden.
+    fn has_rate_override(&self, task: &str) -> bool {
+        let overrides = self.rate_overrides.borrow();
+        !overrides.is_empty() && overrides.contains_key(task)
     }
 
     /// Most handlers alive at once: tasks running, waiting for a slot (`prefetch`), and
@@ -238,6 +272,8 @@ pub async fn run_with_hooks(
         );
     }
 
+    let (hooks, monitoring) = monitoring(&config, &broker, &store, &worker, hooks).await;
+
     let mut tasks: Vec<&str> = python.tasks().keys().map(String::as_str).collect();
     tasks.sort_unstable();
     info!(
@@ -268,11 +304,78 @@ pub async fn run_with_hooks(
             revocations,
             levels,
             worker,
-            (hooks, journal),
+            (hooks, journal, monitoring),
             shutdown,
         ))
         .await;
     Ok(())
+}
+
+/// Inspect, control and events: what the worker sets up for them before it serves.
+struct Monitoring {
+    activity: Option<Activity>,
+    overrides: HashMap<String, control::Override>,
+    /// The NATS service answering `dbtask inspect` / `dbtask control`, and its requests.
+    control: Option<(async_nats::service::Service, crate::broker::Requests)>,
+    /// `--events`: the event queue and the task publishing it.
+    events: Option<(EventSink, tokio::task::JoinHandle<()>)>,
+}
+
+/// Adds the activity counts and the event stream to `hooks` as the config asks, reads the rate
+/// limit overrides and registers the control service. Inspect and control are best effort: a
+/// failure is logged and the worker serves without them.
+async fn monitoring(
+    config: &Config,
+    broker: &Broker,
+    store: &Store,
+    worker: &str,
+    mut hooks: Hooks,
+) -> (Hooks, Monitoring) {
+    let activity = (config.control || config.events).then(Activity::default);
+    if let Some(activity) = &activity {
+        hooks = hooks.with(Arc::new(activity.clone()));
+    }
+    let events = config.events.then(|| {
+        let (sink, publish) = broker.event_sink();
+        (sink, tokio::spawn(publish))
+    });
+    if let Some((sink, _)) = &events {
+        let stream = crate::event_stream::EventStream::new(
+            sink.clone(),
+            worker.to_owned(),
+            activity.clone(),
+        );
+        hooks = hooks.with(Arc::new(stream));
+    }
+    let overrides = match store.rate_overrides().await {
+        Ok(stored) => control::read_overrides(stored),
+        Err(e) => {
+            warn!(error = %e, "cannot read the rate limit overrides from Redis; using the tasks' own limits");
+            HashMap::new()
+        }
+    };
+    let control = if config.control {
+        let metadata = HashMap::from([
+            ("worker".to_owned(), worker.to_owned()),
+            ("queues".to_owned(), config.queues.join(",")),
+        ]);
+        match broker.control_service(worker, metadata).await {
+            Ok(service) => Some(service),
+            Err(e) => {
+                warn!(error = %e, "cannot register the control service on NATS: this worker will not answer dbtask inspect / control");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let monitoring = Monitoring {
+        activity,
+        overrides,
+        control,
+        events,
+    };
+    (hooks, monitoring)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -284,7 +387,7 @@ async fn serve(
     revocations: Revocations,
     levels: Vec<priority::Levels>,
     worker: String,
-    (hooks, journal): (Hooks, Journal),
+    (hooks, journal, monitoring): (Hooks, Journal, Monitoring),
     shutdown: impl Future<Output = ()>,
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
@@ -309,14 +412,43 @@ async fn serve(
         in_flight: Cell::new(0),
         idle: Notify::new(),
         phase,
+        activity: monitoring.activity,
+        rate_overrides: RefCell::new(monitoring.overrides),
+        stop: Notify::new(),
+        started: std::time::Instant::now(),
+        events: monitoring.events.as_ref().map(|(sink, _)| sink.clone()),
     });
+    let (service, requests) = match monitoring.control {
+        Some((service, requests)) => (Some(service), Some(requests)),
+        None => (None, None),
+    };
+    let answering = requests.map(|requests| {
+        tokio::task::spawn_local(control::serve_requests(shared.clone(), requests))
+    });
+    let heartbeats = shared
+        .events
+        .clone()
+        .map(|sink| tokio::task::spawn_local(control::heartbeats(shared.clone(), sink)));
 
     let pullers: Vec<_> = levels
         .into_iter()
         .map(|levels| tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels)))
         .collect();
 
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = shared.stop.notified() => {}
+    }
+    // Stopping: no more answers, and `nats micro ls` no longer lists this worker.
+    for task in [answering, heartbeats].into_iter().flatten() {
+        task.abort();
+        let _ = task.await;
+    }
+    if let Some(service) = service {
+        if let Err(e) = service.stop().await {
+            debug!(error = %e, "cannot stop the control service");
+        }
+    }
     let timeout = shared.config.shutdown_timeout();
     info!(
         running = shared.in_flight.get(),
@@ -343,10 +475,19 @@ async fn serve(
     // Every message is acked or handed back: nothing for a next worker to account for.
     shared.journal.close();
     crate::python::signals::send_worker_signal_async("worker_shutdown").await;
+    if let Some(sink) = &shared.events {
+        let offline = control::worker_event(&shared, "worker.offline");
+        sink.send(&crate::event_stream::worker_subject("offline"), offline);
+        sink.finish().await;
+    }
     let python = shared.python.clone();
     // The writer ends once every handle is gone and what it holds is stored; give it a moment.
     drop(states);
     drop(shared);
+    if let Some((_, publisher)) = monitoring.events {
+        // The queued events, `offline` last, then a flush.
+        let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
+    }
     if tokio::time::timeout(Duration::from_secs(5), writer_done)
         .await
         .is_err()
