@@ -283,7 +283,13 @@ class CpuMeter:
 
 class WorkerProc:
     def __init__(
-        self, nats_url: str, redis_url: str, workdir: Path, concurrency: int | None = None, pool: str = "threads"
+        self,
+        nats_url: str,
+        redis_url: str,
+        workdir: Path,
+        concurrency: int | None = None,
+        pool: str = "threads",
+        extra: tuple[str, ...] = (),
     ) -> None:
         cmd = [str(WORKER_BIN), "-A", "bench_tasks", "--queues", "default",
                "--nats-url", nats_url, "--redis-url", redis_url, "--log-level", "warn,dbtask_worker=info"]  # fmt: skip
@@ -291,6 +297,7 @@ class WorkerProc:
             cmd += ["--pool", pool]
         if concurrency is not None:
             cmd += ["--concurrency", str(concurrency)]
+        cmd += list(extra)
         self.log = workdir / f"worker-{time.monotonic_ns()}.log"
         self.spawned = time.perf_counter()
         with open(self.log, "wb") as err:
@@ -513,6 +520,27 @@ async def repetition(nats, redis_srv, redis: Redis, workdir: Path) -> tuple[dict
         checked += n
     worker.stop()
 
+    # W2 again with `--events` (issue 17): every task's received / started / succeeded events
+    # published on core NATS, nobody listening; next to "W2 steady" of the same repetition.
+    redis.call("FLUSHALL")
+    results = await add.apply_many([(i, i) for i in range(N)])
+    ids = [r.id for r in results]
+    worker = WorkerProc(nats.url, redis_srv.url, workdir, extra=("--events",))
+    first, last = redis.wait_done(ids, TIMEOUT)
+    fig["W2 steady events"] = (N - 1) / (last - first) if last > first else float("nan")
+    fig["W2 events ratio"] = fig["W2 steady events"] / fig["W2 steady"]
+    checked += check_results(redis, ids, [2 * i for i in range(N)], "W2 --events")
+    worker.stop()
+    # And without answering inspect / control (on by default): what tracking the held tasks costs.
+    redis.call("FLUSHALL")
+    results = await add.apply_many([(i, i) for i in range(N)])
+    ids = [r.id for r in results]
+    worker = WorkerProc(nats.url, redis_srv.url, workdir, extra=("--control", "false"))
+    first, last = redis.wait_done(ids, TIMEOUT)
+    fig["W2 steady no control"] = (N - 1) / (last - first) if last > first else float("nan")
+    checked += check_results(redis, ids, [2 * i for i in range(N)], "W2 --control false")
+    worker.stop()
+
     # For W6's bound: what a fresh worker holds before it has run anything (queues empty).
     idle = WorkerProc(nats.url, redis_srv.url, workdir)
     idle.wait_ready()
@@ -651,6 +679,9 @@ ROWS = [
     ("W2 from start", "W2 drain, worker start to last result", "/s", 50_000, True, "drain_per_s"),
     ("W2 steady", "W2 drain, first to last result", "/s", 50_000, True, "drain_per_s"),
     ("W2 startup s", "W2 worker start until `worker ready`", "s", None, False, None),
+    ("W2 steady events", "W2 drain, first to last result, worker with `--events` (nobody listening)", "/s", None, True, "drain_per_s"),
+    ("W2 events ratio", "`--events` ÷ without, W2 steady, same run", "×", None, True, None),
+    ("W2 steady no control", "W2 drain, first to last result, worker with `--control false` (no inspect)", "/s", None, True, "drain_per_s"),
     ("W2q kept", "W2 drain, worker start until the stream is empty (bench/ignored.py)", "/s", None, True, "drain_per_s"),
     ("W2q ignored", "the same with `ignore_result=True`", "/s", None, True, "drain_per_s"),
     ("W2q speed-up", "`ignore_result=True` ÷ results kept, same run", "×", None, True, None),

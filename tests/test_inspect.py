@@ -6,6 +6,7 @@ rate-limit` holds across both workers, and `dbtask purge` removes a backlog and 
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +33,32 @@ def by_worker(replies: list[dict]) -> dict[str, dict]:
 def worker_id(w: Worker) -> str:
     line = next(x for x in w.stderr.splitlines() if "worker ready" in x)
     return line.split(" worker=")[1].split()[0]
+
+
+def service_pings(nats: Server, wait: float = 1.0) -> list[dict]:
+    """The replies to the NATS service API's `$SRV.PING.dbtask-worker` (what `nats micro ls`
+    sends), over the plain NATS text protocol."""
+    replies = []
+    with socket.create_connection(("127.0.0.1", nats.port), timeout=wait) as sock:
+        f = sock.makefile("rwb")
+        f.readline()  # INFO
+        f.write(b'CONNECT {"verbose":false,"pedantic":false}\r\nSUB _INBOX.pings 1\r\n')
+        f.write(b"PUB $SRV.PING.dbtask-worker _INBOX.pings 0\r\n\r\n")
+        f.flush()
+        try:
+            while True:
+                line = f.readline()
+                if not line:
+                    break
+                if line.startswith(b"MSG "):
+                    size = int(line.split()[-1])
+                    replies.append(json.loads(f.read(size + 2)[:size]))
+                elif line.startswith(b"PING"):
+                    f.write(b"PONG\r\n")
+                    f.flush()
+        except (socket.timeout, TimeoutError):
+            pass
+    return replies
 
 
 def eventually(check, timeout: float = 20.0):
@@ -123,6 +150,11 @@ async def test_inspect_sees_both_workers_and_shutdown_stops_only_the_named_one(w
     assert entry["task"] == "inspect_tasks.add" and entry["queue"] == "default"
     assert before + 599 <= entry["eta"] <= time.time() + 601
     assert [s["id"] for s in await dbtask.inspect.scheduled(nats_url=nats.url)] == [later.id]
+
+    # The NATS service API sees both workers too (`nats micro ls`).
+    pings = service_pings(nats)
+    assert sorted(p["metadata"]["worker"] for p in pings) == sorted(ids)
+    assert all(p["name"] == "dbtask-worker" and p["type"] == "io.nats.micro.v1.ping_response" for p in pings)
 
     # --worker: only that worker answers.
     only = dbtask.inspect.ping_sync(worker=worker_id(w2), nats_url=nats.url)

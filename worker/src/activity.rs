@@ -25,11 +25,20 @@ pub struct Activity(Arc<Inner>);
 
 #[derive(Default)]
 struct Inner {
-    tasks: Mutex<HashMap<String, Entry>>,
+    /// By a number drawn for each admitted message (a task id may be held twice at once: a
+    /// redelivery while the first delivery still runs).
+    tasks: Mutex<Tasks>,
     counts: Counts,
 }
 
+#[derive(Default)]
+struct Tasks {
+    next: u64,
+    held: HashMap<u64, Entry>,
+}
+
 struct Entry {
+    id: String,
     task: String,
     queue: String,
     attempt: u32,
@@ -101,14 +110,14 @@ pub struct HeldTask {
 /// Takes its task out of the [`Activity`] when dropped: when its handling ends, however.
 pub struct Tracked {
     activity: Activity,
-    id: String,
+    key: u64,
 }
 
 impl Tracked {
     /// The task is handed to its executor; `handover`: without a slot yet (it runs once a
     /// Python thread takes it).
     pub fn started(&self, handover: Option<&Handover>) {
-        if let Some(entry) = self.activity.lock().get_mut(&self.id) {
+        if let Some(entry) = self.activity.lock().held.get_mut(&self.key) {
             entry.started = Some((now_unix(), Instant::now()));
             entry.handover = handover.cloned();
         }
@@ -117,39 +126,43 @@ impl Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        self.activity.lock().remove(&self.id);
+        self.activity.lock().held.remove(&self.key);
     }
 }
 
 impl Activity {
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, Tasks> {
         // A panic while holding it cannot leave the map half-changed: keep going.
         self.0.tasks.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Enters an admitted task (reserved until [`Tracked::started`]).
     pub fn track(&self, task: TaskRef<'_>) -> Tracked {
-        self.lock().insert(
-            task.id.to_owned(),
-            Entry {
-                task: task.task.to_owned(),
-                queue: task.queue.to_owned(),
-                attempt: task.attempt,
-                received: now_unix(),
-                started: None,
-                handover: None,
-            },
-        );
+        let entry = Entry {
+            id: task.id.to_owned(),
+            task: task.task.to_owned(),
+            queue: task.queue.to_owned(),
+            attempt: task.attempt,
+            received: now_unix(),
+            started: None,
+            handover: None,
+        };
+        let mut tasks = self.lock();
+        let key = tasks.next;
+        tasks.next += 1;
+        tasks.held.insert(key, entry);
         Tracked {
             activity: self.clone(),
-            id: task.id.to_owned(),
+            key,
         }
     }
 
-    /// Seconds task `id` has been running, if it is.
+    /// Seconds task `id` has been running, if it is. A scan of the held tasks (a few hundred
+    /// at most): asked only for the events of tasks that failed, retried or were revoked.
     pub fn runtime_of(&self, id: &str) -> Option<f64> {
         let tasks = self.lock();
-        let (_, since) = tasks.get(id)?.running_since()?;
+        let entry = tasks.held.values().find(|e| e.id == id)?;
+        let (_, since) = entry.running_since()?;
         Some(since.elapsed().as_secs_f64())
     }
 
@@ -157,11 +170,12 @@ impl Activity {
     pub fn held(&self, running: bool) -> Vec<HeldTask> {
         let tasks = self.lock();
         let mut held: Vec<HeldTask> = tasks
-            .iter()
-            .filter_map(|(id, entry)| {
+            .held
+            .values()
+            .filter_map(|entry| {
                 let since = entry.running_since();
                 (since.is_some() == running).then(|| HeldTask {
-                    id: id.clone(),
+                    id: entry.id.clone(),
                     task: entry.task.clone(),
                     queue: entry.queue.clone(),
                     attempt: entry.attempt,
@@ -179,10 +193,11 @@ impl Activity {
     pub fn load(&self) -> (usize, usize) {
         let tasks = self.lock();
         let running = tasks
+            .held
             .values()
             .filter(|e| e.running_since().is_some())
             .count();
-        (running, tasks.len() - running)
+        (running, tasks.held.len() - running)
     }
 
     pub fn processed(&self) -> Processed {
@@ -256,7 +271,11 @@ mod tests {
         assert_eq!(active[0].task, "add");
         assert!(active[0].runtime.is_some() && active[0].started.is_some());
         assert!(activity.runtime_of("t1").is_some());
+        // The same id held twice (a redelivery): each delivery leaves on its own.
+        let again = activity.track(task("t1"));
         drop(tracked);
+        assert_eq!(activity.load(), (0, 1));
+        drop(again);
         assert_eq!(activity.load(), (0, 0));
     }
 
