@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::service::Request;
@@ -20,8 +21,12 @@ use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
 use super::Shared;
-use crate::broker::{EventSink, Requests};
+use crate::activity::Activity;
+use crate::broker::{Broker, EventSink, Requests};
+use crate::config::Config;
 use crate::event_stream::{loadavg, worker_subject, WorkerEvent};
+use crate::events::Hooks;
+use crate::store::Store;
 
 /// A rate limit override: `"0"` lifts the task's limit, anything else is a rate (`"10/s"`).
 pub(super) fn parse_override(text: &str) -> Result<Option<Rate>, String> {
@@ -266,6 +271,73 @@ pub(super) async fn heartbeats(shared: Rc<Shared>, sink: EventSink) {
         tick.tick().await;
         sink.send(&subject, worker_event(&shared, "worker.heartbeat"));
     }
+}
+
+/// Inspect, control and events: what the worker sets up for them before it serves.
+pub(super) struct Monitoring {
+    pub activity: Option<Activity>,
+    pub overrides: HashMap<String, Override>,
+    /// The NATS service answering `dbtask inspect` / `dbtask control`, and its requests.
+    pub control: Option<(async_nats::service::Service, crate::broker::Requests)>,
+    /// `--events`: the event queue and the task publishing it.
+    pub events: Option<(EventSink, tokio::task::JoinHandle<()>)>,
+}
+
+/// Adds the activity counts and the event stream to `hooks` as the config asks, reads the rate
+/// limit overrides and registers the control service. Inspect and control are best effort: a
+/// failure is logged and the worker serves without them.
+pub(super) async fn monitoring(
+    config: &Config,
+    broker: &Broker,
+    store: &Store,
+    worker: &str,
+    mut hooks: Hooks,
+) -> (Hooks, Monitoring) {
+    let activity = (config.control || config.events).then(Activity::default);
+    if let Some(activity) = &activity {
+        hooks = hooks.with(Arc::new(activity.clone()));
+    }
+    let events = config.events.then(|| {
+        let (sink, publish) = broker.event_sink();
+        (sink, tokio::spawn(publish))
+    });
+    if let Some((sink, _)) = &events {
+        let stream = crate::event_stream::EventStream::new(
+            sink.clone(),
+            worker.to_owned(),
+            activity.clone(),
+        );
+        hooks = hooks.with(Arc::new(stream));
+    }
+    let overrides = match store.rate_overrides().await {
+        Ok(stored) => read_overrides(stored),
+        Err(e) => {
+            warn!(error = %e, "cannot read the rate limit overrides from Redis; using the tasks' own limits");
+            HashMap::new()
+        }
+    };
+    let control = if config.control {
+        let metadata = HashMap::from([
+            ("worker".to_owned(), worker.to_owned()),
+            ("queues".to_owned(), config.queues.join(",")),
+        ]);
+        match broker.control_service(worker, metadata).await {
+            Ok(service) => Some(service),
+            Err(e) => {
+                warn!(error = %e, "cannot register the control service on NATS: this worker will not answer dbtask inspect / control");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let monitoring = Monitoring {
+        activity,
+        overrides,
+        control,
+        events,
+    };
+    (hooks, monitoring)
 }
 
 #[cfg(test)]

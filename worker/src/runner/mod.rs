@@ -272,7 +272,7 @@ pub async fn run_with_hooks(
         );
     }
 
-    let (hooks, monitoring) = monitoring(&config, &broker, &store, &worker, hooks).await;
+    let (hooks, monitoring) = control::monitoring(&config, &broker, &store, &worker, hooks).await;
 
     let mut tasks: Vec<&str> = python.tasks().keys().map(String::as_str).collect();
     tasks.sort_unstable();
@@ -311,73 +311,6 @@ pub async fn run_with_hooks(
     Ok(())
 }
 
-/// Inspect, control and events: what the worker sets up for them before it serves.
-struct Monitoring {
-    activity: Option<Activity>,
-    overrides: HashMap<String, control::Override>,
-    /// The NATS service answering `dbtask inspect` / `dbtask control`, and its requests.
-    control: Option<(async_nats::service::Service, crate::broker::Requests)>,
-    /// `--events`: the event queue and the task publishing it.
-    events: Option<(EventSink, tokio::task::JoinHandle<()>)>,
-}
-
-/// Adds the activity counts and the event stream to `hooks` as the config asks, reads the rate
-/// limit overrides and registers the control service. Inspect and control are best effort: a
-/// failure is logged and the worker serves without them.
-async fn monitoring(
-    config: &Config,
-    broker: &Broker,
-    store: &Store,
-    worker: &str,
-    mut hooks: Hooks,
-) -> (Hooks, Monitoring) {
-    let activity = (config.control || config.events).then(Activity::default);
-    if let Some(activity) = &activity {
-        hooks = hooks.with(Arc::new(activity.clone()));
-    }
-    let events = config.events.then(|| {
-        let (sink, publish) = broker.event_sink();
-        (sink, tokio::spawn(publish))
-    });
-    if let Some((sink, _)) = &events {
-        let stream = crate::event_stream::EventStream::new(
-            sink.clone(),
-            worker.to_owned(),
-            activity.clone(),
-        );
-        hooks = hooks.with(Arc::new(stream));
-    }
-    let overrides = match store.rate_overrides().await {
-        Ok(stored) => control::read_overrides(stored),
-        Err(e) => {
-            warn!(error = %e, "cannot read the rate limit overrides from Redis; using the tasks' own limits");
-            HashMap::new()
-        }
-    };
-    let control = if config.control {
-        let metadata = HashMap::from([
-            ("worker".to_owned(), worker.to_owned()),
-            ("queues".to_owned(), config.queues.join(",")),
-        ]);
-        match broker.control_service(worker, metadata).await {
-            Ok(service) => Some(service),
-            Err(e) => {
-                warn!(error = %e, "cannot register the control service on NATS: this worker will not answer dbtask inspect / control");
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let monitoring = Monitoring {
-        activity,
-        overrides,
-        control,
-        events,
-    };
-    (hooks, monitoring)
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     config: Config,
@@ -387,7 +320,7 @@ async fn serve(
     revocations: Revocations,
     levels: Vec<priority::Levels>,
     worker: String,
-    (hooks, journal, monitoring): (Hooks, Journal, Monitoring),
+    (hooks, journal, monitoring): (Hooks, Journal, control::Monitoring),
     shutdown: impl Future<Output = ()>,
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
