@@ -64,6 +64,10 @@ W8_COUNTDOWN = 30.0
 # report (its drain rate, and its ratio to the plain drain of the same repetition).
 W2_VARIANTS: list[tuple[str, list[str]]] = [
     ("http", ["--http-addr", "127.0.0.1:0"]),
+    # Lifecycle events published on core NATS, nobody listening.
+    ("events", ["--events"]),
+    # Not answering inspect/control (on by default): what tracking the held tasks costs.
+    ("no control", ["--control", "false"]),
 ]
 # Rounds of (plain, each variant) in turn per repetition; each figure is the median of its
 # rounds, so that a burst of other load on the machine does not fall on one side only.

@@ -15,6 +15,7 @@ use pyo3::prelude::*;
 
 use crate::connection::connect_nats;
 use crate::error::{redact_url, ClientError};
+use crate::inspect::{purge_queue, request_all, subscribe_events, EventSubscription};
 use crate::runtime;
 use crate::security::NatsSecurity;
 
@@ -45,7 +46,60 @@ fn headers_map(headers: &HeaderMap) -> HashMap<String, String> {
         .collect()
 }
 
+/// Messages of `stream` on `subject` from sequence `start` on, at most `limit`, read one by one
+/// with direct gets (nothing is consumed, even from a work-queue stream).
+async fn list_messages(
+    stream: &Stream,
+    subject: &str,
+    start: u64,
+    limit: usize,
+) -> Result<Vec<Letter>, RawMessageError> {
+    let mut letters = Vec::new();
+    let mut next = start.max(1);
+    while letters.len() < limit {
+        let found = stream
+            .raw_message_builder()
+            .sequence(next)
+            .next_by_subject(subject.to_owned())
+            .send()
+            .await;
+        match found {
+            Ok(m) => {
+                next = m.sequence + 1;
+                letters.push((
+                    m.sequence,
+                    m.subject.to_string(),
+                    headers_map(&m.headers),
+                    String::from_utf8_lossy(&m.payload).into_owned(),
+                ));
+            }
+            Err(e) if no_message(&e) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(letters)
+}
+
 impl Admin {
+    /// Another handle on the same connection, to move into a future.
+    fn handle(&self) -> Admin {
+        Admin {
+            js: self.js.clone(),
+            safe: self.safe.clone(),
+        }
+    }
+
+    /// The task stream (made by the first worker or client).
+    async fn task_stream(&self) -> Result<Stream, ClientError> {
+        self.js.get_stream(TASK_STREAM).await.map_err(|e| {
+            ClientError::connection(format!(
+                "cannot read stream {TASK_STREAM} on NATS at {} (has a worker or client ever run against it?): {e}",
+                self.safe
+            ))
+            .because(e)
+        })
+    }
+
     /// The dead-letter stream, `None` when it does not exist (nothing was ever dead-lettered).
     async fn dead_stream(&self) -> Result<Option<Stream>, ClientError> {
         match self.js.get_stream(DEAD_STREAM).await {
@@ -155,30 +209,9 @@ impl Admin {
                 Some(q) => protocol::dead_subject(q),
                 None => DEAD_SUBJECT_WILDCARD.to_owned(),
             };
-            let mut letters = Vec::new();
-            let mut next = start.max(1);
-            while letters.len() < limit {
-                let found = stream
-                    .raw_message_builder()
-                    .sequence(next)
-                    .next_by_subject(subject.clone())
-                    .send()
-                    .await;
-                match found {
-                    Ok(m) => {
-                        next = m.sequence + 1;
-                        letters.push((
-                            m.sequence,
-                            m.subject.to_string(),
-                            headers_map(&m.headers),
-                            String::from_utf8_lossy(&m.payload).into_owned(),
-                        ));
-                    }
-                    Err(e) if no_message(&e) => break,
-                    Err(e) => return Err(this.failed("list dead letters", e)),
-                }
-            }
-            Ok(letters)
+            list_messages(&stream, &subject, start, limit)
+                .await
+                .map_err(|e| this.failed("list dead letters", e))
         })
     }
 
@@ -284,6 +317,76 @@ impl Admin {
             purged
                 .map(|p| p.purged)
                 .map_err(|e| this.failed("purge dead letters", e))
+        })
+    }
+    /// Follows the workers' events (`dbtask.events.>`): subscribed when this returns.
+    fn events(&self, py: Python<'_>) -> PyResult<EventSubscription> {
+        let this = self.handle();
+        let subscriber = runtime::block_on(py, async move {
+            subscribe_events(&this.js.client(), &this.safe).await
+        })?;
+        Ok(EventSubscription::new(subscriber))
+    }
+
+    /// Sends `command` (`ping`, `stats`...) to every worker with the JSON `body` and returns
+    /// the replies (JSON texts) that came within `timeout` seconds, or once `expect` came.
+    #[pyo3(signature = (command, body, timeout, expect=None))]
+    fn request_all(
+        &self,
+        py: Python<'_>,
+        command: String,
+        body: String,
+        timeout: f64,
+        expect: Option<usize>,
+    ) -> PyResult<Vec<String>> {
+        if !protocol::CONTROL_COMMANDS.contains(&command.as_str()) {
+            return Err(ClientError::value(format!(
+                "unknown command {command:?}: use one of {}",
+                protocol::CONTROL_COMMANDS.join(", ")
+            ))
+            .into());
+        }
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(ClientError::value(format!(
+                "timeout must be a positive number of seconds, not {timeout}"
+            ))
+            .into());
+        }
+        let this = self.handle();
+        runtime::block_on(py, async move {
+            request_all(
+                &this.js.client(),
+                &this.safe,
+                protocol::control_subject(&command),
+                body,
+                Duration::from_secs_f64(timeout),
+                expect,
+            )
+            .await
+        })
+    }
+
+    /// Tasks waiting for their eta in the task stream (message schedules on `dbtask.sched.>`),
+    /// from sequence `start` on, at most `limit`: (sequence, subject, headers, body).
+    #[pyo3(signature = (start=1, limit=100))]
+    fn scheduled(&self, py: Python<'_>, start: u64, limit: usize) -> PyResult<Vec<Letter>> {
+        let this = self.handle();
+        runtime::block_on(py, async move {
+            let stream = this.task_stream().await?;
+            list_messages(&stream, protocol::SCHEDULE_SUBJECT_WILDCARD, start, limit)
+                .await
+                .map_err(|e| this.failed("list the scheduled tasks", e))
+        })
+    }
+
+    /// Deletes every task waiting in `queue` (every priority level; not its scheduled ones);
+    /// returns how many.
+    fn purge_queue(&self, py: Python<'_>, queue: String) -> PyResult<u64> {
+        protocol::validate_queue(&queue).map_err(ClientError::from)?;
+        let this = self.handle();
+        runtime::block_on(py, async move {
+            let stream = this.task_stream().await?;
+            purge_queue(&stream, &queue, &this.safe).await
         })
     }
 }

@@ -11,7 +11,8 @@
 //! - [`publish`]: task messages checked, encoded and published, confirmations in order;
 //! - [`results`]: reading a record, waiting for a ready one, forgetting it;
 //! - [`progress`]: following a task's states as they are stored;
-//! - [`canvas`]: workflows; [`revoke`]: revocations; [`admin`]: dead letters;
+//! - [`canvas`]: workflows; [`revoke`]: revocations; [`admin`]: dead letters, and through
+//!   [`inspect`] events, inspect / control requests, scheduled tasks and queue purges;
 //! - [`periodic`]: periodic schedules (`dbtask.schedule` and the rest);
 //! - [`security`]: TLS and credentials of the NATS connection;
 //! - [`bridge`], [`runtime`], [`notify`], [`json`], [`ids`], [`error`]: the plumbing.
@@ -32,6 +33,7 @@ mod client;
 mod connection;
 mod error;
 mod ids;
+mod inspect;
 mod json;
 mod notify;
 mod periodic;
@@ -64,6 +66,7 @@ fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::CallOptions>()?;
     m.add_class::<progress::ProgressStream>()?;
     m.add_class::<admin::Admin>()?;
+    m.add_class::<inspect::EventSubscription>()?;
     m.add_class::<periodic::Schedules>()?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(new_task_id, m)?)?;

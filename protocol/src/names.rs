@@ -149,6 +149,66 @@ pub fn replay_msg_id(dead_seq: u64, now: f64) -> String {
     format!("replay.{}.{dead_seq}.{now}", crate::DEAD_STREAM)
 }
 
+/// Core NATS subjects of the lifecycle events a worker started with `--events` publishes (not
+/// stored in any stream): `dbtask.events.task.<kind>` and `dbtask.events.worker.<kind>`.
+pub const EVENTS_SUBJECT_PREFIX: &str = "dbtask.events";
+/// Wildcard covering every event subject (`dbtask events` subscribes to it).
+pub const EVENTS_SUBJECT_WILDCARD: &str = "dbtask.events.>";
+/// Kinds of task events: received, started, succeeded, failed, retried, revoked, rejected,
+/// dead_lettered.
+pub const TASK_EVENT_KINDS: [&str; 8] = [
+    "received",
+    "started",
+    "succeeded",
+    "failed",
+    "retried",
+    "revoked",
+    "rejected",
+    "dead_lettered",
+];
+/// Kinds of worker events: online, heartbeat, offline.
+pub const WORKER_EVENT_KINDS: [&str; 3] = ["online", "heartbeat", "offline"];
+
+/// The subject of a task event of `kind` (one of [`TASK_EVENT_KINDS`]).
+pub fn task_event_subject(kind: &str) -> String {
+    format!("{EVENTS_SUBJECT_PREFIX}.task.{kind}")
+}
+
+/// The subject of a worker event of `kind` (one of [`WORKER_EVENT_KINDS`]).
+pub fn worker_event_subject(kind: &str) -> String {
+    format!("{EVENTS_SUBJECT_PREFIX}.worker.{kind}")
+}
+
+/// Subjects of the inspect and control requests every worker answers (scatter-gather: each
+/// worker replies, the caller collects replies until its timeout): `dbtask.control.<command>`.
+/// They are the endpoints of the NATS service [`CONTROL_SERVICE`] (ADR-32), so that
+/// `nats micro ls` lists the workers too.
+pub const CONTROL_SUBJECT_PREFIX: &str = "dbtask.control";
+/// The NATS service name every worker registers under.
+pub const CONTROL_SERVICE: &str = "dbtask-worker";
+/// The commands: `ping`, `stats`, `active`, `reserved`, `registered`, `queues` (inspect) and
+/// `shutdown`, `rate_limit` (control).
+pub const CONTROL_COMMANDS: [&str; 8] = [
+    "ping",
+    "stats",
+    "active",
+    "reserved",
+    "registered",
+    "queues",
+    "shutdown",
+    "rate_limit",
+];
+
+/// The subject of an inspect or control `command` (one of [`CONTROL_COMMANDS`]).
+pub fn control_subject(command: &str) -> String {
+    format!("{CONTROL_SUBJECT_PREFIX}.{command}")
+}
+
+/// Redis hash of the rate limits set with `dbtask control rate-limit`: task name -> rate text
+/// (`"10/s"`, or `"0"` for no limit). Every worker reads it at start and applies a change
+/// announced on [`control_subject`]`("rate_limit")`; the override wins over `@task(rate_limit=...)`.
+pub const RATE_OVERRIDES_KEY: &str = "dbtask:rate_limits";
+
 #[cfg(test)]
 mod tests {
     use crate::*;

@@ -189,6 +189,18 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_LIVENESS_TIMEOUT", value_name = "SECS")]
     pub liveness_timeout: Option<f64>,
 
+    /// Publish task and worker lifecycle events on NATS (dbtask.events.>), as Celery's -E [default: false]
+    #[arg(short = 'E', long, env = "DBTASK_EVENTS", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub events: Option<bool>,
+
+    /// Seconds between two worker.heartbeat events (with --events) [default: 5]
+    #[arg(long, env = "DBTASK_HEARTBEAT_INTERVAL", value_name = "SECS")]
+    pub heartbeat_interval: Option<f64>,
+
+    /// Answer `dbtask inspect` and `dbtask control` requests on NATS [default: true]
+    #[arg(long, env = "DBTASK_CONTROL", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub control: Option<bool>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -246,6 +258,9 @@ impl Cli {
         set(&mut config.pool, &self.pool);
         set(&mut config.max_tasks_per_child, &self.max_tasks_per_child);
         set(&mut config.max_memory_per_child, &self.max_memory_per_child);
+        set(&mut config.events, &self.events);
+        set(&mut config.heartbeat_interval, &self.heartbeat_interval);
+        set(&mut config.control, &self.control);
         if self.state_dir.is_some() {
             config.state_dir.clone_from(&self.state_dir);
         }

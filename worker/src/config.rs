@@ -104,6 +104,13 @@ pub struct Config {
     /// Seconds the asyncio loop or the tokio runtime may go without progress before `/livez`
     /// fails and the systemd watchdog is no longer fed.
     pub liveness_timeout: f64,
+    // Events, inspect and control (docs/operations.md).
+    /// Publish lifecycle events on core NATS (`dbtask.events.>`), as Celery's `-E`.
+    pub events: bool,
+    /// Seconds between two `worker.heartbeat` events (with `events`).
+    pub heartbeat_interval: f64,
+    /// Answer `dbtask inspect` and `dbtask control` requests (the NATS service `dbtask-worker`).
+    pub control: bool,
 }
 
 /// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
@@ -155,6 +162,9 @@ impl Default for Config {
             message_key: None,
             http_addr: None,
             liveness_timeout: 30.0,
+            events: false,
+            heartbeat_interval: 5.0,
+            control: true,
         }
     }
 }
@@ -241,6 +251,7 @@ impl Config {
         // JetStream counts ack_wait in whole nanoseconds; in-progress acks need some room.
         positive_secs(self.ack_wait, "ack_wait", 1.0)?;
         positive_secs(self.duplicate_window, "duplicate_window", 0.0)?;
+        positive_secs(self.heartbeat_interval, "heartbeat_interval", 0.0)?;
         if self.result_ttl == 0 {
             return Err(invalid("result_ttl", "must be at least 1 second"));
         }

@@ -4,10 +4,12 @@
 //! `main.rs` only parses the command line and calls [`run`]; everything else lives here so that
 //! tests can drive it with their own servers and their own shutdown future.
 
+pub mod activity;
 pub mod broker;
 pub mod canvas;
 pub mod cli;
 pub mod config;
+pub mod event_stream;
 pub mod events;
 pub mod journal;
 pub mod limits;

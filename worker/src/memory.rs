@@ -92,7 +92,7 @@ pub async fn trim_when_idle(finished: FinishedCalls) {
 }
 
 /// Resident memory of this process in KiB (0 if unknown).
-fn rss_kib() -> u64 {
+pub fn rss_kib() -> u64 {
     let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
         return 0;
     };

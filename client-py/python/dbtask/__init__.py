@@ -19,7 +19,7 @@ without an event loop (scripts, Django or Flask views)::
 ``import dbtask`` and ``@task`` do not load the compiled module; it is loaded by ``init``.
 """
 
-from . import signals
+from . import control, inspect, signals
 from ._canvas import Chain, Chord, Group, GroupResult, Signature, signature
 from ._client import close, close_sync, init, init_sync
 from ._context import current_task
@@ -67,6 +67,8 @@ __all__ = [
     "ResultIgnored",
     "current_task",
     "signals",
+    "inspect",
+    "control",
     "init",
     "init_sync",
     "close",

@@ -6,6 +6,7 @@
     dbtask dead purge [--queue Q]
     dbtask result TASK_ID
     dbtask schedule list | add | remove | run     (``_cli_schedule.py``)
+    dbtask events | inspect ... | control ... | purge QUEUE     (``_cli_inspect.py``)
 
 Servers: ``--nats-url`` / ``--redis-url``, else ``$DBTASK_NATS_URL`` / ``$DBTASK_REDIS_URL``,
 else ``nats://127.0.0.1:4222`` / ``redis://127.0.0.1:6379``. NATS TLS and credentials:
@@ -121,7 +122,7 @@ def _result(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dbtask", description="dbtask operator commands: dead letters and task results.")
+    parser = argparse.ArgumentParser(prog="dbtask", description="dbtask operator commands: dead letters, task results, schedules, events, inspect and control.")
     parser.add_argument("--nats-url", help="NATS server (default: $DBTASK_NATS_URL, else nats://127.0.0.1:4222)")
     parser.add_argument("--redis-url", help="Redis server (default: $DBTASK_REDIS_URL, else redis://127.0.0.1:6379)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a connection (default: 5)")
@@ -161,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._cli_schedule import add_commands
 
     add_commands(commands)
+    from ._cli_inspect import add_commands as add_inspect_commands
+
+    add_inspect_commands(commands)
     return parser
 
 

@@ -4,16 +4,20 @@
 //! Everything here is idempotent: several workers (and clients) may create or update the same
 //! stream and consumers at the same moment.
 
+mod control;
 mod dead;
 mod error;
+mod events;
 mod periodic;
 mod publish;
 mod queue;
 mod security;
 
+pub use control::{Pending, Requests};
 pub use dbtask_protocol::nats::{stream_config, task_header_map};
 use dbtask_protocol::signing::MessageKey;
 pub use error::{BrokerError, Cause, Incompatible};
+pub use events::EventSink;
 pub use queue::{max_batch_bytes, QueueConsumer};
 pub use security::{NatsSecurity, SecurityError};
 

@@ -86,7 +86,14 @@ pub(super) async fn admit<'a>(
             .unwrap_or_default()
             .for_message(&task),
     );
-    let slot = if hands_over(info, shared.config.track_started, &task) {
+    if let Some(activity) = &shared.activity {
+        let _ = ctx
+            .tracked
+            .set(activity.track(ctx.task_ref(&task.id, &task.task)));
+    }
+    let slot = if hands_over(info, shared.config.track_started, &task)
+        && !shared.has_rate_override(&task.task)
+    {
         None
     } else {
         let Some(permit) = wait_for_slot(ctx, &task).await else {
@@ -149,7 +156,7 @@ pub(super) async fn admit<'a>(
             return Admission::Settled(Settled { record, how }, flow);
         }
     };
-    if let Some(rate) = info.rate_limit {
+    if let Some(rate) = shared.rate_limit_of(name, info.rate_limit) {
         if !Box::pin(super::rate::wait_turn(shared, id, name, rate)).await {
             return Admission::Leave(Disposition::HandBack);
         }

@@ -63,6 +63,9 @@ pub(super) async fn execute(
     if handover.is_none() {
         ctx.mark.running();
     }
+    if let Some(tracked) = ctx.tracked.get() {
+        tracked.started(handover.as_ref());
+    }
     shared.hooks.started(ctx.task_ref(id, name));
     let call = limits::call(
         &shared.python,

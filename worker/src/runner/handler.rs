@@ -211,6 +211,8 @@ pub(super) struct Context<'a> {
     pub results: std::cell::Cell<ResultOptions>,
     /// The delivery itself.
     pub message: &'a Message,
+    /// Its entry in the worker's activity (inspect), once admitted; out again when dropped.
+    pub tracked: std::cell::OnceCell<crate::activity::Tracked>,
 }
 
 impl Context<'_> {
@@ -263,6 +265,7 @@ async fn process(
         mark,
         results: Default::default(),
         message: msg,
+        tracked: Default::default(),
     };
     // What follows admission is boxed: a message waiting in the prefetch then holds a small
     // future, not one sized for running the task and storing its outcome (a few KB each,

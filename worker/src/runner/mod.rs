@@ -5,6 +5,7 @@
 //! own threads, so this thread only moves bytes, and shared state needs no locks.
 
 mod admit;
+mod control;
 mod crash;
 mod dead;
 mod execute;
@@ -17,7 +18,8 @@ mod tick;
 
 pub use status::{Load, Serving, Status};
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::pin;
 use std::rc::Rc;
@@ -26,9 +28,10 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::LocalSet;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::broker::{Broker, BrokerError};
+use crate::activity::Activity;
+use crate::broker::{Broker, BrokerError, EventSink};
 use crate::config::Config;
 use crate::events::Hooks;
 use crate::journal::Journal;
@@ -109,11 +112,42 @@ struct Shared {
     /// Signalled when `in_flight` drops to zero.
     idle: Notify,
     phase: watch::Sender<Phase>,
+    /// What the worker holds and has done, for inspect and heartbeats (with `control` or
+    /// `events`).
+    activity: Option<Activity>,
+    /// Rate limits set with `dbtask control rate-limit`, by task name; they win over the
+    /// tasks' own.
+    rate_overrides: RefCell<HashMap<String, control::Override>>,
+    /// Notified by `dbtask control shutdown`: stop as on SIGTERM.
+    stop: Notify,
+    /// When the worker started serving.
+    started: std::time::Instant,
+    /// `--events`: where the worker's own events go.
+    events: Option<EventSink>,
 }
 
 impl Shared {
     fn phase(&self) -> Phase {
         *self.phase.borrow()
+    }
+
+    /// The rate limit `task` runs under: its override if one was set, else `declared`.
+    fn rate_limit_of(
+        &self,
+        task: &str,
+        declared: Option<dbtask_protocol::Rate>,
+    ) -> Option<dbtask_protocol::Rate> {
+        let overrides = self.rate_overrides.borrow();
+        if overrides.is_empty() {
+            return declared;
+        }
+        overrides.get(task).map_or(declared, |o| o.rate)
+    }
+
+    /// Whether `task`'s rate limit was overridden.
+    fn has_rate_override(&self, task: &str) -> bool {
+        let overrides = self.rate_overrides.borrow();
+        !overrides.is_empty() && overrides.contains_key(task)
     }
 
     /// Most handlers alive at once: tasks running, waiting for a slot (`prefetch`), and
@@ -256,6 +290,8 @@ pub async fn run_watched(
         );
     }
 
+    let (hooks, monitoring) = control::monitoring(&config, &broker, &store, &worker, hooks).await;
+
     let mut tasks: Vec<&str> = python.tasks().keys().map(String::as_str).collect();
     tasks.sort_unstable();
     info!(
@@ -289,7 +325,7 @@ pub async fn run_watched(
             revocations,
             levels,
             worker,
-            (hooks, journal, status),
+            (hooks, journal, status, monitoring),
             shutdown,
         ))
         .await;
@@ -305,7 +341,7 @@ async fn serve(
     revocations: Revocations,
     levels: Vec<priority::Levels>,
     worker: String,
-    (hooks, journal, status): (Hooks, Journal, Option<Arc<Status>>),
+    (hooks, journal, status, monitoring): (Hooks, Journal, Option<Arc<Status>>, control::Monitoring),
     shutdown: impl Future<Output = ()>,
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
@@ -330,7 +366,23 @@ async fn serve(
         in_flight: Cell::new(0),
         idle: Notify::new(),
         phase,
+        activity: monitoring.activity,
+        rate_overrides: RefCell::new(monitoring.overrides),
+        stop: Notify::new(),
+        started: std::time::Instant::now(),
+        events: monitoring.events.as_ref().map(|(sink, _)| sink.clone()),
     });
+    let (service, requests) = match monitoring.control {
+        Some((service, requests)) => (Some(service), Some(requests)),
+        None => (None, None),
+    };
+    let answering = requests.map(|requests| {
+        tokio::task::spawn_local(control::serve_requests(shared.clone(), requests))
+    });
+    let heartbeats = shared
+        .events
+        .clone()
+        .map(|sink| tokio::task::spawn_local(control::heartbeats(shared.clone(), sink)));
 
     if let Some(status) = &status {
         status.answer_loads(&shared);
@@ -340,7 +392,20 @@ async fn serve(
         .map(|levels| tokio::task::spawn_local(priority::pull_loop(shared.clone(), levels)))
         .collect();
 
-    shutdown.await;
+    tokio::select! {
+        _ = shutdown => {}
+        _ = shared.stop.notified() => {}
+    }
+    // Stopping: no more answers, and `nats micro ls` no longer lists this worker.
+    for task in [answering, heartbeats].into_iter().flatten() {
+        task.abort();
+        let _ = task.await;
+    }
+    if let Some(service) = service {
+        if let Err(e) = service.stop().await {
+            debug!(error = %e, "cannot stop the control service");
+        }
+    }
     let timeout = shared.config.shutdown_timeout();
     info!(
         running = shared.in_flight.get(),
@@ -373,10 +438,19 @@ async fn serve(
         status.set_phase(Serving::Stopped);
     }
     crate::python::signals::send_worker_signal_async("worker_shutdown").await;
+    if let Some(sink) = &shared.events {
+        let offline = control::worker_event(&shared, "worker.offline");
+        sink.send(&crate::event_stream::worker_subject("offline"), offline);
+        sink.finish().await;
+    }
     let python = shared.python.clone();
     // The writer ends once every handle is gone and what it holds is stored; give it a moment.
     drop(states);
     drop(shared);
+    if let Some((_, publisher)) = monitoring.events {
+        // The queued events, `offline` last, then a flush.
+        let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
+    }
     if tokio::time::timeout(Duration::from_secs(5), writer_done)
         .await
         .is_err()

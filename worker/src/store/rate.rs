@@ -42,3 +42,30 @@ impl Store {
         Ok(std::time::Duration::from_micros(micros))
     }
 }
+
+impl Store {
+    /// The rate limits set with `dbtask control rate-limit` (task name -> rate text, `"0"`
+    /// for none), which win over the tasks' own.
+    pub async fn rate_overrides(
+        &self,
+    ) -> Result<std::collections::HashMap<String, String>, StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("HGETALL")
+            .arg(dbtask_protocol::RATE_OVERRIDES_KEY)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))
+    }
+
+    /// Keeps `task`'s rate limit override (`"0"`: no limit) for every worker, present and future.
+    pub async fn set_rate_override(&self, task: &str, rate: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        redis::cmd("HSET")
+            .arg(dbtask_protocol::RATE_OVERRIDES_KEY)
+            .arg(task)
+            .arg(rate)
+            .query_async::<()>(&mut conn)
+            .await
+            .map_err(|e| self.redis_error(e))
+    }
+}
