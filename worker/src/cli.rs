@@ -46,7 +46,7 @@ pub struct Cli {
     #[arg(short = 'c', long, env = "DBTASK_CONCURRENCY", value_name = "N")]
     pub concurrency: Option<usize>,
 
-    /// NATS server URL; credentials as nats://user:password@host:port [default: nats://127.0.0.1:4222]
+    /// NATS server URL, or seed servers of a cluster separated by commas; credentials as nats://user:password@host:port [default: nats://127.0.0.1:4222]
     #[arg(
         long,
         env = "DBTASK_NATS_URL",
@@ -176,6 +176,10 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_MESSAGE_KEY", value_name = "FILE")]
     pub message_key: Option<PathBuf>,
 
+    /// Copies of each message in the task and dead-letter streams on a NATS cluster (1-5; 3 survives the loss of a server) [default: 1]
+    #[arg(long, env = "DBTASK_STREAM_REPLICAS", value_name = "N")]
+    pub stream_replicas: Option<usize>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -239,6 +243,7 @@ impl Cli {
         if self.message_key.is_some() {
             config.message_key.clone_from(&self.message_key);
         }
+        set(&mut config.stream_replicas, &self.stream_replicas);
 
         // NATS TLS and credentials.
         for (target, value) in [
