@@ -331,6 +331,11 @@ class NatsNode(Server):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=5) as answer:
             return json.loads(answer.read())
 
+    def clients(self, prefix: str = "") -> list[str]:
+        """The names of the client connections this node serves (`/connz`), those starting
+        with `prefix` (e.g. "dbtask-worker")."""
+        return [c.get("name", "") for c in self.monitor("/connz")["connections"] if c.get("name", "").startswith(prefix)]
+
 
 class NatsCluster:
     """A JetStream cluster of nats-server processes on loopback (see `start_nats_cluster`):
@@ -373,6 +378,16 @@ class NatsCluster:
             if time.monotonic() >= deadline:
                 raise AssertionError(f"no live node leads stream {stream} after {timeout} s")
             time.sleep(0.1)
+
+    def move_stream_leader(self, to: NatsNode, stream: str = "DBTASK_TASKS", timeout: float = 15.0) -> None:
+        """Makes `to` the leader of `stream` (a step-down of the current leader with `to` as
+        the preferred successor, nats-server 2.11+), and waits until it is."""
+        deadline = time.monotonic() + timeout
+        while self.stream_leader(stream) is not to:
+            answer = jetstream_api(to.port, f"STREAM.LEADER.STEPDOWN.{stream}", {"placement": {"preferred": to.node}})
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{to.node} did not become the leader of {stream}: {answer}")
+            time.sleep(0.2)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Waits until every live node serves JetStream and knows the meta leader."""
