@@ -101,11 +101,17 @@ async def test_a_worker_brings_the_streams_replicas_to_its_own_and_says_so(worke
         )
         assert "error" not in created, created
         waiting = await add.delay(1, 2)
+        # A worker of the old count makes the queue's consumer with one replica.
+        worker_factory(nats_url=nats_cluster.url).kill()
+        consumer = jetstream_api(nats_cluster.nodes[0].port, "CONSUMER.INFO.DBTASK_TASKS.dbtask-default")
+        assert replicas(consumer) == 1, consumer
 
         first = worker_factory(nats_url=nats_cluster.url, args=["--stream-replicas", "3"])
         assert await waiting.get(timeout=30) == 3
         assert nats_cluster.stream()["config"]["num_replicas"] == 3
         assert nats_cluster.stream("DBTASK_DEAD")["config"]["num_replicas"] == 3
+        consumer = jetstream_api(nats_cluster.nodes[0].port, "CONSUMER.INFO.DBTASK_TASKS.dbtask-default")
+        assert replicas(consumer) == 3, consumer
         updates = [line for line in first.stderr.splitlines() if "updated the stream" in line]
         assert any("DBTASK_TASKS" in line and "replicas 1 -> 3" in line for line in updates), first.stderr
         assert any("DBTASK_DEAD" in line and "replicas 1 -> 3" in line for line in updates), first.stderr
