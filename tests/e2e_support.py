@@ -284,10 +284,18 @@ def nats_request(port: int, subject: str, payload: bytes = b"", timeout: float =
                 return reader.read(size + 2)[:size]
 
 
-def jetstream_api(port: int, subject: str, request: dict | None = None) -> dict:
+def jetstream_api(port: int, subject: str, request: dict | None = None, timeout: float = 20.0) -> dict:
     """One JetStream API request (`STREAM.INFO.DBTASK_TASKS`, `STREAM.CREATE.X`...) to the
-    nats-server on `port`; returns the JSON answer (with an `error` object when refused)."""
-    return json.loads(nats_request(port, f"$JS.API.{subject}", json.dumps(request or {}).encode()))
+    nats-server on `port`; returns the JSON answer (with an `error` object when refused). On a
+    cluster, a stream or consumer between two leaders answers nothing: the request is sent
+    again, every 2 s, until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return json.loads(nats_request(port, f"$JS.API.{subject}", json.dumps(request or {}).encode(), timeout=2.0))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
 
 
 def stream_info(port: int, stream: str = "DBTASK_TASKS") -> dict:
