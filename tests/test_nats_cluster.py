@@ -88,7 +88,7 @@ async def test_a_worker_brings_the_streams_replicas_to_its_own_and_says_so(worke
     """A stream made with one replica (here by a client, as `init` does when it finds none)
     and an existing dead-letter stream are scaled to the worker's `--stream-replicas`, keeping
     the tasks they hold, and the worker logs what it changed; a second worker finds nothing
-    to change."""
+    to change; one with fewer replicas scales them down with a warning."""
     import dbtask
 
     await dbtask.init(nats_url=nats_cluster.url, redis_url=redis.url, stream_replicas=1)
@@ -118,6 +118,11 @@ async def test_a_worker_brings_the_streams_replicas_to_its_own_and_says_so(worke
 
         second = worker_factory(nats_url=nats_cluster.url, args=["--stream-replicas", "3"])
         assert "updated the stream" not in second.stderr
+
+        # A worker left at the default takes the copies away again: it says so loudly.
+        third = worker_factory(nats_url=nats_cluster.url)
+        assert nats_cluster.stream()["config"]["num_replicas"] == 1
+        assert "FEWER replicas" in third.stderr and "replicas 3 -> 1" in third.stderr, third.stderr
     finally:
         await dbtask.close()
 

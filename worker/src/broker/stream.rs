@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 
 use async_nats::jetstream::{self, stream};
 use dbtask_protocol::{Retention, Storage, StreamSpec};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Broker, BrokerError, Cause, Incompatible};
 use crate::config::Config;
@@ -239,12 +239,26 @@ impl Broker {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        info!(
-            stream = spec.name,
-            url = self.url,
-            changed,
-            "updated the stream to this worker's settings"
-        );
+        let fewer = plan
+            .changes
+            .iter()
+            .any(|c| matches!(c, Change::Replicas { from, to } if to < from));
+        if fewer {
+            // One worker started without the flag would take the cluster's copies away.
+            warn!(
+                stream = spec.name,
+                url = self.url,
+                changed,
+                "updated the stream to this worker's settings, with FEWER replicas: a server lost now can lose tasks; give every worker (and client) the same --stream-replicas"
+            );
+        } else {
+            info!(
+                stream = spec.name,
+                url = self.url,
+                changed,
+                "updated the stream to this worker's settings"
+            );
+        }
         self.check_applied(spec, &updated.config)?;
         Ok(Some(updated))
     }
