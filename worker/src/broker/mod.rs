@@ -74,8 +74,11 @@ struct Outages {
 const CLOCK_MARGIN_MS: i64 = 5_000;
 
 impl Broker {
-    /// Connects, then checks the server's version and that JetStream is enabled.
-    /// `name` identifies this connection in the server's monitoring (`hostname:pid`).
+    /// Connects, then checks the server's version and that JetStream is enabled. `nats_url`:
+    /// one URL, or seed servers of a cluster separated by commas (see
+    /// [`dbtask_protocol::seeds`]): any that answers will do, and async-nats moves to another
+    /// server of the cluster when its own goes away. `name` identifies this connection in the
+    /// server's monitoring (`hostname:pid`).
     pub async fn connect(nats_url: &str, name: &str) -> Result<Broker, BrokerError> {
         Broker::connect_with(nats_url, &NatsSecurity::default(), name).await
     }
