@@ -178,3 +178,25 @@ async def test_the_client_creates_a_missing_stream_with_its_stream_replicas(nats
     assert "error" in jetstream_api(nats.port, "STREAM.INFO.DBTASK_TASKS")
     with pytest.raises(ValueError, match="between 1 and 5"):
         await dbtask.init(nats_url=nats.url, redis_url=redis.url, stream_replicas=0)
+
+
+async def test_the_client_and_the_worker_move_to_another_server_when_theirs_dies(worker_factory, nats_cluster, redis):
+    """The node serving the client is killed (and with it the worker's connection, when the
+    worker was on the same node): tasks published afterwards through the same client are run
+    and their results stored, with no new `init` and no restart."""
+    import dbtask
+
+    worker = worker_factory(nats_url=nats_cluster.url, args=["--stream-replicas", "3"])
+    await dbtask.init(nats_url=nats_cluster.url, redis_url=redis.url, stream_replicas=3)
+    try:
+        assert await (await add.delay(1, 1)).get(timeout=30) == 2
+        doomed = next(n for n in nats_cluster.nodes if n.clients("dbtask-client"))
+        worker_was_there = bool(doomed.clients("dbtask-worker"))
+        doomed.kill()
+        results = [await add.delay(n, n) for n in range(20)]
+        assert [await r.get(timeout=60) for r in results] == [2 * n for n in range(20)]
+        assert any(n.clients("dbtask-client") for n in nats_cluster.alive()), "the client reconnected"
+    finally:
+        await dbtask.close()
+    if worker_was_there:
+        assert "lost the connection to NATS" in worker.stderr
