@@ -23,11 +23,13 @@ from e2e_support import (
     NATS_BIN,
     TESTS,
     WORKER_BIN,
+    NatsCluster,
     Server,
     Worker,
     WorkerFactory,
     tail_text,
     start_nats,
+    start_nats_cluster,
     start_redis,
     worker_env,
 )
@@ -74,6 +76,16 @@ def nats(tmp_path: Path, logs: list) -> Iterator[Server]:
     logs.append(server)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path, logs: list) -> Iterator[NatsCluster]:
+    """A 3-node JetStream cluster on loopback (`start_nats_cluster`); `nats_cluster.url` is
+    the seeds list of all three. Workers join it with `worker_factory(nats_url=nats_cluster.url)`."""
+    cluster = start_nats_cluster(tmp_path / "cluster")
+    logs.extend(cluster.nodes)
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture

@@ -5,12 +5,14 @@ import what they need from here (not from conftest, whose module name other suit
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -253,3 +255,196 @@ async def wait_rss_at_most(pid: int, bound: float, timeout: float = 10.0) -> flo
         if held <= bound or time.monotonic() >= deadline:
             return held
         await asyncio.sleep(0.1)
+
+
+def nats_request(port: int, subject: str, payload: bytes = b"", timeout: float = 10.0) -> bytes:
+    """Publishes `payload` on `subject` to the nats-server on 127.0.0.1:`port`, over a plain
+    NATS connection of its own, and returns the first reply (a JetStream API answer, or the
+    stream's ack of a message published to one of its subjects)."""
+    inbox = "_INBOX.dbtask-tests"
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        reader.readline()  # INFO
+        sock.sendall(
+            b'CONNECT {"verbose":false,"pedantic":false,"headers":false}\r\n'
+            + f"SUB {inbox} 1\r\nPUB {subject} {inbox} {len(payload)}\r\n".encode()
+            + payload
+            + b"\r\n"
+        )
+        while True:
+            line = reader.readline()
+            if not line:
+                raise ConnectionError(f"nats-server :{port} closed the connection before answering {subject}")
+            if line.startswith(b"PING"):
+                sock.sendall(b"PONG\r\n")
+            elif line.startswith(b"-ERR"):
+                raise ConnectionError(f"nats-server :{port} refused {subject}: {line.decode().strip()}")
+            elif line.startswith(b"MSG"):
+                size = int(line.split()[-1])
+                return reader.read(size + 2)[:size]
+
+
+def jetstream_api(port: int, subject: str, request: dict | None = None, timeout: float = 20.0) -> dict:
+    """One JetStream API request (`STREAM.INFO.DBTASK_TASKS`, `STREAM.CREATE.X`...) to the
+    nats-server on `port`; returns the JSON answer (with an `error` object when refused). On a
+    cluster, a stream or consumer between two leaders answers nothing: the request is sent
+    again, every 2 s, until `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return json.loads(nats_request(port, f"$JS.API.{subject}", json.dumps(request or {}).encode(), timeout=2.0))
+        except TimeoutError:
+            if time.monotonic() >= deadline:
+                raise
+
+
+def stream_info(port: int, stream: str = "DBTASK_TASKS") -> dict:
+    """The stream's info (`config`, `state`, `cluster`) as the server on `port` reports it."""
+    info = jetstream_api(port, f"STREAM.INFO.{stream}")
+    if "error" in info:
+        raise AssertionError(f"no stream {stream} on nats-server :{port}: {info['error']}")
+    return info
+
+
+class NatsNode(Server):
+    """One nats-server of a `NatsCluster`: its server `node` name (n1, n2...), and the ports
+    of its routes and of its monitoring (`-m`, for /jsz and /healthz)."""
+
+    def __init__(self, node: str, port: int, cluster_port: int, monitor_port: int, workdir: Path, cmd: list[str]):
+        log = workdir / "nats.log"
+        super().__init__(f"nats-server {node}", "nats", port, None, log)  # type: ignore[arg-type]
+        self.node = node
+        self.cluster_port = cluster_port
+        self.monitor_port = monitor_port
+        self.workdir = workdir
+        self.cmd = cmd
+
+    def start(self) -> None:
+        """Starts (or starts again, with what its JetStream stored) this node."""
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        _wait_port(self.port, self.proc, self.name, self.log)
+
+    def kill(self) -> None:
+        """SIGKILL, and reap: the node is gone at once, as in a crash."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def monitor(self, path: str) -> dict:
+        """A monitoring endpoint's JSON, e.g. `/jsz?streams=true`."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.monitor_port}{path}", timeout=5) as answer:
+            return json.loads(answer.read())
+
+    def clients(self, prefix: str = "") -> list[str]:
+        """The names of the client connections this node serves (`/connz`), those starting
+        with `prefix` (e.g. "dbtask-worker")."""
+        return [c.get("name", "") for c in self.monitor("/connz")["connections"] if c.get("name", "").startswith(prefix)]
+
+
+class NatsCluster:
+    """A JetStream cluster of nats-server processes on loopback (see `start_nats_cluster`):
+    `nodes`, and `url`, every node's URL separated by commas (the seeds list)."""
+
+    def __init__(self, nodes: list[NatsNode]):
+        self.nodes = nodes
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    def alive(self) -> list[NatsNode]:
+        return [n for n in self.nodes if n.alive()]
+
+    def node(self, name: str) -> NatsNode:
+        return next(n for n in self.nodes if n.node == name)
+
+    def stream(self, stream: str = "DBTASK_TASKS") -> dict:
+        """The stream's info from a live node (`cluster.leader`, `cluster.replicas`, `config`)."""
+        return stream_info(self.alive()[0].port, stream)
+
+    def stream_leader(self, stream: str = "DBTASK_TASKS", timeout: float = 15.0) -> NatsNode:
+        """The live node that leads `stream`, as the cluster's monitoring reports it (`/jsz`);
+        waits for an election in progress."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for node in self.alive():
+                try:
+                    jsz = node.monitor("/jsz?streams=true")
+                except OSError:
+                    continue
+                for account in jsz.get("account_details", []):
+                    for detail in account.get("stream_detail", []):
+                        leader = detail.get("cluster", {}).get("leader")
+                        if detail.get("name") == stream and leader:
+                            found = self.node(leader)
+                            if found.alive():
+                                return found
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no live node leads stream {stream} after {timeout} s")
+            time.sleep(0.1)
+
+    def move_stream_leader(self, to: NatsNode, stream: str = "DBTASK_TASKS", timeout: float = 15.0) -> None:
+        """Makes `to` the leader of `stream` (a step-down of the current leader with `to` as
+        the preferred successor, nats-server 2.11+), and waits until it is."""
+        deadline = time.monotonic() + timeout
+        while self.stream_leader(stream) is not to:
+            answer = jetstream_api(to.port, f"STREAM.LEADER.STEPDOWN.{stream}", {"placement": {"preferred": to.node}})
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{to.node} did not become the leader of {stream}: {answer}")
+            time.sleep(0.2)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Waits until every live node serves JetStream and knows the meta leader."""
+        deadline = time.monotonic() + timeout
+        pending = self.alive()
+        while pending:
+            node = pending[0]
+            try:
+                ready = node.monitor("/jsz").get("meta_cluster", {}).get("leader")
+            except OSError:
+                ready = None
+            if ready:
+                pending.pop(0)
+                continue
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"{node.name} has no JetStream meta leader after {timeout} s:\n{tail_text(node.log)}")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_nats_cluster(workdir: Path, size: int = 3, binary: Path | str = NATS_BIN) -> NatsCluster:
+    """`size` nats-server processes (the project's pinned binary) forming one JetStream
+    cluster: each on free loopback ports for clients, routes and monitoring (`-m`), with its
+    file store under workdir/<node>, routes to every other node. Returns once every node knows
+    the cluster's meta leader, so streams can be created."""
+    nodes: list[NatsNode] = []
+    ports = [(free_port(), free_port(), free_port()) for _ in range(size)]
+    for i, (port, cluster_port, monitor_port) in enumerate(ports):
+        name = f"n{i + 1}"
+        routes = ",".join(f"nats://127.0.0.1:{c}" for j, (_, c, _) in enumerate(ports) if j != i)
+        node_dir = workdir / name
+        node_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            str(binary), "-a", "127.0.0.1", "-p", str(port), "-n", name, "-m", str(monitor_port),
+            "--cluster_name", "dbtask-test", "--cluster", f"nats://127.0.0.1:{cluster_port}", "--routes", routes,
+            "-js", "-sd", str(node_dir / "jetstream"),
+        ]  # fmt: skip
+        nodes.append(NatsNode(name, port, cluster_port, monitor_port, node_dir, cmd))
+    cluster = NatsCluster(nodes)
+    try:
+        for node in nodes:
+            node.start()
+        cluster.wait_ready()
+    except BaseException:
+        for node in nodes:
+            if getattr(node, "proc", None) is not None:
+                node.stop()
+        raise
+    return cluster

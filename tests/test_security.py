@@ -17,7 +17,7 @@ from typing import Iterator
 import pytest
 
 import dbtask
-from e2e_support import Server, start_nats
+from e2e_support import Server, free_port, start_nats
 from e2e_tasks import add
 
 MODES = ["tls", "mtls", "nkey", "creds"]
@@ -280,3 +280,17 @@ async def test_client_with_a_missing_or_wrong_file_raises_value_error(nats, redi
     assert secrets.nkey_seed not in str(info.value)
     with pytest.raises(TypeError):
         await dbtask.init(nats_url=nats.url, redis_url=redis.url, nats_tls_ca=42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("nats", MODES, indirect=True)
+async def test_tls_and_credential_files_serve_every_seed_of_a_list(nats, redis, worker_factory, secrets, request):
+    """Issue 18: with a seeds list (whose first seed does not answer) the same files secure
+    and sign in the connection to whichever seed answers, for the worker and the client."""
+    settings = secrets.settings(request.node.callspec.params["nats"])
+    seeds = f"nats://127.0.0.1:{free_port()},{nats.url}"
+    worker_factory(nats_url=seeds, args=flags(settings))
+    await dbtask.init(nats_url=seeds, redis_url=redis.url, **settings)
+    try:
+        assert await (await add.delay(20, 22)).get(timeout=15) == 42
+    finally:
+        await dbtask.close()

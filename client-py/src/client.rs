@@ -32,6 +32,17 @@ fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     Ok(Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX))
 }
 
+/// `stream_replicas`: 1 to 5, the most JetStream keeps.
+fn replicas(value: usize) -> PyResult<usize> {
+    if !(1..=5).contains(&value) {
+        return Err(ClientError::value(format!(
+            "stream_replicas must be between 1 and 5 (3 on a NATS cluster of 3 servers or more), not {value}"
+        ))
+        .into());
+    }
+    Ok(value)
+}
+
 pub(crate) fn optional_seconds(name: &str, value: Option<f64>) -> PyResult<Option<Duration>> {
     match value {
         None => Ok(None),
@@ -65,8 +76,9 @@ impl Client {
         redis_url: String,
         timeout: Duration,
         security: NatsSecurity,
+        stream_replicas: usize,
     ) -> Result<Client, ClientError> {
-        let inner = Inner::connect(nats_url, redis_url, timeout, security).await?;
+        let inner = Inner::connect(nats_url, redis_url, timeout, security, stream_replicas).await?;
         Ok(Client {
             inner: Arc::new(inner),
             publisher: Publisher::start(),
@@ -79,7 +91,7 @@ impl Client {
     /// Connects to NATS and Redis and creates the task stream if it is missing; the
     /// `nats_*` files secure the NATS connection (TLS, credentials).
     #[staticmethod]
-    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, stream_replicas=1))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connect(
@@ -93,8 +105,10 @@ impl Client {
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
         message_key: Option<PathBuf>,
+        stream_replicas: usize,
     ) -> PyResult<Bound<'_, PyAny>> {
         let timeout = seconds("timeout", timeout)?;
+        let stream_replicas = replicas(stream_replicas)?;
         let security = NatsSecurity::new(
             nats_tls_ca,
             nats_tls_cert,
@@ -105,14 +119,14 @@ impl Client {
         );
         bridge::awaitable(
             py,
-            Client::open(nats_url, redis_url, timeout, security),
+            Client::open(nats_url, redis_url, timeout, security, stream_replicas),
             |py, client| Ok(Py::new(py, client)?.into_any()),
         )
     }
 
     /// Blocking form of `connect`.
     #[staticmethod]
-    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, stream_replicas=1))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connect_sync(
@@ -126,8 +140,10 @@ impl Client {
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
         message_key: Option<PathBuf>,
+        stream_replicas: usize,
     ) -> PyResult<Client> {
         let timeout = seconds("timeout", timeout)?;
+        let stream_replicas = replicas(stream_replicas)?;
         let security = NatsSecurity::new(
             nats_tls_ca,
             nats_tls_cert,
@@ -136,7 +152,10 @@ impl Client {
             nats_nkey,
             message_key,
         );
-        runtime::block_on(py, Client::open(nats_url, redis_url, timeout, security))
+        runtime::block_on(
+            py,
+            Client::open(nats_url, redis_url, timeout, security, stream_replicas),
+        )
     }
 
     /// Publishes one task and returns an asyncio future of the running loop that resolves to
@@ -450,6 +469,12 @@ impl Client {
     #[getter]
     fn closed(&self) -> bool {
         self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Replicas of the task stream if this client has to create it.
+    #[getter]
+    fn stream_replicas(&self) -> usize {
+        self.inner.stream_replicas
     }
 
     /// The NATS URL, password hidden.

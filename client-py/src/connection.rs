@@ -15,7 +15,7 @@ use dbtask_protocol::nats::is_tls_error;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
-use crate::error::{percent_decode, redact_url, ClientError};
+use crate::error::{redact_url, ClientError};
 use crate::notify::Notifier;
 use crate::security::NatsSecurity;
 use dbtask_protocol::signing::MessageKey;
@@ -42,6 +42,8 @@ pub(crate) struct Inner {
     pub(crate) message_key: Option<MessageKey>,
     pub(crate) nats_safe: String,
     pub(crate) redis_safe: String,
+    /// Replicas of the task stream when this client has to create it.
+    pub(crate) stream_replicas: usize,
     pub(crate) closed: AtomicBool,
     /// Publishes in progress, and a wake-up for `close` when the last one ends.
     publishing: AtomicUsize,
@@ -72,44 +74,16 @@ fn nats_options(
     timeout: Duration,
     security: &NatsSecurity,
 ) -> Result<(ConnectOptions, Vec<ServerAddr>), ClientError> {
-    let invalid = |why: String| ClientError::value(format!("invalid NATS URL {safe}: {why}"));
-    let mut servers = Vec::new();
-    let mut credentials: Option<(String, Option<String>)> = None;
-    for part in url.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let text = if part.contains("://") {
-            part.to_owned()
-        } else {
-            format!("nats://{part}")
-        };
-        let mut parsed = url::Url::parse(&text).map_err(|e| invalid(e.to_string()).because(e))?;
-        if !parsed.username().is_empty() {
-            let user = percent_decode(parsed.username());
-            let password = parsed.password().map(percent_decode);
-            credentials = Some((user, password));
-            let _ = parsed.set_username("");
-            let _ = parsed.set_password(None);
-        }
-        servers.push(
-            parsed
-                .as_str()
-                .parse::<ServerAddr>()
-                .map_err(|e| invalid(e.to_string()).because(e))?,
-        );
-    }
-    if servers.is_empty() {
-        return Err(invalid("no server".into()));
-    }
-    let options = match credentials {
-        Some((user, Some(password))) => ConnectOptions::with_user_and_password(user, password),
-        Some((token, None)) => ConnectOptions::with_token(token),
-        None => ConnectOptions::new(),
-    };
-    let options = security.apply(options)?;
+    // One URL or a comma-separated list of seeds; their credentials, the same for every seed,
+    // go into the options (async-nats does not read them from a URL).
+    let seeds = protocol::seeds::seeds(url)
+        .map_err(|e| ClientError::value(format!("invalid NATS URL {safe}: {e}")).because(e))?;
+    let options = security.apply(seeds.options())?;
     let options = options
         .name("dbtask-client")
         .connection_timeout(timeout)
         .client_capacity(16_384);
-    Ok((options, servers))
+    Ok((options, seeds.servers))
 }
 
 /// The most telling cause of a connect error: the innermost I/O or TLS error's message.
@@ -130,8 +104,10 @@ pub(crate) async fn connect_nats(
     security: &NatsSecurity,
 ) -> Result<async_nats::Client, ClientError> {
     let (options, servers) = nats_options(url, safe, timeout, security)?;
-    // No retry_on_initial_connect: a closed port fails at once. Later disconnections are
-    // retried forever in the background (publishes then wait up to PUBLISH_TIMEOUT).
+    // No retry_on_initial_connect: a closed port fails at once (after every seed of a list was
+    // tried, in random order). Later disconnections are retried forever in the background, on
+    // every server known (the seeds and those the cluster announced); publishes then wait up
+    // to PUBLISH_TIMEOUT.
     options.connect(servers).await.map_err(|e| {
         match e.kind() {
             ConnectErrorKind::AuthorizationViolation | ConnectErrorKind::Authentication => {
@@ -168,26 +144,32 @@ pub(crate) async fn connect_nats(
     })
 }
 
-/// Creates the task stream when it is missing; an existing one is left as it is (the worker
-/// owns its settings and brings the stream in line with its config when it starts).
+/// Creates the task stream when it is missing, with `replicas` copies of each message
+/// (`init(stream_replicas=...)`); an existing one is left as it is (the worker owns its
+/// settings and brings the stream in line with its config when it starts, replicas included).
 ///
 /// Why the client creates it at all rather than refusing until a worker has run: tasks may be
 /// enqueued before any worker starts (a deploy that starts the web app first, a test that
 /// publishes and then starts a worker), and JetStream keeps them until one does. The stream
 /// is made from the same description as the worker's ([`protocol::StreamSpec::tasks`]) with
 /// the same default limits, so a default worker finds nothing to change, and one configured
-/// otherwise updates the window and the size in place (a work queue keeps its messages).
+/// otherwise updates the window, the size and the replicas in place (a work queue keeps its
+/// messages). The replica count is the one setting a client cannot leave to the worker: a
+/// stream made with one replica on a cluster loses the tasks it holds with that server until a
+/// worker starts, so a client on a cluster is told the count, as workers are.
 pub(crate) async fn ensure_stream(
     js: &async_nats::jetstream::Context,
     safe: &str,
+    replicas: usize,
 ) -> Result<(), ClientError> {
     let no_js = || {
         ClientError::connection(format!(
             "NATS at {safe} has no JetStream: start nats-server with -js (version 2.12 or later)"
         ))
     };
+    let spec = protocol::StreamSpec::tasks().with_replicas(replicas);
     match js
-        .get_or_create_stream(protocol::nats::stream_config(&protocol::StreamSpec::tasks()))
+        .get_or_create_stream(protocol::nats::stream_config(&spec))
         .await
     {
         Ok(_) => Ok(()),
@@ -206,6 +188,20 @@ pub(crate) async fn ensure_stream(
                     no_js()
                 }
                 CreateStreamErrorKind::JetStreamUnavailable => no_js(),
+                CreateStreamErrorKind::JetStream(err)
+                    if replicas > 1
+                        && (err.error_code() == ErrorCode::STREAM_REPLICAS_NOT_SUPPORTED
+                            || err.error_code() == ErrorCode::INSUFFICIENT_RESOURCES
+                            || err.error_code() == ErrorCode::CLUSTER_NO_PEERS) =>
+                {
+                    ClientError::value(format!(
+                        "cannot create the JetStream stream {} with {replicas} replicas on NATS \
+                         at {safe} ({err}): stream_replicas={replicas} (init's keyword, or \
+                         $DBTASK_STREAM_REPLICAS) needs a NATS cluster of at least {replicas} \
+                         servers with JetStream, all up; on a single server use 1",
+                        protocol::TASK_STREAM
+                    ))
+                }
                 _ => ClientError::connection(format!(
                     "cannot create the JetStream stream {} on NATS at {safe}: {e}",
                     protocol::TASK_STREAM
@@ -291,6 +287,7 @@ impl Inner {
         redis_url: String,
         timeout: Duration,
         security: NatsSecurity,
+        stream_replicas: usize,
     ) -> Result<Inner, ClientError> {
         let nats_safe = redact_url(&nats_url);
         let redis_safe = redact_url(&redis_url);
@@ -304,7 +301,7 @@ impl Inner {
             .max_ack_inflight(MAX_ACK_INFLIGHT)
             .backpressure_on_inflight(true)
             .build(nats.clone());
-        ensure_stream(&js, &nats_safe).await?;
+        ensure_stream(&js, &nats_safe, stream_replicas).await?;
         let notifier = Notifier::start(redis_client, pubsub, timeout, redis_safe.clone());
         Ok(Inner {
             nats,
@@ -317,6 +314,7 @@ impl Inner {
             message_key,
             nats_safe,
             redis_safe,
+            stream_replicas,
             closed: AtomicBool::new(false),
             publishing: AtomicUsize::new(0),
             idle: tokio::sync::Notify::new(),

@@ -141,8 +141,9 @@ impl From<ClientError> for PyErr {
     }
 }
 
-/// URL redaction and user-info decoding: the one implementation of each, shared with the worker.
-pub use dbtask_protocol::{percent_decode, redact_url};
+/// URL redaction: the one implementation, shared with the worker (the seeds' user info is
+/// decoded in `dbtask_protocol::seeds`).
+pub use dbtask_protocol::redact_url;
 
 #[cfg(test)]
 mod tests {

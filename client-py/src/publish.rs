@@ -4,6 +4,7 @@
 //! order, and a stream deleted after `init` is made again once.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use async_nats::jetstream::context::{PublishAckFuture, PublishError, PublishErrorKind};
 use async_nats::jetstream::message::PublishMessage;
@@ -222,7 +223,8 @@ pub(crate) async fn publish_one(
     mut out: Outgoing,
 ) -> Result<String, ClientError> {
     let inner = publishing.inner();
-    let mut recreated = false;
+    // Set on the first "no stream answered": how long to wait for one (nothing on success).
+    let mut deadline: Option<Instant> = None;
     loop {
         let result = match start_publish(inner, &mut out).await {
             Ok(ack) => ack.await,
@@ -230,15 +232,58 @@ pub(crate) async fn publish_one(
         };
         match result {
             Ok(_ack) => return Ok(out.id),
-            // The stream was deleted after init: create it again, once.
-            Err(e) if e.kind() == PublishErrorKind::StreamNotFound && !recreated => {
-                recreated = true;
+            Err(e) if e.kind() == PublishErrorKind::StreamNotFound => {
+                let until = match deadline {
+                    None => *deadline.insert(Instant::now() + PUBLISH_TIMEOUT),
+                    Some(until) if Instant::now() >= until => {
+                        return Err(publish_error(inner, &out.id, e))
+                    }
+                    // Found again but not answering yet: an election still going on.
+                    Some(until) => {
+                        tokio::time::sleep(STREAM_RETRY).await;
+                        until
+                    }
+                };
                 // Boxed: this state machine is several KB, and inline it made every publish
                 // future that large (10.7 KB instead of 2.9 KB, allocated and copied per task).
-                Box::pin(ensure_stream(&inner.js, &inner.nats_safe)).await?;
+                Box::pin(stream_back(inner, until)).await?;
                 out.headers = out.headers_again()?;
             }
             Err(e) => return Err(publish_error(inner, &out.id, e)),
+        }
+    }
+}
+
+/// How often a stream that does not answer is asked for again.
+const STREAM_RETRY: Duration = Duration::from_millis(250);
+
+/// After a publish that no stream answered ("no responders"): the task stream was deleted
+/// after init, or, on a NATS cluster, it is between two leaders for the seconds of an
+/// election (the server it led died). Makes the stream again if it is missing; while it
+/// answers nothing, asks again until `deadline`.
+async fn stream_back(inner: &Inner, deadline: Instant) -> Result<(), ClientError> {
+    loop {
+        let attempt = (Instant::now() + Duration::from_secs(2)).min(deadline);
+        let ensured = tokio::time::timeout_at(
+            attempt,
+            ensure_stream(&inner.js, &inner.nats_safe, inner.stream_replicas),
+        )
+        .await;
+        match ensured {
+            Ok(done) => return done,
+            Err(_) if Instant::now() + STREAM_RETRY < deadline => {
+                tokio::time::sleep(STREAM_RETRY).await
+            }
+            Err(_) => {
+                return Err(ClientError::connection(format!(
+                    "no JetStream stream {} answered on NATS at {} within {} s (on a cluster, \
+                     its servers may be electing a new leader, or too few of them are up): \
+                     publishing again with the same task_id is safe",
+                    protocol::TASK_STREAM,
+                    inner.nats_safe,
+                    PUBLISH_TIMEOUT.as_secs()
+                )))
+            }
         }
     }
 }
@@ -349,8 +394,9 @@ async fn confirm_in_order(mut sent: mpsc::UnboundedReceiver<Sent>) {
                 let id = job.out.id.clone();
                 job.resolve(Ok(id));
             }
-            // The stream was deleted after init: made again and published again, apart from
-            // the others (publish_one makes it again at most once more).
+            // The stream was deleted after init, or is between two leaders: made again (or
+            // waited for) and published again, apart from the others (publish_one waits
+            // at most PUBLISH_TIMEOUT more).
             Ok(Err(e)) if e.kind() == PublishErrorKind::StreamNotFound => {
                 tokio::spawn(Box::pin(republish(job)));
             }
@@ -391,7 +437,8 @@ fn resolve_call(
     });
 }
 
-/// Makes the stream again, then publishes the job's message again (see [`publish_one`]).
+/// Makes the stream again (or waits for it to answer), then publishes the job's message again
+/// (see [`publish_one`]).
 async fn republish(job: PublishJob) {
     let PublishJob {
         publishing,
@@ -401,7 +448,7 @@ async fn republish(job: PublishJob) {
     } = job;
     let result = bridge::guarded(async move {
         let inner = publishing.inner();
-        Box::pin(ensure_stream(&inner.js, &inner.nats_safe)).await?;
+        Box::pin(stream_back(inner, Instant::now() + PUBLISH_TIMEOUT)).await?;
         out.headers = out.headers_again()?;
         publish_one(publishing, out).await
     })

@@ -21,6 +21,8 @@
 //! - [`rate`]: rate limits;
 //! - `redact`: [`redact_url`] and [`percent_decode`], server URLs and their credentials;
 //! - [`nats_auth`]: the TLS and credential files of a NATS connection, named and checked once;
+//! - `seeds` (feature `nats`): a NATS URL or a comma-separated list of seed servers, and the
+//!   one set of credentials they carry;
 //! - `signing` (feature `nats`): the optional HMAC signature of task messages (`--message-key`);
 //! - [`canvas`]: workflows (signatures, chains, groups, chords);
 //! - [`periodic`]: periodic schedules, their ticks and catch-up rule (used by path, not
@@ -37,6 +39,8 @@ pub mod periodic;
 pub mod rate;
 pub mod record;
 #[cfg(feature = "nats")]
+pub mod seeds;
+#[cfg(feature = "nats")]
 pub mod signing;
 pub mod stream;
 pub mod validation;
@@ -51,7 +55,7 @@ pub use record::*;
 pub use stream::*;
 pub use validation::*;
 mod redact;
-pub use redact::{percent_decode, redact_url};
+pub use redact::{percent_decode, redact_url, split_servers};
 
 /// Version of the message format; a worker rejects messages with a newer major version.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -24,6 +24,7 @@ pub fn stream_config(spec: &StreamSpec) -> stream::Config {
         allow_message_schedules: spec.allow_msg_schedules,
         duplicate_window: spec.duplicate_window.unwrap_or_default(),
         max_message_size: spec.max_msg_size_i32(),
+        num_replicas: spec.replicas,
         ..Default::default()
     }
 }
@@ -72,6 +73,9 @@ mod tests {
         assert!(config.allow_message_schedules);
         assert_eq!(config.max_message_size, 1024 * 1024);
         assert_eq!(config.duplicate_window, crate::DEFAULT_DUPLICATE_WINDOW);
+        assert_eq!(config.num_replicas, 1);
+        let r3 = stream_config(&StreamSpec::tasks().with_replicas(3));
+        assert_eq!(r3.num_replicas, 3);
         let dead = stream_config(&StreamSpec::dead_letters());
         assert_eq!(dead.max_message_size, -1);
         assert_eq!(dead.retention, stream::RetentionPolicy::Limits);

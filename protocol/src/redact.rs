@@ -12,7 +12,34 @@ pub fn redact_url(url: &str) -> String {
     if !url.contains('@') {
         return url.to_owned();
     }
-    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+    split_servers(url)
+        .into_iter()
+        .map(redact_one)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The servers of a comma-separated list (`nats://a:4222,nats://b:4222`), as written (spaces
+/// kept). A part that starts with no scheme but holds an `@`, after a part with a scheme and no
+/// `@`, is taken to continue it: a password holding an unencoded comma (`nats://u:pa,ss@h`)
+/// stays whole, and hidden, rather than making a server of its second half.
+pub fn split_servers(list: &str) -> Vec<&str> {
+    let mut parts: Vec<&str> = Vec::new();
+    let mut start = 0;
+    for (i, _) in list.match_indices(',') {
+        let current = &list[start..i];
+        let next = list[i + 1..].split(',').next().unwrap_or("");
+        let continues = current.contains("://")
+            && !current.contains('@')
+            && !next.contains("://")
+            && next.contains('@');
+        if !continues {
+            parts.push(current);
+            start = i + 1;
+        }
+    }
+    parts.push(&list[start..]);
+    parts
 }
 
 fn redact_one(url: &str) -> String {
@@ -53,7 +80,7 @@ pub fn percent_decode(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{percent_decode, redact_url};
+    use super::{percent_decode, redact_url, split_servers};
 
     #[test]
     fn user_info_is_percent_decoded() {
@@ -113,5 +140,20 @@ mod tests {
             redact_url("nats://u:p1@a:4222, nats://b:4222,nats://tok@c:4222"),
             "nats://u:***@a:4222, nats://b:4222,nats://***@c:4222"
         );
+    }
+
+    #[test]
+    fn a_comma_inside_a_password_does_not_split_the_server() {
+        assert_eq!(redact_url("nats://u:pa,ss@h:4222"), "nats://u:***@h:4222");
+        assert_eq!(
+            redact_url("nats://u:pa,ss@h:4222,nats://h2:4222"),
+            "nats://u:***@h:4222,nats://h2:4222"
+        );
+        assert_eq!(
+            split_servers("nats://a:1, nats://b:2"),
+            ["nats://a:1", " nats://b:2"]
+        );
+        assert_eq!(split_servers("a:1,b:2"), ["a:1", "b:2"]);
+        assert_eq!(split_servers(""), [""]);
     }
 }

@@ -1,8 +1,9 @@
 //! The JetStream streams dbtask uses, described once as plain values. The worker creates the
-//! task stream from [`StreamSpec::tasks`] (with its configured limits) and brings an existing
-//! one in line with it; the client creates the same stream, with the default limits, when it
-//! finds none. Both map a description onto async-nats' `stream::Config` with the one
-//! `nats::stream_config` (feature `nats`).
+//! task stream from [`StreamSpec::tasks`] (with its configured limits and replicas) and brings
+//! an existing one in line with it; the client creates the same stream, with the default
+//! limits and the replicas of its own `stream_replicas` setting, when it finds none. Both map a
+//! description onto async-nats' `stream::Config` with the one `nats::stream_config` (feature
+//! `nats`).
 
 use std::time::Duration;
 
@@ -49,6 +50,9 @@ pub struct StreamSpec {
     pub duplicate_window: Option<Duration>,
     /// Largest message in bytes; `None`: no limit of the stream's own.
     pub max_msg_size: Option<usize>,
+    /// Copies of every message on the servers of a NATS cluster (`stream_replicas`): 1 on a
+    /// single server; 3 lets a cluster lose one server without losing a task.
+    pub replicas: usize,
 }
 
 impl StreamSpec {
@@ -64,6 +68,7 @@ impl StreamSpec {
             allow_msg_schedules: true,
             duplicate_window: Some(DEFAULT_DUPLICATE_WINDOW),
             max_msg_size: Some(DEFAULT_MAX_MESSAGE_BYTES),
+            replicas: 1,
         }
     }
 
@@ -79,7 +84,13 @@ impl StreamSpec {
             allow_msg_schedules: false,
             duplicate_window: None,
             max_msg_size: None,
+            replicas: 1,
         }
+    }
+
+    /// The same stream with `replicas` copies of each message.
+    pub const fn with_replicas(self, replicas: usize) -> StreamSpec {
+        StreamSpec { replicas, ..self }
     }
 
     /// `max_msg_size` as JetStream counts it: a signed 32-bit size, -1 for no limit.
@@ -102,5 +113,7 @@ mod tests {
         let dead = StreamSpec::dead_letters();
         assert_eq!(dead.max_msg_size_i32(), -1);
         assert!(!dead.allow_msg_schedules && dead.retention == Retention::Limits);
+        assert_eq!((tasks.replicas, dead.replicas), (1, 1));
+        assert_eq!(dead.with_replicas(3).replicas, 3);
     }
 }

@@ -51,7 +51,7 @@ pub struct Cli {
     #[arg(short = 'c', long, env = "DBTASK_CONCURRENCY", value_name = "N")]
     pub concurrency: Option<usize>,
 
-    /// NATS server URL; credentials as nats://user:password@host:port [default: nats://127.0.0.1:4222]
+    /// NATS server URL, or seed servers of a cluster separated by commas; credentials as nats://user:password@host:port [default: nats://127.0.0.1:4222]
     #[arg(
         long,
         env = "DBTASK_NATS_URL",
@@ -201,6 +201,10 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_CONTROL", value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub control: Option<bool>,
 
+    /// Copies of each message in the task and dead-letter streams on a NATS cluster (1-5; 3 survives the loss of a server) [default: 1]
+    #[arg(long, env = "DBTASK_STREAM_REPLICAS", value_name = "N")]
+    pub stream_replicas: Option<usize>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -271,6 +275,7 @@ impl Cli {
             config.http_addr.clone_from(&self.http_addr);
         }
         set(&mut config.liveness_timeout, &self.liveness_timeout);
+        set(&mut config.stream_replicas, &self.stream_replicas);
 
         // NATS TLS and credentials.
         for (target, value) in [

@@ -21,6 +21,9 @@ pub struct Config {
     pub apps: Vec<String>,
     /// Tasks in flight at once.
     pub concurrency: usize,
+    /// One NATS server, or several seed servers of a cluster separated by commas (in TOML also
+    /// a list of strings): the worker connects to any that answers and moves on when it dies.
+    #[serde(deserialize_with = "seed_list")]
     pub nats_url: String,
     pub redis_url: String,
     /// Interpreter of the virtualenv to embed; `None`: `$VIRTUAL_ENV`, else the build's python.
@@ -111,6 +114,27 @@ pub struct Config {
     pub heartbeat_interval: f64,
     /// Answer `dbtask inspect` and `dbtask control` requests (the NATS service `dbtask-worker`).
     pub control: bool,
+    /// Copies of each message the task and dead-letter streams keep on a NATS cluster (1 to
+    /// 5): 3 survives the loss of one server. Written to the streams at start.
+    pub stream_replicas: usize,
+}
+
+/// `nats_url` in TOML: a string (one URL, or seeds separated by commas) or a list of URLs,
+/// kept as one comma-separated string.
+fn seed_list<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Seeds {
+        One(String),
+        List(Vec<String>),
+    }
+    match Seeds::deserialize(deserializer)? {
+        Seeds::One(url) => Ok(url),
+        Seeds::List(urls) if urls.is_empty() => Err(serde::de::Error::custom(
+            "nats_url is an empty list: give at least one NATS server URL",
+        )),
+        Seeds::List(urls) => Ok(urls.join(",")),
+    }
 }
 
 /// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
@@ -165,6 +189,7 @@ impl Default for Config {
             events: false,
             heartbeat_interval: 5.0,
             control: true,
+            stream_replicas: 1,
         }
     }
 }
@@ -240,7 +265,8 @@ impl Config {
         if self.concurrency == 0 {
             return Err(invalid("concurrency", "must be at least 1"));
         }
-        check_url(&self.nats_url, "nats_url", &["nats", "tls", "ws", "wss"])?;
+        dbtask_protocol::seeds::seeds(&self.nats_url)
+            .map_err(|e| invalid("nats_url", e.to_string()))?;
         check_url(
             &self.redis_url,
             "redis_url",
@@ -265,6 +291,12 @@ impl Config {
             return Err(invalid(
                 "max_ack_pending",
                 "must be at least 1 (or -1 for no limit)",
+            ));
+        }
+        if !(1..=MAX_STREAM_REPLICAS).contains(&self.stream_replicas) {
+            return Err(invalid(
+                "stream_replicas",
+                format!("must be between 1 and {MAX_STREAM_REPLICAS} (the most JetStream keeps); 3 on a cluster of 3 servers or more"),
             ));
         }
         if self.fetch_batch == 0 {
@@ -412,6 +444,9 @@ impl Config {
         toml::to_string(&shown).expect("a Config always serializes")
     }
 }
+
+/// The most replicas JetStream keeps of a stream.
+pub const MAX_STREAM_REPLICAS: usize = 5;
 
 fn is_module_name(name: &str) -> bool {
     !name.is_empty()
@@ -675,6 +710,52 @@ mod tests {
         };
         let err = config.validate().unwrap_err().to_string();
         assert!(err.starts_with("invalid setting `http_addr`"), "{err}");
+    }
+
+    #[test]
+    fn nats_url_takes_seeds_as_a_list_or_a_comma_separated_string() {
+        let listed = Config::from_toml(
+            r#"nats_url = ["nats://u:pw@n1:4222", "nats://n2:4222", "nats://n3:4222"]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            listed.nats_url,
+            "nats://u:pw@n1:4222,nats://n2:4222,nats://n3:4222"
+        );
+        let joined = Config::from_toml(r#"nats_url = "nats://n1:4222, nats://n2:4222""#).unwrap();
+        assert_eq!(joined.nats_url, "nats://n1:4222, nats://n2:4222");
+        let err = Config::from_toml("nats_url = []").unwrap_err();
+        assert!(err.contains("empty list"), "{err}");
+        let ok = |nats_url: &str| Config {
+            apps: vec!["tasks".into()],
+            nats_url: nats_url.into(),
+            ..Config::default()
+        };
+        ok(&listed.nats_url).validate().unwrap();
+        let err = ok("nats://n1:4222,http://u:pw@n2:80")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("nats_url") && err.contains("http://u:***@n2:80"),
+            "{err}"
+        );
+        let shown = listed.to_redacted_toml();
+        assert!(!shown.contains("pw"), "{shown}");
+        assert!(shown.contains("nats://n3:4222"), "{shown}");
+    }
+
+    #[test]
+    fn stream_replicas_are_one_to_five() {
+        assert_eq!(Config::default().stream_replicas, 1);
+        for (replicas, fine) in [(0, false), (1, true), (3, true), (5, true), (6, false)] {
+            let c = Config {
+                apps: vec!["tasks".into()],
+                stream_replicas: replicas,
+                ..Config::default()
+            };
+            assert_eq!(c.validate().is_ok(), fine, "{replicas}");
+        }
     }
 
     #[test]

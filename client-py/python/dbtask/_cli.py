@@ -123,7 +123,10 @@ def _result(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dbtask", description="dbtask operator commands: dead letters, task results, schedules, events, inspect and control.")
-    parser.add_argument("--nats-url", help="NATS server (default: $DBTASK_NATS_URL, else nats://127.0.0.1:4222)")
+    parser.add_argument(
+        "--nats-url",
+        help="NATS server, or seed servers separated by commas (default: $DBTASK_NATS_URL, else nats://127.0.0.1:4222)",
+    )
     parser.add_argument("--redis-url", help="Redis server (default: $DBTASK_REDIS_URL, else redis://127.0.0.1:6379)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a connection (default: 5)")
     for flag, what in [

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 from types import ModuleType
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 if TYPE_CHECKING:
     from ._dbtask import Client
@@ -81,20 +81,58 @@ def _security(given: dict[str, PathArg], names: tuple[str, ...] = NATS_SECURITY)
     return out
 
 
-def _resolve(nats_url: str | None, redis_url: str | None, timeout: float) -> tuple[str, str, float]:
-    nats = nats_url if nats_url is not None else os.environ.get("DBTASK_NATS_URL", DEFAULT_NATS_URL)
+NatsUrl = Union[str, Sequence[str], None]
+
+
+def _seeds(nats_url: NatsUrl) -> str:
+    """`nats_url` as one string: a URL, or seed servers separated by commas (a list of URLs is
+    joined with commas). Defaults to ``$DBTASK_NATS_URL``, then ``nats://127.0.0.1:4222``."""
+    if nats_url is None:
+        return os.environ.get("DBTASK_NATS_URL", DEFAULT_NATS_URL)
+    if isinstance(nats_url, str):
+        return nats_url
+    if isinstance(nats_url, (list, tuple)) and all(isinstance(u, str) for u in nats_url):
+        if not nats_url:
+            raise ValueError("nats_url is an empty list: give at least one NATS server URL")
+        return ",".join(nats_url)
+    raise TypeError(f"nats_url must be a string or a list of strings, not {type(nats_url).__name__}")
+
+
+def _replicas(stream_replicas: int | None) -> int:
+    """`stream_replicas`, else ``$DBTASK_STREAM_REPLICAS``, else 1; checked by the client."""
+    if stream_replicas is None:
+        text = os.environ.get("DBTASK_STREAM_REPLICAS") or "1"
+        try:
+            stream_replicas = int(text)
+        except ValueError:
+            raise ValueError(f"$DBTASK_STREAM_REPLICAS must be a whole number, not {text!r}") from None
+    if isinstance(stream_replicas, bool) or not isinstance(stream_replicas, int):
+        raise TypeError(f"stream_replicas must be an int, not {type(stream_replicas).__name__}")
+    if not 1 <= stream_replicas <= 5:
+        raise ValueError(
+            f"stream_replicas must be between 1 and 5 (3 on a NATS cluster of 3 servers or more), not {stream_replicas}"
+        )
+    return stream_replicas
+
+
+def _resolve(nats_url: NatsUrl, redis_url: str | None, timeout: float) -> tuple[str, str, float]:
+    nats = _seeds(nats_url)
     redis = redis_url if redis_url is not None else os.environ.get("DBTASK_REDIS_URL", DEFAULT_REDIS_URL)
-    if not isinstance(nats, str) or not isinstance(redis, str):
-        raise TypeError("nats_url and redis_url must be strings")
+    if not isinstance(redis, str):
+        raise TypeError("redis_url must be a string")
     timeout = float(timeout)
     if not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout!r}")
     return nats, redis, timeout
 
 
-def _keep(nats: str, redis: str, security: dict[str, str]) -> bool:
+def _keep(nats: str, redis: str, security: dict[str, str], replicas: int) -> bool:
     client = _client
-    return client is not None and client.connected_to(nats, redis, **security)
+    return (
+        client is not None
+        and client.connected_to(nats, redis, **security)
+        and client.stream_replicas == replicas
+    )
 
 
 def _install(new: "Client") -> Optional["Client"]:
@@ -107,7 +145,7 @@ def _install(new: "Client") -> Optional["Client"]:
 
 
 async def init(
-    nats_url: str | None = None,
+    nats_url: NatsUrl = None,
     redis_url: str | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
@@ -117,13 +155,20 @@ async def init(
     nats_creds: PathArg = None,
     nats_nkey: PathArg = None,
     message_key: PathArg = None,
+    stream_replicas: int | None = None,
 ) -> None:
     """Connects to NATS and Redis (awaitable form of :func:`init_sync`).
 
     URLs default to ``$DBTASK_NATS_URL`` / ``$DBTASK_REDIS_URL``, then
-    ``nats://127.0.0.1:4222`` / ``redis://127.0.0.1:6379``. ``timeout`` bounds the connection
-    attempt. Creates the task stream when it is missing. Raises ConnectionError (the URL with
-    its password hidden) when a server cannot be reached.
+    ``nats://127.0.0.1:4222`` / ``redis://127.0.0.1:6379``. ``nats_url`` may name several
+    seed servers of a NATS cluster, separated by commas or as a list: the client connects to
+    any that answers and moves to another server when its own dies. ``timeout`` bounds the
+    connection attempt. Raises ConnectionError (the URL with its password hidden) when a
+    server cannot be reached.
+
+    Creates the task stream when it is missing, with ``stream_replicas`` copies of each
+    message (default ``$DBTASK_STREAM_REPLICAS``, else 1; give a NATS cluster the count its
+    workers get with ``--stream-replicas``); a stream that exists is left to the workers.
 
     NATS over TLS and with credentials (docs/security.md), each a file path, defaulting to
     ``$DBTASK_NATS_TLS_CA``... as for the worker: ``nats_tls_ca`` the CA certificate (PEM)
@@ -146,16 +191,17 @@ async def init(
              nats_creds=nats_creds, nats_nkey=nats_nkey)
     )  # fmt: skip
     security.update(_security({"message_key": message_key}, ("message_key",)))
-    if _keep(nats, redis, security):
+    replicas = _replicas(stream_replicas)
+    if _keep(nats, redis, security, replicas):
         return
-    new = await _native().Client.connect(nats, redis, timeout, **security)
+    new = await _native().Client.connect(nats, redis, timeout, **security, stream_replicas=replicas)
     old = _install(new)
     if old is not None:
         await old.close()
 
 
 def init_sync(
-    nats_url: str | None = None,
+    nats_url: NatsUrl = None,
     redis_url: str | None = None,
     *,
     timeout: float = DEFAULT_TIMEOUT,
@@ -165,6 +211,7 @@ def init_sync(
     nats_creds: PathArg = None,
     nats_nkey: PathArg = None,
     message_key: PathArg = None,
+    stream_replicas: int | None = None,
 ) -> None:
     """Connects to NATS and Redis, blocking; see :func:`init`. Usable with or without asyncio:
     the client made here serves the async API too, from any thread and event loop."""
@@ -174,9 +221,10 @@ def init_sync(
              nats_creds=nats_creds, nats_nkey=nats_nkey)
     )  # fmt: skip
     security.update(_security({"message_key": message_key}, ("message_key",)))
-    if _keep(nats, redis, security):
+    replicas = _replicas(stream_replicas)
+    if _keep(nats, redis, security, replicas):
         return
-    new = _native().Client.connect_sync(nats, redis, timeout, **security)
+    new = _native().Client.connect_sync(nats, redis, timeout, **security, stream_replicas=replicas)
     old = _install(new)
     if old is not None:
         old.close_sync()

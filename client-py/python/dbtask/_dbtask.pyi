@@ -52,6 +52,7 @@ class Client:
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
         message_key: str | None = None,
+        stream_replicas: int = 1,
     ) -> Awaitable[Client]: ...
     @staticmethod
     def connect_sync(
@@ -65,6 +66,7 @@ class Client:
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
         message_key: str | None = None,
+        stream_replicas: int = 1,
     ) -> Client: ...
     @overload
     def publish(
@@ -145,6 +147,8 @@ class Client:
     def nats_url(self) -> str: ...
     @property
     def redis_url(self) -> str: ...
+    @property
+    def stream_replicas(self) -> int: ...
 
 def _after_fork_in_child() -> None: ...
 def new_task_id() -> str: ...

@@ -25,10 +25,11 @@ pub enum DeadLetterError {
 /// Set once this process made sure the stream exists (it is created on first use).
 static READY: AtomicBool = AtomicBool::new(false);
 
-/// The dead-letter stream's configuration. Only the worker creates the stream (on its first
-/// dead letter); the `dbtask dead` command reads a missing one as empty.
-fn dead_stream_config() -> stream::Config {
-    super::stream_config(&StreamSpec::dead_letters())
+/// The dead-letter stream's configuration, with the replicas of the task stream. Only the
+/// worker creates the stream (on its first dead letter); the `dbtask dead` command reads a
+/// missing one as empty.
+fn dead_stream_config(replicas: usize) -> stream::Config {
+    super::stream_config(&StreamSpec::dead_letters().with_replicas(replicas))
 }
 
 impl Broker {
@@ -48,7 +49,9 @@ impl Broker {
             if !READY.load(Ordering::Relaxed) {
                 let created = self
                     .js
-                    .get_or_create_stream(dead_stream_config())
+                    .get_or_create_stream(dead_stream_config(
+                        self.stream_replicas.load(Ordering::Relaxed),
+                    ))
                     .await
                     .map_err(DeadLetterError::Create)?;
                 if created.cached_info().state.messages == 0 {

@@ -1,7 +1,5 @@
 //! What the broker reports when it cannot serve: the error, and the cause underneath it.
 
-use std::time::Duration;
-
 use async_nats::jetstream::stream;
 
 use dbtask_protocol::TASK_STREAM;
@@ -85,10 +83,25 @@ pub enum BrokerError {
     TooOld { url: String, version: String },
     #[error("NATS at {url} does not serve JetStream ({source}): start nats-server with -js (or a `jetstream {{}}` block in its config)")]
     NoJetStream { url: String, source: Cause },
-    #[error("stream {TASK_STREAM} on NATS at {url} cannot hold dbtask tasks: {reason}")]
-    IncompatibleStream { url: String, reason: Incompatible },
-    #[error("cannot create or update stream {TASK_STREAM} on NATS at {url}: {source}")]
-    Stream { url: String, source: Cause },
+    #[error("stream {stream} on NATS at {url} does not fit dbtask: {reason}")]
+    IncompatibleStream {
+        stream: &'static str,
+        url: String,
+        reason: Incompatible,
+    },
+    #[error("cannot create or update stream {stream} on NATS at {url}: {source}")]
+    Stream {
+        stream: &'static str,
+        url: String,
+        source: Cause,
+    },
+    #[error("stream {stream} on NATS at {url} cannot keep {replicas} replicas ({source}): --stream-replicas {replicas} needs a NATS cluster of at least {replicas} servers with JetStream, all up; on a single server use --stream-replicas 1")]
+    Replicas {
+        stream: &'static str,
+        url: String,
+        replicas: usize,
+        source: Cause,
+    },
     #[error("cannot create or update consumer {consumer} on NATS at {url}: {source} (a consumer holds no messages in a work-queue stream: deleting it with `nats consumer rm {TASK_STREAM} {consumer}` loses no task)")]
     Consumer {
         url: String,
@@ -103,18 +116,21 @@ pub enum BrokerError {
     },
 }
 
-/// What makes an existing task stream unfit for dbtask, as the server reported it.
+/// What makes an existing stream unfit for dbtask, as the server reported it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Incompatible {
-    #[error("its retention is {0:?}, not WorkQueue (retention cannot change: delete the stream, or point dbtask at another NATS)")]
-    Retention(stream::RetentionPolicy),
+    #[error("its retention is {found:?}, not {wanted:?} (retention cannot change: delete the stream once it holds nothing you need, with `nats stream rm <name>`, and start a worker, which makes it anew; or point dbtask at another NATS)")]
+    Retention {
+        found: stream::RetentionPolicy,
+        wanted: stream::RetentionPolicy,
+    },
+    #[error("it keeps its messages in {found:?} storage, dbtask makes it with {wanted:?} storage (storage cannot change on a stream: stop the clients, let the workers drain it, delete it with `nats stream rm <name>` and start a worker, which makes it anew; or point dbtask at another NATS)")]
+    Storage {
+        found: stream::StorageType,
+        wanted: stream::StorageType,
+    },
     #[error("the server did not enable message schedules (allow_msg_schedules), which countdown, eta and retries need: use nats-server 2.12 or newer")]
     NoSchedules,
-    #[error("the server kept duplicate_window={kept_window:?} and max_msg_size={kept_size} instead of {wanted_window:?} and {wanted_size}")]
-    LimitsKept {
-        kept_window: Duration,
-        kept_size: i32,
-        wanted_window: Duration,
-        wanted_size: i32,
-    },
+    #[error("the server did not apply {0}: use nats-server 2.12 or newer")]
+    Kept(String),
 }

@@ -12,6 +12,7 @@ mod periodic;
 mod publish;
 mod queue;
 mod security;
+mod stream;
 
 pub use control::{Pending, Requests};
 pub use dbtask_protocol::nats::{stream_config, task_header_map};
@@ -20,17 +21,16 @@ pub use error::{BrokerError, Cause, Incompatible};
 pub use events::EventSink;
 pub use queue::{max_batch_bytes, QueueConsumer};
 pub use security::{NatsSecurity, SecurityError};
+pub use stream::{reconcile, task_spec, Change, Plan};
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::jetstream::{self, consumer, stream};
-use async_nats::{ConnectErrorKind, ConnectOptions};
+use async_nats::jetstream::{self, consumer};
+use async_nats::ConnectErrorKind;
 use dbtask_protocol::nats::is_tls_error;
-use dbtask_protocol::{
-    priority_consumer_name, priority_subject, StreamSpec, DEFAULT_PRIORITY, TASK_STREAM,
-};
+use dbtask_protocol::{priority_consumer_name, priority_subject, DEFAULT_PRIORITY, TASK_STREAM};
 use tracing::{debug, info, warn};
 
 use crate::config::{redact_url, Config};
@@ -57,6 +57,9 @@ pub struct Broker {
     outages: Arc<Outages>,
     /// `--message-key`: what this worker publishes is signed, what it runs must be.
     message_key: Option<Arc<MessageKey>>,
+    /// `stream_replicas`, as [`Broker::ensure_stream`] last applied it: the dead-letter
+    /// stream, made on the first dead letter, gets as many.
+    stream_replicas: Arc<AtomicUsize>,
 }
 
 /// What the worker remembers of NATS outages. Acks sent while the connection is down are lost,
@@ -76,8 +79,11 @@ struct Outages {
 const CLOCK_MARGIN_MS: i64 = 5_000;
 
 impl Broker {
-    /// Connects, then checks the server's version and that JetStream is enabled.
-    /// `name` identifies this connection in the server's monitoring (`hostname:pid`).
+    /// Connects, then checks the server's version and that JetStream is enabled. `nats_url`:
+    /// one URL, or seed servers of a cluster separated by commas (see
+    /// [`dbtask_protocol::seeds`]): any that answers will do, and async-nats moves to another
+    /// server of the cluster when its own goes away. `name` identifies this connection in the
+    /// server's monitoring (`hostname:pid`).
     pub async fn connect(nats_url: &str, name: &str) -> Result<Broker, BrokerError> {
         Broker::connect_with(nats_url, &NatsSecurity::default(), name).await
     }
@@ -90,9 +96,12 @@ impl Broker {
         name: &str,
     ) -> Result<Broker, BrokerError> {
         let shown = redact_url(nats_url);
-        let (address, options) = connect_options(nats_url, &shown)?;
+        let seeds = dbtask_protocol::seeds::seeds(nats_url).map_err(|e| BrokerError::BadUrl {
+            url: shown.clone(),
+            source: Cause::of(e),
+        })?;
         let options = security
-            .apply(options)
+            .apply(seeds.options())
             .map_err(|source| BrokerError::Security {
                 url: shown.clone(),
                 source,
@@ -133,7 +142,9 @@ impl Broker {
                     }
                 }
             });
-        let client = options.connect(address.as_str()).await.map_err(|err| {
+        // async-nats tries every seed (in random order) before it gives up, and after a loss
+        // every server it knows of, seeds and those the cluster announced.
+        let client = options.connect(seeds.servers).await.map_err(|err| {
             let kind = err.kind();
             let reason = connect_reason(&err);
             // A server that checks client certificates closes the connection after the
@@ -197,6 +208,7 @@ impl Broker {
             version,
             outages,
             message_key: None,
+            stream_replicas: Arc::new(AtomicUsize::new(1)),
         })
     }
 
@@ -238,7 +250,11 @@ impl Broker {
             .js
             .get_stream_no_info(TASK_STREAM)
             .await
-            .map_err(|e| self.stream_error(e))?;
+            .map_err(|e| BrokerError::Stream {
+                stream: TASK_STREAM,
+                url: self.url.clone(),
+                source: Cause::of(e),
+            })?;
         let asks = levels.iter().map(|&priority| {
             let stream = &stream;
             async move {
@@ -286,118 +302,6 @@ impl Broker {
             warn!(queue, subject, error = %e, "cannot confirm the priority wake-up subscription; priority tasks may wait up to a few seconds on an idle worker");
         }
         Ok(sub)
-    }
-
-    /// Creates the task stream ([`StreamSpec::tasks`] with the duplicate window and the largest
-    /// message size of `config`), or brings an existing one in line with it: it must be a work
-    /// queue; its subjects and message schedules are added, its limits updated from the config.
-    /// The stream is read back and checked, because a server that does not know an option
-    /// accepts it silently.
-    pub async fn ensure_stream(&self, config: &Config) -> Result<stream::Info, BrokerError> {
-        let spec = StreamSpec {
-            duplicate_window: Some(config.duplicate_window()),
-            max_msg_size: Some(config.max_message_bytes),
-            ..StreamSpec::tasks()
-        };
-        let wanted_window = config.duplicate_window();
-        let wanted_size = spec.max_msg_size_i32();
-        let mut info = None;
-        // Two rounds: the stream may appear between our look-up and our create.
-        for _ in 0..2 {
-            match self.js.get_stream(TASK_STREAM).await {
-                Ok(existing) => {
-                    info = Some(existing.cached_info().clone());
-                    break;
-                }
-                Err(e) if is_stream_not_found(&e) => {}
-                Err(e) => return Err(self.stream_error(e)),
-            }
-            let desired = stream_config(&spec);
-            match self.js.create_stream(desired).await {
-                Ok(created) => {
-                    info!(
-                        stream = TASK_STREAM,
-                        url = self.url,
-                        "created the task stream"
-                    );
-                    info = Some(created.cached_info().clone());
-                    break;
-                }
-                Err(e) if is_name_in_use(&e) => continue,
-                Err(e) => return Err(self.stream_error(e)),
-            }
-        }
-        let info = info.ok_or_else(|| BrokerError::Stream {
-            url: self.url.clone(),
-            source: Cause::said(
-                "the stream kept appearing and disappearing while it was being created",
-            ),
-        })?;
-        self.check_stream(&info.config)?;
-
-        let mut wanted = info.config.clone();
-        // Subjects a stream made by an older dbtask lacks, e.g. `dbtask.sched.>`: countdowns
-        // and retries wait there as message schedules (nats-server 2.12+).
-        for subject in spec.subjects {
-            if !wanted.subjects.iter().any(|s| s == subject) {
-                wanted.subjects.push((*subject).to_owned());
-            }
-        }
-        wanted.allow_message_schedules = spec.allow_msg_schedules;
-        wanted.duplicate_window = wanted_window;
-        wanted.max_message_size = wanted_size;
-        if wanted == info.config {
-            return Ok(info);
-        }
-        let updated = self
-            .js
-            .update_stream(&wanted)
-            .await
-            .map_err(|e| self.stream_error(e))?;
-        info!(
-            stream = TASK_STREAM,
-            duplicate_window_secs = wanted_window.as_secs_f64(),
-            max_message_bytes = wanted_size,
-            "updated the task stream from the config"
-        );
-        self.check_stream(&updated.config)?;
-        if !updated.config.allow_message_schedules {
-            return Err(BrokerError::IncompatibleStream {
-                url: self.url.clone(),
-                reason: Incompatible::NoSchedules,
-            });
-        }
-        if updated.config.duplicate_window != wanted_window
-            || updated.config.max_message_size != wanted_size
-        {
-            return Err(BrokerError::IncompatibleStream {
-                url: self.url.clone(),
-                reason: Incompatible::LimitsKept {
-                    kept_window: updated.config.duplicate_window,
-                    kept_size: updated.config.max_message_size,
-                    wanted_window,
-                    wanted_size,
-                },
-            });
-        }
-        Ok(updated)
-    }
-
-    fn check_stream(&self, config: &stream::Config) -> Result<(), BrokerError> {
-        if config.retention != stream::RetentionPolicy::WorkQueue {
-            return Err(BrokerError::IncompatibleStream {
-                url: self.url.clone(),
-                reason: Incompatible::Retention(config.retention),
-            });
-        }
-        Ok(())
-    }
-
-    fn stream_error(&self, e: impl std::error::Error + Send + Sync + 'static) -> BrokerError {
-        BrokerError::Stream {
-            url: self.url.clone(),
-            source: Cause::of(e),
-        }
     }
 
     /// Creates or updates the durable pull consumer of `queue` with the ack settings from
@@ -480,28 +384,6 @@ pub fn consumer_max_deliver(max_deliver: i64) -> i64 {
     }
 }
 
-/// Splits credentials out of the URL (async-nats does not read them from it).
-fn connect_options(raw: &str, shown: &str) -> Result<(url::Url, ConnectOptions), BrokerError> {
-    let bad = |source: Cause| BrokerError::BadUrl {
-        url: shown.to_owned(),
-        source,
-    };
-    let mut url = url::Url::parse(raw).map_err(|e| bad(Cause::of(e)))?;
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err(bad(Cause::said("no host")));
-    }
-    let user = dbtask_protocol::percent_decode(url.username());
-    let password = url.password().map(dbtask_protocol::percent_decode);
-    let options = match (user.is_empty(), password) {
-        (_, Some(pass)) => ConnectOptions::with_user_and_password(user, pass),
-        (false, None) => ConnectOptions::with_token(user),
-        (true, None) => ConnectOptions::new(),
-    };
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    Ok((url, options))
-}
-
 /// The most telling part of a connect error: "connection refused", "timed out", ...
 fn connect_reason(err: &async_nats::ConnectError) -> String {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
@@ -519,22 +401,6 @@ fn connect_reason(err: &async_nats::ConnectError) -> String {
         ConnectErrorKind::TimedOut => "timed out".into(),
         _ => err.to_string(),
     }
-}
-
-fn is_stream_not_found(err: &jetstream::context::GetStreamError) -> bool {
-    matches!(
-        err.kind(),
-        jetstream::context::GetStreamErrorKind::JetStream(e)
-            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
-    )
-}
-
-fn is_name_in_use(err: &jetstream::context::CreateStreamError) -> bool {
-    matches!(
-        err.kind(),
-        jetstream::context::CreateStreamErrorKind::JetStream(e)
-            if e.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST
-    )
 }
 
 /// `2.14.6`, `v2.12.0-beta.1` -> (2, 14, 6); `None` when there is no leading `x.y`.
@@ -568,12 +434,5 @@ mod tests {
         assert!(parse_version("2.9.25").unwrap() < MIN_NATS_VERSION);
         assert!(parse_version("2.12.0").unwrap() >= MIN_NATS_VERSION);
         assert!(parse_version("3.0.0").unwrap() >= MIN_NATS_VERSION);
-    }
-
-    #[test]
-    fn credentials_leave_the_url() {
-        let (url, _) = connect_options("nats://bob:p%40ss@h:4222", "x").unwrap();
-        assert_eq!(url.as_str(), "nats://h:4222");
-        assert!(connect_options("nats://", "x").is_err());
     }
 }
