@@ -246,15 +246,15 @@ impl Broker {
     /// Messages waiting to be delivered at each priority level `levels` of `queue` (the
     /// `num_pending` of each level's consumer), asked of the server now, all at once.
     pub async fn pending(&self, queue: &str, levels: &[u8]) -> Result<Vec<(u8, u64)>, BrokerError> {
-        let stream = self
-            .js
-            .get_stream_no_info(TASK_STREAM)
-            .await
-            .map_err(|e| BrokerError::Stream {
-                stream: TASK_STREAM,
-                url: self.url.clone(),
-                source: Cause::of(e),
-            })?;
+        let stream =
+            self.js
+                .get_stream_no_info(TASK_STREAM)
+                .await
+                .map_err(|e| BrokerError::Stream {
+                    stream: TASK_STREAM,
+                    url: self.url.clone(),
+                    source: Cause::of(e),
+                })?;
         let asks = levels.iter().map(|&priority| {
             let stream = &stream;
             async move {

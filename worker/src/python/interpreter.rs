@@ -122,7 +122,11 @@ fn interpreter_version(python: &Path) -> Option<String> {
         }
     }
     let out = std::process::Command::new(python)
-        .args(["-I", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"])
+        .args([
+            "-I",
+            "-c",
+            "import sys; print('%d.%d' % sys.version_info[:2])",
+        ])
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .output()
@@ -277,7 +281,11 @@ mod tests {
         let err = check_version(&python, "--python").unwrap_err().to_string();
         assert!(err.contains(&format!("embeds Python {BUILT_FOR}")), "{err}");
         assert!(err.contains("is Python 3.9"), "{err}");
-        std::fs::write(dir.join("pyvenv.cfg"), format!("version_info = {BUILT_FOR}.0.final.0\n")).unwrap();
+        std::fs::write(
+            dir.join("pyvenv.cfg"),
+            format!("version_info = {BUILT_FOR}.0.final.0\n"),
+        )
+        .unwrap();
         assert!(check_version(&python, "--python").is_ok());
         std::fs::remove_dir_all(dir).unwrap();
     }

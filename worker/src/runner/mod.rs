@@ -341,7 +341,12 @@ async fn serve(
     revocations: Revocations,
     levels: Vec<priority::Levels>,
     worker: String,
-    (hooks, journal, status, monitoring): (Hooks, Journal, Option<Arc<Status>>, control::Monitoring),
+    (hooks, journal, status, monitoring): (
+        Hooks,
+        Journal,
+        Option<Arc<Status>>,
+        control::Monitoring,
+    ),
     shutdown: impl Future<Output = ()>,
 ) {
     let (writer, writer_loop) = Writer::new(store.clone());
