@@ -23,12 +23,13 @@ log() { printf 'image: %s\n' "$*" >&2; }
 
 # The wheel is built for the venv's Python (its worker embeds that libpython).
 PY_VERSION="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-case "$PY_VERSION" in
-    3.11) RELEASE=bookworm ;;
-    3.13) RELEASE=trixie ;;
-    *) [ -n "${BASE:-}" ] || die "the worker is built for Python $PY_VERSION and no Debian release has it as python3: set BASE to an image whose python3 is $PY_VERSION" ;;
-esac
-BASE="${BASE:-debian:${RELEASE}-slim}"
+# shellcheck source=scripts/pythons.sh
+source "$ROOT/scripts/pythons.sh"
+if [ -z "${BASE:-}" ]; then
+    RELEASE="$(debian_release "$PY_VERSION")" ||
+        die "the worker is built for Python $PY_VERSION and no Debian release has it as python3: set BASE to an image whose python3 is $PY_VERSION"
+    BASE="debian:${RELEASE}-slim"
+fi
 
 if [ -z "${CONTAINER:-}" ]; then
     if command -v podman >/dev/null 2>&1; then CONTAINER=podman

@@ -21,3 +21,13 @@ find_python() {
 has_shared_libpython() {
     [ "$("$1" -c 'import sysconfig; print(sysconfig.get_config_var("Py_ENABLE_SHARED") or 0)')" = 1 ]
 }
+
+# debian_release X.Y: the Debian release whose python3 is that version (the container image
+# must embed the same minor version as the worker), or fails.
+debian_release() {
+    case "$1" in
+        3.11) echo bookworm ;;
+        3.13) echo trixie ;;
+        *) return 1 ;;
+    esac
+}

@@ -29,12 +29,11 @@ fi
 export PATH="$PATH:/usr/sbin"
 PODMAN=(podman --runtime runc --cgroup-manager=cgroupfs)
 
+# shellcheck source=scripts/pythons.sh
+source "$ROOT/scripts/pythons.sh"
 PY_VERSION="$("$VENV/bin/python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
-case "$PY_VERSION" in
-    3.11) RELEASE=bookworm ;;
-    3.13) RELEASE=trixie ;;
-    *) die "the worker is built for Python $PY_VERSION; no Debian release has it as python3" ;;
-esac
+RELEASE="$(debian_release "$PY_VERSION")" ||
+    die "the worker is built for Python $PY_VERSION; no Debian release has it as python3"
 BASE="localhost/debian:${RELEASE}-slim"
 if ! "${PODMAN[@]}" image exists "$BASE"; then
     # The Debian mirror apt uses here (deb822 or one-line sources), else the default one.
