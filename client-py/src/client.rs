@@ -21,6 +21,7 @@ use crate::results::{forget, get_record, record_to_py, wait};
 use crate::revoke;
 use crate::runtime;
 use crate::security::NatsSecurity;
+use dbtask_protocol::redis_conn::RedisTls;
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     if value.is_nan() || value < 0.0 {
@@ -65,8 +66,9 @@ impl Client {
         redis_url: String,
         timeout: Duration,
         security: NatsSecurity,
+        redis_tls: RedisTls,
     ) -> Result<Client, ClientError> {
-        let inner = Inner::connect(nats_url, redis_url, timeout, security).await?;
+        let inner = Inner::connect(nats_url, redis_url, timeout, security, redis_tls).await?;
         Ok(Client {
             inner: Arc::new(inner),
             publisher: Publisher::start(),
@@ -79,7 +81,7 @@ impl Client {
     /// Connects to NATS and Redis and creates the task stream if it is missing; the
     /// `nats_*` files secure the NATS connection (TLS, credentials).
     #[staticmethod]
-    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, redis_ca=None, redis_cert=None, redis_key=None))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connect(
@@ -93,6 +95,9 @@ impl Client {
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
         message_key: Option<PathBuf>,
+        redis_ca: Option<PathBuf>,
+        redis_cert: Option<PathBuf>,
+        redis_key: Option<PathBuf>,
     ) -> PyResult<Bound<'_, PyAny>> {
         let timeout = seconds("timeout", timeout)?;
         let security = NatsSecurity::new(
@@ -103,16 +108,21 @@ impl Client {
             nats_nkey,
             message_key,
         );
+        let redis_tls = RedisTls {
+            ca: redis_ca,
+            cert: redis_cert,
+            key: redis_key,
+        };
         bridge::awaitable(
             py,
-            Client::open(nats_url, redis_url, timeout, security),
+            Client::open(nats_url, redis_url, timeout, security, redis_tls),
             |py, client| Ok(Py::new(py, client)?.into_any()),
         )
     }
 
     /// Blocking form of `connect`.
     #[staticmethod]
-    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, redis_ca=None, redis_cert=None, redis_key=None))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connect_sync(
@@ -126,6 +136,9 @@ impl Client {
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
         message_key: Option<PathBuf>,
+        redis_ca: Option<PathBuf>,
+        redis_cert: Option<PathBuf>,
+        redis_key: Option<PathBuf>,
     ) -> PyResult<Client> {
         let timeout = seconds("timeout", timeout)?;
         let security = NatsSecurity::new(
@@ -136,7 +149,15 @@ impl Client {
             nats_nkey,
             message_key,
         );
-        runtime::block_on(py, Client::open(nats_url, redis_url, timeout, security))
+        let redis_tls = RedisTls {
+            ca: redis_ca,
+            cert: redis_cert,
+            key: redis_key,
+        };
+        runtime::block_on(
+            py,
+            Client::open(nats_url, redis_url, timeout, security, redis_tls),
+        )
     }
 
     /// Publishes one task and returns an asyncio future of the running loop that resolves to
@@ -419,7 +440,7 @@ impl Client {
 
     /// True when this client is open and was connected with exactly these URLs and NATS
     /// TLS and credential files.
-    #[pyo3(signature = (nats_url, redis_url, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
+    #[pyo3(signature = (nats_url, redis_url, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, redis_ca=None, redis_cert=None, redis_key=None))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connected_to(
@@ -432,6 +453,9 @@ impl Client {
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
         message_key: Option<PathBuf>,
+        redis_ca: Option<PathBuf>,
+        redis_cert: Option<PathBuf>,
+        redis_key: Option<PathBuf>,
     ) -> bool {
         let security = NatsSecurity::new(
             nats_tls_ca,
@@ -445,6 +469,12 @@ impl Client {
             && self.inner.nats_given == nats_url
             && self.inner.redis_given == redis_url
             && self.inner.security == security
+            && self.inner.redis_tls
+                == RedisTls {
+                    ca: redis_ca,
+                    cert: redis_cert,
+                    key: redis_key,
+                }
     }
 
     #[getter]

@@ -36,6 +36,8 @@ pub mod nats_auth;
 pub mod periodic;
 pub mod rate;
 pub mod record;
+#[cfg(feature = "redis")]
+pub mod redis_conn;
 #[cfg(feature = "nats")]
 pub mod signing;
 pub mod stream;

@@ -95,6 +95,17 @@ pub struct Config {
     /// valid signature are dead-lettered unrun, and what the worker publishes is signed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message_key: Option<PathBuf>,
+
+    // Redis TLS (`rediss://`, docs/deployment.md "Redis"): paths of files, never contents.
+    /// PEM CA certificate(s) to trust for `rediss://` instead of the system CA store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ca: Option<PathBuf>,
+    /// PEM client certificate for a Redis that verifies clients; needs `redis_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_cert: Option<PathBuf>,
+    /// PEM private key of `redis_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_key: Option<PathBuf>,
 }
 
 /// What runs sync (`def`) tasks; `async def` tasks always run on the worker's asyncio loop.
@@ -144,6 +155,9 @@ impl Default for Config {
             nats_creds: None,
             nats_nkey: None,
             message_key: None,
+            redis_ca: None,
+            redis_cert: None,
+            redis_key: None,
         }
     }
 }
@@ -220,11 +234,17 @@ impl Config {
             return Err(invalid("concurrency", "must be at least 1"));
         }
         check_url(&self.nats_url, "nats_url", &["nats", "tls", "ws", "wss"])?;
-        check_url(
-            &self.redis_url,
-            "redis_url",
-            &["redis", "rediss", "redis+unix", "unix"],
-        )?;
+        let redis = dbtask_protocol::redis_conn::Target::parse(&self.redis_url).map_err(|why| {
+            invalid("redis_url", format!("{}: {why}", redact_url(&self.redis_url)))
+        })?;
+        if let dbtask_protocol::redis_conn::Target::Single(single) = &redis {
+            check_url(
+                single,
+                "redis_url",
+                &["redis", "rediss", "redis+unix", "unix"],
+            )?;
+        }
+        self.check_redis_tls(redis.tls())?;
         crate::telemetry::filter_for(&self.log_level).map_err(|e| invalid("log_level", e))?;
         positive_secs(self.shutdown_timeout, "shutdown_timeout", 0.0)?;
         // JetStream counts ack_wait in whole nanoseconds; in-progress acks need some room.
@@ -302,6 +322,49 @@ impl Config {
                 format!("--message-key {}: {e}", path.display()),
             )
         })
+    }
+
+    /// The TLS files of the Redis connection.
+    pub fn redis_tls(&self) -> dbtask_protocol::redis_conn::RedisTls {
+        dbtask_protocol::redis_conn::RedisTls {
+            ca: self.redis_ca.clone(),
+            cert: self.redis_cert.clone(),
+            key: self.redis_key.clone(),
+        }
+    }
+
+    /// The Redis TLS files exist, come as a pair where they must, and go with `rediss://`.
+    fn check_redis_tls(&self, tls_url: bool) -> Result<(), ConfigError> {
+        for (field, flag, path) in [
+            ("redis_ca", "--redis-ca", &self.redis_ca),
+            ("redis_cert", "--redis-cert", &self.redis_cert),
+            ("redis_key", "--redis-key", &self.redis_key),
+        ] {
+            if let Some(path) = path {
+                if !tls_url {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{flag} is for TLS: the Redis URL must start with rediss:// (or rediss+cluster://, rediss+sentinel://)"
+                        ),
+                    ));
+                }
+                if !path.is_file() {
+                    return Err(invalid(
+                        field,
+                        format!("{flag} {}: file not found", path.display()),
+                    ));
+                }
+            }
+        }
+        if self.redis_cert.is_some() != self.redis_key.is_some() {
+            let field = if self.redis_cert.is_some() { "redis_key" } else { "redis_cert" };
+            return Err(invalid(
+                field,
+                "a Redis client certificate needs both --redis-cert and --redis-key",
+            ));
+        }
+        Ok(())
     }
 
     /// The TLS and credential files of the NATS connection.

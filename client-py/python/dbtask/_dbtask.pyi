@@ -52,6 +52,9 @@ class Client:
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
         message_key: str | None = None,
+        redis_ca: str | None = None,
+        redis_cert: str | None = None,
+        redis_key: str | None = None,
     ) -> Awaitable[Client]: ...
     @staticmethod
     def connect_sync(
@@ -65,6 +68,9 @@ class Client:
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
         message_key: str | None = None,
+        redis_ca: str | None = None,
+        redis_cert: str | None = None,
+        redis_key: str | None = None,
     ) -> Client: ...
     @overload
     def publish(
@@ -138,6 +144,9 @@ class Client:
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
         message_key: str | None = None,
+        redis_ca: str | None = None,
+        redis_cert: str | None = None,
+        redis_key: str | None = None,
     ) -> bool: ...
     @property
     def closed(self) -> bool: ...

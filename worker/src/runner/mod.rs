@@ -209,13 +209,14 @@ pub async fn run_with_hooks(
     let broker = Broker::connect_with(&config.nats_url, &config.nats_security(), &worker)
         .await?
         .with_message_key(message_key);
-    let store = Store::connect(&config.redis_url, config.result_ttl).await?;
+    let redis_tls = config.redis_tls();
+    let store = Store::connect_with(&config.redis_url, &redis_tls, config.result_ttl).await?;
     // Informational only: a managed Redis may refuse INFO.
     let redis_version = store.server_version().await.unwrap_or_else(|e| {
         warn!(error = %e, "cannot read the Redis version");
         "unknown".to_owned()
     });
-    let revocations = Revocations::start(&config.redis_url).await?;
+    let revocations = Revocations::start(&config.redis_url, &redis_tls, &store).await?;
     let identity = crate::journal::identity(broker.url(), store.url());
     let journal = crash::open_journal(&config, identity, &store, max_in_flight(&config)).await;
     broker.ensure_stream(&config).await?;
