@@ -345,9 +345,15 @@ fn is_tls_failure(e: &redis::RedisError) -> bool {
         return false; // a reply of the server: the connection worked
     }
     let text = e.to_string().to_ascii_lowercase();
-    ["certificate", "tls", "handshake", "unknownissuer", "invalid peer"]
-        .iter()
-        .any(|w| text.contains(w))
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "unknownissuer",
+        "invalid peer",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 impl Inner {

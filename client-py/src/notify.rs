@@ -323,10 +323,7 @@ impl Owner {
         if pending.is_empty() {
             return;
         }
-        let channels: Vec<String> = pending
-            .iter()
-            .map(|id| done_channel(id))
-            .collect();
+        let channels: Vec<String> = pending.iter().map(|id| done_channel(id)).collect();
         if let Err(e) = sink.subscribe(&channels).await {
             return self.lost(Some(e));
         }

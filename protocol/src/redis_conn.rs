@@ -112,7 +112,10 @@ impl Target {
             "redis+cluster" | "rediss+cluster" => {
                 let (userinfo, hosts, path) = split_hosts(rest);
                 if hosts.is_empty() {
-                    return Err("a cluster URL lists its seed nodes: redis+cluster://host1:7000,host2:7001".into());
+                    return Err(
+                        "a cluster URL lists its seed nodes: redis+cluster://host1:7000,host2:7001"
+                            .into(),
+                    );
                 }
                 if !path.is_empty() && path != "/" && path != "/0" {
                     return Err("Redis Cluster has only database 0".into());
@@ -215,9 +218,7 @@ impl RedisTls {
             }),
             (None, None) => None,
             _ => {
-                return Err(
-                    "a Redis client certificate needs both redis_cert and redis_key".into(),
-                )
+                return Err("a Redis client certificate needs both redis_cert and redis_key".into())
             }
         };
         let root_cert = match &self.ca {
@@ -349,7 +350,7 @@ pub async fn connect_cluster(
 #[derive(Clone)]
 pub enum PubSubSource {
     /// One server.
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     /// Cluster seed nodes, tried in turn.
     Cluster(Arc<Vec<redis::Client>>),
     /// The current master of a Sentinel group.
@@ -363,7 +364,7 @@ impl PubSubSource {
         sentinel: Option<&Arc<SentinelMaster>>,
     ) -> RedisResult<PubSubSource> {
         Ok(match target {
-            Target::Single(url) => PubSubSource::Single(client(url, certs)?),
+            Target::Single(url) => PubSubSource::Single(Box::new(client(url, certs)?)),
             Target::Cluster(nodes) => PubSubSource::Cluster(Arc::new(
                 nodes
                     .iter()
@@ -514,7 +515,7 @@ impl ConnectionLike for Conn {
 /// made again after a connection error: the worker's and the client's connection to a
 /// non-cluster Redis.
 pub enum Dialer {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Sentinel(Arc<SentinelMaster>),
 }
 
@@ -532,7 +533,7 @@ impl Dialer {
         config: &AsyncConnectionConfig,
     ) -> RedisResult<(MultiplexedConnection, redis::ConnectionAddr)> {
         let client = match self {
-            Dialer::Single(client) => client.clone(),
+            Dialer::Single(client) => client.as_ref().clone(),
             Dialer::Sentinel(master) => master.master().await?,
         };
         let addr = client.get_connection_info().addr().clone();
@@ -648,7 +649,10 @@ mod tests {
         );
         assert_eq!(
             Target::parse("redis+cluster://:pw@h1:7000, h2").unwrap(),
-            Target::Cluster(vec!["redis://:pw@h1:7000".into(), "redis://:pw@h2:6379".into()])
+            Target::Cluster(vec![
+                "redis://:pw@h1:7000".into(),
+                "redis://:pw@h2:6379".into()
+            ])
         );
         assert_eq!(
             Target::parse("rediss+cluster://[::1]:7000").unwrap(),

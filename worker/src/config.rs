@@ -235,7 +235,10 @@ impl Config {
         }
         check_url(&self.nats_url, "nats_url", &["nats", "tls", "ws", "wss"])?;
         let redis = dbtask_protocol::redis_conn::Target::parse(&self.redis_url).map_err(|why| {
-            invalid("redis_url", format!("{}: {why}", redact_url(&self.redis_url)))
+            invalid(
+                "redis_url",
+                format!("{}: {why}", redact_url(&self.redis_url)),
+            )
         })?;
         if let dbtask_protocol::redis_conn::Target::Single(single) = &redis {
             check_url(
@@ -358,7 +361,11 @@ impl Config {
             }
         }
         if self.redis_cert.is_some() != self.redis_key.is_some() {
-            let field = if self.redis_cert.is_some() { "redis_key" } else { "redis_cert" };
+            let field = if self.redis_cert.is_some() {
+                "redis_key"
+            } else {
+                "redis_cert"
+            };
             return Err(invalid(
                 field,
                 "a Redis client certificate needs both --redis-cert and --redis-key",
@@ -627,6 +634,53 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(expected), "{expected}: {err}");
         }
+    }
+
+    #[test]
+    fn redis_urls_name_a_server_a_cluster_or_sentinels_and_tls_files_need_rediss() {
+        let with = |url: &str| Config {
+            apps: vec!["tasks".into()],
+            redis_url: url.into(),
+            ..Config::default()
+        };
+        for good in [
+            "redis+cluster://:pw@h1:7000,h2:7001",
+            "rediss+cluster://h1:7000",
+            "redis+sentinel://s1:26379,s2:26379/mymaster/2",
+        ] {
+            with(good).validate().unwrap();
+        }
+        for (bad, expected) in [
+            ("redis+sentinel://s1:26379", "master"),
+            ("redis+cluster://", "seed nodes"),
+            ("redis+cluster://:pw@h1/3", "database 0"),
+            ("memcached://h", "scheme"),
+        ] {
+            let err = with(bad).validate().unwrap_err().to_string();
+            assert!(err.contains("redis_url") && err.contains(expected), "{err}");
+        }
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let ca = Config {
+            redis_ca: Some(file.path().to_owned()),
+            ..with("redis://h")
+        };
+        let err = ca.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("redis_ca") && err.contains("rediss://"),
+            "{err}"
+        );
+        let cert_alone = Config {
+            redis_cert: Some(file.path().to_owned()),
+            ..with("rediss://h")
+        };
+        let err = cert_alone.validate().unwrap_err().to_string();
+        assert!(err.contains("redis_key"), "{err}");
+        Config {
+            redis_ca: Some(file.path().to_owned()),
+            ..with("rediss+sentinel://s1/m")
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -12,11 +12,11 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use dbtask_protocol::{
-    done_channel, result_key, ResultRecord, DONE_CHANNEL_PREFIX, RESULT_KEY_PREFIX, TASK_TAG_END,
-};
 use dbtask_protocol::redis_conn::{
     self, Conn, Dialer, PubSubSource, RedisTls, SentinelMaster, Target,
+};
+use dbtask_protocol::{
+    done_channel, result_key, ResultRecord, DONE_CHANNEL_PREFIX, RESULT_KEY_PREFIX, TASK_TAG_END,
 };
 use redis::aio::MultiplexedConnection;
 use redis::cluster_async::ClusterConnection;
@@ -221,9 +221,9 @@ impl Store {
         let target = Target::parse(redis_url).map_err(|why| bad(Cause::Invalid(why)))?;
         let certs = tls.certificates().map_err(|why| bad(Cause::Invalid(why)))?;
         let backend = match &target {
-            Target::Single(single) => Backend::Dial(Dialer::Single(
+            Target::Single(single) => Backend::Dial(Dialer::Single(Box::new(
                 redis_conn::client(single, certs.as_ref()).map_err(|e| bad(e.into()))?,
-            )),
+            ))),
             Target::Sentinel(sentinel) => Backend::Dial(Dialer::Sentinel(Arc::new(
                 SentinelMaster::open(sentinel, certs.as_ref()).map_err(|e| bad(e.into()))?,
             ))),
@@ -352,7 +352,11 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .as_secs();
-        if now < self.unreplicated_until.load(std::sync::atomic::Ordering::Relaxed) {
+        if now
+            < self
+                .unreplicated_until
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
             return Ok(());
         }
         let acked: i64 = redis::cmd("WAIT")
