@@ -295,11 +295,19 @@ impl Store {
     /// `redis_version` from `INFO server`.
     pub async fn server_version(&self) -> Result<String, StoreError> {
         let mut conn = self.conn().await?;
-        let info: String = redis::cmd("INFO")
+        // A cluster asks every node and answers with a map of node to text: take any node's.
+        let info: redis::Value = redis::cmd("INFO")
             .arg("server")
             .query_async(&mut conn)
             .await
             .map_err(|e| self.redis_error(e))?;
+        let text = match info {
+            redis::Value::Map(nodes) => nodes.into_iter().next().map(|(_, text)| text),
+            other => Some(other),
+        };
+        let info: String = text
+            .and_then(|text| redis::from_redis_value(text).ok())
+            .unwrap_or_default();
         Ok(info
             .lines()
             .find_map(|l| l.strip_prefix("redis_version:"))
