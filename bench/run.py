@@ -183,7 +183,7 @@ class Redis:
         out: list[bytes | None] = []
         for i in range(0, len(ids), 2000):
             chunk = ids[i : i + 2000]
-            out.extend(self.call("MGET", *[f"dbtask:result:{t}" for t in chunk]))
+            out.extend(self.call("MGET", *[f"dbtask:result:{{{t}}}" for t in chunk]))
         return out
 
     def records(self, ids: list[str]) -> list[dict | None]:

@@ -31,6 +31,7 @@ from e2e_support import (
     start_nats,
     start_nats_cluster,
     start_redis,
+    start_redis_cluster,
     worker_env,
 )
 
@@ -89,8 +90,13 @@ def nats_cluster(tmp_path: Path, logs: list) -> Iterator[NatsCluster]:
 
 
 @pytest.fixture
-def redis(tmp_path: Path, logs: list) -> Iterator[Server]:
-    server = start_redis(tmp_path / "redis")
+def redis(request: pytest.FixtureRequest, tmp_path: Path, logs: list) -> Iterator[Server]:
+    """A redis-server; a 3-master Redis Cluster for tests parametrized with "cluster"
+    (`e2e_support.PLAIN_AND_CLUSTER`)."""
+    if getattr(request, "param", "plain") == "cluster":
+        server = start_redis_cluster(tmp_path / "redis-cluster")
+    else:
+        server = start_redis(tmp_path / "redis")
     logs.append(server)
     yield server
     server.stop()

@@ -114,14 +114,15 @@ def start_nats(
     return Server("nats-server", "nats", port, proc, log)
 
 
-def start_redis(workdir: Path, port: int | None = None) -> Server:
-    """redis-server on a free port (or on `port`, to bring a stopped one back), no persistence."""
+def start_redis(workdir: Path, port: int | None = None, args: Sequence[str] = ()) -> Server:
+    """redis-server on a free port (or on `port`, to bring a stopped one back), no persistence
+    unless `args` (more redis-server options, which win over these) asks for it."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = workdir / "redis.log"
     cmd = [
         REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
-        "--save", "", "--appendonly", "no", "--daemonize", "no",
+        "--save", "", "--appendonly", "no", "--daemonize", "no", *args,
     ]  # fmt: skip
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -131,6 +132,96 @@ def start_redis(workdir: Path, port: int | None = None) -> Server:
         _stop(proc)
         raise
     return Server("redis-server", "redis", port, proc, log)
+
+
+class RedisCluster:
+    """A Redis Cluster of three masters we started (no replicas): `url` is its
+    `redis+cluster://` URL, `nodes` its servers. Stands in for a `Server` in the fixtures."""
+
+    name = "redis-cluster"
+
+    def __init__(self, nodes: list[Server]) -> None:
+        self.nodes = nodes
+        self.port = nodes[0].port
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+        self.log = nodes[0].log
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+def start_redis_cluster(workdir: Path, masters: int = 3) -> RedisCluster:
+    """`masters` redis-servers in cluster mode on free ports (their cluster bus ports chosen
+    free too), joined by `redis-cli --cluster create`; returns once every node says the
+    cluster is ok."""
+    nodes: list[Server] = []
+    try:
+        for i in range(masters):
+            node_dir = workdir / f"node{i}"
+            node_dir.mkdir(parents=True, exist_ok=True)
+            port = free_port()
+            log = node_dir / "redis.log"
+            cmd = [
+                REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(node_dir),
+                "--save", "", "--appendonly", "no", "--daemonize", "no",
+                "--cluster-enabled", "yes", "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-port", str(free_port()), "--cluster-node-timeout", "2000",
+            ]  # fmt: skip
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            nodes.append(Server("redis-server", "redis", port, proc, log))
+            _wait_port(port, proc, "redis-server", log)
+        create = subprocess.run(
+            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
+             "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed:\n{create.stdout}\n{create.stderr}")
+        deadline = time.monotonic() + 30
+        for node in nodes:
+            while True:
+                info = subprocess.run(
+                    ["redis-cli", "-p", str(node.port), "CLUSTER", "INFO"], capture_output=True, text=True
+                ).stdout
+                if "cluster_state:ok" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the cluster is not ok after 30 s:\n{info}")
+                time.sleep(0.1)
+    except BaseException:
+        for node in nodes:
+            node.stop()
+        raise
+    return RedisCluster(nodes)
+
+
+def redis_cli(server: Server | RedisCluster, *args: str) -> str:
+    """`redis-cli` against a test's Redis (following a cluster's redirections)."""
+    cmd = ["redis-cli", "-p", str(server.port)]
+    if isinstance(server, RedisCluster):
+        cmd.append("-c")
+    out = subprocess.run([*cmd, *args], capture_output=True, text=True, check=True, timeout=30)
+    return out.stdout.strip()
+
+
+def scan_keys(server: Server | RedisCluster, pattern: str) -> list[str]:
+    """The keys matching `pattern`, on every node of a cluster."""
+    nodes = server.nodes if isinstance(server, RedisCluster) else [server]
+    keys: list[str] = []
+    for node in nodes:
+        out = subprocess.run(
+            ["redis-cli", "-p", str(node.port), "--scan", "--pattern", pattern],
+            capture_output=True, text=True, check=True, timeout=30,
+        )  # fmt: skip
+        keys += out.stdout.split()
+    return sorted(keys)
+
+
+# The selected tests that run against a plain Redis and a 3-master Redis Cluster
+# (`@PLAIN_AND_CLUSTER`); the `redis` fixture reads the parameter.
+PLAIN_AND_CLUSTER = pytest.mark.parametrize("redis", ["plain", "cluster"], indirect=True)
 
 
 class Worker:

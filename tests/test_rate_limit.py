@@ -3,12 +3,10 @@ cluster, excess tasks wait (none is dropped), bad rates are refused clearly."""
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 import dbtask
-from e2e_support import wait_for_lines
+from e2e_support import PLAIN_AND_CLUSTER, scan_keys, wait_for_lines
 
 import rate_tasks
 
@@ -16,6 +14,7 @@ LIMIT = 20.0  # rate_tasks.limited: "20/s"
 TASKS = 60
 
 
+@PLAIN_AND_CLUSTER
 async def test_rate_limit_holds_across_two_worker_processes(worker_factory, client, redis, tmp_path):
     out = tmp_path / "starts.txt"
     # No prefetch: each worker holds at most its 4 running tasks, so the first one to pull
@@ -35,11 +34,10 @@ async def test_rate_limit_holds_across_two_worker_processes(worker_factory, clie
     assert LIMIT * 0.8 <= rate <= LIMIT * 1.2, f"{rate:.1f} tasks/s for a limit of {LIMIT}/s"
 
 
+@PLAIN_AND_CLUSTER
 async def test_only_rate_limited_tasks_touch_the_limiter_in_redis(worker_factory, client, redis, tmp_path):
     def rate_keys() -> list[str]:
-        port = str(redis.port)
-        out = subprocess.run(["redis-cli", "-p", port, "--scan", "--pattern", "dbtask:rate:*"], capture_output=True, text=True, check=True)
-        return out.stdout.split()
+        return scan_keys(redis, "dbtask:rate:*")
 
     out = tmp_path / "starts.txt"
     worker_factory("rate_tasks")

@@ -98,7 +98,7 @@ async def test_ignore_result_stores_nothing_on_success_and_get_says_so_at_once(w
     await wait_for_lines(ran, 1)
     # The worker has run it; whatever it writes is queued before the ack: give it a moment.
     await asyncio.sleep(0.3)
-    assert redis_cli(redis, "EXISTS", f"dbtask:result:{r.id}") == "0"
+    assert redis_cli(redis, "EXISTS", f"dbtask:result:{{{r.id}}}") == "0"
     assert await r.state() == "PENDING"
 
     # apply_async(ignore_result=True) on a task that keeps its results, and the opposite.
@@ -109,7 +109,7 @@ async def test_ignore_result_stores_nothing_on_success_and_get_says_so_at_once(w
     assert await kept.get(timeout=20) == "not stored"
     await wait_for_lines(ran, 2)
     await asyncio.sleep(0.3)
-    assert redis_cli(redis, "EXISTS", f"dbtask:result:{r.id}") == "0"
+    assert redis_cli(redis, "EXISTS", f"dbtask:result:{{{r.id}}}") == "0"
 
 
 async def test_ignored_failures_are_recorded_unless_told_otherwise(worker, redis, client, tmp_path: Path) -> None:
@@ -125,17 +125,17 @@ async def test_ignored_failures_are_recorded_unless_told_otherwise(worker, redis
     r = await silent_failure.delay(str(ran))
     await wait_for_lines(ran, 1)
     await asyncio.sleep(0.3)
-    assert redis_cli(redis, "EXISTS", f"dbtask:result:{r.id}") == "0"
+    assert redis_cli(redis, "EXISTS", f"dbtask:result:{{{r.id}}}") == "0"
 
 
 async def test_result_ttl_per_task_and_forget(worker, redis, client) -> None:
     r = await short_lived.delay()
     assert await r.get(timeout=20) == "gone soon"
-    ttl = int(redis_cli(redis, "TTL", f"dbtask:result:{r.id}"))
+    ttl = int(redis_cli(redis, "TTL", f"dbtask:result:{{{r.id}}}"))
     assert 0 < ttl <= 30, f"the task's result_ttl, not the worker's day: {ttl}"
     other = await plain.delay(1)
     await other.get(timeout=20)
-    assert int(redis_cli(redis, "TTL", f"dbtask:result:{other.id}")) > 3600
+    assert int(redis_cli(redis, "TTL", f"dbtask:result:{{{other.id}}}")) > 3600
 
     await r.forget()
     assert await r.state() == "PENDING"

@@ -121,7 +121,7 @@ async def test_result_ttl_is_applied_to_stored_results(worker_factory, client, r
     result = await add.delay(1, 1)
     assert await result.get(timeout=15) == 2
     ttl = subprocess.run(
-        ["redis-cli", "-p", str(redis.port), "TTL", f"dbtask:result:{result.id}"],
+        ["redis-cli", "-p", str(redis.port), "TTL", f"dbtask:result:{{{result.id}}}"],
         capture_output=True, text=True, timeout=10,
     )  # fmt: skip
     assert 0 < int(ttl.stdout.strip()) <= 300, ttl

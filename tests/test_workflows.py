@@ -11,7 +11,7 @@ import pytest
 
 import dbtask
 from dbtask import Chain, Chord, ChordError, Group, GroupResult, Signature
-from e2e_support import wait_for_lines
+from e2e_support import PLAIN_AND_CLUSTER, wait_for_lines
 from flow_tasks import add, big, counted_sum, pid_ident, fail, ident, mul, on_error, on_success, slow_add, tsum
 
 
@@ -19,6 +19,7 @@ def lines(path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@PLAIN_AND_CLUSTER
 async def test_the_issue_examples_as_written(worker_factory, client):
     worker_factory("flow_tasks")
     chain = Chain([add.s(1, 2), add.s(3)])  # 1+2=3, 3+3=6
@@ -33,6 +34,7 @@ async def test_the_issue_examples_as_written(worker_factory, client):
     assert await c.get(timeout=30) == 10
 
 
+@PLAIN_AND_CLUSTER
 async def test_chain_of_100_steps_and_pipe_syntax(worker_factory, client):
     worker_factory("flow_tasks")
     chain = add.s(0, 1)
@@ -58,6 +60,7 @@ async def test_failing_step_stops_the_chain_and_the_chain_result_raises(worker_f
     assert lines(log) == [], "the step after the failure never ran"
 
 
+@PLAIN_AND_CLUSTER
 async def test_group_of_1000_pipelined_with_result_api_and_restore(worker_factory, client):
     worker_factory("flow_tasks", concurrency=8)
     group = Group([add.s(i, i) for i in range(1000)])
@@ -78,6 +81,7 @@ async def test_group_of_1000_pipelined_with_result_api_and_restore(worker_factor
         await GroupResult.restore("no-such-group")
 
 
+@PLAIN_AND_CLUSTER
 async def test_chord_of_1000_over_two_workers_20_times_fires_each_callback_once(worker_factory, client, tmp_path):
     first = worker_factory("flow_tasks", concurrency=8)
     second = worker_factory("flow_tasks", concurrency=8)
@@ -94,6 +98,7 @@ async def test_chord_of_1000_over_two_workers_20_times_fires_each_callback_once(
     assert set(lines(pids)) == {str(first.pid), str(second.pid)}, "both workers ran members"
 
 
+@PLAIN_AND_CLUSTER
 async def test_chord_member_killed_mid_run_is_redelivered_and_the_callback_runs_once(worker_factory, client, tmp_path):
     marker = tmp_path / "starts.txt"
     log = tmp_path / "callbacks.txt"
@@ -136,6 +141,7 @@ async def test_empty_chord_runs_the_callback_with_an_empty_list(worker_factory, 
     assert await (await Chord([], tsum.s(5)).delay()).get(timeout=30) == 5
 
 
+@PLAIN_AND_CLUSTER
 async def test_nested_workflows(worker_factory, client):
     worker_factory("flow_tasks", concurrency=8)
     # A group followed by a task in a chain becomes a chord.

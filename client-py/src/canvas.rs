@@ -1,6 +1,6 @@
 //! Workflows from the client: a signature tree (JSON made by `dbtask._canvas`, every id
 //! already assigned) expanded by the protocol crate into the task messages to publish now.
-//! Groups are recorded in Redis (`dbtask:group:<id>`) before their members are published, so a
+//! Groups are recorded in Redis (`dbtask:{group:<id>}`) before their members are published, so a
 //! `GroupResult` can be restored from its id as soon as it exists.
 
 use std::time::Duration;

@@ -21,6 +21,7 @@ use crate::results::{forget, get_record, record_to_py, wait};
 use crate::revoke;
 use crate::runtime;
 use crate::security::NatsSecurity;
+use dbtask_protocol::redis_conn::RedisTls;
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     if value.is_nan() || value < 0.0 {
@@ -76,9 +77,10 @@ impl Client {
         redis_url: String,
         timeout: Duration,
         security: NatsSecurity,
+        redis_tls: RedisTls,
         stream_replicas: usize,
     ) -> Result<Client, ClientError> {
-        let inner = Inner::connect(nats_url, redis_url, timeout, security, stream_replicas).await?;
+        let inner = Inner::connect(nats_url, redis_url, timeout, security, redis_tls, stream_replicas).await?;
         Ok(Client {
             inner: Arc::new(inner),
             publisher: Publisher::start(),
@@ -91,7 +93,7 @@ impl Client {
     /// Connects to NATS and Redis and creates the task stream if it is missing; the
     /// `nats_*` files secure the NATS connection (TLS, credentials).
     #[staticmethod]
-    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, stream_replicas=1))]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, redis_ca=None, redis_cert=None, redis_key=None, stream_replicas=1))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connect(
@@ -105,6 +107,9 @@ impl Client {
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
         message_key: Option<PathBuf>,
+        redis_ca: Option<PathBuf>,
+        redis_cert: Option<PathBuf>,
+        redis_key: Option<PathBuf>,
         stream_replicas: usize,
     ) -> PyResult<Bound<'_, PyAny>> {
         let timeout = seconds("timeout", timeout)?;
@@ -117,16 +122,21 @@ impl Client {
             nats_nkey,
             message_key,
         );
+        let redis_tls = RedisTls {
+            ca: redis_ca,
+            cert: redis_cert,
+            key: redis_key,
+        };
         bridge::awaitable(
             py,
-            Client::open(nats_url, redis_url, timeout, security, stream_replicas),
+            Client::open(nats_url, redis_url, timeout, security, redis_tls, stream_replicas),
             |py, client| Ok(Py::new(py, client)?.into_any()),
         )
     }
 
     /// Blocking form of `connect`.
     #[staticmethod]
-    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, stream_replicas=1))]
+    #[pyo3(signature = (nats_url, redis_url, timeout, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, redis_ca=None, redis_cert=None, redis_key=None, stream_replicas=1))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connect_sync(
@@ -140,6 +150,9 @@ impl Client {
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
         message_key: Option<PathBuf>,
+        redis_ca: Option<PathBuf>,
+        redis_cert: Option<PathBuf>,
+        redis_key: Option<PathBuf>,
         stream_replicas: usize,
     ) -> PyResult<Client> {
         let timeout = seconds("timeout", timeout)?;
@@ -152,9 +165,14 @@ impl Client {
             nats_nkey,
             message_key,
         );
+        let redis_tls = RedisTls {
+            ca: redis_ca,
+            cert: redis_cert,
+            key: redis_key,
+        };
         runtime::block_on(
             py,
-            Client::open(nats_url, redis_url, timeout, security, stream_replicas),
+            Client::open(nats_url, redis_url, timeout, security, redis_tls, stream_replicas),
         )
     }
 
@@ -438,7 +456,7 @@ impl Client {
 
     /// True when this client is open and was connected with exactly these URLs and NATS
     /// TLS and credential files.
-    #[pyo3(signature = (nats_url, redis_url, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None))]
+    #[pyo3(signature = (nats_url, redis_url, *, nats_tls_ca=None, nats_tls_cert=None, nats_tls_key=None, nats_creds=None, nats_nkey=None, message_key=None, redis_ca=None, redis_cert=None, redis_key=None))]
     // One Rust parameter per Python parameter of the signature in _dbtask.pyi.
     #[allow(clippy::too_many_arguments)]
     fn connected_to(
@@ -451,6 +469,9 @@ impl Client {
         nats_creds: Option<PathBuf>,
         nats_nkey: Option<PathBuf>,
         message_key: Option<PathBuf>,
+        redis_ca: Option<PathBuf>,
+        redis_cert: Option<PathBuf>,
+        redis_key: Option<PathBuf>,
     ) -> bool {
         let security = NatsSecurity::new(
             nats_tls_ca,
@@ -464,6 +485,12 @@ impl Client {
             && self.inner.nats_given == nats_url
             && self.inner.redis_given == redis_url
             && self.inner.security == security
+            && self.inner.redis_tls
+                == RedisTls {
+                    ca: redis_ca,
+                    cert: redis_cert,
+                    key: redis_key,
+                }
     }
 
     #[getter]

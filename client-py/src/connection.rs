@@ -12,6 +12,9 @@ use async_nats::jetstream::ErrorCode;
 use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use dbtask_protocol as protocol;
 use dbtask_protocol::nats::is_tls_error;
+use dbtask_protocol::redis_conn::{
+    self, Conn, Dialer, PubSubSource, Redial, RedisTls, SentinelMaster, Target,
+};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
@@ -31,13 +34,15 @@ const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) struct Inner {
     pub(crate) nats: async_nats::Client,
     pub(crate) js: async_nats::jetstream::Context,
-    pub(crate) redis: ConnectionManager,
+    pub(crate) redis: Conn,
     pub(crate) notifier: Notifier,
     /// The URLs as given (with secrets), only compared, never shown.
     pub(crate) nats_given: String,
     pub(crate) redis_given: String,
     /// The TLS and credential files it connected with (compared by `connected_to`).
     pub(crate) security: NatsSecurity,
+    /// The Redis TLS files it connected with (compared by `connected_to`).
+    pub(crate) redis_tls: RedisTls,
     /// `message_key=`: every task message published is signed with it.
     pub(crate) message_key: Option<MessageKey>,
     pub(crate) nats_safe: String,
@@ -225,16 +230,17 @@ async fn connect_redis(
     url: &str,
     safe: &str,
     timeout: Duration,
-) -> Result<(redis::Client, ConnectionManager, redis::aio::PubSub), ClientError> {
-    let client = redis::Client::open(url)
-        .map_err(|e| ClientError::value(format!("invalid Redis URL {safe}: {e}")).because(e))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-        // Reconnection attempts after a failure (the first connection is tried once more
-        // with these too, which keeps a closed port's error under a second).
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2));
+    tls: &RedisTls,
+) -> Result<(PubSubSource, Conn, redis::aio::PubSub), ClientError> {
+    let invalid = |why: String| ClientError::value(format!("invalid Redis URL {safe}: {why}"));
+    let target = Target::parse(url).map_err(invalid)?;
+    let certs = tls.certificates().map_err(ClientError::value)?;
+    if certs.is_some() && !target.tls() {
+        return Err(ClientError::value(format!(
+            "redis_ca, redis_cert and redis_key are for TLS: the Redis URL {safe} must start with \
+             rediss:// (or rediss+cluster://, rediss+sentinel://)"
+        )));
+    }
     let unreachable = |e: String| {
         ClientError::connection(format!(
             "cannot reach Redis at {safe} ({e}): is redis-server running?"
@@ -249,16 +255,64 @@ async fn connect_redis(
                  (init's redis_url, or $DBTASK_REDIS_URL), as redis://:PASSWORD@host:port"
             ))
             .because(e)
+        } else if target.tls() && is_tls_failure(&e) {
+            ClientError::connection(format!(
+                "TLS with Redis at {safe} failed ({e}): check that the server's certificate is \
+                 signed by the CA given as redis_ca (or one of the system's), that the host \
+                 name in the URL is one the certificate names, and for a server that checks \
+                 clients, redis_cert and redis_key"
+            ))
+            .because(e)
         } else {
             unreachable(e.to_string()).because(e)
         }
     };
     let budget = timeout + Duration::from_secs(1);
+    let sentinel = match &target {
+        Target::Sentinel(s) => Some(Arc::new(
+            SentinelMaster::open(s, certs.as_ref())
+                .map_err(|e| invalid(e.to_string()).because(e))?,
+        )),
+        _ => None,
+    };
+    let source = PubSubSource::new(&target, certs.as_ref(), sentinel.as_ref())
+        .map_err(|e| invalid(e.to_string()).because(e))?;
     let commands = async {
-        let commands = tokio::time::timeout(
-            budget,
-            ConnectionManager::new_with_config(client.clone(), config),
-        )
+        let commands = tokio::time::timeout(budget, async {
+            match &target {
+                Target::Single(single) => {
+                    let client = redis_conn::client(single, certs.as_ref())?;
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(timeout))
+                        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
+                        // Reconnection attempts after a failure (the first connection is tried
+                        // once more with these too, which keeps a closed port's error under a
+                        // second).
+                        .set_number_of_retries(2)
+                        .set_max_delay(Duration::from_secs(2));
+                    Ok(Conn::Managed(
+                        ConnectionManager::new_with_config(client, config).await?,
+                    ))
+                }
+                Target::Cluster(nodes) => Ok(Conn::Cluster(
+                    redis_conn::connect_cluster(
+                        nodes,
+                        certs.as_ref(),
+                        timeout,
+                        REDIS_RESPONSE_TIMEOUT,
+                    )
+                    .await?,
+                )),
+                Target::Sentinel(_) => Ok(Conn::Redial(
+                    Redial::connect(
+                        Dialer::Sentinel(sentinel.clone().expect("made above for a Sentinel URL")),
+                        timeout,
+                        REDIS_RESPONSE_TIMEOUT,
+                    )
+                    .await?,
+                )),
+            }
+        })
         .await
         .map_err(|_| unreachable("timed out".into()))?
         .map_err(failed)?;
@@ -272,13 +326,30 @@ async fn connect_redis(
         Ok(commands)
     };
     let pubsub = async {
-        tokio::time::timeout(budget, client.get_async_pubsub())
+        tokio::time::timeout(budget, source.connect())
             .await
             .map_err(|_| unreachable("timed out".into()))?
             .map_err(failed)
     };
     let (commands, pubsub) = tokio::try_join!(commands, pubsub)?;
-    Ok((client, commands, pubsub))
+    Ok((source, commands, pubsub))
+}
+
+/// A TLS handshake or certificate failure, as opposed to a server that is not there.
+fn is_tls_failure(e: &redis::RedisError) -> bool {
+    if e.code().is_some() {
+        return false; // a reply of the server: the connection worked
+    }
+    let text = e.to_string().to_ascii_lowercase();
+    [
+        "certificate",
+        "tls",
+        "handshake",
+        "unknownissuer",
+        "invalid peer",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 impl Inner {
@@ -287,6 +358,7 @@ impl Inner {
         redis_url: String,
         timeout: Duration,
         security: NatsSecurity,
+        redis_tls: RedisTls,
         stream_replicas: usize,
     ) -> Result<Inner, ClientError> {
         let nats_safe = redact_url(&nats_url);
@@ -294,7 +366,7 @@ impl Inner {
         let message_key = security.message_key()?;
         let (nats, (redis_client, redis, pubsub)) = tokio::try_join!(
             connect_nats(&nats_url, &nats_safe, timeout, &security),
-            connect_redis(&redis_url, &redis_safe, timeout)
+            connect_redis(&redis_url, &redis_safe, timeout, &redis_tls)
         )?;
         let js = ContextBuilder::new()
             .timeout(PUBLISH_TIMEOUT)
@@ -311,6 +383,7 @@ impl Inner {
             nats_given: nats_url,
             redis_given: redis_url,
             security,
+            redis_tls,
             message_key,
             nats_safe,
             redis_safe,

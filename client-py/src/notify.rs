@@ -4,7 +4,7 @@
 //! A waiter registers its task id and waits for [`Event::Subscribed`]; only then does it read
 //! the record (subscribe first, then check, then wait: a result stored in between cannot be
 //! missed). One task owns the connection: it batches the SUBSCRIBE/UNSUBSCRIBE commands of
-//! all waiters that arrived meanwhile, routes each `dbtask:done:<id>` message to the waiters
+//! all waiters that arrived meanwhile, routes each `dbtask:done:{<id>}` message to the waiters
 //! of that id, and, when the connection drops, reconnects with backoff, subscribes again and
 //! sends every waiter `Subscribed` once more, so that each reads its record again.
 
@@ -14,7 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dbtask_protocol::DONE_CHANNEL_PREFIX;
+use dbtask_protocol::redis_conn::PubSubSource;
+use dbtask_protocol::{done_channel, done_channel_task};
 use futures::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
 use tokio::sync::mpsc;
@@ -93,7 +94,7 @@ impl Notifier {
     /// Starts the task that owns `connection` (already connected by the caller, so that
     /// `init` fails fast when Redis is down). The task ends when the notifier is dropped.
     pub fn start(
-        client: redis::Client,
+        client: PubSubSource,
         connection: redis::aio::PubSub,
         connect_timeout: Duration,
         safe_url: String,
@@ -153,7 +154,7 @@ struct Entry {
 }
 
 struct Owner {
-    client: redis::Client,
+    client: PubSubSource,
     connect_timeout: Duration,
     safe_url: String,
     conn: Option<(PubSubSink, PubSubStream)>,
@@ -172,14 +173,36 @@ async fn next_message(conn: &mut Option<(PubSubSink, PubSubStream)>) -> Option<r
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
+/// How often a client of a Sentinel group asks where the master is.
+const SENTINEL_CHECK: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 impl Owner {
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
         let mut backoff = BACKOFF_MIN;
+        // Sentinel: a master that a failover replaced keeps its subscribers for a while but
+        // hears nothing the new master publishes. Asking the Sentinels now and then finds the
+        // move; the connection is then made again (to the new master) and every waiter reads
+        // its record again.
+        let sentinel = match &self.client {
+            PubSubSource::Sentinel(master) => Some(master.clone()),
+            _ => None,
+        };
+        let mut watch = tokio::time::interval(SENTINEL_CHECK);
+        watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let connected = self.conn.is_some();
             tokio::select! {
+                _ = watch.tick(), if sentinel.is_some() && connected => {
+                    let moved = match &sentinel {
+                        Some(master) => master.check().await.unwrap_or(false),
+                        None => false,
+                    };
+                    if moved {
+                        self.lost(None);
+                        backoff = BACKOFF_MIN;
+                    }
+                }
                 command = commands.recv() => {
                     let Some(command) = command else { return };
                     if !self.apply(command) {
@@ -214,7 +237,7 @@ impl Owner {
 
     async fn connect(&mut self) -> Result<(), Down> {
         let url = || self.safe_url.clone();
-        let conn = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub())
+        let conn = tokio::time::timeout(self.connect_timeout, self.client.connect())
             .await
             .map_err(|_| Down::ConnectTimedOut { url: url() })?
             .map_err(|source| Down::Connect { url: url(), source })?;
@@ -285,7 +308,7 @@ impl Owner {
             let channels: Vec<String> = self
                 .unsubscribe
                 .drain()
-                .map(|id| format!("{DONE_CHANNEL_PREFIX}{id}"))
+                .map(|id| done_channel(&id))
                 .collect();
             if let Err(e) = sink.unsubscribe(&channels).await {
                 return self.lost(Some(e));
@@ -300,10 +323,7 @@ impl Owner {
         if pending.is_empty() {
             return;
         }
-        let channels: Vec<String> = pending
-            .iter()
-            .map(|id| format!("{DONE_CHANNEL_PREFIX}{id}"))
-            .collect();
+        let channels: Vec<String> = pending.iter().map(|id| done_channel(id)).collect();
         if let Err(e) = sink.subscribe(&channels).await {
             return self.lost(Some(e));
         }
@@ -318,7 +338,7 @@ impl Owner {
     }
 
     fn dispatch(&mut self, msg: redis::Msg) {
-        let Some(id) = msg.get_channel_name().strip_prefix(DONE_CHANNEL_PREFIX) else {
+        let Some(id) = done_channel_task(msg.get_channel_name()) else {
             return;
         };
         if let Some(entry) = self.entries.get_mut(id) {

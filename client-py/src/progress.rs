@@ -1,6 +1,6 @@
 //! Following a task's states as they are stored (`AsyncResult.progress()`), on the same
 //! shared pub/sub connection as `wait()`: the worker publishes every state a task stores for
-//! itself (`update_state`) and every final record on `dbtask:done:<id>`.
+//! itself (`update_state`) and every final record on `dbtask:done:{<id>}`.
 //!
 //! Subscribe first, then read the current record, then hear each update: nothing stored after
 //! the subscription is missed. A record is yielded once (the read and the notice of the same

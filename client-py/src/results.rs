@@ -66,7 +66,7 @@ pub(crate) async fn get_record(inner: &Inner, id: &str) -> Result<Option<Bytes>,
     }
 }
 
-/// `DEL dbtask:result:<id>`: the task reads PENDING again.
+/// `DEL dbtask:result:{<id>}`: the task reads PENDING again.
 pub(crate) async fn forget(inner: &Inner, id: &str) -> Result<(), ClientError> {
     inner.check_open()?;
     let mut conn = inner.redis.clone();

@@ -1,6 +1,6 @@
-//! Revocation, client side: add the id to the sorted set `dbtask:revoked` (scored by the
+//! Revocation, client side: add the id to the sorted set `dbtask:{revoke}:ids` (scored by the
 //! time the revocation expires, expired members pruned in the same transaction) and announce
-//! it on `dbtask:revoke`, in one MULTI/EXEC. Workers load the set at start and follow the
+//! it on `dbtask:{revoke}`, in one MULTI/EXEC. Workers load the set at start and follow the
 //! channel, so a revocation reaches every worker, also one started later.
 
 use std::sync::Arc;

@@ -129,5 +129,5 @@ async def last_message(nats_url: str, subject: str) -> Any:
 def store(redis: Server, record: dict[str, Any]) -> None:
     """What the worker does when a task is done: SET the record, PUBLISH it."""
     body = json.dumps(record)
-    redis_cli(redis, "SET", f"dbtask:result:{record['id']}", body, "EX", "60")
-    redis_cli(redis, "PUBLISH", f"dbtask:done:{record['id']}", body)
+    redis_cli(redis, "SET", f"dbtask:result:{{{record['id']}}}", body, "EX", "60")
+    redis_cli(redis, "PUBLISH", f"dbtask:done:{{{record['id']}}}", body)

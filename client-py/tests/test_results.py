@@ -27,7 +27,7 @@ async def test_get_resolves_on_the_notification(client, redis):
     assert (await r.info())["task"] == "t.add"
     # Nobody is subscribed any more.
     await asyncio.sleep(0.1)
-    assert redis_cli(redis, "PUBSUB", "NUMSUB", "dbtask:done:job-1").split()[-1] == "0"
+    assert redis_cli(redis, "PUBSUB", "NUMSUB", "dbtask:done:{job-1}").split()[-1] == "0"
 
 
 def test_get_sync_of_a_stored_result_and_none(client, redis):
@@ -62,7 +62,7 @@ async def test_cancelled_wait_unsubscribes(client, redis):
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(dbtask.AsyncResult("job-4").get(), 0.3)
     await asyncio.sleep(0.2)
-    assert redis_cli(redis, "PUBSUB", "NUMSUB", "dbtask:done:job-4").split()[-1] == "0"
+    assert redis_cli(redis, "PUBSUB", "NUMSUB", "dbtask:done:{job-4}").split()[-1] == "0"
 
 
 async def test_many_concurrent_waits_share_one_connection(client, redis):
@@ -73,8 +73,8 @@ async def test_many_concurrent_waits_share_one_connection(client, redis):
     clients = redis_cli(redis, "CLIENT", "LIST").count("cmd=")
     assert clients <= 4, "one command and one pub/sub connection per client process"
     pipe = "".join(
-        f"SET dbtask:result:{i} '{json.dumps({'id': i, 'state': 'SUCCESS', 'result': n})}'\n"
-        f"PUBLISH dbtask:done:{i} '{json.dumps({'id': i, 'state': 'SUCCESS', 'result': n})}'\n"
+        f"SET dbtask:result:{{{i}}} '{json.dumps({'id': i, 'state': 'SUCCESS', 'result': n})}'\n"
+        f"PUBLISH dbtask:done:{{{i}}} '{json.dumps({'id': i, 'state': 'SUCCESS', 'result': n})}'\n"
         for n, i in enumerate(ids)
     )
     subprocess.run(["redis-cli", "-p", str(redis.port)], input=pipe, text=True, check=True, capture_output=True)

@@ -21,26 +21,28 @@ use crate::{
 /// Queue of a signature that names none.
 pub const DEFAULT_QUEUE: &str = "default";
 
-/// Redis key prefix of chord counters: `dbtask:chord:<chord id>` is a hash `member index ->
-/// result JSON`; `dbtask:chord:<chord id>:fired` holds the index of the member that fired it.
-pub const CHORD_KEY_PREFIX: &str = "dbtask:chord:";
-/// Redis key prefix of groups: `dbtask:group:<group id>` holds the JSON list of the members'
+/// Redis key prefix of chord counters: `dbtask:{chord:<chord id>}` is a hash `member index ->
+/// result JSON`; `dbtask:{chord:<chord id>}:fired` holds the index of the member that fired it.
+/// The braces are a Redis Cluster hash tag: the chord's script touches both keys, so they
+/// must hash to one slot.
+pub const CHORD_KEY_PREFIX: &str = "dbtask:{chord:";
+/// Redis key prefix of groups: `dbtask:{group:<group id>}` holds the JSON list of the members'
 /// result ids (a nested list for a member that is itself a group).
-pub const GROUP_KEY_PREFIX: &str = "dbtask:group:";
+pub const GROUP_KEY_PREFIX: &str = "dbtask:{group:";
 
 /// Error type recorded on a chord's result when one of its members failed.
 pub const CHORD_ERROR: &str = "dbtask.ChordError";
 
 pub fn chord_key(chord_id: &str) -> String {
-    format!("{CHORD_KEY_PREFIX}{chord_id}")
+    format!("{CHORD_KEY_PREFIX}{chord_id}}}")
 }
 
 pub fn chord_fired_key(chord_id: &str) -> String {
-    format!("{CHORD_KEY_PREFIX}{chord_id}:fired")
+    format!("{CHORD_KEY_PREFIX}{chord_id}}}:fired")
 }
 
 pub fn group_key(group_id: &str) -> String {
-    format!("{GROUP_KEY_PREFIX}{group_id}")
+    format!("{GROUP_KEY_PREFIX}{group_id}}}")
 }
 
 /// What a signature stands for.
@@ -162,7 +164,7 @@ impl Signature {
         }
     }
 
-    /// What `dbtask:group:<id>` stores for a member: its result id, or the list of a nested
+    /// What `dbtask:{group:<id>}` stores for a member: its result id, or the list of a nested
     /// group's.
     fn result_ref(&self) -> serde_json::Value {
         match self.kind {
@@ -209,7 +211,7 @@ pub struct Carry {
 #[derive(Debug, Default)]
 pub struct Expanded {
     pub messages: Vec<TaskMessage>,
-    /// `(group id, JSON list of member result ids)` for `dbtask:group:<id>`.
+    /// `(group id, JSON list of member result ids)` for `dbtask:{group:<id>}`.
     pub groups: Vec<(String, String)>,
 }
 

@@ -38,6 +38,8 @@ pub mod nats_auth;
 pub mod periodic;
 pub mod rate;
 pub mod record;
+#[cfg(feature = "redis")]
+pub mod redis_conn;
 #[cfg(feature = "nats")]
 pub mod seeds;
 #[cfg(feature = "nats")]

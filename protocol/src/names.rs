@@ -16,17 +16,22 @@ pub const SCHEDULE_SUBJECT_PREFIX: &str = "dbtask.sched";
 /// Wildcard covering every schedule subject, added to the task stream.
 pub const SCHEDULE_SUBJECT_WILDCARD: &str = "dbtask.sched.>";
 
-/// Redis key prefix of result records: `dbtask:result:<task id>` holds a JSON [`ResultRecord`](crate::ResultRecord).
-pub const RESULT_KEY_PREFIX: &str = "dbtask:result:";
+/// Redis key prefix of result records: `dbtask:result:{<task id>}` holds a JSON
+/// [`ResultRecord`](crate::ResultRecord). The braces are a Redis Cluster hash tag: a task's
+/// record and its notification channel hash to the same slot, so one pipeline stores both.
+pub const RESULT_KEY_PREFIX: &str = "dbtask:result:{";
 /// Redis pub/sub channel prefix: the worker publishes the record JSON to
-/// `dbtask:done:<task id>` right after storing a final (ready) state.
-pub const DONE_CHANNEL_PREFIX: &str = "dbtask:done:";
+/// `dbtask:done:{<task id>}` right after storing a final (ready) state.
+pub const DONE_CHANNEL_PREFIX: &str = "dbtask:done:{";
+/// What closes the task id's hash tag in [`result_key`] and [`done_channel`].
+pub const TASK_TAG_END: &str = "}";
 
 /// Redis sorted set of revoked task ids, each scored by the Unix time its revocation expires.
-/// Clients add to it (pruning expired members); workers load it at start.
-pub const REVOKED_SET_KEY: &str = "dbtask:revoked";
+/// Clients add to it (pruning expired members); workers load it at start. Its hash tag is the
+/// channel's: the client adds and announces in one MULTI, which Redis Cluster keeps to a slot.
+pub const REVOKED_SET_KEY: &str = "dbtask:{revoke}:ids";
 /// Redis pub/sub channel announcing each revocation live, as a JSON [`RevokeNotice`](crate::RevokeNotice).
-pub const REVOKE_CHANNEL: &str = "dbtask:revoke";
+pub const REVOKE_CHANNEL: &str = "dbtask:{revoke}";
 
 /// The JetStream subject a queue's tasks are published to.
 pub fn task_subject(queue: &str) -> String {
@@ -45,12 +50,19 @@ pub fn consumer_name(queue: &str) -> String {
 
 /// Redis key of a task's result record.
 pub fn result_key(task_id: &str) -> String {
-    format!("{RESULT_KEY_PREFIX}{task_id}")
+    format!("{RESULT_KEY_PREFIX}{task_id}{TASK_TAG_END}")
 }
 
 /// Redis pub/sub channel announcing that a task reached a ready state.
 pub fn done_channel(task_id: &str) -> String {
-    format!("{DONE_CHANNEL_PREFIX}{task_id}")
+    format!("{DONE_CHANNEL_PREFIX}{task_id}{TASK_TAG_END}")
+}
+
+/// The task id a [`done_channel`] is about, `None` for another channel.
+pub fn done_channel_task(channel: &str) -> Option<&str> {
+    channel
+        .strip_prefix(DONE_CHANNEL_PREFIX)?
+        .strip_suffix(TASK_TAG_END)
 }
 
 /// Redis key prefix of a task's cluster-wide rate limiter: `dbtask:rate:<task name>` holds the
@@ -217,8 +229,10 @@ mod tests {
     fn names_and_validation() {
         assert_eq!(task_subject("math"), "dbtask.tasks.math");
         assert_eq!(consumer_name("math"), "dbtask-math");
-        assert_eq!(result_key("x"), "dbtask:result:x");
-        assert_eq!(done_channel("x"), "dbtask:done:x");
+        assert_eq!(result_key("x"), "dbtask:result:{x}");
+        assert_eq!(done_channel("x"), "dbtask:done:{x}");
+        assert_eq!(done_channel_task(&done_channel("a:b")), Some("a:b"));
+        assert_eq!(done_channel_task("dbtask:revoke"), None);
         assert!(validate_queue("default").is_ok());
         assert!(validate_queue("high_prio-2").is_ok());
         for bad in ["", "a.b", "a*", "a>", "a b", &"q".repeat(65)] {

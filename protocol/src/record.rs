@@ -109,8 +109,8 @@ pub mod error_types {
     pub const SKIPPED: &str = "dbtask.Skipped";
 }
 
-/// What Redis holds for a task at `dbtask:result:<id>`, and what the worker publishes on
-/// `dbtask:done:<id>`. `result` is set on SUCCESS (JSON `null` for a task returning `None`),
+/// What Redis holds for a task at `dbtask:result:{<id>}`, and what the worker publishes on
+/// `dbtask:done:{<id>}`. `result` is set on SUCCESS (JSON `null` for a task returning `None`),
 /// `error` on FAILURE (and RETRY: the last error).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ResultRecord {

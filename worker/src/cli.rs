@@ -205,6 +205,19 @@ pub struct Cli {
     #[arg(long, env = "DBTASK_STREAM_REPLICAS", value_name = "N")]
     pub stream_replicas: Option<usize>,
 
+    // Redis TLS (docs/deployment.md, "Redis").
+    /// CA certificate (PEM) to trust for a rediss:// Redis instead of the system CA store
+    #[arg(long, env = "DBTASK_REDIS_CA", value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for a Redis that verifies clients (mutual TLS); needs --redis-key
+    #[arg(long, env = "DBTASK_REDIS_CERT", value_name = "FILE")]
+    pub redis_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --redis-cert
+    #[arg(long, env = "DBTASK_REDIS_KEY", value_name = "FILE")]
+    pub redis_key: Option<PathBuf>,
+
     /// Print the effective configuration as TOML (passwords hidden) and exit
     #[arg(long)]
     pub print_config: bool,
@@ -284,6 +297,9 @@ impl Cli {
             (&mut config.nats_tls_key, &self.nats_tls_key),
             (&mut config.nats_creds, &self.nats_creds),
             (&mut config.nats_nkey, &self.nats_nkey),
+            (&mut config.redis_ca, &self.redis_ca),
+            (&mut config.redis_cert, &self.redis_cert),
+            (&mut config.redis_key, &self.redis_key),
         ] {
             if value.is_some() {
                 target.clone_from(value);

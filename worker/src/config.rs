@@ -117,6 +117,16 @@ pub struct Config {
     /// Copies of each message the task and dead-letter streams keep on a NATS cluster (1 to
     /// 5): 3 survives the loss of one server. Written to the streams at start.
     pub stream_replicas: usize,
+    // Redis TLS (`rediss://`, docs/deployment.md "Redis"): paths of files, never contents.
+    /// PEM CA certificate(s) to trust for `rediss://` instead of the system CA store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ca: Option<PathBuf>,
+    /// PEM client certificate for a Redis that verifies clients; needs `redis_key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_cert: Option<PathBuf>,
+    /// PEM private key of `redis_cert`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_key: Option<PathBuf>,
 }
 
 /// `nats_url` in TOML: a string (one URL, or seeds separated by commas) or a list of URLs,
@@ -190,6 +200,9 @@ impl Default for Config {
             heartbeat_interval: 5.0,
             control: true,
             stream_replicas: 1,
+            redis_ca: None,
+            redis_cert: None,
+            redis_key: None,
         }
     }
 }
@@ -267,11 +280,20 @@ impl Config {
         }
         dbtask_protocol::seeds::seeds(&self.nats_url)
             .map_err(|e| invalid("nats_url", e.to_string()))?;
-        check_url(
-            &self.redis_url,
-            "redis_url",
-            &["redis", "rediss", "redis+unix", "unix"],
-        )?;
+        let redis = dbtask_protocol::redis_conn::Target::parse(&self.redis_url).map_err(|why| {
+            invalid(
+                "redis_url",
+                format!("{}: {why}", redact_url(&self.redis_url)),
+            )
+        })?;
+        if let dbtask_protocol::redis_conn::Target::Single(single) = &redis {
+            check_url(
+                single,
+                "redis_url",
+                &["redis", "rediss", "redis+unix", "unix"],
+            )?;
+        }
+        self.check_redis_tls(redis.tls())?;
         crate::telemetry::filter_for(&self.log_level).map_err(|e| invalid("log_level", e))?;
         positive_secs(self.shutdown_timeout, "shutdown_timeout", 0.0)?;
         // JetStream counts ack_wait in whole nanoseconds; in-progress acks need some room.
@@ -360,6 +382,53 @@ impl Config {
                 format!("--message-key {}: {e}", path.display()),
             )
         })
+    }
+
+    /// The TLS files of the Redis connection.
+    pub fn redis_tls(&self) -> dbtask_protocol::redis_conn::RedisTls {
+        dbtask_protocol::redis_conn::RedisTls {
+            ca: self.redis_ca.clone(),
+            cert: self.redis_cert.clone(),
+            key: self.redis_key.clone(),
+        }
+    }
+
+    /// The Redis TLS files exist, come as a pair where they must, and go with `rediss://`.
+    fn check_redis_tls(&self, tls_url: bool) -> Result<(), ConfigError> {
+        for (field, flag, path) in [
+            ("redis_ca", "--redis-ca", &self.redis_ca),
+            ("redis_cert", "--redis-cert", &self.redis_cert),
+            ("redis_key", "--redis-key", &self.redis_key),
+        ] {
+            if let Some(path) = path {
+                if !tls_url {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{flag} is for TLS: the Redis URL must start with rediss:// (or rediss+cluster://, rediss+sentinel://)"
+                        ),
+                    ));
+                }
+                if !path.is_file() {
+                    return Err(invalid(
+                        field,
+                        format!("{flag} {}: file not found", path.display()),
+                    ));
+                }
+            }
+        }
+        if self.redis_cert.is_some() != self.redis_key.is_some() {
+            let field = if self.redis_cert.is_some() {
+                "redis_key"
+            } else {
+                "redis_cert"
+            };
+            return Err(invalid(
+                field,
+                "a Redis client certificate needs both --redis-cert and --redis-key",
+            ));
+        }
+        Ok(())
     }
 
     /// The TLS and credential files of the NATS connection.
@@ -654,6 +723,53 @@ mod tests {
             let err = config.validate().unwrap_err().to_string();
             assert!(err.contains(expected), "{expected}: {err}");
         }
+    }
+
+    #[test]
+    fn redis_urls_name_a_server_a_cluster_or_sentinels_and_tls_files_need_rediss() {
+        let with = |url: &str| Config {
+            apps: vec!["tasks".into()],
+            redis_url: url.into(),
+            ..Config::default()
+        };
+        for good in [
+            "redis+cluster://:pw@h1:7000,h2:7001",
+            "rediss+cluster://h1:7000",
+            "redis+sentinel://s1:26379,s2:26379/mymaster/2",
+        ] {
+            with(good).validate().unwrap();
+        }
+        for (bad, expected) in [
+            ("redis+sentinel://s1:26379", "master"),
+            ("redis+cluster://", "seed nodes"),
+            ("redis+cluster://:pw@h1/3", "database 0"),
+            ("memcached://h", "scheme"),
+        ] {
+            let err = with(bad).validate().unwrap_err().to_string();
+            assert!(err.contains("redis_url") && err.contains(expected), "{err}");
+        }
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let ca = Config {
+            redis_ca: Some(file.path().to_owned()),
+            ..with("redis://h")
+        };
+        let err = ca.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("redis_ca") && err.contains("rediss://"),
+            "{err}"
+        );
+        let cert_alone = Config {
+            redis_cert: Some(file.path().to_owned()),
+            ..with("rediss://h")
+        };
+        let err = cert_alone.validate().unwrap_err().to_string();
+        assert!(err.contains("redis_key"), "{err}");
+        Config {
+            redis_ca: Some(file.path().to_owned()),
+            ..with("rediss+sentinel://s1/m")
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -62,6 +62,8 @@ def current() -> "Client":
 # NATS TLS and credentials (docs/security.md): the keywords of `init`, each defaulting to the
 # environment variable the worker reads for the same setting.
 NATS_SECURITY = ("nats_tls_ca", "nats_tls_cert", "nats_tls_key", "nats_creds", "nats_nkey")
+# Redis TLS (docs/deployment.md, "Redis"): the same, for a rediss:// Redis.
+REDIS_TLS = ("redis_ca", "redis_cert", "redis_key")
 PathArg = Union[str, "os.PathLike[str]", None]
 
 
@@ -156,6 +158,9 @@ async def init(
     nats_nkey: PathArg = None,
     message_key: PathArg = None,
     stream_replicas: int | None = None,
+    redis_ca: PathArg = None,
+    redis_cert: PathArg = None,
+    redis_key: PathArg = None,
 ) -> None:
     """Connects to NATS and Redis (awaitable form of :func:`init_sync`).
 
@@ -181,6 +186,13 @@ async def init(
     bytes) every task message is signed with, for workers started with ``--message-key``
     (docs/security.md).
 
+    Redis URLs: ``redis://`` (``rediss://`` for TLS), a Redis Cluster as
+    ``redis+cluster://host1:7000,host2:7001``, a Sentinel group as
+    ``redis+sentinel://[:password@]host1:26379,host2:26379/<master-name>[/db]``
+    (docs/deployment.md). For TLS, ``redis_ca`` (default ``$DBTASK_REDIS_CA``) is a CA
+    certificate (PEM) to trust instead of the system's, ``redis_cert`` and ``redis_key`` a
+    client certificate and its key.
+
     One client serves the whole process, every thread and event loop, async and sync API
     alike. Calling ``init`` again with the same settings keeps it; other ones replace it (the
     old one is closed after the new one connected).
@@ -191,6 +203,9 @@ async def init(
              nats_creds=nats_creds, nats_nkey=nats_nkey)
     )  # fmt: skip
     security.update(_security({"message_key": message_key}, ("message_key",)))
+    security.update(
+        _security(dict(redis_ca=redis_ca, redis_cert=redis_cert, redis_key=redis_key), REDIS_TLS)
+    )
     replicas = _replicas(stream_replicas)
     if _keep(nats, redis, security, replicas):
         return
@@ -212,6 +227,9 @@ def init_sync(
     nats_nkey: PathArg = None,
     message_key: PathArg = None,
     stream_replicas: int | None = None,
+    redis_ca: PathArg = None,
+    redis_cert: PathArg = None,
+    redis_key: PathArg = None,
 ) -> None:
     """Connects to NATS and Redis, blocking; see :func:`init`. Usable with or without asyncio:
     the client made here serves the async API too, from any thread and event loop."""
@@ -221,6 +239,9 @@ def init_sync(
              nats_creds=nats_creds, nats_nkey=nats_nkey)
     )  # fmt: skip
     security.update(_security({"message_key": message_key}, ("message_key",)))
+    security.update(
+        _security(dict(redis_ca=redis_ca, redis_cert=redis_cert, redis_key=redis_key), REDIS_TLS)
+    )
     replicas = _replicas(stream_replicas)
     if _keep(nats, redis, security, replicas):
         return

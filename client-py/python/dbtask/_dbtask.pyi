@@ -52,6 +52,9 @@ class Client:
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
         message_key: str | None = None,
+        redis_ca: str | None = None,
+        redis_cert: str | None = None,
+        redis_key: str | None = None,
         stream_replicas: int = 1,
     ) -> Awaitable[Client]: ...
     @staticmethod
@@ -66,6 +69,9 @@ class Client:
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
         message_key: str | None = None,
+        redis_ca: str | None = None,
+        redis_cert: str | None = None,
+        redis_key: str | None = None,
         stream_replicas: int = 1,
     ) -> Client: ...
     @overload
@@ -140,6 +146,9 @@ class Client:
         nats_creds: str | None = None,
         nats_nkey: str | None = None,
         message_key: str | None = None,
+        redis_ca: str | None = None,
+        redis_cert: str | None = None,
+        redis_key: str | None = None,
     ) -> bool: ...
     @property
     def closed(self) -> bool: ...

@@ -1,7 +1,7 @@
 """Revocation: ``dbtask.revoke(task_id)`` and ``AsyncResult.revoke()``.
 
-A revoked task id is kept in Redis (sorted set ``dbtask:revoked``, for ``ttl`` seconds) and
-announced to the running workers (pub/sub ``dbtask:revoke``); workers load the set when they
+A revoked task id is kept in Redis (sorted set ``dbtask:{revoke}:ids``, for ``ttl`` seconds) and
+announced to the running workers (pub/sub ``dbtask:{revoke}``); workers load the set when they
 start, so a revocation survives worker restarts and reaches workers started later. A revoked
 task never starts: whichever worker receives it records REVOKED and drops it, also when it was
 waiting on a countdown. ``terminate=True`` also stops it if it is running: an ``async def`` task

@@ -53,18 +53,21 @@ pub fn periodic_subject(name: &str) -> String {
 }
 
 /// Redis hash of what the workers saw of schedule `name`: `last_id`, `last_at`, `next_at`.
+/// Every key of a schedule carries the hash tag `{periodic:<name>}`: the script that admits a
+/// tick touches three of them, which must hash to one Redis Cluster slot.
 pub fn periodic_key(name: &str) -> String {
-    format!("dbtask:periodic:{name}")
+    format!("dbtask:{{periodic:{name}}}")
 }
 
 /// Redis key holding the tick id of schedule `name` that runs now (`skip_if_running`).
 pub fn periodic_running_key(name: &str) -> String {
-    format!("dbtask:periodic:{name}:running")
+    format!("dbtask:{{periodic:{name}}}:running")
 }
 
-/// Redis key claiming a tick for the delivered message (its stream sequence) that runs it.
-pub fn tick_claim_key(tick_id: &str) -> String {
-    format!("dbtask:tick:{tick_id}")
+/// Redis key claiming tick `tick_id` of schedule `name` for the delivered message (its
+/// stream sequence) that runs it.
+pub fn tick_claim_key(name: &str, tick_id: &str) -> String {
+    format!("dbtask:{{periodic:{name}}}:tick:{tick_id}")
 }
 
 /// What a tick delivered late does (`catch_up=`).

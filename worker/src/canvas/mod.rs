@@ -5,9 +5,9 @@
 //! safe to repeat (a crash before the ack redelivers the message, which runs this again):
 //! - publishes carry `Nats-Msg-Id` = the next task's id, assigned by the client up front, so
 //!   JetStream drops a second publish inside its duplicate window;
-//! - a chord member stores its result in its own slot of `dbtask:chord:<id>` (a redelivery
+//! - a chord member stores its result in its own slot of `dbtask:{chord:<id>}` (a redelivery
 //!   overwrites it, never counts twice); the member whose write completes the hash and wins
-//!   `SET dbtask:chord:<id>:fired <index> NX` publishes the callback (it, or a redelivery of
+//!   `SET dbtask:{chord:<id>}:fired <index> NX` publishes the callback (it, or a redelivery of
 //!   the same member, and nobody else);
 //! - failure records are plain overwrites of the same keys.
 //!

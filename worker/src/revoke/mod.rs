@@ -1,7 +1,7 @@
 //! Revocation: the revoked task ids, kept in this worker's memory and loaded from Redis.
 //!
-//! Clients add a revoked id to the sorted set `dbtask:revoked` (scored by the Unix time the
-//! revocation expires) and publish a [`RevokeNotice`] on `dbtask:revoke`. A worker subscribes
+//! Clients add a revoked id to the sorted set `dbtask:{revoke}:ids` (scored by the Unix time the
+//! revocation expires) and publish a [`RevokeNotice`] on `dbtask:{revoke}`. A worker subscribes
 //! to the channel first, then loads the set (so nothing published in between is missed), and
 //! follows the channel from then on; after a lost connection it subscribes and loads again.
 //! Checking a task is a lookup in memory: no Redis round trip per task.
@@ -20,7 +20,8 @@ use futures::StreamExt;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-use crate::store::{Notices, RevocationFeed, StoreError};
+use crate::store::{Notices, RevocationFeed, Store, StoreError};
+use dbtask_protocol::redis_conn::RedisTls;
 
 /// How often expired revocations are dropped from memory.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -78,10 +79,14 @@ impl Revocations {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Subscribes to `dbtask:revoke`, loads `dbtask:revoked`, and keeps following the channel
+    /// Subscribes to `dbtask:{revoke}`, loads `dbtask:{revoke}:ids`, and keeps following the channel
     /// on a background task (reconnecting with backoff) for as long as the runtime lives.
-    pub async fn start(redis_url: &str) -> Result<Revocations, StoreError> {
-        let feed = RevocationFeed::open(redis_url)?;
+    pub async fn start(
+        redis_url: &str,
+        tls: &RedisTls,
+        store: &Store,
+    ) -> Result<Revocations, StoreError> {
+        let feed = RevocationFeed::open(redis_url, tls, store)?;
         let revocations = Revocations {
             state: Arc::new(Mutex::new(State::default())),
             notices: Arc::new(Notify::new()),

@@ -258,7 +258,8 @@ pub async fn run_watched(
     let broker = Broker::connect_with(&config.nats_url, &config.nats_security(), &worker)
         .await?
         .with_message_key(message_key);
-    let store = Store::connect(&config.redis_url, config.result_ttl).await?;
+    let redis_tls = config.redis_tls();
+    let store = Store::connect_with(&config.redis_url, &redis_tls, config.result_ttl).await?;
     if let Some(status) = &status {
         status.connected(&broker, &store);
     }
@@ -267,7 +268,7 @@ pub async fn run_watched(
         warn!(error = %e, "cannot read the Redis version");
         "unknown".to_owned()
     });
-    let revocations = Revocations::start(&config.redis_url).await?;
+    let revocations = Revocations::start(&config.redis_url, &redis_tls, &store).await?;
     let identity = crate::journal::identity(broker.url(), store.url());
     let journal = crash::open_journal(&config, identity, &store, max_in_flight(&config)).await;
     broker.ensure_stream(&config).await?;

@@ -36,7 +36,7 @@ impl Store {
     ) -> Option<Vec<Vec<u8>>> {
         self.retrying("count a chord member", || async {
             let mut conn = self.conn().await?;
-            redis::cmd("EVAL")
+            let fired = redis::cmd("EVAL")
                 .arg(CHORD_SCRIPT)
                 .arg(2)
                 .arg(chord_key(&chord.id))
@@ -47,7 +47,9 @@ impl Store {
                 .arg(ttl)
                 .query_async(&mut conn)
                 .await
-                .map_err(|e| self.redis_error(e))
+                .map_err(|e| self.redis_error(e))?;
+            self.replicated(&mut conn).await?;
+            Ok(fired)
         })
         .await
     }
@@ -63,7 +65,8 @@ impl Store {
             let mut conn = self.conn().await?;
             pipe.exec_async(&mut conn)
                 .await
-                .map_err(|e| self.redis_error(e))
+                .map_err(|e| self.redis_error(e))?;
+            self.replicated(&mut conn).await
         })
         .await
     }

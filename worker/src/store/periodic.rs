@@ -63,7 +63,7 @@ impl Store {
         let (verdict, other): (String, String) = redis::cmd("EVAL")
             .arg(ADMIT)
             .arg(3)
-            .arg(tick_claim_key(tick.id))
+            .arg(tick_claim_key(tick.schedule, tick.id))
             .arg(periodic_running_key(tick.schedule))
             .arg(periodic_key(tick.schedule))
             .arg(tick.stream_seq)
