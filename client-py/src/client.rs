@@ -80,7 +80,15 @@ impl Client {
         redis_tls: RedisTls,
         stream_replicas: usize,
     ) -> Result<Client, ClientError> {
-        let inner = Inner::connect(nats_url, redis_url, timeout, security, redis_tls, stream_replicas).await?;
+        let inner = Inner::connect(
+            nats_url,
+            redis_url,
+            timeout,
+            security,
+            redis_tls,
+            stream_replicas,
+        )
+        .await?;
         Ok(Client {
             inner: Arc::new(inner),
             publisher: Publisher::start(),
@@ -129,7 +137,14 @@ impl Client {
         };
         bridge::awaitable(
             py,
-            Client::open(nats_url, redis_url, timeout, security, redis_tls, stream_replicas),
+            Client::open(
+                nats_url,
+                redis_url,
+                timeout,
+                security,
+                redis_tls,
+                stream_replicas,
+            ),
             |py, client| Ok(Py::new(py, client)?.into_any()),
         )
     }
@@ -172,7 +187,14 @@ impl Client {
         };
         runtime::block_on(
             py,
-            Client::open(nats_url, redis_url, timeout, security, redis_tls, stream_replicas),
+            Client::open(
+                nats_url,
+                redis_url,
+                timeout,
+                security,
+                redis_tls,
+                stream_replicas,
+            ),
         )
     }
 
