@@ -138,3 +138,41 @@ def test_a_wrong_redis_password_says_so_and_names_the_setting(nats, tmp_path):
         dbtask.close_sync()
     finally:
         guarded.stop()
+
+
+# Run in a child process: the bug it guards against killed the whole process (SIGSEGV in the
+# client's allocator when a thread that had used the client was gone and a new one called it).
+_THREADS_COME_AND_GO = """
+import asyncio, sys, threading
+import dbtask
+
+nats, redis = sys.argv[1], sys.argv[2]
+
+async def use(url):
+    try:
+        await dbtask.init(nats_url=url, redis_url=redis, timeout=2)
+        print("state", await dbtask.AsyncResult("no-such-id").state())
+        await dbtask.close()
+    except ConnectionError:
+        print("refused")
+
+for url in [nats, "nats://127.0.0.1:1", nats, nats]:
+    t = threading.Thread(target=lambda: asyncio.run(use(url)))
+    t.start()
+    t.join()
+print("done")
+"""
+
+
+def test_threads_that_come_and_go_each_use_the_client(nats, redis):
+    """A web server's worker threads (or asyncio.run in short-lived threads) each init, use and
+    close the client: every one works, and the process survives them all."""
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-c", _THREADS_COME_AND_GO, nats.url, redis.url],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout}\n{run.stderr[-3000:]}"
+    assert run.stdout.split() == ["state", "PENDING", "refused", "state", "PENDING", "state", "PENDING", "done"]
