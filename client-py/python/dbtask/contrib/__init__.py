@@ -1,0 +1,1 @@
+"""Integrations of dbtask with frameworks: ``dbtask.contrib.fastapi`` (FastAPI, Starlette)."""
