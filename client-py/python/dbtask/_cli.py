@@ -7,6 +7,7 @@
     dbtask result TASK_ID
     dbtask schedule list | add | remove | run     (``_cli_schedule.py``)
     dbtask events | inspect ... | control ... | purge QUEUE     (``_cli_inspect.py``)
+    dbtask dashboard [--port 5555] [--address 127.0.0.1]     (``dashboard/``)
 
 Servers: ``--nats-url`` / ``--redis-url``, else ``$DBTASK_NATS_URL`` / ``$DBTASK_REDIS_URL``,
 else ``nats://127.0.0.1:4222`` / ``redis://127.0.0.1:6379``. NATS TLS and credentials:
@@ -122,7 +123,7 @@ def _result(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dbtask", description="dbtask operator commands: dead letters, task results, schedules, events, inspect and control.")
+    parser = argparse.ArgumentParser(prog="dbtask", description="dbtask operator commands: dead letters, task results, schedules, events, inspect and control, the dashboard.")
     parser.add_argument(
         "--nats-url",
         help="NATS server, or seed servers separated by commas (default: $DBTASK_NATS_URL, else nats://127.0.0.1:4222)",
@@ -168,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     from ._cli_inspect import add_commands as add_inspect_commands
 
     add_inspect_commands(commands)
+    from .dashboard import add_command as add_dashboard_command
+
+    add_dashboard_command(commands)
     return parser
 
 
