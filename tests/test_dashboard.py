@@ -190,6 +190,19 @@ def test_the_worker_and_submitted_tasks_appear_live(worker_factory, dashboard, s
     expect(page.locator("#chart-throughput rect.ok")).to_have_count(1)
     expect(page.locator("#chart-throughput rect.bad")).to_have_count(1)
 
+    # A workflow step's page links to its parent, whose page is there too.
+    last = (inspect_tasks.add.s(1, 2) | inspect_tasks.add.s(10)).delay_sync()
+    assert last.get_sync(timeout=20) == 13
+    page.goto(f"{url}#/task/{last.id}")
+    expect(page.locator("#task-title")).to_have_attribute("data-state", "SUCCESS")
+    parent = page.locator("#task-parent_id a")
+    expect(parent).to_have_count(1)
+    parent_id = parent.inner_text()
+    assert parent_id != last.id
+    parent.click()
+    expect(page.locator("#task-title")).to_contain_text(parent_id)
+    expect(page.locator("#task-result")).to_have_text("3")
+
 
 def test_revoke_and_terminate_buttons(worker_factory, dashboard, sync_client, page, tmp_path):
     from playwright.sync_api import expect

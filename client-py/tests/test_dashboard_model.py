@@ -21,11 +21,12 @@ def event(kind: str, task_id: str = "t1", **fields):
 
 def test_a_task_goes_through_its_states_and_keeps_its_error():
     m = Model(clock=Clock())
-    assert m.apply(event("task.received"))[1]["state"] == "RECEIVED"
+    assert m.apply(event("task.received", parent_id="p1", root_id="r1"))[1]["state"] == "RECEIVED"
     assert m.apply(event("task.started"))[1]["state"] == "STARTED"
     kind, task = m.apply(event("task.failed", runtime=0.5, error_type="ValueError", error="boom"))
     assert kind == "task" and task["state"] == "FAILURE"
     assert (task["error_type"], task["error"], task["runtime"]) == ("ValueError", "boom", 0.5)
+    assert (task["parent_id"], task["root_id"]) == ("p1", "r1")  # from the received event
     assert [e["event"] for e in m.timelines["t1"]] == ["task.received", "task.started", "task.failed"]
     # A late event of the same attempt from elsewhere does not reopen it.
     assert m.apply(event("task.started"))[1]["state"] == "FAILURE"

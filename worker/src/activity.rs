@@ -253,6 +253,8 @@ mod tests {
             task: "add",
             queue: "default",
             attempt: 1,
+            parent_id: None,
+            root_id: None,
         }
     }
 

@@ -39,6 +39,11 @@ pub struct TaskEvent<'a> {
     /// Dead-lettered: why.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'a str>,
+    /// Received, in a workflow: the step that published this task, and the workflow's first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_id: Option<&'a str>,
 }
 
 /// One worker event, as published.
@@ -118,6 +123,8 @@ impl EventStream {
             error: None,
             retry_in: None,
             reason: None,
+            parent_id: task.parent_id,
+            root_id: task.root_id,
         };
         fill(&mut event);
         match serde_json::to_vec(&event) {
@@ -213,6 +220,8 @@ mod tests {
             error: Some(cut(&error.message, MAX_MESSAGE_CHARS)),
             retry_in: None,
             reason: None,
+            parent_id: None,
+            root_id: None,
         };
         let json: serde_json::Value = serde_json::to_value(&event).unwrap();
         assert_eq!(json["event"], "task.failed");

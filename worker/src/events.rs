@@ -16,6 +16,10 @@ pub struct TaskRef<'a> {
     pub queue: &'a str,
     /// Deliveries of its message (1 on the first).
     pub attempt: u32,
+    /// In a workflow: the step whose outcome published this task (its `request.parent_id`)
+    /// and the workflow's first task. Given with `received` only.
+    pub parent_id: Option<&'a str>,
+    pub root_id: Option<&'a str>,
 }
 
 /// Receives lifecycle events; every method does nothing unless overridden. Called on the
@@ -220,6 +224,8 @@ mod tests {
             task: "add",
             queue: "default",
             attempt: 1,
+            parent_id: None,
+            root_id: None,
         };
         let error = TaskError::new("ValueError", "bad");
         // Nobody listening: every event is a no-op.

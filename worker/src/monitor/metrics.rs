@@ -480,6 +480,8 @@ mod tests {
             task: name,
             queue,
             attempt: 1,
+            parent_id: None,
+            root_id: None,
         }
     }
 

@@ -21,6 +21,7 @@ use super::tick::TickAdmission;
 use super::Disposition;
 use super::{reached, Phase, Shared};
 use crate::canvas::Flow;
+use crate::events::TaskRef;
 use crate::python::TaskInfo;
 
 /// A message that waits this long in the prefetch for a slot gets a RECEIVED record. Not at
@@ -115,7 +116,11 @@ pub(super) async fn admit<'a>(
         queue = ctx.queue,
         "task received"
     );
-    shared.hooks.received(ctx.task_ref(id, name));
+    shared.hooks.received(TaskRef {
+        parent_id: task.parent_id.as_deref(),
+        root_id: task.root_id.as_deref(),
+        ..ctx.task_ref(id, name)
+    });
 
     // A redelivery may follow a crash between storing the outcome and acking it; a first
     // delivery may follow a NATS outage that lost the ack.

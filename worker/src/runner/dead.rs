@@ -128,6 +128,8 @@ fn task_ref<'a>(
         task: task.unwrap_or("?"),
         queue,
         attempt: deliveries.clamp(0, u32::MAX as i64) as u32,
+        parent_id: None,
+        root_id: None,
     }
 }
 

@@ -231,6 +231,8 @@ impl Context<'_> {
             task,
             queue: self.queue,
             attempt: self.attempt,
+            parent_id: None,
+            root_id: None,
         }
     }
 

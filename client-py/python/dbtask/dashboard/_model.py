@@ -95,7 +95,7 @@ class Model:
         if not stale:
             task["state"] = state
             task["attempt"] = max(task["attempt"], attempt)
-        for field in ("task", "queue", "worker"):
+        for field in ("task", "queue", "worker", "parent_id", "root_id"):
             if isinstance(event.get(field), str):
                 task[field] = event[field]
         stamp = _number(event.get("timestamp")) or now

@@ -349,7 +349,8 @@ async function showTask(id) {
   field(fields, "Runtime", seconds(s.runtime ?? (r.date_done && r.date_started ? r.date_done - r.date_started : undefined)));
   field(fields, "Next attempt at", when(r.eta));
   for (const [name, key] of [["Workflow parent", "parent_id"], ["Workflow root", "root_id"]]) {
-    if (r[key]) fields.append(el("dt", { text: name }), el("dd", {}, el("a", { href: `#/task/${encodeURIComponent(r[key])}`, text: r[key] })));
+    const other = r[key] || s[key];
+    if (other && other !== id) fields.append(el("dt", { text: name }), el("dd", { id: `task-${key}` }, el("a", { href: `#/task/${encodeURIComponent(other)}`, text: other })));
   }
   if (state === "PENDING" && !got.timeline.length) field(fields, "Note", "no record in Redis: not received yet, expired, or an unknown id");
   const args = document.getElementById("task-args");
