@@ -236,12 +236,11 @@ function drawRuntime(runtime) {
   const chart = document.getElementById("chart-runtime");
   chart.replaceChildren();
   const left = 40, top = 10, width = 550, height = 140;
-  const names = [];
   const b = runtime.bounds;
-  const short = (s) => (s < 1 ? `${s * 1000} ms` : s < 60 ? `${s} s` : `${s / 60} min`);
-  names.push(`< ${short(b[0])}`);
-  for (let i = 1; i < b.length; i++) names.push(`${short(b[i - 1])}-${short(b[i])}`.replace(/ ms-/, "-").replace(/ s-(\d+ s)/, "-$1"));
-  names.push(`> ${short(b[b.length - 1])}`);
+  const short = (s) => (s < 1 ? `${+(s * 1000).toPrecision(3)}ms` : s < 60 ? `${s}s` : `${s / 60}m`);
+  const names = [`<${short(b[0])}`];
+  for (let i = 1; i < b.length; i++) names.push(`${short(b[i - 1])}-${short(b[i])}`);
+  names.push(`>${short(b[b.length - 1])}`);
   const max = niceMax(Math.max(0, ...runtime.counts));
   axes(chart, max, left, top, height, width);
   const step = width / runtime.counts.length;
