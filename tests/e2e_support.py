@@ -114,14 +114,19 @@ def start_nats(
     return Server("nats-server", "nats", port, proc, log)
 
 
-def start_redis(workdir: Path, port: int | None = None, args: Sequence[str] = ()) -> Server:
+def start_redis(
+    workdir: Path, port: int | None = None, args: Sequence[str] = (), *, tls: Sequence[str] | None = None
+) -> Server:
     """redis-server on a free port (or on `port`, to bring a stopped one back), no persistence
-    unless `args` (more redis-server options, which win over these) asks for it."""
+    unless `args` (more redis-server options, which win over these) asks for it. `tls`: the
+    server's TLS options (`--tls-cert-file ...`); it then speaks only TLS on that port
+    (`rediss://`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = workdir / "redis.log"
+    listen = ["--port", str(port)] if tls is None else ["--port", "0", "--tls-port", str(port), *tls]
     cmd = [
-        REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
+        REDIS_BIN, "--bind", "127.0.0.1", *listen, "--dir", str(workdir),
         "--save", "", "--appendonly", "no", "--daemonize", "no", *args,
     ]  # fmt: skip
     with open(log, "ab") as out:
@@ -131,7 +136,7 @@ def start_redis(workdir: Path, port: int | None = None, args: Sequence[str] = ()
     except BaseException:
         _stop(proc)
         raise
-    return Server("redis-server", "redis", port, proc, log)
+    return Server("redis-server", "redis" if tls is None else "rediss", port, proc, log)
 
 
 class RedisCluster:
