@@ -140,7 +140,7 @@ def start_redis(
 
 
 class RedisCluster:
-    """A Redis Cluster of three masters we started (no replicas): `url` is its
+    """A Redis Cluster we started (three masters, and replicas when asked): `url` is its
     `redis+cluster://` URL, `nodes` its servers. Stands in for a `Server` in the fixtures."""
 
     name = "redis-cluster"
@@ -156,13 +156,13 @@ class RedisCluster:
             node.stop()
 
 
-def start_redis_cluster(workdir: Path, masters: int = 3) -> RedisCluster:
+def start_redis_cluster(workdir: Path, masters: int = 3, replicas: int = 0) -> RedisCluster:
     """`masters` redis-servers in cluster mode on free ports (their cluster bus ports chosen
-    free too), joined by `redis-cli --cluster create`; returns once every node says the
-    cluster is ok."""
+    free too), each with `replicas` replicas, joined by `redis-cli --cluster create`; returns
+    once every node says the cluster is ok (and every replica is in sync)."""
     nodes: list[Server] = []
     try:
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             node_dir = workdir / f"node{i}"
             node_dir.mkdir(parents=True, exist_ok=True)
             port = free_port()
@@ -179,7 +179,7 @@ def start_redis_cluster(workdir: Path, masters: int = 3) -> RedisCluster:
             _wait_port(port, proc, "redis-server", log)
         create = subprocess.run(
             ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         if create.returncode != 0:
@@ -190,7 +190,10 @@ def start_redis_cluster(workdir: Path, masters: int = 3) -> RedisCluster:
                 info = subprocess.run(
                     ["redis-cli", "-p", str(node.port), "CLUSTER", "INFO"], capture_output=True, text=True
                 ).stdout
-                if "cluster_state:ok" in info:
+                role = subprocess.run(
+                    ["redis-cli", "-p", str(node.port), "INFO", "replication"], capture_output=True, text=True
+                ).stdout
+                if "cluster_state:ok" in info and ("role:slave" not in role or "master_link_status:up" in role):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the cluster is not ok after 30 s:\n{info}")
