@@ -71,6 +71,29 @@ impl Client {
         self.inner.clone()
     }
 
+    /// What `connect` and `connect_sync` share: the arguments checked, and the connecting to
+    /// await (or block on).
+    fn opening(
+        nats_url: String,
+        redis_url: String,
+        timeout: f64,
+        security: NatsSecurity,
+        redis_tls: RedisTls,
+        stream_replicas: usize,
+    ) -> PyResult<impl std::future::Future<Output = Result<Client, ClientError>> + Send + 'static>
+    {
+        let timeout = seconds("timeout", timeout)?;
+        let stream_replicas = replicas(stream_replicas)?;
+        Ok(Client::open(
+            nats_url,
+            redis_url,
+            timeout,
+            security,
+            redis_tls,
+            stream_replicas,
+        ))
+    }
+
     /// Connects, then starts the publisher task (on the I/O thread, where this runs).
     async fn open(
         nats_url: String,
@@ -120,31 +143,28 @@ impl Client {
         redis_key: Option<PathBuf>,
         stream_replicas: usize,
     ) -> PyResult<Bound<'_, PyAny>> {
-        let timeout = seconds("timeout", timeout)?;
-        let stream_replicas = replicas(stream_replicas)?;
-        let security = NatsSecurity::new(
-            nats_tls_ca,
-            nats_tls_cert,
-            nats_tls_key,
-            nats_creds,
-            nats_nkey,
-            message_key,
-        );
-        let redis_tls = RedisTls {
-            ca: redis_ca,
-            cert: redis_cert,
-            key: redis_key,
-        };
+        let opening = Client::opening(
+            nats_url,
+            redis_url,
+            timeout,
+            NatsSecurity::new(
+                nats_tls_ca,
+                nats_tls_cert,
+                nats_tls_key,
+                nats_creds,
+                nats_nkey,
+                message_key,
+            ),
+            RedisTls {
+                ca: redis_ca,
+                cert: redis_cert,
+                key: redis_key,
+            },
+            stream_replicas,
+        )?;
         bridge::awaitable(
             py,
-            Client::open(
-                nats_url,
-                redis_url,
-                timeout,
-                security,
-                redis_tls,
-                stream_replicas,
-            ),
+            opening,
             |py, client| Ok(Py::new(py, client)?.into_any()),
         )
     }
@@ -170,32 +190,26 @@ impl Client {
         redis_key: Option<PathBuf>,
         stream_replicas: usize,
     ) -> PyResult<Client> {
-        let timeout = seconds("timeout", timeout)?;
-        let stream_replicas = replicas(stream_replicas)?;
-        let security = NatsSecurity::new(
-            nats_tls_ca,
-            nats_tls_cert,
-            nats_tls_key,
-            nats_creds,
-            nats_nkey,
-            message_key,
-        );
-        let redis_tls = RedisTls {
-            ca: redis_ca,
-            cert: redis_cert,
-            key: redis_key,
-        };
-        runtime::block_on(
-            py,
-            Client::open(
-                nats_url,
-                redis_url,
-                timeout,
-                security,
-                redis_tls,
-                stream_replicas,
+        let opening = Client::opening(
+            nats_url,
+            redis_url,
+            timeout,
+            NatsSecurity::new(
+                nats_tls_ca,
+                nats_tls_cert,
+                nats_tls_key,
+                nats_creds,
+                nats_nkey,
+                message_key,
             ),
-        )
+            RedisTls {
+                ca: redis_ca,
+                cert: redis_cert,
+                key: redis_key,
+            },
+            stream_replicas,
+        )?;
+        runtime::block_on(py, opening)
     }
 
     /// Publishes one task and returns an asyncio future of the running loop that resolves to
