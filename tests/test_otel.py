@@ -82,3 +82,33 @@ def test_a_chain_is_one_trace_from_the_client_through_every_step(worker_factory,
     assert failed["attributes"]["dbtask.task.state"] == "FAILURE"
     task_send = by_name["send dbtask.tasks.default"][0]
     assert failed["parent"] == task_send["span_id"]
+
+
+def test_with_the_process_pool_the_steps_stay_in_the_trace(worker_factory, nats, redis, tmp_path: Path):
+    # Sync steps run in pool processes, whose spans the worker cannot hear of: what follows
+    # them carries the message's own context (siblings under the send span), while the
+    # async step runs in the worker and its follow-up continues its span.
+    spans_path = tmp_path / "spans.jsonl"
+    worker_factory("otel_tasks", args=["--pool", "processes"], concurrency=2, env={"DBTASK_TEST_SPANS": str(spans_path)})
+    out = subprocess.run(
+        [str(VENV / "bin" / "python"), "otel_tasks.py", nats.url, redis.url],
+        cwd=APPS,
+        env=worker_env(DBTASK_TEST_SPANS=str(spans_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["result"] == 16
+    spans = spans_of(spans_path, 7)
+    assert len({s["trace_id"] for s in spans}) == 1
+    (chain_send,) = [s for s in spans if s["name"] == "send dbtask.workflow"]
+    process = [s for s in spans if s["name"] == "process dbtask.tasks.default"]
+    names = {s["span_id"]: s["attributes"]["dbtask.task.name"] for s in process}
+    first = next(s for s in process if s["parent"] == chain_send["span_id"] and names[s["span_id"]] == "otel.add")
+    second = next(s for s in process if names[s["span_id"]] == "otel.double")
+    assert second["parent"] == chain_send["span_id"], "after a pool task: the message's context"
+    third = next(s for s in process if s["parent"] == second["span_id"])
+    assert names[third["span_id"]] == "otel.add" and first is not third
+    failed = next(s for s in process if names[s["span_id"]] == "otel.fail")
+    assert failed["status"] == "ERROR"
