@@ -119,6 +119,8 @@ class TracedClient:
         self._otel = otel
 
     def __getattr__(self, name: str) -> Any:
+        if name in TracedClient.__slots__:  # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self._inner, name)
 
     def __repr__(self) -> str:
