@@ -222,8 +222,9 @@ class CeleryPeer(Peer):
         "`add.delay()` in a loop (the client is synchronous)."
     )
     w4_text = (
-        f"gevent pool, concurrency {W4_CONCURRENCY}, one process: `time.sleep(0.05)` in a plain task "
-        "(Celery tasks cannot be `async def`; gevent makes the sleep cooperative)"
+        f"thread pool, `--pool threads --concurrency {W4_CONCURRENCY}`, one process: `time.sleep(0.05)` "
+        "in a plain task (Celery tasks cannot be `async def`). Its gevent pool, the other choice for "
+        "I/O, drained 1,000 pre-queued sleeps in 13 s here against 4.4 s for the threads"
     )
     w5_text = "a real chord: `chord([add.s(i, i) ...])(tsum.s())` (Redis backend counts the parts)"
 
@@ -236,7 +237,7 @@ class CeleryPeer(Peer):
         return [self._worker("prefork", CORES)]
 
     def io_cmds(self) -> list[list[str]]:
-        return [self._worker("gevent", W4_CONCURRENCY)]
+        return [self._worker("threads", W4_CONCURRENCY)]
 
     async def start(self) -> None:
         self.app = self.import_app()

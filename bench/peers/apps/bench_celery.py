@@ -35,6 +35,6 @@ def tsum(values):
 
 @app.task
 def nap(i):
-    # Run by the gevent pool, where time.sleep is gevent's (Celery tasks cannot be `async def`).
+    # Run by the thread pool (Celery tasks cannot be `async def`).
     time.sleep(0.05)
     return i
