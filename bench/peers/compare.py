@@ -403,7 +403,8 @@ class ArqPeer(Peer):
         f"Redis. W2/W3/W5/W6: {CORES} `arq bench_arq.WorkerSettings` processes (an arq worker is one "
         "asyncio process; more processes is how it uses more cores), `max_jobs = 200`, `poll_delay "
         "= 0.001` (0.5 s by default: an idle worker looks at its queue that often). Functions are "
-        f"`async def` (arq's only kind). W1: `asyncio.gather` of `enqueue_job()`, {ARQ_WINDOW} at a "
+        f"`async def` (arq's only kind); its CLI logs every job at INFO and has no quieter level. W1: "
+        f"`asyncio.gather` of `enqueue_job()`, {ARQ_WINDOW} at a "
         "time (each call holds a pooled connection). W3 waits with `job.result(poll_delay=0.001)`."
     )
     w4_text = f"`async def`, one process, `max_jobs = {W4_CONCURRENCY}`"
