@@ -9,9 +9,11 @@ WORKER_BIN := $(ROOT)/target/release/dbtask-worker
 # The client's extension is built by maturin in its own target dir: maturin builds pyo3 as an
 # extension module (PYO3_BUILD_EXTENSION_MODULE), which would rebuild the worker's pyo3 each time.
 MATURIN_TARGET := $(ROOT)/target/maturin
+# make bench-peers: Celery, Dramatiq, Taskiq and arq (bench/peers/requirements*.txt), apart from .venv.
+PEERS_VENV := $(ROOT)/bench/peers/.venv
 
 .DEFAULT_GOAL := help
-.PHONY: help setup venv build build-worker build-client demo test test-fast test-chaos test-containers image wheels test-dist test-rust test-py lint bench clean distclean
+.PHONY: help setup venv build build-worker build-client demo test test-fast test-chaos test-containers image wheels test-dist test-rust test-py lint bench bench-peers clean distclean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*?## "} /^[a-zA-Z_-]+:.*?## / {printf "  %-14s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -68,6 +70,15 @@ lint: setup ## cargo fmt --check and cargo clippy -D warnings
 bench: build ## Benchmark W1-W6 against the real worker and a Rust-only baseline; report in bench/results/
 	cd $(ROOT) && $(CARGO) build --release -p dbtask-bench-baseline
 	cd $(ROOT) && $(VENV)/bin/python bench/run.py
+
+# The harness imports the dbtask client of make build through a .pth: its package folder (the
+# editable install's), with the extension in it.
+bench-peers: build ## W1-W6 on dbtask and on Celery, Dramatiq, Taskiq, arq in one run (installs them into bench/peers/.venv); minutes
+	test -x $(PEERS_VENV)/bin/pip || $(VENV)/bin/python -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q -r $(ROOT)/bench/peers/requirements.txt
+	$(PEERS_VENV)/bin/pip install -q --no-deps -r $(ROOT)/bench/peers/requirements-arq.txt
+	echo "$(ROOT)/client-py/python" > "$$($(PEERS_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/dbtask-repo.pth"
+	cd $(ROOT) && $(PEERS_VENV)/bin/python bench/peers/compare.py
 
 clean: ## Remove build outputs and caches (keeps .venv)
 	cd $(ROOT) && $(CARGO) clean

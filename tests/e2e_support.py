@@ -114,14 +114,19 @@ def start_nats(
     return Server("nats-server", "nats", port, proc, log)
 
 
-def start_redis(workdir: Path, port: int | None = None, args: Sequence[str] = ()) -> Server:
+def start_redis(
+    workdir: Path, port: int | None = None, args: Sequence[str] = (), *, tls: Sequence[str] | None = None
+) -> Server:
     """redis-server on a free port (or on `port`, to bring a stopped one back), no persistence
-    unless `args` (more redis-server options, which win over these) asks for it."""
+    unless `args` (more redis-server options, which win over these) asks for it. `tls`: the
+    server's TLS options (`--tls-cert-file ...`); it then speaks only TLS on that port
+    (`rediss://`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = workdir / "redis.log"
+    listen = ["--port", str(port)] if tls is None else ["--port", "0", "--tls-port", str(port), *tls]
     cmd = [
-        REDIS_BIN, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(workdir),
+        REDIS_BIN, "--bind", "127.0.0.1", *listen, "--dir", str(workdir),
         "--save", "", "--appendonly", "no", "--daemonize", "no", *args,
     ]  # fmt: skip
     with open(log, "ab") as out:
@@ -131,11 +136,11 @@ def start_redis(workdir: Path, port: int | None = None, args: Sequence[str] = ()
     except BaseException:
         _stop(proc)
         raise
-    return Server("redis-server", "redis", port, proc, log)
+    return Server("redis-server", "redis" if tls is None else "rediss", port, proc, log)
 
 
 class RedisCluster:
-    """A Redis Cluster of three masters we started (no replicas): `url` is its
+    """A Redis Cluster we started (three masters, and replicas when asked): `url` is its
     `redis+cluster://` URL, `nodes` its servers. Stands in for a `Server` in the fixtures."""
 
     name = "redis-cluster"
@@ -151,13 +156,13 @@ class RedisCluster:
             node.stop()
 
 
-def start_redis_cluster(workdir: Path, masters: int = 3) -> RedisCluster:
+def start_redis_cluster(workdir: Path, masters: int = 3, replicas: int = 0) -> RedisCluster:
     """`masters` redis-servers in cluster mode on free ports (their cluster bus ports chosen
-    free too), joined by `redis-cli --cluster create`; returns once every node says the
-    cluster is ok."""
+    free too), each with `replicas` replicas, joined by `redis-cli --cluster create`; returns
+    once every node says the cluster is ok (and every replica is in sync)."""
     nodes: list[Server] = []
     try:
-        for i in range(masters):
+        for i in range(masters * (1 + replicas)):
             node_dir = workdir / f"node{i}"
             node_dir.mkdir(parents=True, exist_ok=True)
             port = free_port()
@@ -174,7 +179,7 @@ def start_redis_cluster(workdir: Path, masters: int = 3) -> RedisCluster:
             _wait_port(port, proc, "redis-server", log)
         create = subprocess.run(
             ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{n.port}" for n in nodes],
-             "--cluster-replicas", "0", "--cluster-yes"],
+             "--cluster-replicas", str(replicas), "--cluster-yes"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         if create.returncode != 0:
@@ -185,7 +190,10 @@ def start_redis_cluster(workdir: Path, masters: int = 3) -> RedisCluster:
                 info = subprocess.run(
                     ["redis-cli", "-p", str(node.port), "CLUSTER", "INFO"], capture_output=True, text=True
                 ).stdout
-                if "cluster_state:ok" in info:
+                role = subprocess.run(
+                    ["redis-cli", "-p", str(node.port), "INFO", "replication"], capture_output=True, text=True
+                ).stdout
+                if "cluster_state:ok" in info and ("role:slave" not in role or "master_link_status:up" in role):
                     break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"the cluster is not ok after 30 s:\n{info}")

@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from e2e_support import APPS, start_nats, stream_info, tail_text, wait_for_lines
+import dbtask
+from e2e_support import APPS, start_nats, start_redis_cluster, stream_info, tail_text, wait_for_lines
 from e2e_tasks import sleep_then
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(300)]
@@ -208,3 +209,48 @@ async def test_killing_the_stream_leader_of_a_3_node_cluster_loses_no_task(
         f"{len(twice)} tasks ran twice, more than could be in flight; e.g. {twice[:10]}\n"
         + "\n".join(tail_text(w.stderr_path, 3000) for w in workers)
     )
+
+
+def node_role(port: int) -> str:
+    out = subprocess.run(["redis-cli", "-p", str(port), "ROLE"], capture_output=True, text=True, timeout=10)
+    return out.stdout.split("\n", 1)[0].strip()
+
+
+@pytest.mark.skip(
+    reason="fails 3 runs in 4 here: after the SIGKILL the client's cluster command connection "
+    "(redis-rs ClusterConnection) answers GETs with timeouts for over 60 s, also for slots of the "
+    "surviving masters, so get() raises ConnectionError; the worker stores every result. Left for "
+    "the Redis Cluster node-loss follow-up"
+)
+@pytest.mark.timeout(120)
+async def test_a_redis_cluster_master_killed_mid_drain_loses_no_result(worker_factory, nats, tmp_path, logs):
+    """Three masters with one replica each. A master is SIGKILLed in the middle of a drain; its
+    replica takes over. Every result is stored, and the client's get() calls, waiting on
+    sharded subscriptions (some on the killed node), all return."""
+    cluster = start_redis_cluster(tmp_path / "redis-cluster", masters=3, replicas=1)
+    logs.extend(cluster.nodes)
+    marker = tmp_path / "runs.txt"
+    try:
+        await dbtask.init(nats_url=nats.url, redis_url=cluster.url)
+        sent = await sleep_then.apply_many([(0.005, n, str(marker)) for n in range(CLUSTER_TASKS)])
+        waits = asyncio.ensure_future(asyncio.gather(*(r.get(timeout=90) for r in sent)))
+        worker_factory(redis_url=cluster.url, concurrency=8)
+        await wait_for_lines(marker, CLUSTER_TASKS // 5, timeout=60)
+        victim = next(n for n in cluster.nodes if node_role(n.port) == "master")
+        replica = next(
+            n for n in cluster.nodes
+            if n is not victim and node_role(n.port) == "slave"
+            and f"master_port:{victim.port}" in subprocess.run(
+                ["redis-cli", "-p", str(n.port), "INFO", "replication"], capture_output=True, text=True).stdout
+        )  # fmt: skip
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait()
+        assert await waits == list(range(CLUSTER_TASKS))
+        assert node_role(replica.port) == "master"
+        # A task after the failover runs and its result is read.
+        assert await (await sleep_then.delay(0, "after")).get(timeout=30) == "after"
+    finally:
+        await dbtask.close()
+        cluster.stop()
+    runs = collections.Counter(line.split()[1] for line in marker.read_text().splitlines())
+    print(f"redis cluster master killed: {sum(1 for c in runs.values() if c > 1)} of {CLUSTER_TASKS} ran twice")

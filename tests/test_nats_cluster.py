@@ -6,6 +6,7 @@ test_chaos.py)."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -18,6 +19,19 @@ PASSWORD = "s3cret-seed"
 def replicas(info: dict) -> int:
     """Copies the cluster keeps of a stream or consumer: its leader and the other replicas."""
     return 1 + len(info["cluster"].get("replicas", []))
+
+
+def settled_consumer_replicas(port: int, want: int, timeout: float = 15.0) -> dict:
+    """The consumer's info once the cluster shows `want` copies of it. While NATS moves a
+    consumer from one peer set to another, its info briefly lists the old and new peers
+    together (4 of 3), or none while it has no leader, so one read may catch the move half-way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = jetstream_api(port, "CONSUMER.INFO.DBTASK_TASKS.dbtask-default")
+        settled = "leader" in info.get("cluster", {}) and replicas(info) == want
+        if settled or time.monotonic() > deadline:
+            return info
+        time.sleep(0.2)
 
 
 async def test_worker_and_client_connect_through_a_seed_list_whose_first_seed_is_down(
@@ -110,7 +124,7 @@ async def test_a_worker_brings_the_streams_replicas_to_its_own_and_says_so(worke
         assert await waiting.get(timeout=30) == 3
         assert nats_cluster.stream()["config"]["num_replicas"] == 3
         assert nats_cluster.stream("DBTASK_DEAD")["config"]["num_replicas"] == 3
-        consumer = jetstream_api(nats_cluster.nodes[0].port, "CONSUMER.INFO.DBTASK_TASKS.dbtask-default")
+        consumer = settled_consumer_replicas(nats_cluster.nodes[0].port, 3)
         assert replicas(consumer) == 3, consumer
         updates = [line for line in first.stderr.splitlines() if "updated the stream" in line]
         assert any("DBTASK_TASKS" in line and "replicas 1 -> 3" in line for line in updates), first.stderr

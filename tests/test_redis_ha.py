@@ -1,6 +1,8 @@
-"""Redis over TLS, behind Sentinel and restarted with its AOF (issue 18, "Redis"). The Cluster
-runs the workflow and rate-limit tests (`PLAIN_AND_CLUSTER` in test_workflows.py and
-test_rate_limit.py). The TLS tests are quick; the failover and restart ones carry `chaos`."""
+"""Redis over TLS, behind Sentinel, restarted with its AOF, and a Cluster's sharded
+notifications (issue 18, "Redis"). The Cluster also runs the workflow, rate-limit and
+revocation tests (`PLAIN_AND_CLUSTER` in test_workflows.py, test_rate_limit.py and
+test_revoke.py). The TLS and Cluster tests are quick; the failover and restart ones carry
+`chaos`."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import dbtask
-from e2e_support import Server, _stop, _wait_port, free_port, start_redis, wait_for_lines
+from e2e_support import RedisCluster, Server, _wait_port, free_port, start_redis, wait_for_lines
 from e2e_tasks import add, sleep_then
 
 # ---------------------------------------------------------------------------------------------
@@ -45,23 +47,10 @@ def make_certs(directory: Path) -> dict[str, Path]:
 
 def start_redis_tls(workdir: Path, certs: dict[str, Path], *, client_certs: bool) -> Server:
     """redis-server speaking only TLS, requiring a client certificate when `client_certs`."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = workdir / "redis.log"
-    cmd = [
-        "redis-server", "--bind", "127.0.0.1", "--port", "0", "--tls-port", str(port), "--dir", str(workdir),
-        "--save", "", "--appendonly", "no", "--daemonize", "no",
+    return start_redis(workdir, tls=[
         "--tls-cert-file", str(certs["server.pem"]), "--tls-key-file", str(certs["server.key"]),
         "--tls-ca-cert-file", str(certs["ca.pem"]), "--tls-auth-clients", "yes" if client_certs else "no",
-    ]  # fmt: skip
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        _wait_port(port, proc, "redis-server", log)
-    except BaseException:
-        _stop(proc)
-        raise
-    return Server("redis-server", "rediss", port, proc, log)
+    ])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +117,55 @@ def test_tls_files_without_rediss_are_refused_at_start(worker_factory, redis, ce
     w = worker_factory(args=["--redis-ca", str(certs["ca.pem"])], ready=False)
     assert w.wait(60) != 0
     assert "rediss://" in w.stderr, w.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster: sharded notifications
+
+
+def node_cli(port: int, *args: str) -> str:
+    """redis-cli against one node, without following redirections."""
+    out = subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=30)
+    return out.stdout.strip()
+
+
+def shard_channels(cluster: RedisCluster) -> dict[int, set[str]]:
+    """The sharded channels of `dbtask:done:*` each node has subscribers for."""
+    return {n.port: set(node_cli(n.port, "PUBSUB", "SHARDCHANNELS", "dbtask:done:*").split()) for n in cluster.nodes}
+
+
+@pytest.mark.parametrize("redis", ["cluster"], indirect=True)
+async def test_gets_on_a_cluster_wait_on_the_shard_that_holds_their_record(worker_factory, redis, client):
+    count = 60
+    sent = await add.apply_many([(n, 1000) for n in range(count)])
+    channels = {f"dbtask:done:{{{r.id}}}" for r in sent}
+    waits = asyncio.ensure_future(asyncio.gather(*(r.get(timeout=60) for r in sent)))
+    # No worker yet: every get() waits, each subscribed on the node that owns its channel's slot.
+    deadline = time.monotonic() + 20
+    while (held := shard_channels(redis)) and set().union(*held.values()) != channels:
+        assert time.monotonic() < deadline, f"{len(set().union(*held.values()))} of {count} sharded subscriptions"
+        await asyncio.sleep(0.05)
+    assert sum(len(c) for c in held.values()) == count  # each on one node only
+    assert len([port for port, c in held.items() if c]) > 1  # spread over the shards
+    for port, held_here in held.items():
+        for channel in held_here:
+            assert node_cli(port, "PUBSUB", "SHARDNUMSUB", channel).split()[1] == "1"
+            # No classic subscription anywhere: a client that fell back to SUBSCRIBE fails here.
+        assert node_cli(port, "PUBSUB", "CHANNELS", "dbtask:done:*") == ""
+        assert node_cli(port, "PUBSUB", "NUMSUB", *sorted(channels)[:5]).split()[1::2] == ["0"] * 5
+    # The worker SPUBLISHes: every get() is woken by its notification.
+    worker_factory(concurrency=8)
+    assert await waits == [n + 1000 for n in range(count)]
+    # Each record is on the node where its get() was subscribed (MOVED on any other).
+    for port, held_here in held.items():
+        for channel in held_here:
+            key = channel.replace("dbtask:done:", "dbtask:result:")
+            assert node_cli(port, "EXISTS", key) == "1", (port, key)
+    # The subscriptions end with the waits.
+    deadline = time.monotonic() + 10
+    while any(shard_channels(redis).values()):
+        assert time.monotonic() < deadline, shard_channels(redis)
+        await asyncio.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Revocation: a revoked task never starts on any worker (also one started after the revoke,
 or after a restart, and a task still waiting in the queue); terminate=True stops a running
-task; the state is REVOKED and get() raises dbtask.TaskRevoked."""
+task; the state is REVOKED and get() raises dbtask.TaskRevoked. The live revocations also run
+on a Redis Cluster (`PLAIN_AND_CLUSTER`), where they stay classic pub/sub."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import signal
 import pytest
 
 import dbtask
-from e2e_support import wait_for_lines, wait_until_line
+from e2e_support import PLAIN_AND_CLUSTER, wait_for_lines, wait_until_line
 from limit_tasks import async_long, quick, sync_long
 
 APP = "limit_tasks"
@@ -58,6 +59,7 @@ async def test_revoke_a_task_waiting_on_its_countdown(worker_factory, client, tm
     assert not marker.exists(), "a revoked task must not run when its countdown ends"
 
 
+@PLAIN_AND_CLUSTER
 async def test_received_while_waiting_then_revoked_behind_a_busy_worker(worker_factory, client, tmp_path):
     # The worker (concurrency 1) runs one task and holds the next in its prefetch: RECEIVED.
     worker_factory(APP, concurrency=1)
@@ -82,6 +84,7 @@ async def test_received_while_waiting_then_revoked_behind_a_busy_worker(worker_f
     assert marker.read_text().splitlines() == ["ran after"]
 
 
+@PLAIN_AND_CLUSTER
 async def test_terminate_a_running_sync_task(worker_factory, client, tmp_path):
     worker_factory(APP, concurrency=1)
     marker = tmp_path / "m.txt"

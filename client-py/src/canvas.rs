@@ -18,7 +18,10 @@ pub(crate) struct Prepared {
     groups: Vec<(String, String)>,
 }
 
-pub(crate) fn prepare(signature_json: &str) -> Result<Prepared, ClientError> {
+pub(crate) fn prepare(
+    signature_json: &str,
+    trace: Option<&protocol::Trace>,
+) -> Result<Prepared, ClientError> {
     let sig: Signature = serde_json::from_str(signature_json)
         .map_err(|e| ClientError::value(format!("not a dbtask signature: {e}")).because(e))?;
     let mut expanded = Expanded::default();
@@ -34,7 +37,7 @@ pub(crate) fn prepare(signature_json: &str) -> Result<Prepared, ClientError> {
         .messages
         .into_iter()
         .zip(routes)
-        .map(|(message, route)| Outgoing::new(message, route))
+        .map(|(message, route)| Outgoing::new(message, route).with_trace(trace))
         .collect();
     Ok(Prepared {
         outs,

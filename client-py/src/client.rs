@@ -71,6 +71,29 @@ impl Client {
         self.inner.clone()
     }
 
+    /// What `connect` and `connect_sync` share: the arguments checked, and the connecting to
+    /// await (or block on).
+    fn opening(
+        nats_url: String,
+        redis_url: String,
+        timeout: f64,
+        security: NatsSecurity,
+        redis_tls: RedisTls,
+        stream_replicas: usize,
+    ) -> PyResult<impl std::future::Future<Output = Result<Client, ClientError>> + Send + 'static>
+    {
+        let timeout = seconds("timeout", timeout)?;
+        let stream_replicas = replicas(stream_replicas)?;
+        Ok(Client::open(
+            nats_url,
+            redis_url,
+            timeout,
+            security,
+            redis_tls,
+            stream_replicas,
+        ))
+    }
+
     /// Connects, then starts the publisher task (on the I/O thread, where this runs).
     async fn open(
         nats_url: String,
@@ -120,31 +143,28 @@ impl Client {
         redis_key: Option<PathBuf>,
         stream_replicas: usize,
     ) -> PyResult<Bound<'_, PyAny>> {
-        let timeout = seconds("timeout", timeout)?;
-        let stream_replicas = replicas(stream_replicas)?;
-        let security = NatsSecurity::new(
-            nats_tls_ca,
-            nats_tls_cert,
-            nats_tls_key,
-            nats_creds,
-            nats_nkey,
-            message_key,
-        );
-        let redis_tls = RedisTls {
-            ca: redis_ca,
-            cert: redis_cert,
-            key: redis_key,
-        };
+        let opening = Client::opening(
+            nats_url,
+            redis_url,
+            timeout,
+            NatsSecurity::new(
+                nats_tls_ca,
+                nats_tls_cert,
+                nats_tls_key,
+                nats_creds,
+                nats_nkey,
+                message_key,
+            ),
+            RedisTls {
+                ca: redis_ca,
+                cert: redis_cert,
+                key: redis_key,
+            },
+            stream_replicas,
+        )?;
         bridge::awaitable(
             py,
-            Client::open(
-                nats_url,
-                redis_url,
-                timeout,
-                security,
-                redis_tls,
-                stream_replicas,
-            ),
+            opening,
             |py, client| Ok(Py::new(py, client)?.into_any()),
         )
     }
@@ -170,32 +190,26 @@ impl Client {
         redis_key: Option<PathBuf>,
         stream_replicas: usize,
     ) -> PyResult<Client> {
-        let timeout = seconds("timeout", timeout)?;
-        let stream_replicas = replicas(stream_replicas)?;
-        let security = NatsSecurity::new(
-            nats_tls_ca,
-            nats_tls_cert,
-            nats_tls_key,
-            nats_creds,
-            nats_nkey,
-            message_key,
-        );
-        let redis_tls = RedisTls {
-            ca: redis_ca,
-            cert: redis_cert,
-            key: redis_key,
-        };
-        runtime::block_on(
-            py,
-            Client::open(
-                nats_url,
-                redis_url,
-                timeout,
-                security,
-                redis_tls,
-                stream_replicas,
+        let opening = Client::opening(
+            nats_url,
+            redis_url,
+            timeout,
+            NatsSecurity::new(
+                nats_tls_ca,
+                nats_tls_cert,
+                nats_tls_key,
+                nats_creds,
+                nats_nkey,
+                message_key,
             ),
-        )
+            RedisTls {
+                ca: redis_ca,
+                cert: redis_cert,
+                key: redis_key,
+            },
+            stream_replicas,
+        )?;
+        runtime::block_on(py, opening)
     }
 
     /// Publishes one task and returns an asyncio future of the running loop that resolves to
@@ -203,7 +217,10 @@ impl Client {
     /// encoded here, before this returns, and handed to the I/O thread at once: the publish
     /// goes ahead whether or not the future is awaited. `options`: a [`CallOptions`] (the task
     /// id, eta, expires and priority), made once and reused by every `delay()` of a task.
-    #[pyo3(signature = (queue, task, args, kwargs=None, options=None, wrap=None))]
+    /// `trace`: the caller's `(traceparent, tracestate)` (OpenTelemetry, see `dbtask._otel`),
+    /// carried in the message's headers.
+    #[pyo3(signature = (queue, task, args, kwargs=None, options=None, wrap=None, trace=None))]
+    #[allow(clippy::too_many_arguments)]
     fn publish<'py>(
         &self,
         queue: &str,
@@ -212,7 +229,9 @@ impl Client {
         kwargs: Option<&Bound<'py, PyAny>>,
         options: Option<&Bound<'py, CallOptions>>,
         wrap: Option<Py<PyAny>>,
+        trace: Option<(String, Option<String>)>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let trace = trace_context(trace)?;
         let (task_id, options) = CallOptions::read(options);
         let out = prepare(
             queue,
@@ -222,7 +241,8 @@ impl Client {
             task_id,
             options,
             protocol::now_unix(),
-        )?;
+        )?
+        .with_trace(trace.as_ref());
         let publishing = self.inner.start_publishing()?;
         let (py_future, pending) = bridge::Pending::new(args.py())?;
         self.publisher.submit(publishing, out, pending, wrap)?;
@@ -230,7 +250,7 @@ impl Client {
     }
 
     /// Blocking form of `publish` (without `wrap`).
-    #[pyo3(signature = (queue, task, args, kwargs=None, options=None))]
+    #[pyo3(signature = (queue, task, args, kwargs=None, options=None, trace=None))]
     fn publish_sync(
         &self,
         queue: &str,
@@ -238,7 +258,9 @@ impl Client {
         args: &Bound<'_, PyAny>,
         kwargs: Option<&Bound<'_, PyAny>>,
         options: Option<&Bound<'_, CallOptions>>,
+        trace: Option<(String, Option<String>)>,
     ) -> PyResult<String> {
+        let trace = trace_context(trace)?;
         let (task_id, options) = CallOptions::read(options);
         let out = prepare(
             queue,
@@ -248,12 +270,14 @@ impl Client {
             task_id,
             options,
             protocol::now_unix(),
-        )?;
+        )?
+        .with_trace(trace.as_ref());
         runtime::block_on(args.py(), publish_one(self.inner.start_publishing()?, out))
     }
 
     /// Publishes one task per `(args, kwargs)` item of `calls`; resolves to their ids, in order.
-    #[pyo3(signature = (queue, task, calls, eta=None, expires=None, priority=None))]
+    #[pyo3(signature = (queue, task, calls, eta=None, expires=None, priority=None, trace=None))]
+    #[allow(clippy::too_many_arguments)]
     fn publish_many<'py>(
         &self,
         queue: &str,
@@ -262,9 +286,11 @@ impl Client {
         eta: Option<f64>,
         expires: Option<f64>,
         priority: Option<i64>,
+        trace: Option<(String, Option<String>)>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let options = publish_options(eta, expires, priority)?;
-        let outs = prepare_many(queue, task, calls, options)?;
+        let trace = trace_context(trace)?;
+        let outs = prepare_many(queue, task, calls, options, trace.as_ref())?;
         bridge::awaitable(
             calls.py(),
             publish_all(self.inner.start_publishing()?, outs),
@@ -273,7 +299,8 @@ impl Client {
     }
 
     /// Blocking form of `publish_many`.
-    #[pyo3(signature = (queue, task, calls, eta=None, expires=None, priority=None))]
+    #[pyo3(signature = (queue, task, calls, eta=None, expires=None, priority=None, trace=None))]
+    #[allow(clippy::too_many_arguments)]
     fn publish_many_sync(
         &self,
         queue: &str,
@@ -282,9 +309,11 @@ impl Client {
         eta: Option<f64>,
         expires: Option<f64>,
         priority: Option<i64>,
+        trace: Option<(String, Option<String>)>,
     ) -> PyResult<Vec<String>> {
         let options = publish_options(eta, expires, priority)?;
-        let outs = prepare_many(queue, task, calls, options)?;
+        let trace = trace_context(trace)?;
+        let outs = prepare_many(queue, task, calls, options, trace.as_ref())?;
         runtime::block_on(
             calls.py(),
             publish_all(self.inner.start_publishing()?, outs),
@@ -293,13 +322,15 @@ impl Client {
 
     /// Publishes a workflow: `signature` is the JSON of a signature tree whose ids are all
     /// assigned; its groups are stored in Redis for `group_ttl` seconds first.
+    #[pyo3(signature = (signature, group_ttl, trace=None))]
     fn publish_workflow<'py>(
         &self,
         py: Python<'py>,
         signature: &str,
         group_ttl: f64,
+        trace: Option<(String, Option<String>)>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let prepared = canvas::prepare(signature)?;
+        let prepared = canvas::prepare(signature, trace_context(trace)?.as_ref())?;
         let ttl = seconds("group_ttl", group_ttl)?;
         bridge::awaitable(
             py,
@@ -309,13 +340,15 @@ impl Client {
     }
 
     /// Blocking form of `publish_workflow`.
+    #[pyo3(signature = (signature, group_ttl, trace=None))]
     fn publish_workflow_sync(
         &self,
         py: Python<'_>,
         signature: &str,
         group_ttl: f64,
+        trace: Option<(String, Option<String>)>,
     ) -> PyResult<()> {
-        let prepared = canvas::prepare(signature)?;
+        let prepared = canvas::prepare(signature, trace_context(trace)?.as_ref())?;
         let ttl = seconds("group_ttl", group_ttl)?;
         runtime::block_on(
             py,
@@ -585,7 +618,9 @@ impl CallOptions {
 impl CallOptions {
     /// The task id (copied: the options may serve many calls) and the options `prepare`
     /// takes; no options are the defaults.
-    fn read(options: Option<&Bound<'_, CallOptions>>) -> (Option<String>, PublishOptions) {
+    pub(crate) fn read(
+        options: Option<&Bound<'_, CallOptions>>,
+    ) -> (Option<String>, PublishOptions) {
         options.map_or((None, PublishOptions::default()), |o| {
             let o = o.get();
             (o.task_id.clone(), o.options)
@@ -619,4 +654,13 @@ fn check_priority(priority: Option<i64>) -> PyResult<Option<u8>> {
             ))
         })?;
     Ok(Some(level))
+}
+
+/// A publish call's `trace` argument checked: `(traceparent, tracestate)` -> ValueError when
+/// a value could not travel in a header.
+fn trace_context(trace: Option<(String, Option<String>)>) -> PyResult<Option<protocol::Trace>> {
+    trace
+        .map(|(parent, state)| protocol::Trace::new(parent, state).map_err(ClientError::value))
+        .transpose()
+        .map_err(Into::into)
 }

@@ -13,13 +13,13 @@ use async_nats::{ConnectErrorKind, ConnectOptions, ServerAddr};
 use dbtask_protocol as protocol;
 use dbtask_protocol::nats::is_tls_error;
 use dbtask_protocol::redis_conn::{
-    self, Conn, Dialer, PubSubSource, Redial, RedisTls, SentinelMaster, Target,
+    self, Conn, Dialer, PubSubSource, Redial, RedisTls, SentinelMaster, ShardedSource, Target,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::time::Instant;
 
 use crate::error::{redact_url, ClientError};
-use crate::notify::Notifier;
+use crate::notify::{Link, Notifier, Source};
 use crate::security::NatsSecurity;
 use dbtask_protocol::signing::MessageKey;
 
@@ -231,7 +231,7 @@ async fn connect_redis(
     safe: &str,
     timeout: Duration,
     tls: &RedisTls,
-) -> Result<(PubSubSource, Conn, redis::aio::PubSub), ClientError> {
+) -> Result<(Source, Conn, Link), ClientError> {
     let invalid = |why: String| ClientError::value(format!("invalid Redis URL {safe}: {why}"));
     let target = Target::parse(url).map_err(invalid)?;
     let certs = tls.certificates().map_err(ClientError::value)?;
@@ -275,8 +275,19 @@ async fn connect_redis(
         )),
         _ => None,
     };
-    let source = PubSubSource::new(&target, certs.as_ref(), sentinel.as_ref())
-        .map_err(|e| invalid(e.to_string()).because(e))?;
+    // Notifications: sharded on a cluster (see `notify.rs`), classic elsewhere.
+    let source = match &target {
+        Target::Cluster(nodes) => Source::Sharded(ShardedSource::new(
+            nodes,
+            certs.as_ref(),
+            timeout,
+            REDIS_RESPONSE_TIMEOUT,
+        )),
+        _ => Source::Classic(
+            PubSubSource::new(&target, certs.as_ref(), sentinel.as_ref())
+                .map_err(|e| invalid(e.to_string()).because(e))?,
+        ),
+    };
     let commands = async {
         let commands = tokio::time::timeout(budget, async {
             match &target {
@@ -323,6 +334,11 @@ async fn connect_redis(
             .query_async::<()>(&mut ping)
             .await
             .map_err(failed)?;
+        if let Conn::Cluster(cluster) = &mut ping {
+            redis_conn::check_sharded_pubsub(cluster)
+                .await
+                .map_err(|why| ClientError::connection(format!("Redis at {safe}: {why}")))?;
+        }
         Ok(commands)
     };
     let pubsub = async {

@@ -60,6 +60,32 @@ fn new_task_id() -> String {
     ids::new_task_id()
 }
 
+/// The body of the message a publish of `task` would send, checked and encoded exactly as
+/// `Client.publish` does (the same errors for arguments that cannot travel), but not sent:
+/// eager mode (`dbtask.init(eager=True)`) runs it in-process.
+#[pyfunction]
+#[pyo3(signature = (queue, task, args, kwargs=None, options=None))]
+fn encode_task<'py>(
+    py: Python<'py>,
+    queue: &str,
+    task: &str,
+    args: &Bound<'py, PyAny>,
+    kwargs: Option<&Bound<'py, PyAny>>,
+    options: Option<&Bound<'py, client::CallOptions>>,
+) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+    let (task_id, options) = client::CallOptions::read(options);
+    let out = publish::prepare(
+        queue,
+        task,
+        args,
+        kwargs,
+        task_id,
+        options,
+        dbtask_protocol::now_unix(),
+    )?;
+    Ok(pyo3::types::PyBytes::new(py, out.body()))
+}
+
 #[pymodule]
 fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<client::Client>()?;
@@ -70,6 +96,7 @@ fn _dbtask(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<periodic::Schedules>()?;
     m.add_function(wrap_pyfunction!(_after_fork_in_child, m)?)?;
     m.add_function(wrap_pyfunction!(new_task_id, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_task, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("PROTOCOL_VERSION", dbtask_protocol::PROTOCOL_VERSION)?;
     Ok(())

@@ -7,6 +7,14 @@
 //! all waiters that arrived meanwhile, routes each `dbtask:done:{<id>}` message to the waiters
 //! of that id, and, when the connection drops, reconnects with backoff, subscribes again and
 //! sends every waiter `Subscribed` once more, so that each reads its record again.
+//!
+//! On a Redis Cluster the subscriptions are sharded (`SSUBSCRIBE dbtask:done:{<id>}`, one per
+//! channel, each sent by redis-rs to the node that owns the channel's slot, which is the node
+//! that holds the record: see `dbtask_protocol::redis_conn::ShardedSource`). There, a node's
+//! connection that dropped, or a `sunsubscribe` the server sent unasked (the slot moved to
+//! another node, or its master was demoted), counts as lost for the channels concerned: they
+//! are subscribed again and their waiters told `Subscribed` again, so each reads its record
+//! again. A notification published while a subscription was down is thus never waited for.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,10 +22,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use dbtask_protocol::redis_conn::PubSubSource;
+use dbtask_protocol::redis_conn::{PubSubSource, ShardedSource};
 use dbtask_protocol::{done_channel, done_channel_task};
+use futures::future::join_all;
 use futures::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind};
 use tokio::sync::mpsc;
 
 use crate::error::ClientError;
@@ -68,6 +79,95 @@ enum Command {
     Close,
 }
 
+/// Where the notifications are heard: classic pub/sub on a single server or a Sentinel
+/// master, sharded pub/sub on a Cluster.
+pub enum Source {
+    Classic(PubSubSource),
+    Sharded(ShardedSource),
+}
+
+/// A connection made by a [`Source`].
+pub enum Link {
+    Classic(PubSubSink, PubSubStream),
+    /// A RESP3 cluster connection and its push messages.
+    Sharded(ClusterConnection, mpsc::UnboundedReceiver<PushInfo>),
+}
+
+impl Source {
+    pub async fn connect(&self) -> redis::RedisResult<Link> {
+        match self {
+            Source::Classic(source) => {
+                let (sink, stream) = source.connect().await?.split();
+                Ok(Link::Classic(sink, stream))
+            }
+            Source::Sharded(source) => {
+                let (conn, pushes) = source.connect().await?;
+                Ok(Link::Sharded(conn, pushes))
+            }
+        }
+    }
+}
+
+/// What a [`Link`] heard.
+enum Incoming {
+    /// A notification: its channel and its body.
+    Message(String, Bytes),
+    /// The subscriptions of these channels (`None`: of every channel) may have been lost
+    /// (sharded pub/sub only).
+    Lost(Option<String>),
+    /// The connection is gone.
+    Closed,
+    /// Nothing for the waiters (a confirmation).
+    Nothing,
+}
+
+async fn next_incoming(link: &mut Option<Link>) -> Incoming {
+    match link {
+        None => std::future::pending().await,
+        Some(Link::Classic(_, stream)) => match stream.next().await {
+            Some(msg) => Incoming::Message(
+                msg.get_channel_name().to_owned(),
+                Bytes::copy_from_slice(msg.get_payload_bytes()),
+            ),
+            None => Incoming::Closed,
+        },
+        Some(Link::Sharded(_, pushes)) => match pushes.recv().await {
+            None => Incoming::Closed,
+            Some(push) => sharded_incoming(push),
+        },
+    }
+}
+
+fn sharded_incoming(push: PushInfo) -> Incoming {
+    let text = |value: &redis::Value| redis::from_redis_value_ref::<String>(value).ok();
+    match push.kind {
+        // [channel, body]
+        PushKind::SMessage => {
+            let mut data = push.data.into_iter();
+            match (data.next(), data.next()) {
+                (Some(channel), Some(body)) => match (
+                    redis::from_redis_value::<String>(channel),
+                    redis::from_redis_value::<Vec<u8>>(body),
+                ) {
+                    (Ok(channel), Ok(body)) => Incoming::Message(channel, Bytes::from(body)),
+                    _ => Incoming::Nothing,
+                },
+                _ => Incoming::Nothing,
+            }
+        }
+        // A node's connection dropped: redis-rs subscribes again there when it is back, but
+        // what was published meanwhile is gone.
+        PushKind::Disconnection => Incoming::Lost(None),
+        // [channel, count]: the confirmation of our own SUNSUBSCRIBE, or the server dropping
+        // the subscription because the slot is no longer its.
+        PushKind::SUnsubscribe => match push.data.first().and_then(text) {
+            Some(channel) => Incoming::Lost(Some(channel)),
+            None => Incoming::Lost(None),
+        },
+        _ => Incoming::Nothing,
+    }
+}
+
 pub struct Notifier {
     commands: mpsc::UnboundedSender<Command>,
     next_waiter: AtomicU64,
@@ -94,18 +194,17 @@ impl Notifier {
     /// Starts the task that owns `connection` (already connected by the caller, so that
     /// `init` fails fast when Redis is down). The task ends when the notifier is dropped.
     pub fn start(
-        client: PubSubSource,
-        connection: redis::aio::PubSub,
+        client: Source,
+        connection: Link,
         connect_timeout: Duration,
         safe_url: String,
     ) -> Notifier {
         let (tx, rx) = mpsc::unbounded_channel();
-        let (sink, stream) = connection.split();
         let owner = Owner {
             client,
             connect_timeout,
             safe_url,
-            conn: Some((sink, stream)),
+            conn: Some(connection),
             entries: HashMap::new(),
             unsubscribe: HashSet::new(),
             down: None,
@@ -154,22 +253,15 @@ struct Entry {
 }
 
 struct Owner {
-    client: PubSubSource,
+    client: Source,
     connect_timeout: Duration,
     safe_url: String,
-    conn: Option<(PubSubSink, PubSubStream)>,
+    conn: Option<Link>,
     entries: HashMap<String, Entry>,
     /// Ids whose last waiter left while subscribed.
     unsubscribe: HashSet<String>,
     /// Why the connection is down, while it is.
     down: Option<Arc<Down>>,
-}
-
-async fn next_message(conn: &mut Option<(PubSubSink, PubSubStream)>) -> Option<redis::Msg> {
-    match conn {
-        Some((_, stream)) => stream.next().await,
-        None => std::future::pending().await,
-    }
 }
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -185,7 +277,7 @@ impl Owner {
         // move; the connection is then made again (to the new master) and every waiter reads
         // its record again.
         let sentinel = match &self.client {
-            PubSubSource::Sentinel(master) => Some(master.clone()),
+            Source::Classic(PubSubSource::Sentinel(master)) => Some(master.clone()),
             _ => None,
         };
         let mut watch = tokio::time::interval(SENTINEL_CHECK);
@@ -215,9 +307,15 @@ impl Owner {
                     }
                     self.sync().await;
                 }
-                message = next_message(&mut self.conn), if connected => match message {
-                    Some(msg) => self.dispatch(msg),
-                    None => self.lost(None),
+                incoming = next_incoming(&mut self.conn), if connected => match incoming {
+                    Incoming::Message(channel, body) => self.dispatch(&channel, body),
+                    Incoming::Lost(channel) => {
+                        if self.resubscribe(channel.as_deref()) {
+                            self.sync().await;
+                        }
+                    }
+                    Incoming::Closed => self.lost(None),
+                    Incoming::Nothing => {}
                 },
                 () = tokio::time::sleep(backoff), if !connected => {
                     match self.connect().await {
@@ -241,7 +339,7 @@ impl Owner {
             .await
             .map_err(|_| Down::ConnectTimedOut { url: url() })?
             .map_err(|source| Down::Connect { url: url(), source })?;
-        self.conn = Some(conn.split());
+        self.conn = Some(conn);
         self.down = None;
         Ok(())
     }
@@ -258,6 +356,28 @@ impl Owner {
             None => Down::Closed { url },
             Some(source) => Down::Lost { url, source },
         }));
+    }
+
+    /// Marks the subscription of `channel` (`None`: of every channel) as to be made again,
+    /// so that the next [`sync`](Self::sync) subscribes again and tells its waiters to read
+    /// their record again. False when no waiter is concerned (the confirmation of an
+    /// unsubscribe, or a channel not yet subscribed, which the next sync covers anyway).
+    fn resubscribe(&mut self, channel: Option<&str>) -> bool {
+        match channel {
+            None => {
+                let mut any = false;
+                for entry in self.entries.values_mut() {
+                    any |= std::mem::replace(&mut entry.subscribed, false);
+                }
+                any
+            }
+            Some(channel) => {
+                match done_channel_task(channel).and_then(|id| self.entries.get_mut(id)) {
+                    Some(entry) => std::mem::replace(&mut entry.subscribed, false),
+                    None => false,
+                }
+            }
+        }
     }
 
     /// Applies one command; false means stop.
@@ -301,7 +421,7 @@ impl Owner {
 
     /// Sends the batched UNSUBSCRIBE and SUBSCRIBE commands and tells the new subscribers.
     async fn sync(&mut self) {
-        let Some((sink, _)) = self.conn.as_mut() else {
+        let Some(link) = self.conn.as_mut() else {
             return;
         };
         if !self.unsubscribe.is_empty() {
@@ -310,7 +430,7 @@ impl Owner {
                 .drain()
                 .map(|id| done_channel(&id))
                 .collect();
-            if let Err(e) = sink.unsubscribe(&channels).await {
+            if let Err(e) = unsubscribe(link, &channels).await {
                 return self.lost(Some(e));
             }
         }
@@ -324,7 +444,10 @@ impl Owner {
             return;
         }
         let channels: Vec<String> = pending.iter().map(|id| done_channel(id)).collect();
-        if let Err(e) = sink.subscribe(&channels).await {
+        let Some(link) = self.conn.as_mut() else {
+            return;
+        };
+        if let Err(e) = subscribe(link, &channels).await {
             return self.lost(Some(e));
         }
         for id in pending {
@@ -337,15 +460,50 @@ impl Owner {
         }
     }
 
-    fn dispatch(&mut self, msg: redis::Msg) {
-        let Some(id) = done_channel_task(msg.get_channel_name()) else {
+    fn dispatch(&mut self, channel: &str, body: Bytes) {
+        let Some(id) = done_channel_task(channel) else {
             return;
         };
         if let Some(entry) = self.entries.get_mut(id) {
-            let body = Bytes::copy_from_slice(msg.get_payload_bytes());
             entry
                 .waiters
                 .retain(|(_, tx)| tx.send(Event::Done(body.clone())).is_ok());
         }
     }
+}
+
+/// Subscribes to `channels`: one `SUBSCRIBE` for all of them, or on a cluster one `SSUBSCRIBE`
+/// per channel (a sharded subscription names channels of one slot), all at once. Returns
+/// once every subscription is confirmed.
+async fn subscribe(link: &mut Link, channels: &[String]) -> redis::RedisResult<()> {
+    match link {
+        Link::Classic(sink, _) => sink.subscribe(channels).await,
+        Link::Sharded(conn, _) => each_channel(conn, channels, true).await,
+    }
+}
+
+async fn unsubscribe(link: &mut Link, channels: &[String]) -> redis::RedisResult<()> {
+    match link {
+        Link::Classic(sink, _) => sink.unsubscribe(channels).await,
+        Link::Sharded(conn, _) => each_channel(conn, channels, false).await,
+    }
+}
+
+async fn each_channel(
+    conn: &ClusterConnection,
+    channels: &[String],
+    subscribe: bool,
+) -> redis::RedisResult<()> {
+    let replies = join_all(channels.iter().map(|channel| {
+        let mut conn = conn.clone();
+        async move {
+            if subscribe {
+                conn.ssubscribe(channel).await
+            } else {
+                conn.sunsubscribe(channel).await
+            }
+        }
+    }))
+    .await;
+    replies.into_iter().collect()
 }

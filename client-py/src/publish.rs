@@ -12,8 +12,8 @@ use async_nats::jetstream::publish::PublishAck;
 use async_nats::{HeaderMap, Subject};
 use bytes::Bytes;
 use dbtask_protocol as protocol;
-use protocol::nats::task_header_map;
-use protocol::TaskMessage;
+use protocol::nats::{add_trace, task_header_map};
+use protocol::{TaskMessage, Trace};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyString, PyTuple};
 use serde_json::value::RawValue;
@@ -35,6 +35,8 @@ pub(crate) struct Outgoing {
     /// Moved into the publish, not copied: empty once sent (see [`Outgoing::headers_again`]).
     headers: HeaderMap,
     body: Bytes,
+    /// The caller's trace context (OpenTelemetry), kept for [`Outgoing::headers_again`].
+    trace: Option<Box<Trace>>,
 }
 
 impl Outgoing {
@@ -49,7 +51,22 @@ impl Outgoing {
             subject: Subject::from(route.subject),
             headers,
             body,
+            trace: None,
         }
+    }
+
+    /// With the caller's trace context in its headers (`traceparent`, `tracestate`).
+    pub(crate) fn with_trace(mut self, trace: Option<&Trace>) -> Outgoing {
+        if let Some(trace) = trace {
+            add_trace(&mut self.headers, Some(trace));
+            self.trace = Some(Box::new(trace.clone()));
+        }
+        self
+    }
+
+    /// The encoded message body (eager mode runs it in-process instead of sending it).
+    pub(crate) fn body(&self) -> &[u8] {
+        &self.body
     }
 
     /// The headers again, for publishing a second time: rebuilt from the body, which holds
@@ -61,7 +78,9 @@ impl Outgoing {
             .map_err(|e| ClientError::runtime(format!("dbtask internal error: {e}")).because(e))?;
         let queue = message.queue.clone().unwrap_or_default();
         let route = message.route(&queue, message.sent_at.unwrap_or_else(protocol::now_unix));
-        Ok(task_header_map(&message, &route, &message.id))
+        let mut headers = task_header_map(&message, &route, &message.id);
+        add_trace(&mut headers, self.trace.as_deref());
+        Ok(headers)
     }
 }
 
@@ -520,6 +539,7 @@ pub(crate) fn prepare_many(
     task: &str,
     calls: &Bound<'_, PyAny>,
     options: PublishOptions,
+    trace: Option<&Trace>,
 ) -> PyResult<Vec<Outgoing>> {
     let sent_at = protocol::now_unix();
     let mut outs = Vec::with_capacity(calls.len().unwrap_or(0));
@@ -531,15 +551,9 @@ pub(crate) fn prepare_many(
                     "publish_many: item {i} must be an (args, kwargs) pair"
                 ))
             })?;
-        outs.push(prepare(
-            queue,
-            task,
-            &args,
-            kwargs.as_ref(),
-            None,
-            options,
-            sent_at,
-        )?);
+        outs.push(
+            prepare(queue, task, &args, kwargs.as_ref(), None, options, sent_at)?.with_trace(trace),
+        );
     }
     Ok(outs)
 }

@@ -13,6 +13,56 @@ pub const HEADER_TASK: &str = "Dbtask-Task";
 /// Header carrying the task id (duplicate of the body's `id`, for the same reason).
 pub const HEADER_TASK_ID: &str = "Dbtask-Id";
 
+/// W3C Trace Context header carrying the producer's trace and span (OpenTelemetry): set by a
+/// client with `opentelemetry-api` installed and a span current, and by a worker on the
+/// retries and workflow steps it publishes (docs/tracing.md).
+pub const HEADER_TRACEPARENT: &str = "traceparent";
+/// W3C Trace Context vendor state, beside [`HEADER_TRACEPARENT`] when there is any.
+pub const HEADER_TRACESTATE: &str = "tracestate";
+/// Longest `traceparent` / `tracestate` value carried (W3C: a traceparent is 55 characters,
+/// a tracestate at most 32 members of 256 characters; 4 KiB covers both with room).
+pub const MAX_TRACE_HEADER: usize = 4096;
+
+/// The trace context a task message carries in its headers (W3C Trace Context), as the text
+/// the propagator wrote: dbtask passes it along and never parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trace {
+    pub parent: String,
+    pub state: Option<String>,
+}
+
+impl Trace {
+    /// A trace context to put in headers: each value 1 to [`MAX_TRACE_HEADER`] visible ASCII
+    /// characters or spaces (what a header value may hold); else why not.
+    pub fn new(parent: String, state: Option<String>) -> Result<Trace, String> {
+        let check = |name: &str, v: &str| {
+            if v.is_empty()
+                || v.len() > MAX_TRACE_HEADER
+                || !v.bytes().all(|b| (b' '..=b'~').contains(&b))
+            {
+                Err(format!(
+                    "{name} must be 1 to {MAX_TRACE_HEADER} printable ASCII characters (W3C Trace Context), not {:?}",
+                    v.chars().take(80).collect::<String>()
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        check(HEADER_TRACEPARENT, &parent)?;
+        let state = state.filter(|s| !s.is_empty());
+        if let Some(s) = &state {
+            check(HEADER_TRACESTATE, s)?;
+        }
+        Ok(Trace { parent, state })
+    }
+
+    /// The header pairs: `traceparent`, and `tracestate` when there is one.
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        std::iter::once((HEADER_TRACEPARENT, self.parent.as_str()))
+            .chain(self.state.as_deref().map(|s| (HEADER_TRACESTATE, s)))
+    }
+}
+
 /// Header of a message schedule (ADR-51): `@at <RFC 3339 UTC time>`.
 pub const HEADER_SCHEDULE: &str = "Nats-Schedule";
 /// Header naming the subject a message schedule publishes to.
@@ -122,5 +172,28 @@ mod tests {
                 (HEADER_TASK, "add")
             ]
         );
+    }
+
+    #[test]
+    fn a_trace_context_is_carried_as_given_when_a_header_can_hold_it() {
+        let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned();
+        let t = Trace::new(parent.clone(), Some("congo=t61rcWkgMzE".into())).unwrap();
+        let headers: Vec<_> = t.headers().collect();
+        assert_eq!(
+            headers,
+            [
+                (HEADER_TRACEPARENT, parent.as_str()),
+                (HEADER_TRACESTATE, "congo=t61rcWkgMzE")
+            ]
+        );
+        assert_eq!(
+            Trace::new(parent.clone(), Some(String::new()))
+                .unwrap()
+                .state,
+            None
+        );
+        assert!(Trace::new("00-a\r\nX: y".into(), None).is_err());
+        assert!(Trace::new(String::new(), None).is_err());
+        assert!(Trace::new(parent, Some("é".into())).is_err());
     }
 }

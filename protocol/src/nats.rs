@@ -5,7 +5,10 @@
 use async_nats::jetstream::stream;
 use async_nats::{ConnectError, ConnectErrorKind, HeaderMap};
 
-use crate::{task_headers, Retention, Route, Storage, StreamSpec, TaskMessage};
+use crate::{
+    task_headers, Retention, Route, Storage, StreamSpec, TaskMessage, Trace, HEADER_TRACEPARENT,
+    HEADER_TRACESTATE,
+};
 
 /// The async-nats configuration of the stream `spec` describes.
 pub fn stream_config(spec: &StreamSpec) -> stream::Config {
@@ -37,6 +40,25 @@ pub fn task_header_map(message: &TaskMessage, route: &Route, msg_id: &str) -> He
         headers.insert(name, value);
     }
     headers
+}
+
+/// Adds `trace` (when there is one) to a task message's headers.
+pub fn add_trace(headers: &mut HeaderMap, trace: Option<&Trace>) {
+    if let Some(trace) = trace {
+        for (name, value) in trace.headers() {
+            headers.insert(name, value);
+        }
+    }
+}
+
+/// The trace context of a delivered message, if its headers carry a valid one.
+pub fn trace_of(headers: Option<&HeaderMap>) -> Option<Trace> {
+    let headers = headers?;
+    let parent = headers.get(HEADER_TRACEPARENT)?.as_str().to_owned();
+    let state = headers
+        .get(HEADER_TRACESTATE)
+        .map(|v| v.as_str().to_owned());
+    Trace::new(parent, state).ok()
 }
 
 /// Whether a connect error comes from TLS: async-nats reports a failed handshake as an I/O

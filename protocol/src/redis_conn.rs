@@ -14,8 +14,14 @@
 //!   pipeline that spans slots (a batch of results) is split by slot here and its parts are
 //!   sent at once, replies put back in order.
 //!
-//! Notifications use classic pub/sub (`PUBLISH`/`SUBSCRIBE`), which Redis Cluster forwards to
-//! every node: a subscriber on any node hears every channel. See docs/deployment.md, "Redis".
+//! Notifications: on a single server or a Sentinel master, classic pub/sub
+//! (`PUBLISH`/`SUBSCRIBE`). On a Cluster, a task's notification is sharded
+//! (`SPUBLISH`/`SSUBSCRIBE`, Redis 7.0 or later): its channel carries the task's hash tag, so it
+//! goes only to the shard that holds the task's record, where classic `PUBLISH` is copied to
+//! every node of the cluster. [`ShardedSource`] opens the client's subscription for those (a
+//! RESP3 cluster connection whose push messages arrive on a channel). Revocations stay classic
+//! on every kind of Redis: each worker wants each of them, and they are rare. See
+//! docs/deployment.md, "Redis".
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -337,16 +343,134 @@ pub async fn connect_cluster(
     connection_timeout: std::time::Duration,
     response_timeout: std::time::Duration,
 ) -> RedisResult<ClusterConnection> {
+    cluster_builder(nodes, certs, connection_timeout, response_timeout)
+        .build()?
+        .get_async_connection()
+        .await
+}
+
+fn cluster_builder(
+    nodes: &[String],
+    certs: Option<&TlsCertificates>,
+    connection_timeout: std::time::Duration,
+    response_timeout: std::time::Duration,
+) -> redis::cluster::ClusterClientBuilder {
     let mut builder = redis::cluster::ClusterClientBuilder::new(nodes.iter().map(String::as_str))
         .connection_timeout(connection_timeout)
         .response_timeout(response_timeout);
     if let Some(certs) = certs {
         builder = builder.certs(clone_certs(certs));
     }
-    builder.build()?.get_async_connection().await
+    builder
 }
 
-/// Where to open a pub/sub connection: any node hears every classic channel.
+/// True when task notifications are sharded (`SPUBLISH`/`SSUBSCRIBE`): on a Redis Cluster.
+/// A single server or a Sentinel master has one shard, where sharded pub/sub costs what
+/// classic pub/sub does; classic is kept there (it also works before Redis 7).
+pub fn sharded_notifications(target: &Target) -> bool {
+    matches!(target, Target::Cluster(_))
+}
+
+/// The oldest Redis that has sharded pub/sub.
+const SHARDED_PUBSUB_SINCE: (u32, u32) = (7, 0);
+
+/// True for a `redis_version` of 7.0 or later.
+fn has_sharded_pubsub(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= SHARDED_PUBSUB_SINCE
+}
+
+/// Checks that every node of the cluster runs Redis 7.0 or later (sharded pub/sub), asking
+/// each with `INFO server`. The error names the oldest node's version and what to do.
+pub async fn check_sharded_pubsub(conn: &mut ClusterConnection) -> Result<(), String> {
+    let info: Value = redis::cmd("INFO")
+        .arg("server")
+        .query_async(conn)
+        .await
+        .map_err(|e| format!("cannot read the Redis version of the cluster's nodes: {e}"))?;
+    // Sent to every node: a map of node to its text (one text when the cluster has one node).
+    let texts: Vec<Value> = match info {
+        Value::Map(nodes) => nodes.into_iter().map(|(_, text)| text).collect(),
+        other => vec![other],
+    };
+    for text in texts {
+        let text: String = redis::from_redis_value(text).unwrap_or_default();
+        let Some(version) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .map(str::trim)
+        else {
+            continue;
+        };
+        if !has_sharded_pubsub(version) {
+            return Err(format!(
+                "a node of the Redis Cluster runs Redis {version}: dbtask needs Redis 7.0 or later \
+                 on a cluster (its result notifications use sharded pub/sub, SPUBLISH); upgrade \
+                 the cluster, or use one Redis server (redis://) or Sentinel"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Where a client hears the sharded notifications of a Redis Cluster: a cluster connection of
+/// its own speaking RESP3, whose push messages arrive on a channel: `smessage` (a
+/// notification), `ssubscribe`/`sunsubscribe` (confirmations, and a `sunsubscribe` the server
+/// sends unasked when the slot of a channel moves to another node), and `disconnection`
+/// (redis-rs: a node's connection dropped).
+///
+/// redis-rs routes each `SSUBSCRIBE` to the node that owns the channel's slot, follows `MOVED`,
+/// and after a lost node connection or a topology change subscribes again by itself; but it
+/// does not say when, and a notification published meanwhile is gone. The caller therefore
+/// treats `disconnection` and an unasked `sunsubscribe` as a lost subscription: it subscribes
+/// again itself and reads the records again (see the client's `notify.rs`).
+pub struct ShardedSource {
+    nodes: Vec<String>,
+    certs: Option<TlsCertificates>,
+    connection_timeout: std::time::Duration,
+    response_timeout: std::time::Duration,
+}
+
+impl ShardedSource {
+    pub fn new(
+        nodes: &[String],
+        certs: Option<&TlsCertificates>,
+        connection_timeout: std::time::Duration,
+        response_timeout: std::time::Duration,
+    ) -> ShardedSource {
+        ShardedSource {
+            nodes: nodes.to_vec(),
+            certs: certs.map(clone_certs),
+            connection_timeout,
+            response_timeout,
+        }
+    }
+
+    /// A new connection, and the receiver of its push messages.
+    pub async fn connect(
+        &self,
+    ) -> RedisResult<(
+        ClusterConnection,
+        tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    )> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let conn = cluster_builder(
+            &self.nodes,
+            self.certs.as_ref(),
+            self.connection_timeout,
+            self.response_timeout,
+        )
+        .use_protocol(redis::ProtocolVersion::RESP3)
+        .push_sender(tx)
+        .build()?
+        .get_async_connection()
+        .await?;
+        Ok((conn, rx))
+    }
+}
+
+/// Where to open a classic pub/sub connection: on a cluster, any node hears every classic
+/// channel.
 #[derive(Clone)]
 pub enum PubSubSource {
     /// One server.
@@ -677,6 +801,27 @@ mod tests {
         ] {
             assert!(Target::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn sharded_pubsub_needs_redis_7() {
+        for (version, has) in [
+            ("7.0.15", true),
+            ("7.2.4", true),
+            ("10.0.0", true),
+            ("6.2.14", false),
+            ("5.0.7", false),
+            ("", false),
+        ] {
+            assert_eq!(has_sharded_pubsub(version), has, "{version}");
+        }
+        assert!(sharded_notifications(
+            &Target::parse("redis+cluster://h:7000").unwrap()
+        ));
+        assert!(!sharded_notifications(&Target::parse("redis://h").unwrap()));
+        assert!(!sharded_notifications(
+            &Target::parse("redis+sentinel://s/m").unwrap()
+        ));
     }
 
     #[test]

@@ -21,6 +21,8 @@ import threading
 from types import ModuleType
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
+from . import _otel
+
 if TYPE_CHECKING:
     from ._dbtask import Client
 
@@ -161,6 +163,7 @@ async def init(
     redis_ca: PathArg = None,
     redis_cert: PathArg = None,
     redis_key: PathArg = None,
+    eager: bool = False,
 ) -> None:
     """Connects to NATS and Redis (awaitable form of :func:`init_sync`).
 
@@ -196,7 +199,19 @@ async def init(
     One client serves the whole process, every thread and event loop, async and sync API
     alike. Calling ``init`` again with the same settings keeps it; other ones replace it (the
     old one is closed after the new one connected).
+
+    ``eager=True``: connect to nothing; ``delay()``, ``apply_async()`` and workflows run the
+    tasks in this process, through the same argument checks and JSON encoding, and ``get()``
+    returns their stored outcome (docs/testing.md, "Eager mode"). For tests without servers.
+
+    With ``opentelemetry-api`` installed, each publish carries the current trace context
+    (docs/tracing.md).
     """
+    if eager:
+        old = _install(_eager_client())
+        if old is not None:
+            await old.close()
+        return
     nats, redis, timeout = _resolve(nats_url, redis_url, timeout)
     security = _security(
         dict(nats_tls_ca=nats_tls_ca, nats_tls_cert=nats_tls_cert, nats_tls_key=nats_tls_key,
@@ -210,7 +225,7 @@ async def init(
     if _keep(nats, redis, security, replicas):
         return
     new = await _native().Client.connect(nats, redis, timeout, **security, stream_replicas=replicas)
-    old = _install(new)
+    old = _install(_otel.traced_client(new))
     if old is not None:
         await old.close()
 
@@ -230,9 +245,16 @@ def init_sync(
     redis_ca: PathArg = None,
     redis_cert: PathArg = None,
     redis_key: PathArg = None,
+    eager: bool = False,
 ) -> None:
     """Connects to NATS and Redis, blocking; see :func:`init`. Usable with or without asyncio:
-    the client made here serves the async API too, from any thread and event loop."""
+    the client made here serves the async API too, from any thread and event loop.
+    ``eager=True``: tasks run in this process, no server (docs/testing.md, "Eager mode")."""
+    if eager:
+        old = _install(_eager_client())
+        if old is not None:
+            old.close_sync()
+        return
     nats, redis, timeout = _resolve(nats_url, redis_url, timeout)
     security = _security(
         dict(nats_tls_ca=nats_tls_ca, nats_tls_cert=nats_tls_cert, nats_tls_key=nats_tls_key,
@@ -246,9 +268,17 @@ def init_sync(
     if _keep(nats, redis, security, replicas):
         return
     new = _native().Client.connect_sync(nats, redis, timeout, **security, stream_replicas=replicas)
-    old = _install(new)
+    old = _install(_otel.traced_client(new))
     if old is not None:
         old.close_sync()
+
+
+def _eager_client() -> "Client":
+    """A new eager client (``init(eager=True)``), loading the compiled module (its encoder)."""
+    from ._eager import EagerClient
+
+    _native()
+    return EagerClient()  # type: ignore[return-value]
 
 
 def _take() -> Optional["Client"]:

@@ -33,6 +33,11 @@ lookup: Callable[[], "BoundTask | None"] | None = None
 #: The worker's writer of a task's own state: (task_id, task_name, state, meta_json, ttl).
 state_writer: Callable[[str, str, str, str, "int | None"], None] | None = None
 
+#: The worker's receiver of a running task's span context, ``(task_id, traceparent,
+#: tracestate)``, for what it publishes after the task (OpenTelemetry on; None in a pool
+#: process or outside a worker).
+span_writer: Callable[[str, str, "str | None"], None] | None = None
+
 #: The states the worker writes itself: a task may not claim them with ``update_state``.
 BUILTIN_STATES = frozenset({"PENDING", "RECEIVED", "STARTED", "RETRY", "SUCCESS", "FAILURE", "REVOKED"})
 

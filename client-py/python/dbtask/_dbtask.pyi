@@ -83,6 +83,7 @@ class Client:
         kwargs: Mapping[str, Any] | None = None,
         options: PublishOptions | None = None,
         wrap: None = None,
+        trace: tuple[str, str | None] | None = None,
     ) -> asyncio.Future[str]: ...
     @overload
     def publish(
@@ -93,6 +94,7 @@ class Client:
         kwargs: Mapping[str, Any] | None,
         options: PublishOptions | None,
         wrap: Callable[[str], _T],
+        trace: tuple[str, str | None] | None = None,
     ) -> asyncio.Future[_T]: ...
     def publish_sync(
         self,
@@ -101,6 +103,7 @@ class Client:
         args: Sequence[Any],
         kwargs: Mapping[str, Any] | None = None,
         options: PublishOptions | None = None,
+        trace: tuple[str, str | None] | None = None,
     ) -> str: ...
     def publish_many(
         self,
@@ -110,6 +113,7 @@ class Client:
         eta: float | None = None,
         expires: float | None = None,
         priority: int | None = None,
+        trace: tuple[str, str | None] | None = None,
     ) -> Awaitable[list[str]]: ...
     def publish_many_sync(
         self,
@@ -119,9 +123,14 @@ class Client:
         eta: float | None = None,
         expires: float | None = None,
         priority: int | None = None,
+        trace: tuple[str, str | None] | None = None,
     ) -> list[str]: ...
-    def publish_workflow(self, signature: str, group_ttl: float) -> Awaitable[None]: ...
-    def publish_workflow_sync(self, signature: str, group_ttl: float) -> None: ...
+    def publish_workflow(
+        self, signature: str, group_ttl: float, trace: tuple[str, str | None] | None = None
+    ) -> Awaitable[None]: ...
+    def publish_workflow_sync(
+        self, signature: str, group_ttl: float, trace: tuple[str, str | None] | None = None
+    ) -> None: ...
     def get_group(self, group_id: str) -> Awaitable[str | None]: ...
     def get_group_sync(self, group_id: str) -> str | None: ...
     def get_record(self, task_id: str) -> Awaitable[dict[str, Any] | None]: ...
@@ -161,6 +170,13 @@ class Client:
 
 def _after_fork_in_child() -> None: ...
 def new_task_id() -> str: ...
+def encode_task(
+    queue: str,
+    task: str,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None = None,
+    options: PublishOptions | None = None,
+) -> bytes: ...
 
 @final
 class Admin:

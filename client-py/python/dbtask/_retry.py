@@ -57,9 +57,11 @@ class Request:
     ``dbtask.current_task().request``): ``id``, ``task`` (its name), ``retries`` (before this
     run), ``attempt`` (deliveries counted across retries), ``queue``, ``eta`` (Unix seconds,
     when it was delayed), and in a workflow ``parent_id`` (the task whose outcome published
-    it) and ``root_id`` (the workflow's first task; its own id outside a workflow)."""
+    it) and ``root_id`` (the workflow's first task; its own id outside a workflow);
+    ``traceparent`` / ``tracestate``: the W3C trace context the message came with, when
+    OpenTelemetry is on (docs/tracing.md), else ``None``."""
 
-    __slots__ = ("id", "task", "retries", "attempt", "queue", "eta", "parent_id", "root_id")
+    __slots__ = ("id", "task", "retries", "attempt", "queue", "eta", "parent_id", "root_id", "traceparent", "tracestate")
 
     def __init__(
         self,
@@ -71,6 +73,8 @@ class Request:
         eta: float | None = None,
         parent_id: str | None = None,
         root_id: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> None:
         self.id = id
         self.task = task
@@ -80,6 +84,8 @@ class Request:
         self.eta = eta
         self.parent_id = parent_id
         self.root_id = root_id if root_id is not None else id
+        self.traceparent = traceparent
+        self.tracestate = tracestate
 
     def __repr__(self) -> str:
         return f"<Request id={self.id!r} task={self.task!r} retries={self.retries} attempt={self.attempt}>"
@@ -129,7 +135,10 @@ def bound(
     eta: float | None = None,
     parent_id: str | None = None,
     root_id: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> BoundTask:
     """Called by the worker for the ``self`` of a ``bind=True`` task and for
     ``dbtask.current_task()``."""
-    return BoundTask(task, Request(task_id, task.name, retries, attempt, queue, eta, parent_id, root_id))
+    request = Request(task_id, task.name, retries, attempt, queue, eta, parent_id, root_id, traceparent, tracestate)
+    return BoundTask(task, request)

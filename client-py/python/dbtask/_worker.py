@@ -22,7 +22,13 @@ What the worker reads:
 - ``install``: called once per process (worker and pool child) before the task modules are
   imported, with the worker's callbacks (see its docstring).
 - ``traced(task)`` and ``has_hooks(task)``: the wrapper the worker calls instead of ``fn``
-  when the task's class has hooks or a task signal has a receiver, and whether it has hooks.
+  when the task's class has hooks, a task signal has a receiver or ``OTEL`` is true, and
+  whether it has hooks.
+- ``OTEL``: whether tasks run in an OpenTelemetry span (``dbtask._otel.enabled()``: the API
+  importable and a tracer provider set), decided when the worker first reads it, after it
+  imported the task modules (which may configure the SDK). The worker then reads each message's
+  ``traceparent`` / ``tracestate`` headers into the request (``bound``'s last two
+  arguments) and ``traced`` opens a span around each run (``dbtask._otel``).
 - ``CURRENT``: the context variable an ``async def`` task's wrapper sets to its bound form
   (``bound(...)``), for ``dbtask.current_task()``.
 - ``send_signal(name)``: sends a worker signal (``worker_init``, ``worker_ready``,
@@ -33,14 +39,31 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from . import _context, _logs, signals
+from . import _context, _logs, _trace, signals
+from . import _otel as _otel_module
 from ._context import CURRENT
 from ._errors import WorkerLost
 from ._limits import SoftTimeLimitExceeded, Terminated, TimeLimitExceeded
 from ._periodic import PERIODIC
 from ._registry import TASKS
 from ._retry import Request, Retry, bound
-from ._trace import has_hooks, traced
+from ._trace import has_hooks
+
+_otel_on: bool | None = None
+
+
+def _otel() -> bool:
+    """``OTEL``, decided on first use (see the module docstring)."""
+    global _otel_on
+    if _otel_on is None:
+        _otel_on = _otel_module.enabled() is not None
+    return _otel_on
+
+
+def __getattr__(name: str) -> Any:
+    if name == "OTEL":
+        return _otel()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "TASKS",
@@ -57,6 +80,7 @@ __all__ = [
     "send_signal",
     "task_revoked",
     "PERIODIC",
+    "OTEL",
 ]
 
 
@@ -67,16 +91,26 @@ def install(
     emit_log: _logs.Emit,
     log_level: int,
     signals_changed: Callable[[bool, bool], None],
+    span_writer: Callable[[str, str, "str | None"], None] | None = None,
 ) -> None:
     """The worker's callbacks: ``lookup`` (the sync job running on the calling thread, for
     ``current_task()``), ``state_writer`` (``update_state``; None in a pool child),
     ``emit_log`` and ``log_level`` (logging and ``print()`` into the worker's logs), and
-    ``signals_changed`` (told whether task signals and ``task_revoked`` have receivers)."""
+    ``signals_changed`` (told whether task signals and ``task_revoked`` have receivers),
+    ``span_writer`` (told the context of each task's span, OpenTelemetry on)."""
     _context.lookup = lookup
+    _context.span_writer = span_writer
     _context.state_writer = state_writer
     _logs.install(emit_log, log_level)
     signals.on_change = signals_changed
     signals._changed()
+
+
+def traced(task: Any) -> Callable[..., Any]:
+    """The function the worker calls instead of ``task.fn`` (see ``dbtask._trace.traced``),
+    in a span when ``OTEL`` is true."""
+    run = _trace.traced(task)
+    return _otel_module.process_span(task, run) if _otel() else run
 
 
 def send_signal(name: str, sender: str | None = None) -> None:

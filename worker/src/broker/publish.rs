@@ -7,7 +7,7 @@ use async_nats::jetstream::context::PublishError;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::HeaderMap;
 use bytes::Bytes;
-use dbtask_protocol::{now_unix, TaskMessage};
+use dbtask_protocol::{now_unix, TaskMessage, Trace};
 
 use super::{task_header_map, Broker};
 
@@ -30,15 +30,18 @@ pub struct BatchError {
 impl Broker {
     /// Publishes `task` so that it runs at `task.eta` (at once when it is absent or past):
     /// a message schedule on `dbtask.sched.<queue>.<id>`, or the queue's subject directly.
-    /// `msg_id` deduplicates a second publish (after a crash) within the stream's window.
+    /// `msg_id` deduplicates a second publish (after a crash) within the stream's window;
+    /// `trace`: the W3C trace context to carry (OpenTelemetry on).
     pub async fn publish_task(
         &self,
         queue: &str,
         task: &TaskMessage,
         msg_id: &str,
+        trace: Option<&Trace>,
     ) -> Result<(), PublishError> {
         let route = task.route(queue, now_unix());
         let mut headers = task_header_map(task, &route, msg_id);
+        dbtask_protocol::nats::add_trace(&mut headers, trace);
         let body = Bytes::from(task.encode());
         if let Some(key) = &self.message_key {
             key.sign_headers(&mut headers, &route.subject, &body);

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use dbtask_protocol::canvas::{expand, prepend_args, Carry, Expanded, CHORD_ERROR};
 use dbtask_protocol::{
     error_types, now_unix, ChordRef, ResultRecord, Route, Signature, TaskError, TaskMessage,
-    TaskState,
+    TaskState, Trace,
 };
 use serde_json::value::RawValue;
 use tracing::{debug, error, info, warn};
@@ -80,6 +80,8 @@ pub struct Canvas<'a> {
     pub result_ttl: u64,
     /// Largest message to publish (`max_message_bytes`).
     pub max_message_bytes: usize,
+    /// The trace context the next steps carry (OpenTelemetry on): the finished task's span.
+    pub trace: Option<&'a Trace>,
 }
 
 impl Canvas<'_> {
@@ -295,7 +297,8 @@ impl Canvas<'_> {
             .iter()
             .zip(routes)
             .map(|(m, route)| {
-                let headers = task_header_map(m, &route, &m.id);
+                let mut headers = task_header_map(m, &route, &m.id);
+                dbtask_protocol::nats::add_trace(&mut headers, self.trace);
                 Outgoing {
                     id: m.id.clone(),
                     subject: route.subject,

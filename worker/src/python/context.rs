@@ -52,7 +52,8 @@ pub(crate) fn running_bound(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>
     Ok(Some(made))
 }
 
-/// `dbtask._worker.bound(task, id, retries, attempt, queue, eta, parent_id, root_id)`.
+/// `dbtask._worker.bound(task, id, retries, attempt, queue, eta, parent_id, root_id,
+/// traceparent, tracestate)`.
 pub(crate) fn bound<'py>(py: Python<'py>, entry: &Entry, job: &Job) -> PyResult<Bound<'py, PyAny>> {
     let r = &job.request;
     super::retry::bound_fn(py)?.call1((
@@ -64,6 +65,8 @@ pub(crate) fn bound<'py>(py: Python<'py>, entry: &Entry, job: &Job) -> PyResult<
         r.eta,
         r.parent_id.as_deref(),
         r.root_id.as_deref(),
+        r.trace.as_ref().map(|t| t.parent.as_str()),
+        r.trace.as_ref().and_then(|t| t.state.as_deref()),
     ))
 }
 
@@ -81,6 +84,7 @@ pub(crate) fn install(py: Python<'_>, contract: &Bound<'_, PyModule>) -> PyResul
     kwargs.set_item("emit_log", super::logs::emitter(py)?)?;
     kwargs.set_item("log_level", super::logs::python_level())?;
     kwargs.set_item("signals_changed", super::signals::listener(py)?)?;
+    kwargs.set_item("span_writer", super::otel::writer(py)?)?;
     contract.getattr("install")?.call((), Some(&kwargs))?;
     Ok(())
 }

@@ -23,6 +23,7 @@ mod handover;
 mod interpreter;
 mod invoke;
 mod logs;
+pub mod otel;
 mod periodic;
 mod pool;
 mod process;
@@ -184,6 +185,8 @@ pub struct RequestInfo {
     /// In a workflow: the task whose outcome published it, and the workflow's first task.
     pub parent_id: Option<String>,
     pub root_id: Option<String>,
+    /// The message's W3C trace context, read only when OpenTelemetry is on ([`otel`]).
+    pub trace: Option<dbtask_protocol::Trace>,
 }
 
 impl Job {

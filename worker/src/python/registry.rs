@@ -54,10 +54,10 @@ pub(crate) struct Registry {
 }
 
 impl Entry {
-    /// Whether a call goes through [`Entry::trace`]: the task has hooks, or a task signal
-    /// has a receiver. Otherwise the function is called directly, at no cost.
+    /// Whether a call goes through [`Entry::trace`]: the task has hooks, a task signal has a
+    /// receiver, or OpenTelemetry is on (its span). Otherwise the function is called directly, at no cost.
     pub fn traced(&self) -> bool {
-        self.hooks || super::signals::task_signals()
+        self.hooks || super::signals::task_signals() || super::otel::enabled()
     }
 }
 
@@ -97,6 +97,13 @@ impl Registry {
                         traceback: error_from(py, e).traceback.unwrap_or_default(),
                     })?;
             }
+            // OpenTelemetry: on when the package could import it (one attempt, at start-up).
+            super::otel::set_enabled(
+                registry
+                    .getattr("OTEL")
+                    .and_then(|on| on.is_truthy())
+                    .unwrap_or(false),
+            );
             let mut loaded =
                 read(py, &registry, sync).map_err(|e| PythonError::Registry(e.to_string()))?;
             loaded.periodic = super::periodic::declared(&registry).map_err(|e| {

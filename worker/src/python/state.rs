@@ -13,7 +13,7 @@ use pyo3::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::store::{RecordWrite, Writer};
+use crate::store::Writer;
 
 /// Where states go while the worker serves: its result writer, its name for the records, and
 /// the largest meta it stores (`max_result_bytes`, as for a result).
@@ -105,7 +105,7 @@ pub(crate) fn store(update: &StateUpdate) -> Result<(), String> {
     let ttl = update.ttl.unwrap_or_else(|| sink.writer.default_ttl());
     if sink
         .writer
-        .enqueue_write(RecordWrite::published(&update.id, &json, ttl))
+        .enqueue_write(sink.writer.published(&update.id, &json, ttl))
     {
         Ok(())
     } else {

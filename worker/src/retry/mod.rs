@@ -8,7 +8,7 @@
 //! publishes it to `dbtask.tasks.<queue>`. Nothing waits in the worker's memory.
 
 use async_nats::jetstream::context::PublishError;
-use dbtask_protocol::{error_types, retry_msg_id, TaskError, TaskMessage};
+use dbtask_protocol::{error_types, retry_msg_id, TaskError, TaskMessage, Trace};
 
 use crate::broker::Broker;
 
@@ -142,11 +142,12 @@ pub async fn publish_retry(
     mut task: TaskMessage,
     retries: u32,
     eta: Option<f64>,
+    trace: Option<&Trace>,
 ) -> Result<(), PublishError> {
     task.retries = retries;
     task.eta = eta;
     let msg_id = retry_msg_id(&task.id, retries);
-    broker.publish_task(queue, &task, &msg_id).await
+    broker.publish_task(queue, &task, &msg_id, trace).await
 }
 
 #[cfg(test)]

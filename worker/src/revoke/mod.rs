@@ -21,7 +21,6 @@ use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use crate::store::{Notices, RevocationFeed, Store, StoreError};
-use dbtask_protocol::redis_conn::RedisTls;
 
 /// How often expired revocations are dropped from memory.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
@@ -81,12 +80,8 @@ impl Revocations {
 
     /// Subscribes to `dbtask:{revoke}`, loads `dbtask:{revoke}:ids`, and keeps following the channel
     /// on a background task (reconnecting with backoff) for as long as the runtime lives.
-    pub async fn start(
-        redis_url: &str,
-        tls: &RedisTls,
-        store: &Store,
-    ) -> Result<Revocations, StoreError> {
-        let feed = RevocationFeed::open(redis_url, tls, store)?;
+    pub async fn start(store: &Store) -> Result<Revocations, StoreError> {
+        let feed = RevocationFeed::open(store);
         let revocations = Revocations {
             state: Arc::new(Mutex::new(State::default())),
             notices: Arc::new(Notify::new()),

@@ -325,10 +325,14 @@ pub(super) fn mark_received(ctx: &Context<'_>, (id, task, retries): (&str, &str,
 
 /// Publishes the task again as a message schedule for `eta`, then acks this delivery.
 async fn reschedule(ctx: &Context<'_>, task: &TaskMessage, eta: f64, msg_id: &str) -> Disposition {
+    // Keeps the trace context it came with (OpenTelemetry on).
+    let trace = crate::python::otel::enabled()
+        .then(|| dbtask_protocol::nats::trace_of(ctx.message.message.headers.as_ref()))
+        .flatten();
     match ctx
         .shared
         .broker
-        .publish_task(ctx.queue, task, msg_id)
+        .publish_task(ctx.queue, task, msg_id, trace.as_ref())
         .await
     {
         Ok(()) => {

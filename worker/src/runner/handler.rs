@@ -13,7 +13,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use async_nats::jetstream::{AckKind, Message};
-use dbtask_protocol::{now_unix, ResultRecord, TaskMessage, TaskState};
+use dbtask_protocol::nats::trace_of;
+use dbtask_protocol::{now_unix, ResultRecord, TaskMessage, TaskState, Trace};
 use tracing::{debug, error, info, warn};
 
 use super::admit::{admit, Admission, Admitted};
@@ -311,6 +312,9 @@ async fn run(ctx: &Context<'_>, admitted: Admitted<'_>) -> Disposition {
             eta: task.eta,
             parent_id: task.parent_id.clone(),
             root_id: task.root_id.clone(),
+            trace: crate::python::otel::enabled()
+                .then(|| trace_of(ctx.message.message.headers.as_ref()))
+                .flatten(),
         }),
     };
     let Some(ran) = execute(ctx, job, (&task.id, &task.task), info, slot).await else {
@@ -356,6 +360,14 @@ async fn follow_up(
         mut record,
         mut how,
     } = settled;
+    // OpenTelemetry on: what this task publishes next continues its span (or, when it did not
+    // run here, the trace its message came with).
+    let trace = if crate::python::otel::enabled() {
+        crate::python::otel::take_span(&record.id)
+            .or_else(|| trace_of(ctx.message.message.headers.as_ref()))
+    } else {
+        None
+    };
     if let How::Retry(next) = how {
         match message {
             Some(message) => {
@@ -365,6 +377,7 @@ async fn follow_up(
                     message,
                     next.retries,
                     next.eta,
+                    trace.as_ref(),
                 );
                 let published = Box::pin(publish).await;
                 if let Err(e) = published {
@@ -390,7 +403,7 @@ async fn follow_up(
     if stored == Disposition::Ack {
         emit(ctx, &record, how);
     }
-    workflow(ctx, flow, &record, stored).await
+    workflow(ctx, flow, &record, stored, trace.as_ref()).await
 }
 
 /// Tells the hooks how a message was settled, once its record is stored.
@@ -506,6 +519,7 @@ async fn workflow(
     flow: Option<Flow>,
     record: &ResultRecord,
     stored: Disposition,
+    trace: Option<&Trace>,
 ) -> Disposition {
     let Some(flow) = flow.filter(|_| stored == Disposition::Ack) else {
         return stored;
@@ -517,6 +531,7 @@ async fn workflow(
         writer: &shared.writer,
         result_ttl: shared.config.result_ttl,
         max_message_bytes: shared.config.max_message_bytes,
+        trace,
     };
     match Box::pin(canvas.after(&flow, record)).await {
         Ok(()) => Disposition::Ack,

@@ -268,7 +268,7 @@ pub async fn run_watched(
         warn!(error = %e, "cannot read the Redis version");
         "unknown".to_owned()
     });
-    let revocations = Revocations::start(&config.redis_url, &redis_tls, &store).await?;
+    let revocations = Revocations::start(&store).await?;
     let identity = crate::journal::identity(broker.url(), store.url());
     let journal = crash::open_journal(&config, identity, &store, max_in_flight(&config)).await;
     broker.ensure_stream(&config).await?;

@@ -1,5 +1,7 @@
 //! Redis: result records (`dbtask:result:{<id>}`, with a TTL) and the done notifications
-//! (`dbtask:done:{<id>}`). Key and channel names come from the protocol crate only.
+//! (`dbtask:done:{<id>}`: `PUBLISH`, or `SPUBLISH` on a Redis Cluster, where the channel's hash
+//! tag keeps the notification on the shard that holds the record). Key and channel names come
+//! from the protocol crate only.
 
 mod canvas;
 mod deliveries;
@@ -66,7 +68,8 @@ pub enum Cause {
 }
 
 /// One record to store, as the commands that store it: `SET dbtask:result:{<id>} json EX ttl`,
-/// and for a ready state `PUBLISH dbtask:done:{<id>} json`. Built where the record is made: the
+/// and for a ready state `PUBLISH dbtask:done:{<id>} json` (`SPUBLISH` on a cluster, see
+/// [`Store::sharded`]). Built where the record is made: the
 /// JSON is written once, straight into the SET command's buffer, and the writer only moves
 /// the commands into its pipeline.
 #[derive(Debug, Clone)]
@@ -80,8 +83,17 @@ pub struct RecordWrite {
 /// Room for a typical record's JSON in a command's buffer (more grows it).
 const RECORD_JSON_HINT: usize = 320;
 
+/// The command that publishes a notification: sharded on a cluster.
+fn publish_command(sharded: bool) -> &'static str {
+    if sharded {
+        "SPUBLISH"
+    } else {
+        "PUBLISH"
+    }
+}
+
 impl RecordWrite {
-    pub fn new(record: &ResultRecord, ttl: u64) -> Self {
+    pub fn new(record: &ResultRecord, ttl: u64, sharded: bool) -> Self {
         let id = record.id.as_bytes();
         let mut set = redis::Cmd::with_capacity(
             5,
@@ -108,11 +120,12 @@ impl RecordWrite {
                 Some(redis::Arg::Simple(json)) => json,
                 _ => unreachable!("SET key json: the third argument is the JSON"),
             };
+            let command = publish_command(sharded);
             let mut publish = redis::Cmd::with_capacity(
                 3,
-                "PUBLISH".len() + DONE_CHANNEL_PREFIX.len() + id.len() + 1 + json.len(),
+                command.len() + DONE_CHANNEL_PREFIX.len() + id.len() + 1 + json.len(),
             );
-            publish.arg("PUBLISH");
+            publish.arg(command);
             write_parts(
                 &mut publish,
                 &[DONE_CHANNEL_PREFIX.as_bytes(), id, TASK_TAG_END.as_bytes()],
@@ -136,7 +149,7 @@ impl RecordWrite {
 impl RecordWrite {
     /// A record whose JSON is already made (a task's own state, `update_state`): stored for
     /// `ttl` seconds and published, whatever its state, for `AsyncResult.progress()`.
-    pub fn published(id: &str, json: &[u8], ttl: u64) -> Self {
+    pub fn published(id: &str, json: &[u8], ttl: u64, sharded: bool) -> Self {
         let mut set = redis::Cmd::new();
         set.arg("SET")
             .arg(result_key(id))
@@ -144,7 +157,10 @@ impl RecordWrite {
             .arg("EX")
             .arg(ttl);
         let mut publish = redis::Cmd::new();
-        publish.arg("PUBLISH").arg(done_channel(id)).arg(json);
+        publish
+            .arg(publish_command(sharded))
+            .arg(done_channel(id))
+            .arg(json);
         RecordWrite {
             set,
             publish: Some(publish),
@@ -180,6 +196,10 @@ pub struct Store {
     lost: Arc<std::sync::atomic::AtomicBool>,
     /// Sentinel: the address the shared connection was made to.
     dialed: Arc<Mutex<Option<redis::ConnectionAddr>>>,
+    /// Where the revocation feed subscribes (see [`Store::pubsub_source`]).
+    pubsub: PubSubSource,
+    /// Notifications are sharded (see [`Store::sharded`]).
+    sharded: bool,
     url: String,
     result_ttl: u64,
 }
@@ -245,15 +265,30 @@ impl Store {
                     source: Cause::TimedOut(None),
                 })?
                 .map_err(|e| classify(url.clone(), e))?;
+                let mut checked = conn.clone();
+                redis_conn::check_sharded_pubsub(&mut checked)
+                    .await
+                    .map_err(|why| StoreError::Command {
+                        url: url.clone(),
+                        source: Cause::Invalid(why),
+                    })?;
                 Backend::Cluster(conn)
             }
         };
+        let sentinel = match &backend {
+            Backend::Dial(Dialer::Sentinel(master)) => Some(master),
+            _ => None,
+        };
+        let pubsub =
+            PubSubSource::new(&target, certs.as_ref(), sentinel).map_err(|e| bad(e.into()))?;
         let store = Store {
             backend: Arc::new(backend),
             unreplicated_until: Arc::default(),
             dialed: Arc::default(),
             shared: Arc::default(),
             lost: Arc::default(),
+            pubsub,
+            sharded: redis_conn::sharded_notifications(&target),
             url,
             result_ttl,
         };
@@ -284,24 +319,15 @@ impl Store {
             })
     }
 
-    /// Where the revocation feed subscribes: the same server, Sentinel group or Cluster.
-    pub(crate) fn pubsub_source(
-        redis_url: &str,
-        tls: &RedisTls,
-        store: &Store,
-    ) -> Result<PubSubSource, StoreError> {
-        let url = redact_url(redis_url);
-        let bad = |e: Cause| StoreError::BadUrl {
-            url: url.clone(),
-            source: e,
-        };
-        let target = Target::parse(redis_url).map_err(|why| bad(Cause::Invalid(why)))?;
-        let certs = tls.certificates().map_err(|why| bad(Cause::Invalid(why)))?;
-        let sentinel = match store.backend.as_ref() {
-            Backend::Dial(Dialer::Sentinel(master)) => Some(master),
-            _ => None,
-        };
-        PubSubSource::new(&target, certs.as_ref(), sentinel).map_err(|e| bad(e.into()))
+    /// Where the revocation feed subscribes (classic pub/sub): the same server, Sentinel
+    /// master (followed through failovers with the store) or any node of the Cluster.
+    pub(crate) fn pubsub_source(&self) -> &PubSubSource {
+        &self.pubsub
+    }
+
+    /// True when notifications are sharded (`SPUBLISH`): on a Redis Cluster.
+    pub fn sharded(&self) -> bool {
+        self.sharded
     }
 
     /// How long records are kept, in seconds.

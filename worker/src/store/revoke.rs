@@ -7,7 +7,7 @@ use std::time::Duration;
 use dbtask_protocol::{now_unix, REVOKED_SET_KEY, REVOKE_CHANNEL};
 use futures::stream::{BoxStream, StreamExt};
 
-use dbtask_protocol::redis_conn::{PubSubSource, RedisTls};
+use dbtask_protocol::redis_conn::PubSubSource;
 
 use super::{Cause, Store, StoreError};
 
@@ -20,21 +20,24 @@ pub type Notices = BoxStream<'static, Vec<u8>>;
 /// Where revocations are read from: the store's Redis (a server, a Sentinel master or any
 /// node of a Cluster), on a pub/sub connection of its own (a subscription cannot share the
 /// store's multiplexed connection); the set is read through the store.
+///
+/// Classic pub/sub (`SUBSCRIBE`) on every kind of Redis, also a Cluster, where task
+/// notifications are sharded: a revocation is a broadcast (every worker wants every one), it is
+/// rare (a person or a program cancelling a task), and any node will do, so a worker keeps
+/// following it when one node dies. A sharded channel would put every worker's subscription on
+/// the one shard that owns the `{revoke}` slot and need the re-subscription dance of a moved
+/// slot for no gain. See docs/deployment.md, "Redis".
 pub struct RevocationFeed {
     source: PubSubSource,
     store: Store,
 }
 
 impl RevocationFeed {
-    pub fn open(
-        redis_url: &str,
-        tls: &RedisTls,
-        store: &Store,
-    ) -> Result<RevocationFeed, StoreError> {
-        Ok(RevocationFeed {
-            source: Store::pubsub_source(redis_url, tls, store)?,
+    pub fn open(store: &Store) -> RevocationFeed {
+        RevocationFeed {
+            source: store.pubsub_source().clone(),
             store: store.clone(),
-        })
+        }
     }
 
     /// The server's URL, fit for logs.

@@ -35,6 +35,8 @@ pub struct Writer {
     tx: mpsc::UnboundedSender<Pending>,
     /// Seconds a result record lives in Redis.
     ttl: u64,
+    /// Notifications are sharded (`SPUBLISH`, on a cluster).
+    sharded: bool,
 }
 
 impl Writer {
@@ -43,7 +45,8 @@ impl Writer {
     pub fn new(store: Store) -> (Writer, impl Future<Output = ()> + Send + 'static) {
         let (tx, rx) = mpsc::unbounded_channel();
         let ttl = store.result_ttl();
-        (Writer { tx, ttl }, run(store, rx))
+        let sharded = store.sharded();
+        (Writer { tx, ttl, sharded }, run(store, rx))
     }
 
     /// Queues a record to be stored, without waiting for it: for states nobody acks on
@@ -51,7 +54,7 @@ impl Writer {
     pub fn enqueue(&self, record: &ResultRecord) {
         let (stored, _) = oneshot::channel();
         let _ = self.tx.send(Pending {
-            write: RecordWrite::new(record, self.ttl),
+            write: RecordWrite::new(record, self.ttl, self.sharded),
             stored,
         });
     }
@@ -71,7 +74,7 @@ impl Writer {
         let (stored, done) = oneshot::channel();
         self.tx
             .send(Pending {
-                write: RecordWrite::new(record, ttl.unwrap_or(self.ttl)),
+                write: RecordWrite::new(record, ttl.unwrap_or(self.ttl), self.sharded),
                 stored,
             })
             .map_err(|_| WriterClosed)?;
@@ -84,6 +87,12 @@ impl Writer {
     pub fn enqueue_write(&self, write: RecordWrite) -> bool {
         let (stored, _) = oneshot::channel();
         self.tx.send(Pending { write, stored }).is_ok()
+    }
+
+    /// A task's own state (`update_state`), stored for `ttl` seconds and published whatever
+    /// its state (see [`RecordWrite::published`]).
+    pub fn published(&self, id: &str, json: &[u8], ttl: u64) -> RecordWrite {
+        RecordWrite::published(id, json, ttl, self.sharded)
     }
 
     /// Seconds a record lives when its task sets no `result_ttl`.

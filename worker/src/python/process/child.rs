@@ -145,6 +145,13 @@ pub fn main() -> ExitCode {
                 eta: frame.eta,
                 parent_id: frame.parent_id.map(Cow::into_owned),
                 root_id: frame.root_id.map(Cow::into_owned),
+                trace: frame.traceparent.and_then(|p| {
+                    dbtask_protocol::Trace::new(
+                        p.into_owned(),
+                        frame.tracestate.map(Cow::into_owned),
+                    )
+                    .ok()
+                }),
             }),
         };
         let outcome = Python::attach(|py| {

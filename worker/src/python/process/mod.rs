@@ -370,6 +370,19 @@ impl Shared {
             eta: item.job.request.eta,
             parent_id: item.job.request.parent_id.as_deref().map(Cow::Borrowed),
             root_id: item.job.request.root_id.as_deref().map(Cow::Borrowed),
+            traceparent: item
+                .job
+                .request
+                .trace
+                .as_ref()
+                .map(|t| Cow::Borrowed(t.parent.as_str())),
+            tracestate: item
+                .job
+                .request
+                .trace
+                .as_ref()
+                .and_then(|t| t.state.as_deref())
+                .map(Cow::Borrowed),
         });
         if let Err(e) = wire::encode(&request, &mut out) {
             // Never happens (the job is JSON already); the job fails rather than vanish.

@@ -49,6 +49,11 @@ pub(crate) struct JobFrame<'a> {
     pub parent_id: Option<Cow<'a, str>>,
     #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
     pub root_id: Option<Cow<'a, str>>,
+    /// The message's trace context (OpenTelemetry on).
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<Cow<'a, str>>,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<Cow<'a, str>>,
 }
 
 /// From a pool process to the worker.
@@ -198,6 +203,8 @@ mod tests {
             eta: Some(1.5),
             parent_id: None,
             root_id: Some("r1".into()),
+            traceparent: None,
+            tracestate: None,
         });
         let mut out = Vec::new();
         encode(&job, &mut out).unwrap();
