@@ -25,6 +25,9 @@ What the worker reads:
   when the task's class has hooks or a task signal has a receiver, and whether it has hooks.
 - ``CURRENT``: the context variable an ``async def`` task's wrapper sets to its bound form
   (``bound(...)``), for ``dbtask.current_task()``.
+- ``setup_django(settings)``: with ``--django``, called once per process (worker and pool
+  child) before the ``-A`` modules are imported; returns the names of the installed apps'
+  ``tasks`` modules it imported.
 - ``send_signal(name)``: sends a worker signal (``worker_init``, ``worker_ready``,
   ``worker_shutdown``, ``worker_process_init``); ``task_revoked(...)``: that signal.
 """
@@ -57,6 +60,7 @@ __all__ = [
     "send_signal",
     "task_revoked",
     "PERIODIC",
+    "setup_django",
 ]
 
 
@@ -77,6 +81,14 @@ def install(
     _logs.install(emit_log, log_level)
     signals.on_change = signals_changed
     signals._changed()
+
+
+def setup_django(settings_module: str) -> list[str]:
+    """``--django``: sets Django up with ``settings_module`` and imports every installed app's
+    ``tasks`` module (``dbtask.contrib.django.worker``)."""
+    from .contrib.django import worker
+
+    return worker.setup(settings_module)
 
 
 def send_signal(name: str, sender: str | None = None) -> None:
