@@ -22,6 +22,7 @@ myproject.settings`` sets Django up and imports the ``tasks`` module of every in
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 from typing import Any, Callable
 
@@ -82,6 +83,16 @@ def install() -> None:
     if getattr(settings, CONNECT_ON_READY, False):
         with _connect_lock:
             _client.init_sync(**options)
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread at fork() would stay held in the child for ever.
+    global _connect_lock
+    _connect_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def on_commit(send: Callable[[], Any], using: str | None = None) -> None:
