@@ -43,6 +43,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     # What the app's ready() installed: other test modules expect a client that only init connects.
     _client.connect_on_demand = None
     dbtask.close_sync()
+    # Later tests' workers inherit this process's environment.
+    for name in ("EXAMPLE_DB", "DJANGO_SETTINGS_MODULE"):
+        os.environ.pop(name, None)
+    sys.path.remove(str(PROJECT))
 
 
 @pytest.fixture
