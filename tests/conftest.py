@@ -106,7 +106,8 @@ def redis(request: pytest.FixtureRequest, tmp_path: Path, logs: list) -> Iterato
 def worker_factory(nats: Server, redis: Server, tmp_path: Path, logs: list) -> Iterator[WorkerFactory]:
     """start(*apps, queues="default", concurrency=4, args=(), ready=True, nats_url=..., ...)
     starts a worker and (unless ready=False) waits for its `worker ready` line. Workers still
-    running at teardown are killed."""
+    running at teardown are killed. ``django="project.settings"`` passes ``--django`` and no
+    default app."""
     workers: list[Worker] = []
 
     def start(
@@ -118,6 +119,7 @@ def worker_factory(nats: Server, redis: Server, tmp_path: Path, logs: list) -> I
         nats_url: str | None = None,
         redis_url: str | None = None,
         env: dict[str, str] | None = None,
+        django: str | None = None,
     ) -> Worker:
         index = len(workers) + 1
         cmd = [str(WORKER_BIN), "--nats-url", nats_url or nats.url, "--redis-url", redis_url or redis.url]
@@ -125,7 +127,9 @@ def worker_factory(nats: Server, redis: Server, tmp_path: Path, logs: list) -> I
             cmd += ["--queues", queues]
         if concurrency is not None:
             cmd += ["--concurrency", str(concurrency)]
-        for app in apps or ("e2e_tasks",):
+        if django is not None:
+            cmd += ["--django", django]
+        for app in apps or (() if django is not None else ("e2e_tasks",)):
             cmd += ["-A", app]
         cmd += list(args)
         stderr_path = tmp_path / f"worker{index}.stderr"

@@ -47,6 +47,10 @@ pub struct Cli {
     )]
     pub apps: Vec<String>,
 
+    /// Django settings module (myproject.settings): set up Django and import every installed app's tasks module; -A is then optional
+    #[arg(long, env = "DBTASK_DJANGO", value_name = "SETTINGS")]
+    pub django: Option<String>,
+
     /// Tasks run at the same time (Python threads for sync tasks, asyncio slots for async ones) [default: 16]
     #[arg(short = 'c', long, env = "DBTASK_CONCURRENCY", value_name = "N")]
     pub concurrency: Option<usize>,
@@ -249,6 +253,9 @@ impl Cli {
         if !self.apps.is_empty() {
             config.apps = self.apps.clone();
         }
+        if self.django.is_some() {
+            config.django.clone_from(&self.django);
+        }
         set(&mut config.concurrency, &self.concurrency);
         set(&mut config.nats_url, &self.nats_url);
         set(&mut config.redis_url, &self.redis_url);
@@ -414,6 +421,21 @@ mod tests {
             Cli::try_parse_from(["w", "--queues", "math,default", "-A", "a.b", "-A", "c"]).unwrap();
         assert_eq!(cli.queues, ["math", "default"]);
         assert_eq!(cli.apps, ["a.b", "c"]);
+    }
+
+    #[test]
+    fn django_settings_come_from_the_file_or_the_flag_and_make_apps_optional() {
+        let f = file("django = \"from_file.settings\"\n");
+        let path = f.path().to_str().unwrap();
+        let c = cli(&["--config", path]).load_config().unwrap();
+        assert_eq!(c.django.as_deref(), Some("from_file.settings"));
+        assert!(c.apps.is_empty());
+        let c = cli(&["--config", path, "--django", "shop.settings", "-A", "extra"])
+            .load_config()
+            .unwrap();
+        assert_eq!(c.django.as_deref(), Some("shop.settings"));
+        assert_eq!(c.apps, ["extra"]);
+        assert_eq!(c.python_config().django.as_deref(), Some("shop.settings"));
     }
 
     #[test]

@@ -19,6 +19,11 @@ pub struct Config {
     pub queues: Vec<String>,
     /// Python modules to import; their `@task` functions are the tasks this worker runs.
     pub apps: Vec<String>,
+    /// A Django project's settings module (`myproject.settings`): the worker sets
+    /// `DJANGO_SETTINGS_MODULE`, calls `django.setup()` and imports the `tasks` module of every
+    /// installed app before `apps` (which may then be empty); see docs/django.md.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub django: Option<String>,
     /// Tasks in flight at once.
     pub concurrency: usize,
     /// One NATS server, or several seed servers of a cluster separated by commas (in TOML also
@@ -163,6 +168,7 @@ impl Default for Config {
         Config {
             queues: vec!["default".to_owned()],
             apps: Vec::new(),
+            django: None,
             concurrency: 16,
             nats_url: "nats://127.0.0.1:4222".to_owned(),
             redis_url: "redis://127.0.0.1:6379".to_owned(),
@@ -263,10 +269,16 @@ impl Config {
                 return Err(invalid("queues", format!("queue {q:?} is listed twice")));
             }
         }
-        if self.apps.is_empty() {
+        if self.apps.is_empty() && self.django.is_none() {
             return Err(invalid(
                 "apps",
-                "no task module to import: pass -A MODULE (or `apps = [\"myapp.tasks\"]` in the config file)",
+                "no task module to import: pass -A MODULE (or `apps = [\"myapp.tasks\"]` in the config file), or --django SETTINGS for a Django project",
+            ));
+        }
+        if let Some(settings) = self.django.as_ref().filter(|s| !is_module_name(s)) {
+            return Err(invalid(
+                "django",
+                format!("{settings:?} is not a Python module name like myproject.settings"),
             ));
         }
         if let Some(app) = self.apps.iter().find(|a| !is_module_name(a)) {
@@ -464,6 +476,7 @@ impl Config {
         PythonConfig {
             python: self.python.clone(),
             apps: self.apps.clone(),
+            django: self.django.clone(),
             threads,
             sync_executor,
         }
@@ -619,6 +632,14 @@ mod tests {
             ..Config::default()
         };
         ok().validate().unwrap();
+        // --django imports the installed apps' tasks modules: -A is then optional.
+        Config {
+            apps: vec![],
+            django: Some("myproject.settings".into()),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
         let cases: Vec<(Config, &str)> = vec![
             (
                 Config {
@@ -654,6 +675,14 @@ mod tests {
                     ..ok()
                 },
                 "apps",
+            ),
+            (
+                Config {
+                    apps: vec![],
+                    django: Some("my-project.settings".into()),
+                    ..ok()
+                },
+                "myproject.settings",
             ),
             (
                 Config {

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 from types import ModuleType
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from . import _otel
 
@@ -37,6 +37,10 @@ NOT_INITIALIZED = "dbtask is not initialized: call dbtask.init(...) or dbtask.in
 _lock = threading.Lock()
 _client: Optional["Client"] = None
 _forked = False
+# Connects the client when `current` finds none: set by a framework integration that knows the
+# settings (dbtask.contrib.django), so that the first call connects, in any process, including
+# one forked from a process that had connected. None: `current` raises instead.
+connect_on_demand: Optional[Callable[[], None]] = None
 # Clients inherited through fork(): kept alive, never closed or dropped, because their
 # connections and tasks belong to the parent's I/O thread.
 _orphans: list["Client"] = []
@@ -51,6 +55,9 @@ def _native() -> ModuleType:
 def current() -> "Client":
     """The connected client, or RuntimeError."""
     client = _client
+    if client is None and connect_on_demand is not None:
+        connect_on_demand()
+        client = _client
     if client is None:
         if _forked:
             raise RuntimeError(

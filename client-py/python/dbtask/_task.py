@@ -292,6 +292,29 @@ class Task(Generic[P, R]):
         tid = _client.current().publish_sync(queue if queue is not None else self.queue, self.name, pos, kw, options)
         return self._result(ignore_result)(tid)
 
+    # -- Django: after the transaction commits (dbtask.contrib.django) --------------------
+
+    def delay_on_commit(self, *args: P.args, **kwargs: P.kwargs) -> None:
+        """Sends the task (:meth:`delay_sync`) once the current Django database transaction
+        commits: nothing is sent if it rolls back; outside a transaction it is sent at once.
+        Returns None, as in Celery, since the task may never be sent: give
+        :meth:`apply_async_on_commit` a ``task_id`` to know its id beforehand. A publish error
+        is raised by the commit (the data is committed by then). Needs Django."""
+        from .contrib.django import on_commit
+
+        on_commit(functools.partial(self.delay_sync, *args, **kwargs))
+
+    def apply_async_on_commit(self, *task_args: Any, **options: Any) -> None:
+        """:meth:`apply_async_sync` with the same arguments and options, once the current
+        Django transaction commits (see :meth:`delay_on_commit`). Unknown option names and
+        malformed ``args`` / ``kwargs`` raise here, at the call."""
+        if not options.keys() <= _options.APPLY_OPTIONS:
+            _options.refuse_unknown("apply_async_on_commit()", options, _options.APPLY_OPTIONS)
+        _call_args(task_args, options.get("args"), options.get("kwargs"))
+        from .contrib.django import on_commit
+
+        on_commit(functools.partial(self.apply_async_sync, *task_args, **options))
+
     # -- workflows (dbtask._canvas) -------------------------------------------------------
 
     def s(self, *args: Any, **kwargs: Any) -> Signature:

@@ -31,6 +31,9 @@ What the worker reads:
   arguments) and ``traced`` opens a span around each run (``dbtask._otel``).
 - ``CURRENT``: the context variable an ``async def`` task's wrapper sets to its bound form
   (``bound(...)``), for ``dbtask.current_task()``.
+- ``setup_django(settings)``: with ``--django``, called once per process (worker and pool
+  child) before the ``-A`` modules are imported; returns the names of the installed apps'
+  ``tasks`` modules it imported.
 - ``send_signal(name)``: sends a worker signal (``worker_init``, ``worker_ready``,
   ``worker_shutdown``, ``worker_process_init``); ``task_revoked(...)``: that signal.
 """
@@ -81,6 +84,7 @@ __all__ = [
     "task_revoked",
     "PERIODIC",
     "OTEL",
+    "setup_django",
 ]
 
 
@@ -111,6 +115,14 @@ def traced(task: Any) -> Callable[..., Any]:
     in a span when ``OTEL`` is true."""
     run = _trace.traced(task)
     return _otel_module.process_span(task, run) if _otel() else run
+
+
+def setup_django(settings_module: str) -> list[str]:
+    """``--django``: sets Django up with ``settings_module`` and imports every installed app's
+    ``tasks`` module (``dbtask.contrib.django.worker``)."""
+    from .contrib.django import worker
+
+    return worker.setup(settings_module)
 
 
 def send_signal(name: str, sender: str | None = None) -> None:

@@ -63,6 +63,9 @@ pub struct PythonConfig {
     pub python: Option<PathBuf>,
     /// Modules to import (`-A`); their `@task` decorators fill the registry.
     pub apps: Vec<String>,
+    /// A Django settings module (`--django`): Django is set up and every installed app's
+    /// `tasks` module imported before `apps`.
+    pub django: Option<String>,
     /// Size of the thread pool for sync tasks (the worker passes its concurrency).
     pub threads: usize,
     /// What runs sync tasks: [`Executor::Threads`], or [`Executor::Processes`] once
@@ -75,6 +78,7 @@ impl Default for PythonConfig {
         PythonConfig {
             python: None,
             apps: Vec::new(),
+            django: None,
             threads: 0,
             sync_executor: Executor::Threads,
         }
@@ -244,6 +248,8 @@ pub enum PythonError {
     Init(String),
     #[error("cannot import task module {module:?} (is it on sys.path, or is the venv active?):\n{traceback}")]
     Import { module: String, traceback: String },
+    #[error("cannot set up Django with the settings {settings:?} (--django): is the project's folder the current directory (or on PYTHONPATH) and Django installed in the worker's venv?\n{traceback}")]
+    Django { settings: String, traceback: String },
     #[error("cannot read the dbtask task registry: {0} (is the dbtask package installed in this interpreter's environment?)")]
     Registry(String),
 }
@@ -275,6 +281,7 @@ struct Inner {
     /// What a pool process needs to start like this one.
     python: Option<PathBuf>,
     apps: Vec<String>,
+    django: Option<String>,
     sys_path: Vec<PathBuf>,
 }
 
@@ -332,7 +339,12 @@ impl PythonRuntime {
         if interpreter::defer_ssl() {
             tracing::debug!("asyncio imported; ssl loads on first use");
         }
-        let registry = Registry::load(&cfg.apps, cfg.sync_executor, registry::Process::Worker)?;
+        let registry = Registry::load(
+            &cfg.apps,
+            cfg.django.as_deref(),
+            cfg.sync_executor,
+            registry::Process::Worker,
+        )?;
         let threads = Arc::new(ThreadCount::default());
         let running = Arc::new(Running::default());
         let pool = Pool::start(cfg.threads.max(1), &threads, &running)?;
@@ -349,6 +361,7 @@ impl PythonRuntime {
                 processes: OnceLock::new(),
                 python: cfg.python.clone(),
                 apps: cfg.apps.clone(),
+                django: cfg.django.clone(),
                 sys_path: extra_sys_path.to_vec(),
             }),
         })
@@ -362,6 +375,7 @@ impl PythonRuntime {
             options,
             self.inner.python.clone(),
             self.inner.apps.clone(),
+            self.inner.django.clone(),
             self.inner.sys_path.clone(),
             &self.inner.threads,
         )

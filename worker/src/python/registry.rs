@@ -70,10 +70,13 @@ pub(crate) enum Process {
 
 impl Registry {
     /// Imports `dbtask`, installs the worker's callbacks in it (logs, `current_task()`,
-    /// `update_state`, signals), imports each app module (whose `@task`s register), reads the
-    /// registry, and sends `worker_init` (or `worker_process_init` in a pool process).
+    /// `update_state`, signals), sets Django up when `django` names its settings module
+    /// (`dbtask._worker.setup_django`: `django.setup()` and each installed app's `tasks`
+    /// module), imports each app module (whose `@task`s register), reads the registry, and
+    /// sends `worker_init` (or `worker_process_init` in a pool process).
     pub fn load(
         apps: &[String],
+        django: Option<&str>,
         sync: Executor,
         process: Process,
     ) -> Result<Registry, PythonError> {
@@ -90,6 +93,19 @@ impl Registry {
                     error_from(py, e).traceback.unwrap_or_default()
                 ))
             })?;
+            if let Some(settings) = django {
+                let imported: Vec<String> = registry
+                    .getattr("setup_django")
+                    .and_then(|setup| setup.call1((settings,)))
+                    .and_then(|modules| modules.extract())
+                    .map_err(|e| PythonError::Django {
+                        settings: settings.to_owned(),
+                        traceback: error_from(py, e).traceback.unwrap_or_default(),
+                    })?;
+                if process == Process::Worker {
+                    tracing::info!(settings, modules = %imported.join(","), "django set up; task modules of the installed apps imported");
+                }
+            }
             for module in apps {
                 py.import(module.as_str())
                     .map_err(|e| PythonError::Import {

@@ -46,6 +46,9 @@ pub(crate) struct ChildSpec {
     pub control_fd: RawFd,
     pub python: Option<PathBuf>,
     pub apps: Vec<String>,
+    /// `--django`: the settings module Django is set up with before the apps are imported.
+    #[serde(default)]
+    pub django: Option<String>,
     pub sys_path: Vec<PathBuf>,
     pub log_level: String,
     pub log_format: LogFormat,
@@ -188,6 +191,7 @@ fn start(spec: &ChildSpec) -> Result<Registry, String> {
     interpreter::defer_ssl();
     Registry::load(
         &spec.apps,
+        spec.django.as_deref(),
         crate::python::Executor::Processes,
         Process::PoolChild,
     )

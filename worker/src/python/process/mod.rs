@@ -65,6 +65,7 @@ struct Shared {
     /// What every child is told at start, but its socket.
     python: Option<PathBuf>,
     apps: Vec<String>,
+    django: Option<String>,
     sys_path: Vec<PathBuf>,
     jobs: tokio::sync::Mutex<mpsc::UnboundedReceiver<WorkItem>>,
     /// The driver of each running job, by task id, for its controls.
@@ -122,6 +123,7 @@ impl ProcessPool {
         options: ProcessOptions,
         python: Option<PathBuf>,
         apps: Vec<String>,
+        django: Option<String>,
         sys_path: Vec<PathBuf>,
         threads: &Arc<ThreadCount>,
     ) -> Result<ProcessPool, PythonError> {
@@ -130,6 +132,7 @@ impl ProcessPool {
             options,
             python,
             apps,
+            django,
             sys_path,
             jobs: tokio::sync::Mutex::new(receiver),
             running: Mutex::default(),

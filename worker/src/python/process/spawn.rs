@@ -29,6 +29,7 @@ impl Shared {
             control_fd,
             python: self.python.clone(),
             apps: self.apps.clone(),
+            django: self.django.clone(),
             sys_path: self.sys_path.clone(),
             log_level: self.options.log_level.clone(),
             log_format: self.options.log_format,
