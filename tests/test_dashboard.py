@@ -146,13 +146,19 @@ def test_the_worker_and_submitted_tasks_appear_live(worker_factory, dashboard, s
     from playwright.sync_api import expect
 
     w = worker_factory("inspect_tasks", args=["--events", "--result-extended"])
+    # A second worker, on a queue of its own: both are listed, each with its queues.
+    other = worker_factory("inspect_tasks", queues="reports", args=["--events"])
     url = dashboard().wait_url()
     open_live(page, url)
 
-    # The worker, up, with its queue.
+    # The workers, up, with their queues.
     row = page.locator(f"#workers tr[data-worker='{worker_id(w)}']")
     expect(row.locator("td.status")).to_have_text("up")
     expect(row).to_contain_text("default")
+    other_row = page.locator(f"#workers tr[data-worker='{worker_id(other)}']")
+    expect(other_row.locator("td.status")).to_have_text("up")
+    expect(other_row).to_contain_text("reports")
+    expect(other_row).not_to_contain_text("default")
 
     # Tasks sent after the page loaded show up with their state, without a reload.
     page.evaluate("window.__notReloaded = true")
