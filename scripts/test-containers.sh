@@ -36,8 +36,10 @@ RELEASE="$(debian_release "$PY_VERSION")" ||
     die "the worker is built for Python $PY_VERSION; no Debian release has it as python3"
 BASE="localhost/debian:${RELEASE}-slim"
 if ! "${PODMAN[@]}" image exists "$BASE"; then
-    # The Debian mirror apt uses here (deb822 or one-line sources), else the default one.
-    mirror="$(grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null | head -n1 | tr -d ' ')"
+    # The Debian mirror apt uses here (deb822 or one-line sources), else the default one. Either
+    # place may be missing (recent Debian has only sources.list.d/debian.sources): grep's exit
+    # status 2 for a missing file must not stop the script under pipefail.
+    mirror="$( (grep -rhoE 'https?://[^ ]+/debian/?( |$)' /etc/apt/sources.list /etc/apt/sources.list.d/ 2>/dev/null || true) | head -n1 | tr -d ' ')"
     mirror="${mirror:-http://deb.debian.org/debian}"
     rootfs="$(mktemp -d -t dbtask-rootfs.XXXXXX)"
     trap 'rm -rf "$rootfs"' EXIT
