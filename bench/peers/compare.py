@@ -16,6 +16,7 @@ taskiq, arq; all by default).
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import compileall
@@ -111,7 +112,7 @@ class PeerWorkers:
 # how its client sends and awaits, and how its stored results are read and checked.
 
 
-class Peer:
+class Peer(abc.ABC):
     name = ""
     dist = ""  # the PyPI distribution, for its version
     db = 0  # its Redis database number
@@ -137,11 +138,13 @@ class Peer:
     def version(self) -> str:
         return importlib.metadata.version(self.dist)
 
+    @abc.abstractmethod
     def drain_cmds(self) -> list[list[str]]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def io_cmds(self) -> list[list[str]]:
-        raise NotImplementedError
+        ...
 
     async def start(self) -> None:
         pass
@@ -149,24 +152,30 @@ class Peer:
     async def close(self) -> None:
         pass
 
+    @abc.abstractmethod
     async def enqueue_add(self, n: int) -> list:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     async def enqueue_nap(self, n: int) -> list:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def fetch(self, handles: list) -> list[bytes | None]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def decode(self, raw: bytes) -> Any:
         """The task's return value from its stored result; BenchFailure if it failed."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     async def round_trip(self) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     async def chord(self, n: int) -> Any:
-        raise NotImplementedError
+        ...
 
     # Shared by all peers.
 
